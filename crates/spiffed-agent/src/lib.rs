@@ -1,0 +1,2 @@
+//! Agent.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! Attestation.
+#![deny(unsafe_code)]

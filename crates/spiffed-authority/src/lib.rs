@@ -1,0 +1,2 @@
+//! Authority.
+#![forbid(unsafe_code)]

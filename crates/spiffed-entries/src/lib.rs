@@ -1,0 +1,2 @@
+//! Entries.
+#![forbid(unsafe_code)]

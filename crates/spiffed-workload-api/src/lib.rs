@@ -1,0 +1,2 @@
+//! WAPI.
+#![forbid(unsafe_code)]

@@ -1,0 +1,2 @@
+//! spiffed
+fn main() {}
