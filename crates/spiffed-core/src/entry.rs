@@ -111,10 +111,10 @@ impl Entry {
         if self.selectors.is_empty() {
             return Err(EntryError::NoSelectors);
         }
-        if let Some(h) = &self.hint {
-            if h.len() > MAX_HINT_LEN {
-                return Err(EntryError::HintTooLong(h.len()));
-            }
+        if let Some(h) = &self.hint
+            && h.len() > MAX_HINT_LEN
+        {
+            return Err(EntryError::HintTooLong(h.len()));
         }
         if self.x509_svid_ttl == Some(Duration::ZERO) {
             return Err(EntryError::ZeroTtl("x509_svid_ttl"));

@@ -10,10 +10,12 @@
 #![forbid(unsafe_code)]
 
 mod entry;
+mod identity;
 mod peer;
 mod selector;
 
 pub use entry::{Entry, EntryError, EntryId, EntrySet, MAX_HINT_LEN};
+pub use identity::{Authority, AuthorityError, Identity, Lease, PrivateKey, X509Bundle, X509Svid};
 pub use peer::{AttestError, Attested, Attestor, PeerCred};
 pub use selector::{Selector, SelectorError, Selectors};
 pub use spiffe::{SpiffeId, TrustDomain};

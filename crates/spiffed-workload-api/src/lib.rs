@@ -1,2 +1,28 @@
-//! WAPI.
+//! The SPIFFE Workload API service: identities -> gRPC responses and streams.
+//!
+//! Serves the official `SpiffeWorkloadAPI` (no proto package) over whatever connections the
+//! agent accepts. Each RPC checks the security header first, then attests the caller from the
+//! kernel credentials that the listener attached to the connection ([`PeerCred`] as the request
+//! extension), matches entries, and answers from the authority's SVID cache. Streams send their
+//! first message at once and a full new state whenever the caller's identities or the bundle
+//! change; they end as soon as the client goes away.
+//!
+//! ```no_run
+//! # fn demo(
+//! #   attestor: std::sync::Arc<dyn spiffed_core::Attestor>,
+//! #   authority: std::sync::Arc<dyn spiffed_core::Authority>,
+//! #   entries: tokio::sync::watch::Receiver<std::sync::Arc<spiffed_core::EntrySet>>,
+//! # ) {
+//! let api = spiffed_workload_api::WorkloadApi::new(attestor, authority, entries, false);
+//! let svc = api.into_server(); // add to a tonic Router
+//! # }
+//! ```
+//!
+//! [`PeerCred`]: spiffed_core::PeerCred
 #![forbid(unsafe_code)]
+
+mod service;
+mod status;
+
+pub use service::WorkloadApi;
+pub use status::ApiError;

@@ -1,0 +1,388 @@
+//! The CA key set: prepared, active and retired authorities, their rotation schedule, and their
+//! persistence in `data_dir/ca.json` (0600, written to a temp file, fsynced, renamed, and the
+//! directory fsynced, so `kill -9` at any point leaves either the old or the new file).
+
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use ring::rand::SystemRandom;
+use serde::{Deserialize, Serialize};
+use spiffed_core::TrustDomain;
+use x509_parser::prelude::{FromDer, X509Certificate};
+use zeroize::{Zeroize, Zeroizing};
+
+use crate::Error;
+use crate::x509::{MintedCa, NOT_BEFORE_CUSHION, from_cert_time, mint_ca};
+
+/// The role of one CA in the rotation.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub(crate) enum CaState {
+    /// In the bundle, not yet signing.
+    Prepared,
+    /// Signs new SVIDs.
+    Active,
+    /// No longer signs; stays in the bundle until it expires.
+    Retired,
+}
+
+/// One CA: certificate, key and role.
+pub(crate) struct Ca {
+    pub(crate) cert_der: Vec<u8>,
+    pub(crate) key_pkcs8: Zeroizing<Vec<u8>>,
+    pub(crate) not_before: SystemTime,
+    pub(crate) not_after: SystemTime,
+    pub(crate) state: CaState,
+    /// When it was prepared (its notBefore plus the cushion).
+    pub(crate) created: SystemTime,
+}
+
+impl Ca {
+    fn from_minted(m: MintedCa, state: CaState) -> Self {
+        Self {
+            created: m.not_before + NOT_BEFORE_CUSHION,
+            cert_der: m.cert_der,
+            key_pkcs8: m.key_pkcs8,
+            not_before: m.not_before,
+            not_after: m.not_after,
+            state,
+        }
+    }
+
+    fn lifetime(&self) -> Duration {
+        self.not_after
+            .duration_since(self.created)
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// When the next CA is prepared: half way through this one's life.
+    fn prepare_at(&self) -> SystemTime {
+        self.created + self.lifetime() / 2
+    }
+
+    /// When the next CA takes over: five sixths through this one's life.
+    fn activate_at(&self) -> SystemTime {
+        self.created + self.lifetime() * 5 / 6
+    }
+}
+
+/// The set of CAs of the trust domain.
+pub(crate) struct CaSet {
+    pub(crate) cas: Vec<Ca>,
+    pub(crate) sequence: u64,
+}
+
+#[derive(Serialize, Deserialize, Zeroize)]
+#[zeroize(drop)]
+struct FileCa {
+    cert: String,
+    key: String,
+    #[zeroize(skip)]
+    state: CaState,
+}
+
+#[derive(Serialize, Deserialize, Zeroize)]
+#[zeroize(drop)]
+struct FileV1 {
+    version: u32,
+    trust_domain: String,
+    sequence: u64,
+    authorities: Vec<FileCa>,
+}
+
+/// Where the CA file lives in `data_dir`.
+pub(crate) fn ca_file(data_dir: &Path) -> PathBuf {
+    data_dir.join("ca.json")
+}
+
+impl CaSet {
+    /// The active CA, if any.
+    pub(crate) fn active(&self) -> Option<&Ca> {
+        self.cas.iter().find(|c| c.state == CaState::Active)
+    }
+
+    /// DER of every CA in the bundle, oldest first.
+    pub(crate) fn bundle(&self) -> Vec<Vec<u8>> {
+        self.cas.iter().map(|c| c.cert_der.clone()).collect()
+    }
+
+    /// Advances the rotation to `now`. Returns whether anything changed.
+    ///
+    /// A new CA is always prepared (and so in the bundle) before it becomes active, and a retired
+    /// CA stays until its notAfter, by which time everything it signed has expired too.
+    pub(crate) fn advance(
+        &mut self,
+        td: &TrustDomain,
+        ttl: Duration,
+        now: SystemTime,
+        rng: &SystemRandom,
+    ) -> Result<bool, Error> {
+        let before = self.cas.len();
+        self.cas.retain(|c| c.not_after > now);
+        let mut changed = self.cas.len() != before;
+
+        if self.active().is_none() {
+            // Nothing signs (first start, or everything expired while the agent was down).
+            // Any prepared CA still valid takes over; otherwise mint one.
+            if let Some(p) = self.cas.iter_mut().find(|c| c.state == CaState::Prepared) {
+                p.state = CaState::Active;
+            } else {
+                self.cas.push(Ca::from_minted(
+                    mint_ca(td, ttl, now, rng)?,
+                    CaState::Active,
+                ));
+            }
+            changed = true;
+        }
+        let (prepare_at, activate_at) = match self.active() {
+            Some(a) => (a.prepare_at(), a.activate_at()),
+            None => return Err(Error::Crypto("no active CA after rotation".into())),
+        };
+        let prepared = self.cas.iter().position(|c| c.state == CaState::Prepared);
+        match prepared {
+            None if now >= prepare_at => {
+                self.cas.push(Ca::from_minted(
+                    mint_ca(td, ttl, now, rng)?,
+                    CaState::Prepared,
+                ));
+                changed = true;
+            }
+            Some(i) if now >= self.activation_time(activate_at, i) => {
+                for c in &mut self.cas {
+                    if c.state == CaState::Active {
+                        c.state = CaState::Retired;
+                    }
+                }
+                if let Some(p) = self.cas.get_mut(i) {
+                    p.state = CaState::Active;
+                }
+                changed = true;
+            }
+            _ => {}
+        }
+        if changed {
+            self.sequence += 1;
+        }
+        Ok(changed)
+    }
+
+    /// A prepared CA activates at the scheduled time, but never less than a short lead after it
+    /// joined the bundle (it may have been prepared late, after downtime).
+    fn activation_time(&self, scheduled: SystemTime, prepared: usize) -> SystemTime {
+        match self.cas.get(prepared) {
+            Some(p) => {
+                let lead = (p.lifetime() / 6).min(Duration::from_secs(60));
+                scheduled.max(p.created + lead)
+            }
+            None => scheduled,
+        }
+    }
+
+    /// The next time `advance` has something to do.
+    pub(crate) fn next_deadline(&self) -> Option<SystemTime> {
+        let active = self.active()?;
+        let mut t = active.not_after;
+        for (i, c) in self.cas.iter().enumerate() {
+            t = t.min(c.not_after);
+            if c.state == CaState::Prepared {
+                t = t.min(self.activation_time(active.activate_at(), i));
+            }
+        }
+        if !self.cas.iter().any(|c| c.state == CaState::Prepared) {
+            t = t.min(active.prepare_at());
+        }
+        Some(t)
+    }
+
+    /// Loads the CA set from `path`, or `None` if the file does not exist.
+    pub(crate) fn load(path: &Path, td: &TrustDomain) -> Result<Option<Self>, Error> {
+        let bytes = match fs::read(path) {
+            Ok(b) => Zeroizing::new(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(path, "read", e)),
+        };
+        let corrupt = |why: String| Error::Corrupt {
+            path: path.to_owned(),
+            why,
+        };
+        let file: FileV1 = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+        if file.version != 1 {
+            return Err(corrupt(format!("unknown version {}", file.version)));
+        }
+        if file.trust_domain != td.as_str() {
+            return Err(Error::OtherTrustDomain {
+                path: path.to_owned(),
+                found: file.trust_domain.clone(),
+                wanted: td.to_string(),
+            });
+        }
+        let mut cas = Vec::new();
+        for f in &file.authorities {
+            let cert_der = B64.decode(&f.cert).map_err(|e| corrupt(e.to_string()))?;
+            let key_pkcs8 = Zeroizing::new(B64.decode(&f.key).map_err(|e| corrupt(e.to_string()))?);
+            let (_, cert) =
+                X509Certificate::from_der(&cert_der).map_err(|e| corrupt(e.to_string()))?;
+            let not_before = from_cert_time(cert.validity().not_before.to_datetime());
+            let not_after = from_cert_time(cert.validity().not_after.to_datetime());
+            cas.push(Ca {
+                created: not_before + NOT_BEFORE_CUSHION,
+                cert_der,
+                key_pkcs8,
+                not_before,
+                not_after,
+                state: f.state,
+            });
+        }
+        Ok(Some(Self {
+            cas,
+            sequence: file.sequence,
+        }))
+    }
+
+    /// Writes the set to `path` atomically with mode 0600.
+    pub(crate) fn save(&self, path: &Path, td: &TrustDomain) -> Result<(), Error> {
+        let file = FileV1 {
+            version: 1,
+            trust_domain: td.to_string(),
+            sequence: self.sequence,
+            authorities: self
+                .cas
+                .iter()
+                .map(|c| FileCa {
+                    cert: B64.encode(&c.cert_der),
+                    key: B64.encode(&c.key_pkcs8[..]),
+                    state: c.state,
+                })
+                .collect(),
+        };
+        let bytes = Zeroizing::new(
+            serde_json::to_vec_pretty(&file).map_err(|e| Error::Crypto(e.to_string()))?,
+        );
+        write_private_atomic(path, &bytes)
+    }
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one: a temp
+/// file (0600 from creation) in the same directory, fsync, rename, fsync of the directory.
+pub(crate) fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let _ = fs::remove_file(&tmp);
+    let mut f = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| Error::io(&tmp, "create", e))?;
+    f.set_permissions(fs::Permissions::from_mode(0o600))
+        .map_err(|e| Error::io(&tmp, "chmod", e))?;
+    f.write_all(bytes)
+        .map_err(|e| Error::io(&tmp, "write", e))?;
+    f.sync_all().map_err(|e| Error::io(&tmp, "fsync", e))?;
+    drop(f);
+    fs::rename(&tmp, path).map_err(|e| Error::io(path, "rename into place", e))?;
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(dir, "fsync directory", e))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn td() -> TrustDomain {
+        TrustDomain::new("example.org").unwrap()
+    }
+
+    #[test]
+    fn rotation_prepares_then_activates_then_retires() {
+        let rng = SystemRandom::new();
+        let ttl = Duration::from_secs(600);
+        let t0 = SystemTime::now();
+        let mut set = CaSet {
+            cas: vec![],
+            sequence: 0,
+        };
+        assert!(set.advance(&td(), ttl, t0, &rng).unwrap());
+        assert_eq!(set.cas.len(), 1);
+        let first = set.active().unwrap().cert_der.clone();
+        // Nothing to do before half-life.
+        assert!(
+            !set.advance(&td(), ttl, t0 + Duration::from_secs(100), &rng)
+                .unwrap()
+        );
+        let d = set.next_deadline().unwrap();
+        assert!(d > t0 + Duration::from_secs(290) && d <= t0 + Duration::from_secs(300));
+        // Half-life: a prepared CA joins the bundle, the first still signs.
+        let t1 = t0 + Duration::from_secs(301);
+        assert!(set.advance(&td(), ttl, t1, &rng).unwrap());
+        assert_eq!(set.cas.len(), 2);
+        assert_eq!(set.active().unwrap().cert_der, first);
+        // Five sixths: the prepared CA signs; the old one stays in the bundle.
+        let t2 = t0 + Duration::from_secs(501);
+        assert!(set.advance(&td(), ttl, t2, &rng).unwrap());
+        assert_eq!(set.cas.len(), 2);
+        assert_ne!(set.active().unwrap().cert_der, first);
+        assert!(
+            set.cas
+                .iter()
+                .any(|c| c.state == CaState::Retired && c.cert_der == first)
+        );
+        // Old one's expiry: gone from the bundle; it is also the new one's half-life, so
+        // the next CA is prepared in the same step.
+        let t3 = t0 + Duration::from_secs(601);
+        assert!(set.advance(&td(), ttl, t3, &rng).unwrap());
+        assert_eq!(set.cas.len(), 2);
+        assert!(set.cas.iter().all(|c| c.cert_der != first));
+        assert_eq!(
+            set.cas
+                .iter()
+                .filter(|c| c.state == CaState::Prepared)
+                .count(),
+            1
+        );
+        assert_eq!(set.sequence, 4);
+    }
+
+    #[test]
+    fn save_and_load_round_trip_with_mode_0600() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = ca_file(dir.path());
+        let rng = SystemRandom::new();
+        let mut set = CaSet {
+            cas: vec![],
+            sequence: 0,
+        };
+        set.advance(&td(), Duration::from_secs(600), SystemTime::now(), &rng)
+            .unwrap();
+        set.save(&path, &td()).unwrap();
+        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        let back = CaSet::load(&path, &td()).unwrap().unwrap();
+        assert_eq!(back.bundle(), set.bundle());
+        assert_eq!(back.sequence, 1);
+        assert_eq!(&back.cas[0].key_pkcs8[..], &set.cas[0].key_pkcs8[..]);
+        // No temp file left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+        // Another trust domain refuses the file.
+        let other = TrustDomain::new("other.org").unwrap();
+        assert!(matches!(
+            CaSet::load(&path, &other),
+            Err(Error::OtherTrustDomain { .. })
+        ));
+        // A corrupt file is an error naming it, never a silent fresh CA.
+        fs::write(&path, b"{not json").unwrap();
+        let err = CaSet::load(&path, &td()).err().unwrap();
+        assert!(err.to_string().contains("ca.json"), "{err}");
+    }
+}

@@ -1,0 +1,266 @@
+//! X.509 certificate minting: CA certificates and X.509-SVIDs (CONFORMANCE.md §9).
+
+use std::time::{Duration, SystemTime};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use spiffed_core::{PrivateKey, SpiffeId, TrustDomain};
+use time::OffsetDateTime;
+use zeroize::Zeroizing;
+
+use crate::Error;
+
+/// How far notBefore is backdated, for clock skew between hosts (as SPIRE does).
+pub(crate) const NOT_BEFORE_CUSHION: Duration = Duration::from_secs(10);
+
+/// A random positive serial of 16 bytes (about 126 random bits), never a repeat of a key hash.
+pub(crate) fn random_serial(rng: &SystemRandom) -> Result<Vec<u8>, Error> {
+    let mut b = vec![0u8; 16];
+    rng.fill(&mut b)
+        .map_err(|_| Error::Crypto("the system random generator failed".into()))?;
+    if let Some(first) = b.first_mut() {
+        // Positive (top bit clear) and no leading zero byte, so DER keeps all 16 bytes.
+        *first = (*first & 0x7f) | 0x40;
+    }
+    Ok(b)
+}
+
+/// Whole seconds: X.509 times carry no fractions, so every time we keep is what the cert says.
+pub(crate) fn to_cert_time(t: SystemTime) -> Result<OffsetDateTime, Error> {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_err(|_| Error::Crypto("the clock is before 1970".into()))?
+        .as_secs();
+    let secs = i64::try_from(secs).map_err(|_| Error::Crypto("time out of range".into()))?;
+    OffsetDateTime::from_unix_timestamp(secs).map_err(|e| Error::Crypto(e.to_string()))
+}
+
+pub(crate) fn from_cert_time(t: OffsetDateTime) -> SystemTime {
+    let secs = u64::try_from(t.unix_timestamp()).unwrap_or(0);
+    SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+pub(crate) fn new_key() -> Result<KeyPair, Error> {
+    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| Error::Crypto(e.to_string()))
+}
+
+/// A freshly minted self-signed CA certificate and its key.
+pub(crate) struct MintedCa {
+    pub(crate) cert_der: Vec<u8>,
+    pub(crate) key_pkcs8: Zeroizing<Vec<u8>>,
+    pub(crate) not_before: SystemTime,
+    pub(crate) not_after: SystemTime,
+}
+
+/// Mints a self-signed root for `td`, valid from now (minus the cushion) for `ttl`.
+pub(crate) fn mint_ca(
+    td: &TrustDomain,
+    ttl: Duration,
+    now: SystemTime,
+    rng: &SystemRandom,
+) -> Result<MintedCa, Error> {
+    let key = new_key()?;
+    let serial = random_serial(rng)?;
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CountryName, "US");
+    dn.push(DnType::OrganizationName, "spiffed");
+    dn.push(DnType::CommonName, format!("spiffed CA {td}"));
+    dn.push(
+        DnType::CustomDnType(vec![2, 5, 4, 5]),
+        hex(&serial).chars().take(32).collect::<String>(),
+    );
+    p.distinguished_name = dn;
+    p.serial_number = Some(SerialNumber::from_slice(&serial));
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    p.subject_alt_names = vec![SanType::URI(
+        td.id_string()
+            .try_into()
+            .map_err(|e: rcgen::Error| Error::Crypto(e.to_string()))?,
+    )];
+    let nb = to_cert_time(now - NOT_BEFORE_CUSHION)?;
+    let na = to_cert_time(now + ttl)?;
+    p.not_before = nb;
+    p.not_after = na;
+    let cert = p
+        .self_signed(&key)
+        .map_err(|e| Error::Crypto(e.to_string()))?;
+    Ok(MintedCa {
+        cert_der: cert.der().to_vec(),
+        key_pkcs8: Zeroizing::new(key.serialize_der()),
+        not_before: from_cert_time(nb),
+        not_after: from_cert_time(na),
+    })
+}
+
+/// A signing CA loaded for use.
+pub(crate) struct Signer {
+    pub(crate) issuer: Issuer<'static, KeyPair>,
+    pub(crate) cert_der: Vec<u8>,
+    pub(crate) not_after: SystemTime,
+}
+
+impl Signer {
+    pub(crate) fn new(
+        cert_der: &[u8],
+        key_pkcs8: &[u8],
+        not_after: SystemTime,
+    ) -> Result<Self, Error> {
+        let key = KeyPair::try_from(key_pkcs8).map_err(|e| Error::Crypto(e.to_string()))?;
+        let issuer = Issuer::from_ca_cert_der(&cert_der.into(), key)
+            .map_err(|e| Error::Crypto(e.to_string()))?;
+        Ok(Self {
+            issuer,
+            cert_der: cert_der.to_vec(),
+            not_after,
+        })
+    }
+}
+
+/// A freshly minted leaf.
+pub(crate) struct MintedSvid {
+    pub(crate) chain_der: Vec<u8>,
+    pub(crate) key: PrivateKey,
+    pub(crate) serial: Vec<u8>,
+    pub(crate) not_before: SystemTime,
+    pub(crate) not_after: SystemTime,
+}
+
+/// Mints an X.509-SVID for `id` signed by `signer`, valid for `ttl` but never past the signer.
+pub(crate) fn mint_svid(
+    signer: &Signer,
+    id: &SpiffeId,
+    dns_names: &[String],
+    ttl: Duration,
+    now: SystemTime,
+    rng: &SystemRandom,
+) -> Result<MintedSvid, Error> {
+    let key = new_key()?;
+    let serial = random_serial(rng)?;
+    let mut p = CertificateParams::default();
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CountryName, "US");
+    dn.push(DnType::OrganizationName, "spiffed");
+    p.distinguished_name = dn;
+    let bad = |e: rcgen::Error| Error::Crypto(e.to_string());
+    let mut sans = vec![SanType::URI(id.to_string().try_into().map_err(bad)?)];
+    for d in dns_names {
+        sans.push(SanType::DnsName(d.as_str().try_into().map_err(bad)?));
+    }
+    p.subject_alt_names = sans;
+    p.serial_number = Some(SerialNumber::from_slice(&serial));
+    p.is_ca = IsCa::ExplicitNoCa;
+    p.key_usages = vec![
+        KeyUsagePurpose::DigitalSignature,
+        KeyUsagePurpose::KeyEncipherment,
+        KeyUsagePurpose::KeyAgreement,
+    ];
+    p.extended_key_usages = vec![
+        ExtendedKeyUsagePurpose::ServerAuth,
+        ExtendedKeyUsagePurpose::ClientAuth,
+    ];
+    p.use_authority_key_identifier_extension = true;
+    let nb = to_cert_time(now - NOT_BEFORE_CUSHION)?;
+    let na = to_cert_time((now + ttl).min(signer.not_after))?;
+    p.not_before = nb;
+    p.not_after = na;
+    let cert = p.signed_by(&key, &signer.issuer).map_err(bad)?;
+    Ok(MintedSvid {
+        chain_der: cert.der().to_vec(),
+        key: PrivateKey::new(Zeroizing::new(key.serialize_der())),
+        serial,
+        not_before: from_cert_time(nb),
+        not_after: from_cert_time(na),
+    })
+}
+
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use x509_parser::prelude::*;
+
+    #[test]
+    fn svid_has_the_profile_clients_check() {
+        let rng = SystemRandom::new();
+        let td = TrustDomain::new("example.org").unwrap();
+        let now = SystemTime::now();
+        let ca = mint_ca(&td, Duration::from_secs(3600), now, &rng).unwrap();
+        let signer = Signer::new(&ca.cert_der, &ca.key_pkcs8, ca.not_after).unwrap();
+        let id = SpiffeId::new("spiffe://example.org/web").unwrap();
+        let svid = mint_svid(
+            &signer,
+            &id,
+            &["web.internal".into()],
+            Duration::from_secs(7200),
+            now,
+            &rng,
+        )
+        .unwrap();
+        // Capped at the CA's notAfter.
+        assert_eq!(svid.not_after, ca.not_after);
+
+        let (_, leaf) = X509Certificate::from_der(&svid.chain_der).unwrap();
+        let (_, root) = X509Certificate::from_der(&ca.cert_der).unwrap();
+        let bc = leaf.basic_constraints().unwrap().unwrap();
+        assert!(bc.critical && !bc.value.ca);
+        let ku = leaf.key_usage().unwrap().unwrap();
+        assert!(ku.critical && ku.value.digital_signature());
+        assert!(!ku.value.key_cert_sign() && !ku.value.crl_sign());
+        let eku = leaf.extended_key_usage().unwrap().unwrap();
+        assert!(eku.value.server_auth && eku.value.client_auth);
+        let san = leaf.subject_alternative_name().unwrap().unwrap();
+        let uris: Vec<_> = san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|g| match g {
+                GeneralName::URI(u) => Some(*u),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(uris, ["spiffe://example.org/web"]);
+        assert!(
+            san.value
+                .general_names
+                .iter()
+                .any(|g| matches!(g, GeneralName::DNSName("web.internal")))
+        );
+        assert_eq!(leaf.raw_serial(), &svid.serial[..]);
+        assert_eq!(svid.serial.len(), 16);
+        assert!(svid.serial[0] < 0x80);
+        // Signed by the root, AKI = root SKI.
+        leaf.verify_signature(Some(root.public_key())).unwrap();
+        let root_bc = root.basic_constraints().unwrap().unwrap();
+        assert!(root_bc.value.ca);
+        assert!(root.key_usage().unwrap().unwrap().value.key_cert_sign());
+        // The key is PKCS#8 for the leaf's public key.
+        let kp = KeyPair::try_from(svid.key.pkcs8_der()).unwrap();
+        assert_eq!(
+            kp.public_key_raw(),
+            leaf.public_key().subject_public_key.data.as_ref()
+        );
+        // The same parser a Rust client uses accepts it.
+        spiffe::X509Svid::parse_from_der(&svid.chain_der, svid.key.pkcs8_der()).unwrap();
+    }
+
+    #[test]
+    fn serials_do_not_repeat() {
+        let rng = SystemRandom::new();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            assert!(seen.insert(random_serial(&rng).unwrap()));
+        }
+    }
+}

@@ -1,0 +1,472 @@
+//! The `SpiffeWorkloadAPI` service implementation.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::Stream;
+use spiffed_core::{
+    Attested, Attestor, Authority, Entry, EntryId, EntrySet, Identity, Lease, PeerCred, Selector,
+    SpiffeId,
+};
+use spiffed_proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use spiffed_proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, WitsvidRequest,
+    WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
+    X509svidResponse,
+};
+use tokio::sync::watch;
+use tonic::{Request, Response, Status};
+
+use crate::ApiError;
+
+/// The security header every Workload API request must carry ([WEP §3]).
+const SECURITY_HEADER: &str = "workload.spiffe.io";
+/// Largest request accepted; Workload API requests are tiny.
+const MAX_REQUEST_BYTES: usize = 64 * 1024;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+struct Shared {
+    attestor: Arc<dyn Attestor>,
+    authority: Arc<dyn Authority>,
+    entries: watch::Receiver<Arc<EntrySet>>,
+    synthetic_ids: bool,
+}
+
+/// The Workload API service. Cheap to clone.
+#[derive(Clone)]
+pub struct WorkloadApi {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for WorkloadApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkloadApi")
+            .field("synthetic_ids", &self.shared.synthetic_ids)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Who is calling: kernel facts plus what attestation derived.
+#[derive(Clone)]
+struct Caller {
+    cred: PeerCred,
+    attested: Attested,
+}
+
+/// Checks the security header: exactly one value, exactly `true`.
+fn check_header<T>(req: &Request<T>) -> Result<(), ApiError> {
+    let mut values = req.metadata().get_all(SECURITY_HEADER).iter();
+    match (values.next(), values.next()) {
+        (Some(v), None) if v.as_bytes() == b"true" => Ok(()),
+        _ => Err(ApiError::MissingSecurityHeader),
+    }
+}
+
+/// A path segment made of the characters SPIFFE IDs allow.
+fn id_segment(s: &str) -> String {
+    let mut out: String = s
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    if out.is_empty() || out == "." || out == ".." {
+        out = format!("_{out}");
+    }
+    out
+}
+
+impl Shared {
+    async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, ApiError> {
+        check_header(req)?;
+        let cred = req
+            .extensions()
+            .get::<PeerCred>()
+            .cloned()
+            .ok_or(ApiError::NoPeerCred)?;
+        let attestor = self.attestor.clone();
+        let c = cred.clone();
+        let attested = tokio::task::spawn_blocking(move || attestor.attest(&c))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .inspect_err(|e| {
+                tracing::info!(pid = ?cred.pid, uid = cred.uid, error = %e, "attestation failed");
+            })?;
+        Ok(Caller { cred, attested })
+    }
+
+    /// The entries that grant `caller` an identity now (or its synthetic one).
+    fn entitled(&self, caller: &Caller, set: &EntrySet) -> Vec<Arc<Entry>> {
+        let matched = set.matching(&caller.attested.selectors);
+        if !matched.is_empty() || !self.synthetic_ids {
+            return matched;
+        }
+        self.synthetic(caller).into_iter().collect()
+    }
+
+    fn synthetic(&self, caller: &Caller) -> Option<Arc<Entry>> {
+        let uid = caller.attested.uid;
+        let exe = caller
+            .attested
+            .exe
+            .as_ref()
+            .and_then(|p| p.file_name())
+            .map(|n| id_segment(&n.to_string_lossy()))
+            .unwrap_or_else(|| "unknown".to_owned());
+        let td = self.authority.trust_domain();
+        let spiffe_id = SpiffeId::new(format!("spiffe://{td}/uid-{uid}/{exe}")).ok()?;
+        Some(Arc::new(Entry {
+            id: EntryId::new(format!("synthetic/uid-{uid}/{exe}")),
+            spiffe_id,
+            selectors: Selector::unix("uid", uid).into_iter().collect(),
+            x509_svid_ttl: None,
+            jwt_svid_ttl: None,
+            hint: None,
+            dns_names: vec![],
+        }))
+    }
+
+    /// The caller's identities now; `NoIdentity` when there are none.
+    fn identities(&self, caller: &Caller) -> Result<(Vec<Identity>, Lease), ApiError> {
+        let set = self.entries.borrow().clone();
+        let entries = self.entitled(caller, &set);
+        if entries.is_empty() {
+            return Err(ApiError::NoIdentity);
+        }
+        Ok(self.authority.identities(&entries)?)
+    }
+
+    fn x509_response(&self, ids: &[Identity]) -> X509svidResponse {
+        let bundle = self.authority.x509_bundle().concatenated_der();
+        X509svidResponse {
+            svids: ids
+                .iter()
+                .map(|i| X509svid {
+                    spiffe_id: i.x509.spiffe_id.to_string(),
+                    x509_svid: i.x509.cert_chain_der.clone(),
+                    x509_svid_key: i.x509.key.pkcs8_der().to_vec(),
+                    bundle: bundle.clone(),
+                    hint: i.entry.hint.clone().unwrap_or_default(),
+                })
+                .collect(),
+            crl: vec![],
+            federated_bundles: HashMap::new(),
+        }
+    }
+
+    fn x509_bundles_response(&self) -> X509BundlesResponse {
+        let b = self.authority.x509_bundle();
+        X509BundlesResponse {
+            crl: vec![],
+            bundles: HashMap::from([(b.trust_domain.id_string(), b.concatenated_der())]),
+        }
+    }
+}
+
+/// What a stream last sent, to send only real changes.
+fn x509_fingerprint(ids: &[Identity], bundle_seq: u64) -> (Vec<(EntryId, Vec<u8>)>, u64) {
+    (
+        ids.iter()
+            .map(|i| (i.entry.id.clone(), i.x509.serial.clone()))
+            .collect(),
+        bundle_seq,
+    )
+}
+
+/// The state a watch-driven stream carries between messages.
+struct Watch {
+    shared: Arc<Shared>,
+    caller: Caller,
+    entries: watch::Receiver<Arc<EntrySet>>,
+    changes: watch::Receiver<u64>,
+}
+
+impl Watch {
+    fn new(shared: &Arc<Shared>, caller: Caller) -> Self {
+        let mut entries = shared.entries.clone();
+        let mut changes = shared.authority.changes();
+        entries.borrow_and_update();
+        changes.borrow_and_update();
+        Self {
+            shared: shared.clone(),
+            caller,
+            entries,
+            changes,
+        }
+    }
+
+    /// Waits for the next change of entries or of the authority; false when the agent stops.
+    async fn changed(&mut self) -> bool {
+        tokio::select! {
+            r = self.entries.changed() => r.is_ok(),
+            r = self.changes.changed() => r.is_ok(),
+        }
+    }
+}
+
+impl WorkloadApi {
+    /// Builds the service. `synthetic_ids` gives callers that match no entry the identity
+    /// `spiffe://TD/uid-UID/EXE_NAME` (dev mode).
+    pub fn new(
+        attestor: Arc<dyn Attestor>,
+        authority: Arc<dyn Authority>,
+        entries: watch::Receiver<Arc<EntrySet>>,
+        synthetic_ids: bool,
+    ) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                attestor,
+                authority,
+                entries,
+                synthetic_ids,
+            }),
+        }
+    }
+
+    /// The tonic service, with request size limits set.
+    pub fn into_server(self) -> SpiffeWorkloadApiServer<Self> {
+        SpiffeWorkloadApiServer::new(self).max_decoding_message_size(MAX_REQUEST_BYTES)
+    }
+}
+
+fn log_denied(caller: &Caller) {
+    let selectors: Vec<String> = caller
+        .attested
+        .selectors
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    tracing::info!(
+        pid = ?caller.cred.pid,
+        uid = caller.cred.uid,
+        selectors = ?selectors,
+        "no identity issued: no registration entry matches the caller"
+    );
+}
+
+fn log_issued(caller: &Caller, ids: &[Identity], what: &str) {
+    for i in ids {
+        tracing::info!(
+            spiffe_id = %i.entry.spiffe_id,
+            entry = %i.entry.id,
+            pid = ?caller.cred.pid,
+            uid = caller.cred.uid,
+            serial = %hex(&i.x509.serial),
+            "issued {what}"
+        );
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = BoxStream<X509svidResponse>;
+    type FetchX509BundlesStream = BoxStream<X509BundlesResponse>;
+    type FetchJWTBundlesStream = BoxStream<JwtBundlesResponse>;
+    type FetchWITSVIDStream = BoxStream<WitsvidResponse>;
+    type FetchWITBundlesStream = BoxStream<WitBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let shared = &self.shared;
+        let caller = shared.caller(&request).await?;
+        let watch = Watch::new(shared, caller);
+        let (ids, lease) = shared.identities(&watch.caller).inspect_err(|e| {
+            if matches!(e, ApiError::NoIdentity) {
+                log_denied(&watch.caller);
+            }
+        })?;
+        log_issued(&watch.caller, &ids, "X.509-SVID");
+        let seq = shared.authority.x509_bundle().sequence;
+        let first = shared.x509_response(&ids);
+        let last = x509_fingerprint(&ids, seq);
+
+        // State: (watch, last fingerprint, lease held while streaming, first message, ended).
+        let state = (watch, last, lease, Some(first), false);
+        let stream = futures::stream::unfold(
+            state,
+            |(mut w, mut last, mut lease, first, ended)| async move {
+                if let Some(msg) = first {
+                    return Some((Ok(msg), (w, last, lease, None, false)));
+                }
+                if ended {
+                    return None;
+                }
+                loop {
+                    if !w.changed().await {
+                        return None;
+                    }
+                    match w.shared.identities(&w.caller) {
+                        Ok((ids, new_lease)) => {
+                            let fp =
+                                x509_fingerprint(&ids, w.shared.authority.x509_bundle().sequence);
+                            if fp == last {
+                                continue;
+                            }
+                            last = fp;
+                            lease = new_lease;
+                            tracing::debug!(pid = ?w.caller.cred.pid, uid = w.caller.cred.uid, svids = ids.len(), "pushing X.509-SVID update");
+                            let msg = w.shared.x509_response(&ids);
+                            return Some((Ok(msg), (w, last, lease, None, false)));
+                        }
+                        Err(e) => {
+                            // Losing every identity ends the stream with PermissionDenied
+                            // (CONFORMANCE item 27), never an empty message.
+                            if matches!(e, ApiError::NoIdentity) {
+                                log_denied(&w.caller);
+                            }
+                            return Some((Err(e.into()), (w, last, lease, None, true)));
+                        }
+                    }
+                }
+            },
+        );
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        let shared = &self.shared;
+        let caller = shared.caller(&request).await?;
+        let watch = Watch::new(shared, caller);
+        let (_, lease) = shared.identities(&watch.caller).inspect_err(|e| {
+            if matches!(e, ApiError::NoIdentity) {
+                log_denied(&watch.caller);
+            }
+        })?;
+        drop(lease);
+        let seq = shared.authority.x509_bundle().sequence;
+        let first = shared.x509_bundles_response();
+        let state = (watch, seq, Some(first), false);
+        let stream = futures::stream::unfold(state, |(mut w, mut last, first, ended)| async move {
+            if let Some(msg) = first {
+                return Some((Ok(msg), (w, last, None, false)));
+            }
+            if ended {
+                return None;
+            }
+            loop {
+                if !w.changed().await {
+                    return None;
+                }
+                let entries = w.shared.entries.borrow().clone();
+                if w.shared.entitled(&w.caller, &entries).is_empty() {
+                    log_denied(&w.caller);
+                    let e: Status = ApiError::NoIdentity.into();
+                    return Some((Err(e), (w, last, None, true)));
+                }
+                let seq = w.shared.authority.x509_bundle().sequence;
+                if seq == last {
+                    // Duplicate bundle messages are suppressed, as SPIRE does.
+                    continue;
+                }
+                last = seq;
+                let msg = w.shared.x509_bundles_response();
+                return Some((Ok(msg), (w, last, None, false)));
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        check_header(&request)?;
+        Err(
+            ApiError::Unimplemented("the JWT-SVID profile is not served by this version yet")
+                .into(),
+        )
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        check_header(&request)?;
+        Err(
+            ApiError::Unimplemented("the JWT-SVID profile is not served by this version yet")
+                .into(),
+        )
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        check_header(&request)?;
+        Err(
+            ApiError::Unimplemented("the JWT-SVID profile is not served by this version yet")
+                .into(),
+        )
+    }
+
+    async fn fetch_witsvid(
+        &self,
+        request: Request<WitsvidRequest>,
+    ) -> Result<Response<Self::FetchWITSVIDStream>, Status> {
+        check_header(&request)?;
+        Err(ApiError::Unimplemented("the WIT-SVID profile is not supported").into())
+    }
+
+    async fn fetch_wit_bundles(
+        &self,
+        request: Request<WitBundlesRequest>,
+    ) -> Result<Response<Self::FetchWITBundlesStream>, Status> {
+        check_header(&request)?;
+        Err(ApiError::Unimplemented("the WIT-SVID profile is not supported").into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn header_must_be_exactly_one_true() {
+        let mut ok = Request::new(());
+        ok.metadata_mut()
+            .insert(SECURITY_HEADER, "true".parse().unwrap());
+        assert!(check_header(&ok).is_ok());
+        for bad in ["True", "TRUE", "1", "yes", ""] {
+            let mut r = Request::new(());
+            r.metadata_mut()
+                .insert(SECURITY_HEADER, bad.parse().unwrap());
+            assert!(check_header(&r).is_err(), "{bad:?} must be refused");
+        }
+        assert!(check_header(&Request::new(())).is_err());
+        let mut twice = Request::new(());
+        twice
+            .metadata_mut()
+            .append(SECURITY_HEADER, "true".parse().unwrap());
+        twice
+            .metadata_mut()
+            .append(SECURITY_HEADER, "true".parse().unwrap());
+        assert!(check_header(&twice).is_err());
+    }
+
+    #[test]
+    fn synthetic_segments_are_valid_id_paths() {
+        assert_eq!(id_segment("python3.11"), "python3.11");
+        assert_eq!(id_segment("my app"), "my_app");
+        assert_eq!(id_segment(".."), "_..");
+        assert_eq!(id_segment(""), "_");
+        assert!(SpiffeId::new(format!("spiffe://td/uid-1/{}", id_segment("ü?x"))).is_ok());
+    }
+}

@@ -1,0 +1,68 @@
+//! The one place where domain errors become gRPC statuses (CONFORMANCE.md §3).
+//!
+//! Clients match on these texts: the Rust `spiffe` crate reports `NoIdentityIssued` only for a
+//! PermissionDenied whose message contains "no identity issued".
+
+use spiffed_core::{AttestError, AuthorityError};
+use tonic::Status;
+
+/// Why a Workload API call was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// The `workload.spiffe.io: true` metadata is missing, repeated, or has another value.
+    #[error("security header missing from request")]
+    MissingSecurityHeader,
+    /// The caller matches no entry.
+    #[error("no identity issued")]
+    NoIdentity,
+    /// The caller could not be attested.
+    #[error("workload attestation failed: {0}")]
+    Attestation(#[from] AttestError),
+    /// The authority could not mint.
+    #[error("{0}")]
+    Authority(#[from] AuthorityError),
+    /// The connection carries no kernel credentials (not accepted through our listener).
+    #[error("the connection carries no peer credentials")]
+    NoPeerCred,
+    /// The profile or method is not served.
+    #[error("{0}")]
+    Unimplemented(&'static str),
+    /// A background task failed.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ApiError::MissingSecurityHeader => Self::invalid_argument(msg),
+            ApiError::NoIdentity => Self::permission_denied(msg),
+            ApiError::Attestation(_) => Self::unavailable(msg),
+            ApiError::Authority(_) => Self::unavailable(msg),
+            ApiError::NoPeerCred | ApiError::Internal(_) => Self::internal(msg),
+            ApiError::Unimplemented(_) => Self::unimplemented(msg),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn codes_follow_the_spec_and_spire() {
+        assert_eq!(
+            Status::from(ApiError::MissingSecurityHeader).code(),
+            Code::InvalidArgument
+        );
+        let s = Status::from(ApiError::NoIdentity);
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert_eq!(s.message(), "no identity issued");
+        let s = Status::from(ApiError::Attestation(AttestError::ProcessGone { pid: 7 }));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert!(s.message().starts_with("workload attestation failed"));
+    }
+}
