@@ -19,26 +19,43 @@ use zeroize::{Zeroize, Zeroizing};
 use crate::Error;
 use crate::x509::{MintedCa, NOT_BEFORE_CUSHION, from_cert_time, mint_ca};
 
-/// The role of one CA in the rotation.
+/// The role of one signing key in the rotation.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub(crate) enum CaState {
-    /// In the bundle, not yet signing.
+    /// Published (in the bundle), not yet signing.
     Prepared,
     /// Signs new SVIDs.
     Active,
-    /// No longer signs; stays in the bundle until it expires.
+    /// No longer signs; stays published until it expires.
     Retired,
 }
 
-/// One CA: certificate, key and role.
+/// What a signing key is, besides its private half.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Material {
+    /// An X.509 CA certificate (DER).
+    X509 {
+        /// The certificate.
+        cert_der: Vec<u8>,
+    },
+    /// A JWT signing key: its `kid` and uncompressed P-256 public point (0x04 || X || Y).
+    Jwt {
+        /// The key id published in the JWKS and set in every token's header.
+        kid: String,
+        /// The public point.
+        public: Vec<u8>,
+    },
+}
+
+/// One signing key: material, private key and role.
+#[derive(Clone)]
 pub(crate) struct Ca {
-    pub(crate) cert_der: Vec<u8>,
+    pub(crate) material: Material,
     pub(crate) key_pkcs8: Zeroizing<Vec<u8>>,
-    pub(crate) not_before: SystemTime,
     pub(crate) not_after: SystemTime,
     pub(crate) state: CaState,
-    /// When it was prepared (its notBefore plus the cushion).
+    /// When it was made.
     pub(crate) created: SystemTime,
 }
 
@@ -46,11 +63,20 @@ impl Ca {
     fn from_minted(m: MintedCa, state: CaState) -> Self {
         Self {
             created: m.not_before + NOT_BEFORE_CUSHION,
-            cert_der: m.cert_der,
+            material: Material::X509 {
+                cert_der: m.cert_der,
+            },
             key_pkcs8: m.key_pkcs8,
-            not_before: m.not_before,
             not_after: m.not_after,
             state,
+        }
+    }
+
+    /// The X.509 certificate, for X.509 keys.
+    pub(crate) fn cert_der(&self) -> Option<&[u8]> {
+        match &self.material {
+            Material::X509 { cert_der } => Some(cert_der),
+            Material::Jwt { .. } => None,
         }
     }
 
@@ -60,22 +86,26 @@ impl Ca {
             .unwrap_or(Duration::ZERO)
     }
 
-    /// When the next CA is prepared: half way through this one's life.
+    /// When the next key is prepared: half way through this one's life.
     fn prepare_at(&self) -> SystemTime {
         self.created + self.lifetime() / 2
     }
 
-    /// When the next CA takes over: five sixths through this one's life.
+    /// When the next key takes over: five sixths through this one's life.
     fn activate_at(&self) -> SystemTime {
         self.created + self.lifetime() * 5 / 6
     }
 }
 
-/// The set of CAs of the trust domain.
+/// A rotating set of signing keys of one kind (the X.509 CAs, or the JWT keys).
+#[derive(Clone, Default)]
 pub(crate) struct CaSet {
     pub(crate) cas: Vec<Ca>,
     pub(crate) sequence: u64,
 }
+
+/// Makes a new key valid from `now`.
+pub(crate) type Mint<'a> = dyn FnMut(SystemTime) -> Result<Ca, Error> + 'a;
 
 #[derive(Serialize, Deserialize, Zeroize)]
 #[zeroize(drop)]
@@ -88,11 +118,27 @@ struct FileCa {
 
 #[derive(Serialize, Deserialize, Zeroize)]
 #[zeroize(drop)]
+struct FileJwtKey {
+    kid: String,
+    public: String,
+    key: String,
+    created: u64,
+    not_after: u64,
+    #[zeroize(skip)]
+    state: CaState,
+}
+
+#[derive(Serialize, Deserialize, Zeroize)]
+#[zeroize(drop)]
 struct FileV1 {
     version: u32,
     trust_domain: String,
     sequence: u64,
     authorities: Vec<FileCa>,
+    #[serde(default)]
+    jwt_sequence: u64,
+    #[serde(default)]
+    jwt_keys: Vec<FileJwtKey>,
 }
 
 /// Where the CA file lives in `data_dir`.
@@ -100,56 +146,56 @@ pub(crate) fn ca_file(data_dir: &Path) -> PathBuf {
     data_dir.join("ca.json")
 }
 
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 impl CaSet {
-    /// The active CA, if any.
+    /// The active key, if any.
     pub(crate) fn active(&self) -> Option<&Ca> {
         self.cas.iter().find(|c| c.state == CaState::Active)
     }
 
-    /// DER of every CA in the bundle, oldest first.
+    /// DER of every X.509 CA in the bundle, oldest first.
     pub(crate) fn bundle(&self) -> Vec<Vec<u8>> {
-        self.cas.iter().map(|c| c.cert_der.clone()).collect()
+        self.cas
+            .iter()
+            .filter_map(|c| c.cert_der().map(<[u8]>::to_vec))
+            .collect()
     }
 
-    /// Advances the rotation to `now`. Returns whether anything changed.
+    /// Advances the rotation to `now`, minting with `mint`. Returns whether anything changed.
     ///
-    /// A new CA is always prepared (and so in the bundle) before it becomes active, and a retired
-    /// CA stays until its notAfter, by which time everything it signed has expired too.
-    pub(crate) fn advance(
-        &mut self,
-        td: &TrustDomain,
-        ttl: Duration,
-        now: SystemTime,
-        rng: &SystemRandom,
-    ) -> Result<bool, Error> {
+    /// A new key is always prepared (and so published) before it becomes active, and a retired
+    /// key stays until its notAfter, by which time everything it signed has expired too.
+    pub(crate) fn advance(&mut self, now: SystemTime, mint: &mut Mint<'_>) -> Result<bool, Error> {
         let before = self.cas.len();
         self.cas.retain(|c| c.not_after > now);
         let mut changed = self.cas.len() != before;
 
         if self.active().is_none() {
             // Nothing signs (first start, or everything expired while the agent was down).
-            // Any prepared CA still valid takes over; otherwise mint one.
+            // A prepared key still valid takes over; otherwise mint one.
             if let Some(p) = self.cas.iter_mut().find(|c| c.state == CaState::Prepared) {
                 p.state = CaState::Active;
             } else {
-                self.cas.push(Ca::from_minted(
-                    mint_ca(td, ttl, now, rng)?,
-                    CaState::Active,
-                ));
+                let mut fresh = mint(now)?;
+                fresh.state = CaState::Active;
+                self.cas.push(fresh);
             }
             changed = true;
         }
         let (prepare_at, activate_at) = match self.active() {
             Some(a) => (a.prepare_at(), a.activate_at()),
-            None => return Err(Error::Crypto("no active CA after rotation".into())),
+            None => return Err(Error::Crypto("no active key after rotation".into())),
         };
         let prepared = self.cas.iter().position(|c| c.state == CaState::Prepared);
         match prepared {
             None if now >= prepare_at => {
-                self.cas.push(Ca::from_minted(
-                    mint_ca(td, ttl, now, rng)?,
-                    CaState::Prepared,
-                ));
+                let mut fresh = mint(now)?;
+                fresh.state = CaState::Prepared;
+                self.cas.push(fresh);
                 changed = true;
             }
             Some(i) if now >= self.activation_time(activate_at, i) => {
@@ -171,8 +217,8 @@ impl CaSet {
         Ok(changed)
     }
 
-    /// A prepared CA activates at the scheduled time, but never less than a short lead after it
-    /// joined the bundle (it may have been prepared late, after downtime).
+    /// A prepared key activates at the scheduled time, but never less than a short lead after it
+    /// was published (it may have been prepared late, after downtime).
     fn activation_time(&self, scheduled: SystemTime, prepared: usize) -> SystemTime {
         match self.cas.get(prepared) {
             Some(p) => {
@@ -198,8 +244,31 @@ impl CaSet {
         }
         Some(t)
     }
+}
 
-    /// Loads the CA set from `path`, or `None` if the file does not exist.
+/// Mints an X.509 CA for [`CaSet::advance`].
+pub(crate) fn x509_minter<'a>(
+    td: &'a TrustDomain,
+    ttl: Duration,
+    rng: &'a SystemRandom,
+) -> impl FnMut(SystemTime) -> Result<Ca, Error> + 'a {
+    move |now| {
+        Ok(Ca::from_minted(
+            mint_ca(td, ttl, now, rng)?,
+            CaState::Prepared,
+        ))
+    }
+}
+
+/// Everything kept in `ca.json`: the X.509 CAs and the JWT signing keys.
+#[derive(Clone, Default)]
+pub(crate) struct KeyFile {
+    pub(crate) x509: CaSet,
+    pub(crate) jwt: CaSet,
+}
+
+impl KeyFile {
+    /// Loads `path`, or `None` if the file does not exist.
     pub(crate) fn load(path: &Path, td: &TrustDomain) -> Result<Option<Self>, Error> {
         let bytes = match fs::read(path) {
             Ok(b) => Zeroizing::new(b),
@@ -221,7 +290,10 @@ impl CaSet {
                 wanted: td.to_string(),
             });
         }
-        let mut cas = Vec::new();
+        let mut x509 = CaSet {
+            cas: vec![],
+            sequence: file.sequence,
+        };
         for f in &file.authorities {
             let cert_der = B64.decode(&f.cert).map_err(|e| corrupt(e.to_string()))?;
             let key_pkcs8 = Zeroizing::new(B64.decode(&f.key).map_err(|e| corrupt(e.to_string()))?);
@@ -229,34 +301,68 @@ impl CaSet {
                 X509Certificate::from_der(&cert_der).map_err(|e| corrupt(e.to_string()))?;
             let not_before = from_cert_time(cert.validity().not_before.to_datetime());
             let not_after = from_cert_time(cert.validity().not_after.to_datetime());
-            cas.push(Ca {
+            x509.cas.push(Ca {
                 created: not_before + NOT_BEFORE_CUSHION,
-                cert_der,
+                material: Material::X509 { cert_der },
                 key_pkcs8,
-                not_before,
                 not_after,
                 state: f.state,
             });
         }
-        Ok(Some(Self {
-            cas,
-            sequence: file.sequence,
-        }))
+        let mut jwt = CaSet {
+            cas: vec![],
+            sequence: file.jwt_sequence,
+        };
+        for k in &file.jwt_keys {
+            let public = B64.decode(&k.public).map_err(|e| corrupt(e.to_string()))?;
+            let key_pkcs8 = Zeroizing::new(B64.decode(&k.key).map_err(|e| corrupt(e.to_string()))?);
+            jwt.cas.push(Ca {
+                material: Material::Jwt {
+                    kid: k.kid.clone(),
+                    public,
+                },
+                key_pkcs8,
+                created: SystemTime::UNIX_EPOCH + Duration::from_secs(k.created),
+                not_after: SystemTime::UNIX_EPOCH + Duration::from_secs(k.not_after),
+                state: k.state,
+            });
+        }
+        Ok(Some(Self { x509, jwt }))
     }
 
-    /// Writes the set to `path` atomically with mode 0600.
+    /// Writes the file atomically with mode 0600.
     pub(crate) fn save(&self, path: &Path, td: &TrustDomain) -> Result<(), Error> {
         let file = FileV1 {
             version: 1,
             trust_domain: td.to_string(),
-            sequence: self.sequence,
+            sequence: self.x509.sequence,
             authorities: self
+                .x509
                 .cas
                 .iter()
-                .map(|c| FileCa {
-                    cert: B64.encode(&c.cert_der),
-                    key: B64.encode(&c.key_pkcs8[..]),
-                    state: c.state,
+                .filter_map(|c| {
+                    c.cert_der().map(|cert| FileCa {
+                        cert: B64.encode(cert),
+                        key: B64.encode(&c.key_pkcs8[..]),
+                        state: c.state,
+                    })
+                })
+                .collect(),
+            jwt_sequence: self.jwt.sequence,
+            jwt_keys: self
+                .jwt
+                .cas
+                .iter()
+                .filter_map(|c| match &c.material {
+                    Material::Jwt { kid, public } => Some(FileJwtKey {
+                        kid: kid.clone(),
+                        public: B64.encode(public),
+                        key: B64.encode(&c.key_pkcs8[..]),
+                        created: unix_secs(c.created),
+                        not_after: unix_secs(c.not_after),
+                        state: c.state,
+                    }),
+                    Material::X509 { .. } => None,
                 })
                 .collect(),
         };
@@ -309,41 +415,40 @@ mod tests {
         let rng = SystemRandom::new();
         let ttl = Duration::from_secs(600);
         let t0 = SystemTime::now();
-        let mut set = CaSet {
-            cas: vec![],
-            sequence: 0,
-        };
-        assert!(set.advance(&td(), ttl, t0, &rng).unwrap());
+        let td = td();
+        let mut mint = x509_minter(&td, ttl, &rng);
+        let mut set = CaSet::default();
+        assert!(set.advance(t0, &mut mint).unwrap());
         assert_eq!(set.cas.len(), 1);
-        let first = set.active().unwrap().cert_der.clone();
+        let first = set.active().unwrap().material.clone();
         // Nothing to do before half-life.
         assert!(
-            !set.advance(&td(), ttl, t0 + Duration::from_secs(100), &rng)
+            !set.advance(t0 + Duration::from_secs(100), &mut mint)
                 .unwrap()
         );
         let d = set.next_deadline().unwrap();
         assert!(d > t0 + Duration::from_secs(290) && d <= t0 + Duration::from_secs(300));
         // Half-life: a prepared CA joins the bundle, the first still signs.
         let t1 = t0 + Duration::from_secs(301);
-        assert!(set.advance(&td(), ttl, t1, &rng).unwrap());
+        assert!(set.advance(t1, &mut mint).unwrap());
         assert_eq!(set.cas.len(), 2);
-        assert_eq!(set.active().unwrap().cert_der, first);
+        assert_eq!(set.active().unwrap().material, first);
         // Five sixths: the prepared CA signs; the old one stays in the bundle.
         let t2 = t0 + Duration::from_secs(501);
-        assert!(set.advance(&td(), ttl, t2, &rng).unwrap());
+        assert!(set.advance(t2, &mut mint).unwrap());
         assert_eq!(set.cas.len(), 2);
-        assert_ne!(set.active().unwrap().cert_der, first);
+        assert_ne!(set.active().unwrap().material, first);
         assert!(
             set.cas
                 .iter()
-                .any(|c| c.state == CaState::Retired && c.cert_der == first)
+                .any(|c| c.state == CaState::Retired && c.material == first)
         );
         // Old one's expiry: gone from the bundle; it is also the new one's half-life, so
         // the next CA is prepared in the same step.
         let t3 = t0 + Duration::from_secs(601);
-        assert!(set.advance(&td(), ttl, t3, &rng).unwrap());
+        assert!(set.advance(t3, &mut mint).unwrap());
         assert_eq!(set.cas.len(), 2);
-        assert!(set.cas.iter().all(|c| c.cert_der != first));
+        assert!(set.cas.iter().all(|c| c.material != first));
         assert_eq!(
             set.cas
                 .iter()
@@ -359,16 +464,19 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = ca_file(dir.path());
         let rng = SystemRandom::new();
-        let mut set = CaSet {
-            cas: vec![],
-            sequence: 0,
-        };
-        set.advance(&td(), Duration::from_secs(600), SystemTime::now(), &rng)
+        let td = td();
+        let mut file = KeyFile::default();
+        file.x509
+            .advance(
+                SystemTime::now(),
+                &mut x509_minter(&td, Duration::from_secs(600), &rng),
+            )
             .unwrap();
-        set.save(&path, &td()).unwrap();
+        file.save(&path, &td).unwrap();
+        let set = &file.x509;
         let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
-        let back = CaSet::load(&path, &td()).unwrap().unwrap();
+        let back = KeyFile::load(&path, &td).unwrap().unwrap().x509;
         assert_eq!(back.bundle(), set.bundle());
         assert_eq!(back.sequence, 1);
         assert_eq!(&back.cas[0].key_pkcs8[..], &set.cas[0].key_pkcs8[..]);
@@ -377,12 +485,12 @@ mod tests {
         // Another trust domain refuses the file.
         let other = TrustDomain::new("other.org").unwrap();
         assert!(matches!(
-            CaSet::load(&path, &other),
+            KeyFile::load(&path, &other),
             Err(Error::OtherTrustDomain { .. })
         ));
         // A corrupt file is an error naming it, never a silent fresh CA.
         fs::write(&path, b"{not json").unwrap();
-        let err = CaSet::load(&path, &td()).err().unwrap();
+        let err = KeyFile::load(&path, &td).err().unwrap();
         assert!(err.to_string().contains("ca.json"), "{err}");
     }
 }

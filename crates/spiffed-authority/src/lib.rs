@@ -13,6 +13,7 @@
 //!     data_dir: "/var/lib/spiffed".into(),
 //!     ca_ttl: Duration::from_secs(24 * 3600),
 //!     x509_svid_ttl: Duration::from_secs(3600),
+//!     jwt_svid_ttl: Duration::from_secs(300),
 //! };
 //! let authority = CaAuthority::open(cfg)?;
 //! let (_stop, stopped) = tokio::sync::watch::channel(false);
@@ -22,6 +23,7 @@
 #![forbid(unsafe_code)]
 
 mod ca;
+mod jwt;
 mod x509;
 
 use std::collections::HashMap;
@@ -31,11 +33,13 @@ use std::time::{Duration, SystemTime};
 
 use ring::rand::SystemRandom;
 use spiffed_core::{
-    Authority, AuthorityError, Entry, EntryId, Identity, Lease, TrustDomain, X509Bundle, X509Svid,
+    Authority, AuthorityError, Entry, EntryId, Identity, JwtAuthority, JwtBundle, JwtError,
+    JwtSvid, Lease, TrustDomain, ValidatedJwt, X509Bundle, X509Svid,
 };
 use tokio::sync::{Notify, watch};
 
-use crate::ca::CaSet;
+use crate::ca::{KeyFile, Material};
+use crate::jwt::JwtSigner;
 use crate::x509::Signer;
 
 /// Errors of the authority.
@@ -104,6 +108,17 @@ pub struct AuthorityConfig {
     pub ca_ttl: Duration,
     /// Default X.509-SVID lifetime (entries may override).
     pub x509_svid_ttl: Duration,
+    /// Default JWT-SVID lifetime (entries may override).
+    pub jwt_svid_ttl: Duration,
+}
+
+/// Most cached JWT-SVIDs (entry x audience set) kept before expired ones are swept.
+const MAX_CACHED_JWTS: usize = 10_000;
+
+struct JwtSlot {
+    entry: Arc<Entry>,
+    svid: Arc<JwtSvid>,
+    refresh_at: SystemTime,
 }
 
 /// Shortest wait before re-minting an SVID, so a tiny lifetime cannot make the task spin.
@@ -122,11 +137,78 @@ struct Slot {
 }
 
 struct State {
-    cas: CaSet,
+    keys: KeyFile,
     signer: Signer,
+    jwt_signer: JwtSigner,
     bundle: Arc<X509Bundle>,
+    jwt_bundle: Arc<JwtBundle>,
     svids: HashMap<EntryId, Slot>,
+    jwts: HashMap<(EntryId, Vec<String>), JwtSlot>,
     generation: u64,
+}
+
+impl State {
+    /// Rebuilds signers and bundles from `keys`.
+    fn install(keys: KeyFile, td: &TrustDomain, rng: &SystemRandom) -> Result<Self, Error> {
+        let signer = make_signer(&keys)?;
+        let jwt_active = keys
+            .jwt
+            .active()
+            .ok_or_else(|| Error::Crypto("no active JWT key".into()))?;
+        let jwt_signer = JwtSigner::new(jwt_active, rng)?;
+        let (bundle, jwt_bundle) = bundles(&keys, td);
+        Ok(Self {
+            keys,
+            signer,
+            jwt_signer,
+            bundle,
+            jwt_bundle,
+            svids: HashMap::new(),
+            jwts: HashMap::new(),
+            generation: 0,
+        })
+    }
+}
+
+fn bundles(keys: &KeyFile, td: &TrustDomain) -> (Arc<X509Bundle>, Arc<JwtBundle>) {
+    let x509 = Arc::new(X509Bundle {
+        trust_domain: td.clone(),
+        authorities: keys.x509.bundle(),
+        sequence: keys.x509.sequence,
+    });
+    let jwt = Arc::new(JwtBundle {
+        trust_domain: td.clone(),
+        keys: keys
+            .jwt
+            .cas
+            .iter()
+            .filter_map(|c| match &c.material {
+                Material::Jwt { kid, public } => Some(JwtAuthority {
+                    kid: kid.clone(),
+                    public_point: public.clone(),
+                    not_after: c.not_after,
+                }),
+                Material::X509 { .. } => None,
+            })
+            .collect(),
+        sequence: keys.jwt.sequence,
+    });
+    (x509, jwt)
+}
+
+/// Advances both key sets to `now`; returns whether anything changed.
+fn advance_keys(
+    keys: &mut KeyFile,
+    cfg: &AuthorityConfig,
+    now: SystemTime,
+    rng: &SystemRandom,
+) -> Result<bool, Error> {
+    let td = &cfg.trust_domain;
+    let a = keys
+        .x509
+        .advance(now, &mut ca::x509_minter(td, cfg.ca_ttl, rng))?;
+    let b = keys.jwt.advance(now, &mut jwt::minter(cfg.ca_ttl, rng))?;
+    Ok(a || b)
 }
 
 struct Inner {
@@ -165,29 +247,15 @@ impl CaAuthority {
         let file = ca::ca_file(&cfg.data_dir);
         let rng = SystemRandom::new();
         let td = &cfg.trust_domain;
-        let mut cas = CaSet::load(&file, td)?.unwrap_or(CaSet {
-            cas: vec![],
-            sequence: 0,
-        });
-        if cas.advance(td, cfg.ca_ttl, SystemTime::now(), &rng)? || !file.exists() {
-            cas.save(&file, td)?;
+        let mut keys = KeyFile::load(&file, td)?.unwrap_or_default();
+        if advance_keys(&mut keys, &cfg, SystemTime::now(), &rng)? || !file.exists() {
+            keys.save(&file, td)?;
         }
-        let signer = make_signer(&cas)?;
-        let bundle = Arc::new(X509Bundle {
-            trust_domain: td.clone(),
-            authorities: cas.bundle(),
-            sequence: cas.sequence,
-        });
+        let state = State::install(keys, td, &rng)?;
         let (changes, _) = watch::channel(0);
         Ok(Self {
             inner: Arc::new(Inner {
-                state: Mutex::new(State {
-                    cas,
-                    signer,
-                    bundle,
-                    svids: HashMap::new(),
-                    generation: 0,
-                }),
+                state: Mutex::new(state),
                 cfg,
                 file,
                 rng,
@@ -255,44 +323,35 @@ impl CaAuthority {
         let td = self.inner.cfg.trust_domain.clone();
         let mut next = now + Duration::from_secs(30);
 
-        // CA rotation: persist before use, so a crash never loses a CA that signed something.
-        let mut candidate = CaSet {
-            cas: st
-                .cas
-                .cas
-                .iter()
-                .map(|c| ca::Ca {
-                    cert_der: c.cert_der.clone(),
-                    key_pkcs8: c.key_pkcs8.clone(),
-                    not_before: c.not_before,
-                    not_after: c.not_after,
-                    state: c.state,
-                    created: c.created,
-                })
-                .collect(),
-            sequence: st.cas.sequence,
-        };
-        match candidate.advance(&td, self.inner.cfg.ca_ttl, now, &self.inner.rng) {
+        // CA and JWT key rotation: persist before use, so a crash never loses a key that
+        // signed something.
+        let mut candidate = st.keys.clone();
+        match advance_keys(&mut candidate, &self.inner.cfg, now, &self.inner.rng) {
             Ok(false) => {}
-            Ok(true) => match candidate
-                .save(&self.inner.file, &td)
-                .and_then(|()| make_signer(&candidate).map(|s| (s, candidate)))
-            {
-                Ok((signer, cas)) => {
+            Ok(true) => match candidate.save(&self.inner.file, &td).and_then(|()| {
+                let signer = make_signer(&candidate)?;
+                let jwt_active = candidate
+                    .jwt
+                    .active()
+                    .ok_or_else(|| Error::Crypto("no active JWT key".into()))?;
+                Ok((signer, JwtSigner::new(jwt_active, &self.inner.rng)?))
+            }) {
+                Ok((signer, jwt_signer)) => {
                     let activated = signer.cert_der != st.signer.cert_der;
                     st.signer = signer;
-                    st.cas = cas;
-                    st.bundle = Arc::new(X509Bundle {
-                        trust_domain: td.clone(),
-                        authorities: st.cas.bundle(),
-                        sequence: st.cas.sequence,
-                    });
+                    st.jwt_signer = jwt_signer;
+                    let (bundle, jwt_bundle) = bundles(&candidate, &td);
+                    st.bundle = bundle;
+                    st.jwt_bundle = jwt_bundle;
+                    st.keys = candidate;
                     changed = true;
                     tracing::info!(
-                        sequence = st.cas.sequence,
-                        authorities = st.cas.cas.len(),
+                        x509_sequence = st.keys.x509.sequence,
+                        x509_authorities = st.keys.x509.cas.len(),
+                        jwt_sequence = st.keys.jwt.sequence,
+                        jwt_authorities = st.keys.jwt.cas.len(),
                         activated,
-                        "X.509 CA set changed"
+                        "CA key set changed"
                     );
                 }
                 Err(e) => {
@@ -305,9 +364,14 @@ impl CaAuthority {
                 next = next.min(now + RETRY);
             }
         }
-        if let Some(d) = st.cas.next_deadline() {
+        for d in [st.keys.x509.next_deadline(), st.keys.jwt.next_deadline()]
+            .into_iter()
+            .flatten()
+        {
             next = next.min(d);
         }
+        // Expired JWT-SVIDs leave the cache.
+        st.jwts.retain(|_, j| j.svid.expiry > now);
 
         // SVID refresh at half-life; drop what nobody uses any more.
         let due: Vec<EntryId> = st
@@ -381,11 +445,15 @@ impl CaAuthority {
     }
 }
 
-fn make_signer(cas: &CaSet) -> Result<Signer, Error> {
-    let a = cas
+fn make_signer(keys: &KeyFile) -> Result<Signer, Error> {
+    let a = keys
+        .x509
         .active()
         .ok_or_else(|| Error::Crypto("no active CA".into()))?;
-    Signer::new(&a.cert_der, &a.key_pkcs8, a.not_after)
+    let cert = a
+        .cert_der()
+        .ok_or_else(|| Error::Crypto("the active CA has no certificate".into()))?;
+    Signer::new(cert, &a.key_pkcs8, a.not_after)
 }
 
 impl Authority for CaAuthority {
@@ -438,6 +506,73 @@ impl Authority for CaAuthority {
         }
         Ok((out, lease))
     }
+
+    fn jwt_bundle(&self) -> Arc<JwtBundle> {
+        self.lock().jwt_bundle.clone()
+    }
+
+    fn jwt_svids(
+        &self,
+        entries: &[Arc<Entry>],
+        audience: &[String],
+    ) -> Result<Vec<Arc<JwtSvid>>, AuthorityError> {
+        let now = SystemTime::now();
+        let mut aud: Vec<String> = audience.to_vec();
+        aud.sort();
+        aud.dedup();
+        let mut st = self.lock();
+        if st.jwts.len() >= MAX_CACHED_JWTS {
+            st.jwts.retain(|_, j| j.refresh_at > now);
+            if st.jwts.len() >= MAX_CACHED_JWTS {
+                st.jwts.clear();
+            }
+        }
+        let mut out = Vec::with_capacity(entries.len());
+        for e in entries {
+            let key = (e.id.clone(), aud.clone());
+            if let Some(j) = st.jwts.get(&key)
+                && j.refresh_at > now
+                && j.entry.spiffe_id == e.spiffe_id
+                && j.entry.jwt_svid_ttl == e.jwt_svid_ttl
+            {
+                out.push(j.svid.clone());
+                continue;
+            }
+            let ttl = e.jwt_svid_ttl.unwrap_or(self.inner.cfg.jwt_svid_ttl);
+            let (token, issued_at, expiry) = st
+                .jwt_signer
+                .sign(&e.spiffe_id, &aud, ttl, now, &self.inner.rng)
+                .map_err(|err| AuthorityError::Mint {
+                    spiffe_id: e.spiffe_id.to_string(),
+                    reason: err.to_string(),
+                })?;
+            let life = expiry.duration_since(issued_at).unwrap_or(Duration::ZERO);
+            let svid = Arc::new(JwtSvid {
+                spiffe_id: e.spiffe_id.clone(),
+                token,
+                expiry,
+                issued_at,
+            });
+            tracing::debug!(spiffe_id = %e.spiffe_id, entry = %e.id, kid = %st.jwt_signer.kid, "minted JWT-SVID");
+            st.jwts.insert(
+                key,
+                JwtSlot {
+                    entry: e.clone(),
+                    svid: svid.clone(),
+                    refresh_at: issued_at + life / 2,
+                },
+            );
+            out.push(svid);
+        }
+        Ok(out)
+    }
+
+    fn validate_jwt(&self, token: &str, audience: &str) -> Result<ValidatedJwt, JwtError> {
+        let bundle = self.jwt_bundle();
+        jwt::validate(token, audience, SystemTime::now(), |td| {
+            (td == &bundle.trust_domain).then(|| bundle.keys.clone())
+        })
+    }
 }
 
 #[cfg(test)]
@@ -463,6 +598,7 @@ mod tests {
             data_dir: dir.to_owned(),
             ca_ttl: Duration::from_secs(3600),
             x509_svid_ttl: Duration::from_secs(600),
+            jwt_svid_ttl: Duration::from_secs(300),
         }
     }
 

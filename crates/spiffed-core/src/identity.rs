@@ -68,6 +68,115 @@ impl X509Bundle {
     }
 }
 
+/// A JWT-SVID: a signed token (JWS compact serialization) and when it expires.
+pub struct JwtSvid {
+    /// The `sub` claim.
+    pub spiffe_id: SpiffeId,
+    /// The token; zeroized on drop, never printed by `Debug`.
+    pub token: Zeroizing<String>,
+    /// The `exp` claim.
+    pub expiry: SystemTime,
+    /// The `iat` claim.
+    pub issued_at: SystemTime,
+}
+
+impl fmt::Debug for JwtSvid {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtSvid")
+            .field("spiffe_id", &self.spiffe_id)
+            .field("expiry", &self.expiry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One JWT signing key as published in the JWT bundle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtAuthority {
+    /// The key id (`kid`), set in every token it signs.
+    pub kid: String,
+    /// The EC P-256 public key as an uncompressed point (0x04 || X || Y).
+    pub public_point: Vec<u8>,
+    /// When the key stops being published.
+    pub not_after: SystemTime,
+}
+
+/// The JWT signing keys of a trust domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtBundle {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// The published keys, oldest first.
+    pub keys: Vec<JwtAuthority>,
+    /// A number that grows whenever the key set changes.
+    pub sequence: u64,
+}
+
+/// A JWT-SVID that passed validation.
+#[derive(Debug, Clone)]
+pub struct ValidatedJwt {
+    /// The `sub` claim.
+    pub spiffe_id: SpiffeId,
+    /// Every claim of the payload, as a JSON object.
+    pub claims_json: Vec<u8>,
+}
+
+/// Why a JWT-SVID was rejected. Each message names the reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum JwtError {
+    /// Not three unpadded base64url parts of JSON objects.
+    #[error("malformed token: {0}")]
+    Malformed(String),
+    /// The `alg` header is not in the allow-list (none, HS*, EdDSA, lower case...).
+    #[error("token algorithm {0:?} is not allowed")]
+    Algorithm(String),
+    /// The `alg` does not fit the key that `kid` names.
+    #[error("token algorithm {alg:?} does not match the {key} key {kid:?}")]
+    AlgorithmMismatch {
+        /// The header's alg.
+        alg: String,
+        /// The key's type.
+        key: &'static str,
+        /// The key id.
+        kid: String,
+    },
+    /// The header has no `kid`.
+    #[error("token header has no kid")]
+    MissingKid,
+    /// The header has a member a JWT-SVID must not have, or a bad `typ`.
+    #[error("token header is not allowed: {0}")]
+    Header(String),
+    /// A required claim is missing or has the wrong type.
+    #[error("token claim {0}")]
+    Claim(String),
+    /// `sub` is not a valid SPIFFE ID.
+    #[error("token subject {0:?} is not a valid SPIFFE ID")]
+    Subject(String),
+    /// There are no JWT authorities for the subject's trust domain.
+    #[error("no JWT authorities for trust domain {0:?}")]
+    NoBundle(String),
+    /// The `kid` is not among the trust domain's JWT authorities.
+    #[error("token key id {0:?} is not a JWT authority of the trust domain")]
+    UnknownKid(String),
+    /// The signature does not verify.
+    #[error("token signature does not verify")]
+    Signature,
+    /// `exp` is in the past (beyond the leeway).
+    #[error("token has expired")]
+    Expired,
+    /// `nbf` or `iat` is in the future (beyond the leeway).
+    #[error("token is not yet valid")]
+    NotYetValid,
+    /// The requested audience is not in `aud`.
+    #[error("token audience {got:?} does not contain {want:?}")]
+    Audience {
+        /// The requested audience.
+        want: String,
+        /// The token's audiences.
+        got: Vec<String>,
+    },
+}
+
 /// One identity granted to a caller: the entry and its current SVID.
 #[derive(Debug, Clone)]
 pub struct Identity {
@@ -115,4 +224,18 @@ pub trait Authority: Send + Sync + 'static {
 
     /// The current identity for each entry, in the given order, minting what is missing.
     fn identities(&self, entries: &[Arc<Entry>]) -> Result<(Vec<Identity>, Lease), AuthorityError>;
+
+    /// The current JWT bundle of the trust domain.
+    fn jwt_bundle(&self) -> Arc<JwtBundle>;
+
+    /// A JWT-SVID for each entry with the given audiences (cached per entry and audience set,
+    /// re-minted at half its lifetime).
+    fn jwt_svids(
+        &self,
+        entries: &[Arc<Entry>],
+        audience: &[String],
+    ) -> Result<Vec<Arc<JwtSvid>>, AuthorityError>;
+
+    /// Validates a JWT-SVID for `audience` against the JWT authorities the agent trusts.
+    fn validate_jwt(&self, token: &str, audience: &str) -> Result<ValidatedJwt, JwtError>;
 }

@@ -15,7 +15,10 @@ mod peer;
 mod selector;
 
 pub use entry::{Entry, EntryError, EntryId, EntrySet, MAX_HINT_LEN};
-pub use identity::{Authority, AuthorityError, Identity, Lease, PrivateKey, X509Bundle, X509Svid};
+pub use identity::{
+    Authority, AuthorityError, Identity, JwtAuthority, JwtBundle, JwtError, JwtSvid, Lease,
+    PrivateKey, ValidatedJwt, X509Bundle, X509Svid,
+};
 pub use peer::{AttestError, Attested, Attestor, PeerCred};
 pub use selector::{Selector, SelectorError, Selectors};
 pub use spiffe::{SpiffeId, TrustDomain};

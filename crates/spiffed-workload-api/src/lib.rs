@@ -21,6 +21,7 @@
 //! [`PeerCred`]: spiffed_core::PeerCred
 #![forbid(unsafe_code)]
 
+mod jwt;
 mod service;
 mod status;
 

@@ -13,10 +13,10 @@ use spiffed_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use spiffed_proto::workload::{
-    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
-    ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse, WitsvidRequest,
-    WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
-    X509svidResponse,
+    JwtBundlesRequest, JwtBundlesResponse, Jwtsvid, JwtsvidRequest, JwtsvidResponse,
+    ValidateJwtsvidRequest, ValidateJwtsvidResponse, WitBundlesRequest, WitBundlesResponse,
+    WitsvidRequest, WitsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid,
+    X509svidRequest, X509svidResponse,
 };
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
@@ -266,6 +266,12 @@ fn log_issued(caller: &Caller, ids: &[Identity], what: &str) {
     }
 }
 
+fn jwt_bundles_response(bundle: &spiffed_core::JwtBundle) -> JwtBundlesResponse {
+    JwtBundlesResponse {
+        bundles: HashMap::from([(bundle.trust_domain.id_string(), crate::jwt::jwks(bundle))]),
+    }
+}
+
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
@@ -388,33 +394,126 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
-        check_header(&request)?;
-        Err(
-            ApiError::Unimplemented("the JWT-SVID profile is not served by this version yet")
-                .into(),
-        )
+        let shared = &self.shared;
+        let caller = shared.caller(&request).await?;
+        let req = request.into_inner();
+        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
+            return Err(ApiError::BadRequest("audience must be specified".into()).into());
+        }
+        let wanted =
+            if req.spiffe_id.is_empty() {
+                None
+            } else {
+                Some(SpiffeId::new(&req.spiffe_id).map_err(|e| {
+                    ApiError::BadRequest(format!("invalid requested SPIFFE ID: {e}"))
+                })?)
+            };
+        let set = shared.entries.borrow().clone();
+        let mut entries = shared.entitled(&caller, &set);
+        if entries.is_empty() {
+            log_denied(&caller);
+            return Err(ApiError::NoIdentity.into());
+        }
+        if let Some(id) = &wanted {
+            entries.retain(|e| &e.spiffe_id == id);
+            if entries.is_empty() {
+                tracing::info!(pid = ?caller.cred.pid, uid = caller.cred.uid, requested = %id, "JWT-SVID denied: not entitled");
+                return Err(ApiError::NotEntitled(id.to_string()).into());
+            }
+        }
+        let svids = shared
+            .authority
+            .jwt_svids(&entries, &req.audience)
+            .map_err(ApiError::from)?;
+        for e in &entries {
+            tracing::info!(spiffe_id = %e.spiffe_id, entry = %e.id, pid = ?caller.cred.pid, uid = caller.cred.uid, audience = ?req.audience, "issued JWT-SVID");
+        }
+        Ok(Response::new(JwtsvidResponse {
+            svids: entries
+                .iter()
+                .zip(svids)
+                .map(|(e, s)| Jwtsvid {
+                    spiffe_id: s.spiffe_id.to_string(),
+                    svid: s.token.to_string(),
+                    hint: e.hint.clone().unwrap_or_default(),
+                })
+                .collect(),
+        }))
     }
 
     async fn fetch_jwt_bundles(
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        check_header(&request)?;
-        Err(
-            ApiError::Unimplemented("the JWT-SVID profile is not served by this version yet")
-                .into(),
-        )
+        let shared = &self.shared;
+        let caller = shared.caller(&request).await?;
+        let watch = Watch::new(shared, caller);
+        let set = shared.entries.borrow().clone();
+        if shared.entitled(&watch.caller, &set).is_empty() {
+            log_denied(&watch.caller);
+            return Err(ApiError::NoIdentity.into());
+        }
+        let bundle = shared.authority.jwt_bundle();
+        let first = jwt_bundles_response(&bundle);
+        let state = (watch, bundle.sequence, Some(first), false);
+        let stream = futures::stream::unfold(state, |(mut w, mut last, first, ended)| async move {
+            if let Some(msg) = first {
+                return Some((Ok(msg), (w, last, None, false)));
+            }
+            if ended {
+                return None;
+            }
+            loop {
+                if !w.changed().await {
+                    return None;
+                }
+                let entries = w.shared.entries.borrow().clone();
+                if w.shared.entitled(&w.caller, &entries).is_empty() {
+                    log_denied(&w.caller);
+                    let e: Status = ApiError::NoIdentity.into();
+                    return Some((Err(e), (w, last, None, true)));
+                }
+                let bundle = w.shared.authority.jwt_bundle();
+                if bundle.sequence == last {
+                    continue;
+                }
+                last = bundle.sequence;
+                return Some((Ok(jwt_bundles_response(&bundle)), (w, last, None, false)));
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn validate_jwtsvid(
         &self,
         request: Request<ValidateJwtsvidRequest>,
     ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
-        check_header(&request)?;
-        Err(
-            ApiError::Unimplemented("the JWT-SVID profile is not served by this version yet")
-                .into(),
-        )
+        let shared = &self.shared;
+        // Any attested caller may validate, with or without an identity (as SPIRE does).
+        let caller = shared.caller(&request).await?;
+        let req = request.into_inner();
+        if req.audience.is_empty() {
+            return Err(ApiError::BadRequest("audience must be specified".into()).into());
+        }
+        if req.svid.is_empty() {
+            return Err(ApiError::BadRequest("svid must be specified".into()).into());
+        }
+        let v = shared
+            .authority
+            .validate_jwt(&req.svid, &req.audience)
+            .inspect_err(|e| {
+                tracing::info!(pid = ?caller.cred.pid, uid = caller.cred.uid, reason = %e, "JWT-SVID rejected");
+            })
+            .map_err(ApiError::from)?;
+        let Ok(serde_json::Value::Object(claims)) =
+            serde_json::from_slice::<serde_json::Value>(&v.claims_json)
+        else {
+            return Err(ApiError::Internal("validated claims are not an object".into()).into());
+        };
+        Ok(Response::new(ValidateJwtsvidResponse {
+            spiffe_id: v.spiffe_id.to_string(),
+            claims: Some(crate::jwt::claims_struct(claims)),
+        }))
     }
 
     async fn fetch_witsvid(

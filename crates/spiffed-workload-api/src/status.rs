@@ -3,7 +3,7 @@
 //! Clients match on these texts: the Rust `spiffe` crate reports `NoIdentityIssued` only for a
 //! PermissionDenied whose message contains "no identity issued".
 
-use spiffed_core::{AttestError, AuthorityError};
+use spiffed_core::{AttestError, AuthorityError, JwtError};
 use tonic::Status;
 
 /// Why a Workload API call was refused.
@@ -25,6 +25,15 @@ pub enum ApiError {
     /// The connection carries no kernel credentials (not accepted through our listener).
     #[error("the connection carries no peer credentials")]
     NoPeerCred,
+    /// A required request field is empty or malformed.
+    #[error("{0}")]
+    BadRequest(String),
+    /// The caller asked for a SPIFFE ID it is not entitled to.
+    #[error("no identity issued: the caller is not entitled to {0}")]
+    NotEntitled(String),
+    /// A JWT-SVID failed validation.
+    #[error("invalid JWT-SVID: {0}")]
+    InvalidJwt(#[from] JwtError),
     /// The profile or method is not served.
     #[error("{0}")]
     Unimplemented(&'static str),
@@ -38,7 +47,8 @@ impl From<ApiError> for Status {
         let msg = e.to_string();
         match e {
             ApiError::MissingSecurityHeader => Self::invalid_argument(msg),
-            ApiError::NoIdentity => Self::permission_denied(msg),
+            ApiError::NoIdentity | ApiError::NotEntitled(_) => Self::permission_denied(msg),
+            ApiError::BadRequest(_) | ApiError::InvalidJwt(_) => Self::invalid_argument(msg),
             ApiError::Attestation(_) => Self::unavailable(msg),
             ApiError::Authority(_) => Self::unavailable(msg),
             ApiError::NoPeerCred | ApiError::Internal(_) => Self::internal(msg),
