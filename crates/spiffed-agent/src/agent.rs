@@ -1,0 +1,262 @@
+//! Build (bind, open the CA, index entries), run, drain.
+
+use std::fs;
+use std::future::Future;
+use std::io;
+use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use spiffed_attest::{AttestOptions, UnixAttestor};
+use spiffed_authority::{AuthorityConfig, CaAuthority};
+use spiffed_entries::EntrySource;
+use spiffed_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
+use spiffed_workload_api::WorkloadApi;
+use tokio::net::UnixListener;
+use tokio::sync::{Notify, watch};
+
+use crate::config::Config;
+
+/// How long open streams get to finish after shutdown starts.
+const GRACE: Duration = Duration::from_secs(5);
+
+/// Why the agent could not start or stopped with an error.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// Another agent is serving on the socket path.
+    #[error(
+        "another process is serving on {}; stop it first, or choose another socket_path",
+        .0.display()
+    )]
+    SocketInUse(PathBuf),
+    /// Something that is not a socket sits at the socket path.
+    #[error(
+        "{} exists and is not a socket; remove it or choose another socket_path",
+        .0.display()
+    )]
+    NotASocket(PathBuf),
+    /// A filesystem or socket operation failed.
+    #[error("cannot {op} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// The CA could not be loaded or created.
+    #[error(transparent)]
+    Authority(#[from] spiffed_authority::Error),
+    /// The gRPC server failed.
+    #[error("the gRPC server failed: {0}")]
+    Serve(String),
+}
+
+fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> AgentError + 'a {
+    move |source| AgentError::Io {
+        op,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// A built agent: CA loaded, entries indexed, socket bound; not yet serving.
+pub struct Bound {
+    cfg: Config,
+    listener: UnixListener,
+    authority: CaAuthority,
+    entries: EntrySource,
+    api: WorkloadApi,
+}
+
+impl std::fmt::Debug for Bound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bound")
+            .field("socket_path", &self.cfg.socket_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Creates the socket's directory, refuses a path held by a live agent, and replaces a stale
+/// socket file left by one that died.
+fn prepare_socket_path(path: &Path, dir_mode: Option<u32>) -> Result<(), AgentError> {
+    if let Some(dir) = path.parent() {
+        let existed = dir.exists();
+        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        if let Some(mode) = dir_mode
+            && !existed
+        {
+            fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+                .map_err(io_err("chmod", dir))?;
+        }
+    }
+    match fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_socket() => Err(AgentError::NotASocket(path.to_owned())),
+        Ok(_) => match std::os::unix::net::UnixStream::connect(path) {
+            Ok(_) => Err(AgentError::SocketInUse(path.to_owned())),
+            Err(_) => {
+                tracing::info!(path = %path.display(), "replacing a stale socket file");
+                fs::remove_file(path).map_err(io_err("remove stale socket", path))
+            }
+        },
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(io_err("inspect", path)(e)),
+    }
+}
+
+/// Opens the CA, indexes the entries and binds the Workload API socket.
+///
+/// Must run inside a tokio runtime (the listener registers with it).
+pub fn build(cfg: Config) -> Result<Bound, AgentError> {
+    fs::create_dir_all(&cfg.data_dir).map_err(io_err("create data_dir", &cfg.data_dir))?;
+    fs::set_permissions(&cfg.data_dir, fs::Permissions::from_mode(0o700))
+        .map_err(io_err("chmod data_dir", &cfg.data_dir))?;
+    let authority = CaAuthority::open(AuthorityConfig {
+        trust_domain: cfg.trust_domain.clone(),
+        data_dir: cfg.data_dir.clone(),
+        ca_ttl: cfg.ca_ttl,
+        x509_svid_ttl: cfg.x509_svid_ttl,
+        jwt_svid_ttl: cfg.jwt_svid_ttl,
+    })?;
+    let entries = EntrySource::new(cfg.entries.clone());
+    let attestor = UnixAttestor::new(AttestOptions {
+        hash_executables: entries.current().uses_kind_key("unix:sha256"),
+    });
+    let api = WorkloadApi::new(
+        Arc::new(attestor),
+        Arc::new(authority.clone()),
+        entries.subscribe(),
+        cfg.synthetic_ids,
+    );
+
+    // An owner-only socket (mode without group/other bits) also gets an owner-only directory.
+    let dir_mode = (cfg.socket_mode & 0o077 == 0).then_some(0o700);
+    prepare_socket_path(&cfg.socket_path, dir_mode)?;
+    let listener =
+        UnixListener::bind(&cfg.socket_path).map_err(io_err("bind", &cfg.socket_path))?;
+    fs::set_permissions(
+        &cfg.socket_path,
+        fs::Permissions::from_mode(cfg.socket_mode),
+    )
+    .map_err(io_err("chmod", &cfg.socket_path))?;
+    Ok(Bound {
+        cfg,
+        listener,
+        authority,
+        entries,
+        api,
+    })
+}
+
+impl Bound {
+    /// The Workload API socket path.
+    pub fn socket_path(&self) -> &Path {
+        &self.cfg.socket_path
+    }
+
+    /// A handle for replacing the entries while the agent runs (config reload).
+    pub fn entries_handle(&self) -> spiffed_entries::EntryHandle {
+        self.entries.handle()
+    }
+
+    /// The configuration the agent runs with.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// Serves until `shutdown` completes, then drains: streams end, clients get up to a grace
+    /// period to go, and the socket file is removed.
+    pub async fn run(self, shutdown: impl Future<Output = ()> + Send) -> Result<(), AgentError> {
+        let Self {
+            cfg,
+            listener,
+            authority,
+            entries,
+            api,
+        } = self;
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let rotation = tokio::spawn(authority.clone().run(stop_rx));
+
+        let (reporter, health) = tonic_health::server::health_reporter();
+        reporter
+            .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
+            .await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(spiffed_proto::WORKLOAD_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| AgentError::Serve(e.to_string()))?;
+        let reflection_alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(spiffed_proto::WORKLOAD_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| AgentError::Serve(e.to_string()))?;
+
+        let draining = Arc::new(Notify::new());
+        let signal = {
+            let draining = draining.clone();
+            async move {
+                shutdown.await;
+                tracing::info!("shutting down: ending streams and draining connections");
+                // Dropping the entry source ends every open stream (their watch closes).
+                drop(entries);
+                let _ = stop_tx.send(true);
+                draining.notify_one();
+            }
+        };
+        tracing::info!(
+            socket = %cfg.socket_path.display(),
+            trust_domain = %cfg.trust_domain,
+            "serving the SPIFFE Workload API"
+        );
+        let serve = tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(reflection_alpha)
+            .add_service(api.into_server())
+            .serve_with_incoming_shutdown(spiffed_attest::listen::incoming(listener), signal);
+        let result = tokio::select! {
+            r = serve => r.map_err(|e| AgentError::Serve(e.to_string())),
+            () = async { draining.notified().await; tokio::time::sleep(GRACE).await } => {
+                tracing::warn!("grace period over; closing the remaining connections");
+                Ok(())
+            }
+        };
+        if let Err(e) = fs::remove_file(&cfg.socket_path) {
+            tracing::warn!(path = %cfg.socket_path.display(), error = %e, "could not remove the socket");
+        }
+        rotation.abort();
+        tracing::info!("stopped");
+        result
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_socket_is_replaced_and_live_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("api.sock");
+        // A socket nobody listens on any more.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        prepare_socket_path(&path, None).unwrap();
+        assert!(!path.exists());
+        // A live listener.
+        let _live = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        assert!(matches!(
+            prepare_socket_path(&path, None),
+            Err(AgentError::SocketInUse(_))
+        ));
+        // A regular file.
+        let file = dir.path().join("file");
+        fs::write(&file, b"x").unwrap();
+        assert!(matches!(
+            prepare_socket_path(&file, None),
+            Err(AgentError::NotASocket(_))
+        ));
+    }
+}

@@ -1,0 +1,860 @@
+//! The agent's configuration file (DESIGN.md §2): TOML text in, a validated [`Config`] out.
+//!
+//! The text is parsed into raw structs that refuse unknown keys and keep every value's position;
+//! then a single validation step builds the typed [`Config`]. A problem comes back as a
+//! [`ConfigError`] naming the file, line, column and key, with a fix:
+//!
+//! ```text
+//! spiffed.toml:12:13: entries[1].spiffe_id: spiffe_id "spiffe://other.org/x" is outside the trust domain "example.org"
+//!   fix: use an ID of the form spiffe://example.org/...
+//! ```
+//!
+//! ```
+//! use std::path::Path;
+//! use spiffed_agent::config::Config;
+//!
+//! let cfg = Config::from_toml(
+//!     r#"
+//! trust_domain = "example.org"
+//!
+//! [[entries]]
+//! spiffe_id = "spiffe://example.org/web"
+//! selectors = ["unix:uid:1000"]
+//! "#,
+//!     Path::new("spiffed.toml"),
+//! )?;
+//! assert_eq!(cfg.entries.len(), 1);
+//! # Ok::<(), spiffed_agent::config::ConfigError>(())
+//! ```
+
+mod error;
+mod keys;
+mod raw;
+mod validate;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use spiffed_core::{Entry, TrustDomain};
+
+pub use error::{ConfigError, ConfigErrorKind};
+
+/// Default Workload API socket for `spiffed run`.
+pub const DEFAULT_SOCKET_PATH: &str = "/run/spiffed/public/api.sock";
+/// Default admin socket, in its own owner-only directory.
+pub const DEFAULT_ADMIN_SOCKET_PATH: &str = "/run/spiffed/private/admin.sock";
+/// Default directory for CA keys and the entry store.
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/spiffed";
+/// Default mode of the Workload API socket: anyone may connect; attestation decides who gets what.
+pub const DEFAULT_SOCKET_MODE: u32 = 0o777;
+/// Default X.509-SVID lifetime.
+pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
+/// Default JWT-SVID lifetime.
+pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
+/// Default CA certificate lifetime.
+pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Most `[[entries]]` a file may hold. Entry ids are `config-0000` to `config-9999`, so that
+/// sorting by id keeps file order.
+pub const MAX_ENTRIES: usize = 10_000;
+
+/// How much the agent logs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LogLevel {
+    /// Everything, including per-message detail.
+    Trace,
+    /// Debugging detail.
+    Debug,
+    /// Issuances, denials, start and stop (the default).
+    #[default]
+    Info,
+    /// Problems the agent works around.
+    Warn,
+    /// Failures only.
+    Error,
+}
+
+impl LogLevel {
+    /// The name used in the file and in tracing filters: `trace`, `debug`, `info`, `warn`, `error`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Trace => "trace",
+            Self::Debug => "debug",
+            Self::Info => "info",
+            Self::Warn => "warn",
+            Self::Error => "error",
+        }
+    }
+}
+
+impl fmt::Display for LogLevel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum LogFormat {
+    /// Human-readable lines (the default).
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// The name used in the file: `text` or `json`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
+}
+
+impl fmt::Display for LogFormat {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The validated agent configuration.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The file it came from (`None` for dev defaults).
+    pub source: Option<PathBuf>,
+    /// The trust domain every identity belongs to.
+    pub trust_domain: TrustDomain,
+    /// The Workload API socket (default [`DEFAULT_SOCKET_PATH`]).
+    pub socket_path: PathBuf,
+    /// Permission bits of the Workload API socket (default `0o777`; `"0777"` in the file).
+    pub socket_mode: u32,
+    /// The admin socket (default [`DEFAULT_ADMIN_SOCKET_PATH`]).
+    pub admin_socket_path: PathBuf,
+    /// Uids allowed on the admin socket, besides the agent's own (default `[0]`; sorted, no
+    /// duplicates).
+    pub admin_uids: Vec<u32>,
+    /// CA keys and the entry store (default [`DEFAULT_DATA_DIR`]).
+    pub data_dir: PathBuf,
+    /// X.509-SVID lifetime unless an entry overrides it (default 1h; never above `ca_ttl`).
+    pub x509_svid_ttl: Duration,
+    /// JWT-SVID lifetime unless an entry overrides it (default 5m).
+    pub jwt_svid_ttl: Duration,
+    /// CA certificate lifetime (default 24h).
+    pub ca_ttl: Duration,
+    /// How much to log (default info).
+    pub log_level: LogLevel,
+    /// How to write logs (default text).
+    pub log_format: LogFormat,
+    /// Whether callers that match no entry get `spiffe://TD/uid-UID/EXE_NAME` (default false).
+    pub synthetic_ids: bool,
+    /// The file's `[[entries]]`, validated, in file order, with ids `config-0000`,
+    /// `config-0001`, ...
+    pub entries: Vec<Entry>,
+}
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    ///
+    /// A file that cannot be read gives a [`ConfigError`] of kind [`ConfigErrorKind::Read`]
+    /// naming the file and the OS error.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::read(path, &e))?;
+        Self::from_toml(&text, path)
+    }
+
+    /// Parses and validates `text`; `path` names the file in errors and in [`Config::source`].
+    ///
+    /// Returns the problem that comes first in the file.
+    pub fn from_toml(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        validate::parse(text, path)
+    }
+
+    /// Every default, no entries and no source file; dev mode starts from this and overrides
+    /// paths.
+    pub fn with_defaults(trust_domain: TrustDomain) -> Self {
+        Self {
+            source: None,
+            trust_domain,
+            socket_path: PathBuf::from(DEFAULT_SOCKET_PATH),
+            socket_mode: DEFAULT_SOCKET_MODE,
+            admin_socket_path: PathBuf::from(DEFAULT_ADMIN_SOCKET_PATH),
+            admin_uids: vec![0],
+            data_dir: PathBuf::from(DEFAULT_DATA_DIR),
+            x509_svid_ttl: DEFAULT_X509_SVID_TTL,
+            jwt_svid_ttl: DEFAULT_JWT_SVID_TTL,
+            ca_ttl: DEFAULT_CA_TTL,
+            log_level: LogLevel::default(),
+            log_format: LogFormat::default(),
+            synthetic_ids: false,
+            entries: Vec::new(),
+        }
+    }
+
+    /// A one-line summary for the start-up log: trust domain, sockets, data dir, TTLs and the
+    /// number of entries (their IDs and selectors are left out).
+    pub fn summary(&self) -> String {
+        let source = self
+            .source
+            .as_ref()
+            .map_or_else(|| "defaults".to_owned(), |p| p.display().to_string());
+        format!(
+            "source={source} trust_domain={} socket={} socket_mode={:04o} admin_socket={} \
+             admin_uids={:?} data_dir={} x509_svid_ttl={} jwt_svid_ttl={} ca_ttl={} \
+             log_level={} log_format={} synthetic_ids={} entries={}",
+            self.trust_domain,
+            self.socket_path.display(),
+            self.socket_mode,
+            self.admin_socket_path.display(),
+            self.admin_uids,
+            self.data_dir.display(),
+            humantime::format_duration(self.x509_svid_ttl),
+            humantime::format_duration(self.jwt_svid_ttl),
+            humantime::format_duration(self.ca_ttl),
+            self.log_level,
+            self.log_format,
+            self.synthetic_ids,
+            self.entries.len(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use spiffed_core::{EntryId, Selector};
+
+    /// Joins lines, so that line N of the file is `lines[N - 1]`.
+    fn doc(lines: &[&str]) -> String {
+        let mut s = lines.join("\n");
+        s.push('\n');
+        s
+    }
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("spiffed.toml"))
+    }
+
+    /// Asserts that `lines` fail at `line` under `key`, with a message naming the key.
+    #[track_caller]
+    fn fails_at(lines: &[&str], line: usize, key: &str) -> ConfigError {
+        let e = match parse(&doc(lines)) {
+            Ok(cfg) => panic!("expected an error at line {line} ({key}), got {cfg:?}"),
+            Err(e) => e,
+        };
+        assert_eq!((e.line, e.key.as_str()), (line, key), "{e}");
+        let leaf = key
+            .rsplit('.')
+            .next()
+            .and_then(|k| k.split('[').next())
+            .unwrap_or_default();
+        assert!(
+            e.message.contains(leaf),
+            "message does not name {leaf}: {e}"
+        );
+        assert!(!e.fix.is_empty(), "{e}");
+        assert_eq!(e.file, Path::new("spiffed.toml"));
+        assert!(e.column >= 1, "{e}");
+        e
+    }
+
+    const TD: &str = "trust_domain = \"example.org\"";
+
+    const DESIGN_EXAMPLE: &str = r#"trust_domain = "example.org"
+socket_path = "/run/spiffed/public/api.sock"   # default for run; dev uses a per-user runtime dir
+socket_mode = "0777"          # who may connect; attestation decides who gets what
+admin_socket_path = "/run/spiffed/private/admin.sock"  # its own owner-only directory
+admin_uids = [0]              # plus the agent's own uid
+data_dir = "/var/lib/spiffed" # CA keys, entry store
+x509_svid_ttl = "1h"
+jwt_svid_ttl = "5m"
+ca_ttl = "24h"
+log_level = "info"
+log_format = "text"           # or "json"
+synthetic_ids = false         # dev mode turns this on
+
+[[entries]]
+spiffe_id = "spiffe://example.org/web"
+selectors = ["unix:uid:1000", "unix:path:/usr/bin/web"]
+x509_svid_ttl = "10m"         # optional overrides
+hint = "internal"             # optional
+dns_names = ["web.internal"]  # optional, go into the X.509 SAN
+"#;
+
+    #[test]
+    fn design_example_parses() {
+        let cfg =
+            Config::from_toml(DESIGN_EXAMPLE, Path::new("/etc/spiffed/spiffed.toml")).unwrap();
+        assert_eq!(
+            cfg.source.as_deref(),
+            Some(Path::new("/etc/spiffed/spiffed.toml"))
+        );
+        assert_eq!(cfg.trust_domain.as_str(), "example.org");
+        assert_eq!(cfg.socket_path, Path::new("/run/spiffed/public/api.sock"));
+        assert_eq!(cfg.socket_mode, 0o777);
+        assert_eq!(
+            cfg.admin_socket_path,
+            Path::new("/run/spiffed/private/admin.sock")
+        );
+        assert_eq!(cfg.admin_uids, [0]);
+        assert_eq!(cfg.data_dir, Path::new("/var/lib/spiffed"));
+        assert_eq!(cfg.x509_svid_ttl, Duration::from_secs(3600));
+        assert_eq!(cfg.jwt_svid_ttl, Duration::from_secs(300));
+        assert_eq!(cfg.ca_ttl, Duration::from_secs(86400));
+        assert_eq!(cfg.log_level, LogLevel::Info);
+        assert_eq!(cfg.log_format, LogFormat::Text);
+        assert!(!cfg.synthetic_ids);
+        assert_eq!(cfg.entries.len(), 1);
+        let e = &cfg.entries[0];
+        assert_eq!(e.id, EntryId::new("config-0000"));
+        assert_eq!(e.spiffe_id.to_string(), "spiffe://example.org/web");
+        let sels: Vec<String> = e.selectors.iter().map(ToString::to_string).collect();
+        assert_eq!(sels, ["unix:path:/usr/bin/web", "unix:uid:1000"]);
+        assert_eq!(e.x509_svid_ttl, Some(Duration::from_secs(600)));
+        assert_eq!(e.jwt_svid_ttl, None);
+        assert_eq!(e.hint.as_deref(), Some("internal"));
+        assert_eq!(e.dns_names, ["web.internal"]);
+    }
+
+    #[test]
+    fn minimal_file_takes_every_default() {
+        let cfg = parse(&doc(&[TD])).unwrap();
+        let def = Config::with_defaults(cfg.trust_domain.clone());
+        assert_eq!(def.source, None);
+        assert_eq!(cfg.socket_path, def.socket_path);
+        assert_eq!(cfg.socket_mode, def.socket_mode);
+        assert_eq!(cfg.admin_socket_path, def.admin_socket_path);
+        assert_eq!(cfg.admin_uids, def.admin_uids);
+        assert_eq!(cfg.data_dir, def.data_dir);
+        assert_eq!(
+            (cfg.x509_svid_ttl, cfg.jwt_svid_ttl, cfg.ca_ttl),
+            (def.x509_svid_ttl, def.jwt_svid_ttl, def.ca_ttl)
+        );
+        assert_eq!(
+            (cfg.log_level, cfg.log_format),
+            (def.log_level, def.log_format)
+        );
+        assert_eq!(cfg.synthetic_ids, def.synthetic_ids);
+        assert!(cfg.entries.is_empty() && def.entries.is_empty());
+        assert_eq!(def.socket_mode, 0o777);
+        assert_eq!(def.admin_uids, [0]);
+    }
+
+    #[test]
+    fn other_values_parse() {
+        let cfg = parse(&doc(&[
+            TD,
+            "socket_mode = \"660\"",
+            "admin_uids = [1000, 0, 1000]",
+            "x509_svid_ttl = \"1h30m\"",
+            "jwt_svid_ttl = \"90s\"",
+            "log_level = \"debug\"",
+            "log_format = \"json\"",
+            "synthetic_ids = true",
+            "[[entries]]",
+            "spiffe_id = \"spiffe://example.org/a\"",
+            "selectors = [\"unix:uid:1\", \"unix:gid:2\", \"unix:uid:1\"]",
+            "jwt_svid_ttl = \"1m\"",
+            "[[entries]]",
+            "spiffe_id = \"spiffe://example.org/b\"",
+            "selectors = [\"systemd:id:b.service\"]",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.socket_mode, 0o660);
+        assert_eq!(cfg.admin_uids, [0, 1000]);
+        assert_eq!(cfg.x509_svid_ttl, Duration::from_secs(5400));
+        assert_eq!(cfg.jwt_svid_ttl, Duration::from_secs(90));
+        assert_eq!(cfg.log_level, LogLevel::Debug);
+        assert_eq!(cfg.log_format, LogFormat::Json);
+        assert!(cfg.synthetic_ids);
+        let ids: Vec<&str> = cfg.entries.iter().map(|e| e.id.as_str()).collect();
+        assert_eq!(ids, ["config-0000", "config-0001"]);
+        let a = &cfg.entries[0];
+        let want: Vec<Selector> =
+            vec!["unix:gid:2".parse().unwrap(), "unix:uid:1".parse().unwrap()];
+        assert_eq!(a.selectors, want);
+        assert_eq!(a.jwt_svid_ttl, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn display_names_file_line_key_and_fix() {
+        let e = fails_at(
+            &[
+                TD,
+                "",
+                "[[entries]]",
+                "spiffe_id = \"spiffe://example.org/a\"",
+                "selectors = [\"unix:uid:1\"]",
+                "[[entries]]",
+                "spiffe_id =   \"spiffe://other.org/x\"",
+                "selectors = [\"unix:uid:1\"]",
+            ],
+            7,
+            "entries[1].spiffe_id",
+        );
+        assert_eq!(e.kind, ConfigErrorKind::Invalid);
+        assert_eq!(
+            e.to_string(),
+            "spiffed.toml:7:15: entries[1].spiffe_id: spiffe_id \"spiffe://other.org/x\" is \
+             outside the trust domain \"example.org\"\n  fix: use an ID of the form \
+             spiffe://example.org/..."
+        );
+    }
+
+    #[test]
+    fn unknown_top_level_key() {
+        let e = fails_at(
+            &[TD, "socket_mode = \"0777\"", "socket_pth = \"/x\""],
+            3,
+            "socket_pth",
+        );
+        assert_eq!(e.kind, ConfigErrorKind::UnknownKey);
+        assert!(e.fix.contains("did you mean `socket_path`"), "{e}");
+        assert!(e.fix.contains("admin_uids"), "lists the known keys: {e}");
+        let e = fails_at(&[TD, "colour = \"blue\""], 2, "colour");
+        assert!(e.fix.contains("trust_domain, socket_path"), "{e}");
+    }
+
+    #[test]
+    fn unknown_entry_key() {
+        let e = fails_at(
+            &[
+                TD,
+                "[[entries]]",
+                "spiffe_id = \"spiffe://example.org/a\"",
+                "selectors = [\"unix:uid:1\"]",
+                "hints = \"x\"",
+            ],
+            5,
+            "entries[0].hints",
+        );
+        assert_eq!(e.kind, ConfigErrorKind::UnknownKey);
+        assert!(e.fix.contains("did you mean `hint`"), "{e}");
+        assert!(e.fix.contains("dns_names"), "{e}");
+        // A top-level key written after [[entries]] lands in the entry.
+        let e = fails_at(
+            &[
+                TD,
+                "[[entries]]",
+                "spiffe_id = \"spiffe://example.org/a\"",
+                "selectors = [\"unix:uid:1\"]",
+                "log_level = \"debug\"",
+            ],
+            5,
+            "entries[0].log_level",
+        );
+        assert!(e.fix.contains("move it above the first [[entries]]"), "{e}");
+    }
+
+    #[test]
+    fn bad_toml_syntax() {
+        let e = parse(&doc(&[TD, "socket_path = /run/x.sock"])).unwrap_err();
+        assert_eq!(
+            (e.kind, e.line, e.key.as_str()),
+            (ConfigErrorKind::Syntax, 2, ""),
+            "{e}"
+        );
+        assert!(e.message.starts_with("invalid TOML: "), "{e}");
+        let e = parse(&doc(&[TD, "log_level = \"info", "data_dir = \"/x\""])).unwrap_err();
+        assert_eq!((e.kind, e.line), (ConfigErrorKind::Syntax, 2), "{e}");
+        let e = parse(&doc(&[TD, "", TD])).unwrap_err();
+        assert_eq!((e.kind, e.line), (ConfigErrorKind::Syntax, 3), "{e}");
+        assert!(e.message.contains("duplicate key"), "{e}");
+    }
+
+    #[test]
+    fn wrong_types_name_the_key() {
+        let e = fails_at(&[TD, "socket_mode = 777"], 2, "socket_mode");
+        assert_eq!(e.kind, ConfigErrorKind::WrongType);
+        assert!(e.fix.contains("\"0777\""), "{e}");
+        let e = fails_at(
+            &[TD, "[entries]", "spiffe_id = \"spiffe://example.org/a\""],
+            2,
+            "entries",
+        );
+        assert!(e.fix.contains("[[entries]]"), "{e}");
+        fails_at(
+            &[
+                TD,
+                "[[entries]]",
+                "spiffe_id = \"spiffe://example.org/a\"",
+                "selectors = \"unix:uid:1\"",
+            ],
+            4,
+            "entries[0].selectors",
+        );
+    }
+
+    #[test]
+    fn missing_trust_domain() {
+        let e = fails_at(&["", "socket_mode = \"0777\""], 1, "trust_domain");
+        assert_eq!(e.kind, ConfigErrorKind::Missing);
+        assert!(e.fix.contains("trust_domain = \"example.org\""), "{e}");
+        fails_at(&["# nothing here"], 1, "trust_domain");
+    }
+
+    #[test]
+    fn trust_domain_with_spiffe_prefix() {
+        let e = fails_at(
+            &["", "trust_domain = \"spiffe://example.org\""],
+            2,
+            "trust_domain",
+        );
+        assert!(e.fix.contains("without the spiffe:// prefix"), "{e}");
+        assert!(e.fix.contains("trust_domain = \"example.org\""), "{e}");
+    }
+
+    #[test]
+    fn trust_domain_dots_that_go_rejects() {
+        for (td, what) in [
+            ("example.org.", "trailing dot"),
+            (".example.org", "leading dot"),
+            ("example..org", "empty label"),
+        ] {
+            let line = format!("trust_domain = \"{td}\"");
+            let e = fails_at(&["# spiffed", &line], 2, "trust_domain");
+            assert!(e.message.contains(what), "{e}");
+            assert!(e.fix.contains("Go's X.509 parser"), "{e}");
+            assert!(e.fix.contains("\"example.org\""), "{e}");
+        }
+    }
+
+    #[test]
+    fn other_bad_trust_domains() {
+        let e = fails_at(&["trust_domain = \"Example.org\""], 1, "trust_domain");
+        assert!(e.fix.contains("\"example.org\""), "{e}");
+        fails_at(&["trust_domain = \"example.org:8080\""], 1, "trust_domain");
+        fails_at(&["trust_domain = \"\""], 1, "trust_domain");
+        fails_at(
+            &["trust_domain = \"https://example.org\""],
+            1,
+            "trust_domain",
+        );
+        let long = format!("trust_domain = \"{}\"", "a".repeat(256));
+        let e = fails_at(&[&long], 1, "trust_domain");
+        assert!(e.message.contains("255"), "{e}");
+        let max = format!("trust_domain = \"{}\"", "a".repeat(255));
+        assert!(parse(&doc(&[&max])).is_ok());
+    }
+
+    fn entry(spiffe_id: &str, selectors: &str) -> [String; 3] {
+        [
+            "[[entries]]".to_owned(),
+            format!("spiffe_id = \"{spiffe_id}\""),
+            format!("selectors = {selectors}"),
+        ]
+    }
+
+    fn with_entry<'a>(e: &'a [String; 3], extra: &[&'a str]) -> Vec<&'a str> {
+        let mut v = vec![TD, "", e[0].as_str(), e[1].as_str(), e[2].as_str()];
+        v.extend_from_slice(extra);
+        v
+    }
+
+    #[test]
+    fn invalid_spiffe_id_in_entry() {
+        let e = entry("spiffe://example.org/a b", "[\"unix:uid:1\"]");
+        let err = fails_at(&with_entry(&e, &[]), 4, "entries[0].spiffe_id");
+        assert!(err.message.contains("is not a valid SPIFFE ID"), "{err}");
+        // The spiffe crate's reason is shown.
+        assert!(err.message.contains("path segment"), "{err}");
+        let e = entry("http://example.org/a", "[\"unix:uid:1\"]");
+        let err = fails_at(&with_entry(&e, &[]), 4, "entries[0].spiffe_id");
+        assert!(err.fix.contains("spiffe://"), "{err}");
+        let e = entry("spiffe://EXAMPLE.org/a", "[\"unix:uid:1\"]");
+        let err = fails_at(&with_entry(&e, &[]), 4, "entries[0].spiffe_id");
+        assert!(err.fix.contains("\"spiffe://example.org/a\""), "{err}");
+    }
+
+    #[test]
+    fn entry_missing_keys_point_at_its_header() {
+        let lines = [TD, "", "[[entries]]", "selectors = [\"unix:uid:1\"]"];
+        let e = fails_at(&lines, 3, "entries[0].spiffe_id");
+        assert_eq!(e.kind, ConfigErrorKind::Missing);
+        let lines = [
+            TD,
+            "",
+            "[[entries]]",
+            "spiffe_id = \"spiffe://example.org/a\"",
+        ];
+        fails_at(&lines, 3, "entries[0].selectors");
+        let e = entry("spiffe://example.org/a", "[]");
+        fails_at(&with_entry(&e, &[]), 5, "entries[0].selectors");
+    }
+
+    #[test]
+    fn entry_outside_trust_domain() {
+        let e = entry("spiffe://other.org/web", "[\"unix:uid:1\"]");
+        let err = fails_at(&with_entry(&e, &[]), 4, "entries[0].spiffe_id");
+        assert!(err.message.contains("outside the trust domain"), "{err}");
+        assert_eq!(err.fix, "use an ID of the form spiffe://example.org/...");
+    }
+
+    #[test]
+    fn entry_without_path() {
+        let e = entry("spiffe://example.org", "[\"unix:uid:1\"]");
+        let err = fails_at(&with_entry(&e, &[]), 4, "entries[0].spiffe_id");
+        assert!(err.message.contains("has no path"), "{err}");
+        assert!(err.fix.contains("spiffe://example.org/web"), "{err}");
+    }
+
+    #[test]
+    fn unknown_selector_type() {
+        let e = entry(
+            "spiffe://example.org/a",
+            "[\"unix:uid:1\",\n  \"k8s:ns:default\"]",
+        );
+        let err = fails_at(&with_entry(&e, &[]), 6, "entries[0].selectors[1]");
+        assert!(err.message.contains("unknown type \"k8s\""), "{err}");
+        assert!(err.fix.contains("unix:uid"), "{err}");
+        let e = entry("spiffe://example.org/a", "[\"unix:pid:1\"]");
+        fails_at(&with_entry(&e, &[]), 5, "entries[0].selectors[0]");
+    }
+
+    #[test]
+    fn bad_uid_values() {
+        let e = fails_at(&[TD, "admin_uids = [0, -1]"], 2, "admin_uids[1]");
+        assert!(e.fix.contains("id -u"), "{e}");
+        fails_at(&[TD, "admin_uids = [4294967296]"], 2, "admin_uids[0]");
+        fails_at(&[TD, "admin_uids = [4294967295]"], 2, "admin_uids[0]");
+        let e = fails_at(&[TD, "admin_uids = [\"root\"]"], 2, "admin_uids[0]");
+        assert_eq!(e.kind, ConfigErrorKind::WrongType);
+        let e = entry("spiffe://example.org/a", "[\"unix:uid:abc\"]");
+        let err = fails_at(&with_entry(&e, &[]), 5, "entries[0].selectors[0]");
+        assert!(err.fix.contains("decimal number"), "{err}");
+    }
+
+    #[test]
+    fn zero_ttls() {
+        let e = fails_at(&[TD, "jwt_svid_ttl = \"0s\""], 2, "jwt_svid_ttl");
+        assert!(e.message.contains("must be greater than zero"), "{e}");
+        fails_at(&[TD, "x509_svid_ttl = \"0m\""], 2, "x509_svid_ttl");
+        fails_at(&[TD, "ca_ttl = \"0h\""], 2, "ca_ttl");
+        let e = entry("spiffe://example.org/a", "[\"unix:uid:1\"]");
+        let err = fails_at(
+            &with_entry(&e, &["x509_svid_ttl = \"0s\""]),
+            6,
+            "entries[0].x509_svid_ttl",
+        );
+        assert!(err.message.contains("must be greater than zero"), "{err}");
+        fails_at(
+            &with_entry(&e, &["jwt_svid_ttl = \"0s\""]),
+            6,
+            "entries[0].jwt_svid_ttl",
+        );
+    }
+
+    #[test]
+    fn bad_durations() {
+        let e = fails_at(&[TD, "x509_svid_ttl = \"10 parsecs\""], 2, "x509_svid_ttl");
+        assert!(
+            e.message.contains("\"10 parsecs\" is not a duration"),
+            "{e}"
+        );
+        assert!(e.fix.contains("\"90s\""), "{e}");
+        fails_at(&[TD, "ca_ttl = \"10\""], 2, "ca_ttl");
+        fails_at(&[TD, "ca_ttl = \"500ms\""], 2, "ca_ttl");
+        fails_at(&[TD, "ca_ttl = \"20years\""], 2, "ca_ttl");
+        let e = entry("spiffe://example.org/a", "[\"unix:uid:1\"]");
+        fails_at(
+            &with_entry(&e, &["jwt_svid_ttl = \"soon\""]),
+            6,
+            "entries[0].jwt_svid_ttl",
+        );
+    }
+
+    #[test]
+    fn paths_must_be_absolute() {
+        let e = fails_at(&[TD, "socket_path = \"run/api.sock\""], 2, "socket_path");
+        assert!(e.message.contains("not an absolute path"), "{e}");
+        fails_at(&[TD, "data_dir = \"./data\""], 2, "data_dir");
+        fails_at(&[TD, "admin_socket_path = \"\""], 2, "admin_socket_path");
+        let long = format!("socket_path = \"/{}\"", "s".repeat(107));
+        let e = fails_at(&[TD, &long], 2, "socket_path");
+        assert!(e.message.contains("107"), "{e}");
+    }
+
+    #[test]
+    fn admin_socket_needs_its_own_directory() {
+        let same = "admin_socket_path = \"/run/spiffed/public/api.sock\"";
+        fails_at(&[TD, same], 2, "admin_socket_path");
+        let same_dir = "admin_socket_path = \"/run/spiffed/public/admin.sock\"";
+        fails_at(&[TD, same_dir], 2, "admin_socket_path");
+        let public_in_private = "socket_path = \"/run/spiffed/private/api.sock\"";
+        fails_at(&[TD, public_in_private], 2, "socket_path");
+    }
+
+    #[test]
+    fn socket_modes() {
+        let e = fails_at(&[TD, "socket_mode = \"999\""], 2, "socket_mode");
+        assert!(e.message.contains("not an octal file mode"), "{e}");
+        fails_at(&[TD, "socket_mode = \"1777\""], 2, "socket_mode");
+        fails_at(&[TD, "socket_mode = \"77\""], 2, "socket_mode");
+        fails_at(&[TD, "socket_mode = \"0o777\""], 2, "socket_mode");
+        fails_at(&[TD, "socket_mode = \"+777\""], 2, "socket_mode");
+        assert_eq!(
+            parse(&doc(&[TD, "socket_mode = \"0600\""]))
+                .unwrap()
+                .socket_mode,
+            0o600
+        );
+    }
+
+    #[test]
+    fn log_choices() {
+        let e = fails_at(&[TD, "log_level = \"verbose\""], 2, "log_level");
+        assert!(
+            e.fix
+                .contains("\"trace\", \"debug\", \"info\", \"warn\", \"error\""),
+            "{e}"
+        );
+        let e = fails_at(&[TD, "log_format = \"JSON\""], 2, "log_format");
+        assert!(e.fix.contains("lowercase"), "{e}");
+    }
+
+    #[test]
+    fn hint_too_long() {
+        let hint = format!("hint = \"{}\"", "h".repeat(1025));
+        let e = entry("spiffe://example.org/a", "[\"unix:uid:1\"]");
+        let err = fails_at(&with_entry(&e, &["", &hint]), 7, "entries[0].hint");
+        assert!(err.message.contains("1025 bytes"), "{err}");
+        let ok = format!("hint = \"{}\"", "h".repeat(1024));
+        assert!(parse(&doc(&with_entry(&e, &[&ok]))).is_ok());
+    }
+
+    #[test]
+    fn bad_dns_name() {
+        let e = entry("spiffe://example.org/a", "[\"unix:uid:1\"]");
+        let err = fails_at(
+            &with_entry(
+                &e,
+                &[
+                    "dns_names = [",
+                    "  \"web.internal\",",
+                    "  \"bad_name\",",
+                    "]",
+                ],
+            ),
+            8,
+            "entries[0].dns_names[1]",
+        );
+        assert!(err.message.contains("\"bad_name\""), "{err}");
+    }
+
+    #[test]
+    fn duplicate_entry_names_both_lines() {
+        let a = entry("spiffe://example.org/a", "[\"unix:uid:1\", \"unix:gid:1\"]");
+        let b = entry(
+            "spiffe://example.org/a",
+            "[\"unix:gid:1\", \"unix:uid:1\", \"unix:uid:1\"]",
+        );
+        let lines = with_entry(&a, &[b[0].as_str(), b[1].as_str(), b[2].as_str()]);
+        let e = fails_at(&lines, 7, "entries[1].spiffe_id");
+        assert!(e.message.contains("duplicates entries[0] (line 4)"), "{e}");
+        // Same ID with other selectors, or other ID with the same selectors: both fine.
+        let c = entry("spiffe://example.org/a", "[\"unix:uid:2\"]");
+        let d = entry("spiffe://example.org/d", "[\"unix:uid:1\", \"unix:gid:1\"]");
+        let mut lines = with_entry(&a, &[]);
+        lines.extend(c.iter().map(String::as_str));
+        lines.extend(d.iter().map(String::as_str));
+        assert_eq!(parse(&doc(&lines)).unwrap().entries.len(), 3);
+    }
+
+    #[test]
+    fn svid_ttl_above_ca_ttl() {
+        let e = fails_at(
+            &[TD, "ca_ttl = \"1h\"", "x509_svid_ttl = \"2h\""],
+            3,
+            "x509_svid_ttl",
+        );
+        assert_eq!(
+            e.fix,
+            "an SVID never outlives its CA: raise ca_ttl or lower x509_svid_ttl"
+        );
+        // The default x509_svid_ttl (1h) against a shorter ca_ttl: the error sits on ca_ttl.
+        fails_at(&[TD, "ca_ttl = \"30m\""], 2, "ca_ttl");
+        let e = entry("spiffe://example.org/a", "[\"unix:uid:1\"]");
+        fails_at(
+            &with_entry(&e, &["x509_svid_ttl = \"48h\""]),
+            6,
+            "entries[0].x509_svid_ttl",
+        );
+    }
+
+    #[test]
+    fn first_problem_in_file_order_wins() {
+        let e = entry("spiffe://other.org/a", "[\"unix:uid:1\"]");
+        let lines = with_entry(&e, &[]);
+        let mut lines: Vec<&str> = lines;
+        lines.insert(1, "socket_mode = \"999\"");
+        fails_at(&lines, 2, "socket_mode");
+    }
+
+    #[test]
+    fn load_reads_a_file_and_names_it_when_it_cannot() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("spiffed.toml");
+        std::fs::write(&path, DESIGN_EXAMPLE).unwrap();
+        let cfg = Config::load(&path).unwrap();
+        assert_eq!(cfg.source.as_deref(), Some(path.as_path()));
+        let missing = dir.path().join("missing.toml");
+        let e = Config::load(&missing).unwrap_err();
+        assert_eq!(e.kind, ConfigErrorKind::Read);
+        assert_eq!(e.file, missing);
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with(&format!("{}: cannot read", missing.display())),
+            "{shown}"
+        );
+        assert!(shown.contains("No such file"), "{shown}");
+    }
+
+    #[test]
+    fn summary_is_one_line() {
+        let cfg = parse(DESIGN_EXAMPLE).unwrap();
+        let s = cfg.summary();
+        assert!(!s.contains('\n'), "{s}");
+        for part in [
+            "source=spiffed.toml",
+            "trust_domain=example.org",
+            "socket=/run/spiffed/public/api.sock",
+            "socket_mode=0777",
+            "data_dir=/var/lib/spiffed",
+            "x509_svid_ttl=1h",
+            "jwt_svid_ttl=5m",
+            "entries=1",
+        ] {
+            assert!(s.contains(part), "{part} missing from {s}");
+        }
+        assert!(!s.contains("internal"), "entry details stay out: {s}");
+        let def = Config::with_defaults(cfg.trust_domain).summary();
+        assert!(def.contains("source=defaults"), "{def}");
+    }
+
+    #[test]
+    fn every_documented_key_is_accepted() {
+        // keys.rs lists the keys for error messages; they must match the raw structs.
+        let mut lines: Vec<String> = keys::names(keys::Table::Top)
+            .into_iter()
+            .filter(|k| *k != "entries")
+            .map(|k| {
+                keys::example(keys::Table::Top, k)
+                    .unwrap()
+                    .split(" (")
+                    .next()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        lines.push("[[entries]]".to_owned());
+        lines.extend(
+            keys::names(keys::Table::Entry)
+                .into_iter()
+                .map(|k| keys::example(keys::Table::Entry, k).unwrap().to_owned()),
+        );
+        let text = lines.join("\n");
+        let cfg = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        assert_eq!(cfg.entries.len(), 1);
+    }
+}

@@ -1,0 +1,68 @@
+//! The keys each table of the configuration file accepts, with an example of each, for error
+//! messages. Must agree with the raw structs in `raw.rs` (a test checks it).
+
+/// A table of the configuration file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Table {
+    /// The top level.
+    Top,
+    /// One `[[entries]]` table.
+    Entry,
+}
+
+const TOP: &[(&str, &str)] = &[
+    ("trust_domain", "trust_domain = \"example.org\""),
+    (
+        "socket_path",
+        "socket_path = \"/run/spiffed/public/api.sock\"",
+    ),
+    (
+        "socket_mode",
+        "socket_mode = \"0777\" (a quoted octal string)",
+    ),
+    (
+        "admin_socket_path",
+        "admin_socket_path = \"/run/spiffed/private/admin.sock\"",
+    ),
+    ("admin_uids", "admin_uids = [0, 1000] (numeric uids)"),
+    ("data_dir", "data_dir = \"/var/lib/spiffed\""),
+    ("x509_svid_ttl", "x509_svid_ttl = \"1h\""),
+    ("jwt_svid_ttl", "jwt_svid_ttl = \"5m\""),
+    ("ca_ttl", "ca_ttl = \"24h\""),
+    ("log_level", "log_level = \"info\""),
+    ("log_format", "log_format = \"text\" (or \"json\")"),
+    ("synthetic_ids", "synthetic_ids = false"),
+    (
+        "entries",
+        "[[entries]] (double brackets, one table per entry) followed by spiffe_id = \"spiffe://example.org/web\" and selectors = [\"unix:uid:1000\"]",
+    ),
+];
+
+const ENTRY: &[(&str, &str)] = &[
+    ("spiffe_id", "spiffe_id = \"spiffe://example.org/web\""),
+    (
+        "selectors",
+        "selectors = [\"unix:uid:1000\", \"unix:path:/usr/bin/web\"]",
+    ),
+    ("x509_svid_ttl", "x509_svid_ttl = \"10m\""),
+    ("jwt_svid_ttl", "jwt_svid_ttl = \"5m\""),
+    ("hint", "hint = \"internal\""),
+    ("dns_names", "dns_names = [\"web.internal\"]"),
+];
+
+fn table(t: Table) -> &'static [(&'static str, &'static str)] {
+    match t {
+        Table::Top => TOP,
+        Table::Entry => ENTRY,
+    }
+}
+
+/// The keys of table `t`, in documentation order.
+pub(crate) fn names(t: Table) -> Vec<&'static str> {
+    table(t).iter().map(|&(k, _)| k).collect()
+}
+
+/// An example line for `key` in table `t`.
+pub(crate) fn example(t: Table, key: &str) -> Option<&'static str> {
+    table(t).iter().find(|&&(k, _)| k == key).map(|&(_, e)| e)
+}

@@ -1,0 +1,43 @@
+//! The file as written: every key optional and spanned, unknown keys refused. `validate.rs`
+//! turns it into a [`Config`](super::Config).
+
+use serde::Deserialize;
+use toml::Spanned;
+
+/// A spanned string value.
+pub(crate) type Str = Spanned<String>;
+/// A spanned list of spanned strings.
+pub(crate) type StrList = Spanned<Vec<Spanned<String>>>;
+
+/// The top-level table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawConfig {
+    pub(crate) trust_domain: Option<Str>,
+    pub(crate) socket_path: Option<Str>,
+    pub(crate) socket_mode: Option<Str>,
+    pub(crate) admin_socket_path: Option<Str>,
+    /// Integers are checked by hand, so that `-1` or `4294967296` get a fix, not a serde message.
+    pub(crate) admin_uids: Option<Spanned<Vec<Spanned<i64>>>>,
+    pub(crate) data_dir: Option<Str>,
+    pub(crate) x509_svid_ttl: Option<Str>,
+    pub(crate) jwt_svid_ttl: Option<Str>,
+    pub(crate) ca_ttl: Option<Str>,
+    pub(crate) log_level: Option<Str>,
+    pub(crate) log_format: Option<Str>,
+    pub(crate) synthetic_ids: Option<Spanned<bool>>,
+    #[serde(default)]
+    pub(crate) entries: Vec<Spanned<RawEntry>>,
+}
+
+/// One `[[entries]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawEntry {
+    pub(crate) spiffe_id: Option<Str>,
+    pub(crate) selectors: Option<StrList>,
+    pub(crate) x509_svid_ttl: Option<Str>,
+    pub(crate) jwt_svid_ttl: Option<Str>,
+    pub(crate) hint: Option<Str>,
+    pub(crate) dns_names: Option<StrList>,
+}

@@ -1,0 +1,814 @@
+//! The single validation step: raw, spanned TOML values in, a typed [`Config`] or the first
+//! problem in file order out.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use serde::Deserialize;
+use spiffe::SpiffeIdError;
+use spiffed_core::{
+    Entry, EntryError, EntryId, MAX_HINT_LEN, Selector, SelectorError, SpiffeId, TrustDomain,
+};
+use toml::Spanned;
+use toml::de::DeTable;
+
+use super::error::{ConfigError, ConfigErrorKind, line_column};
+use super::raw::{RawConfig, RawEntry, Str, StrList};
+use super::{
+    Config, DEFAULT_ADMIN_SOCKET_PATH, DEFAULT_CA_TTL, DEFAULT_DATA_DIR, DEFAULT_JWT_SVID_TTL,
+    DEFAULT_SOCKET_MODE, DEFAULT_SOCKET_PATH, DEFAULT_X509_SVID_TTL, LogFormat, LogLevel,
+    MAX_ENTRIES,
+};
+
+/// Longest trust domain name, in bytes ([ID §2.3]).
+const MAX_TRUST_DOMAIN_LEN: usize = 255;
+/// Longest Unix socket path: `sun_path` is 108 bytes including the terminating NUL.
+const MAX_SOCKET_PATH_LEN: usize = 107;
+/// Longest TTL accepted for anything: ten years.
+const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Parses and validates `text`, read from `file`.
+pub(crate) fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
+    let doc = DeTable::parse(text).map_err(|e| ConfigError::syntax(file, text, &e))?;
+    let raw = RawConfig::deserialize(toml::de::Deserializer::from(doc.clone()))
+        .map_err(|e| ConfigError::from_serde(file, text, &doc, &e))?;
+    validate(raw, text, file)
+}
+
+/// Builds the typed config from the raw one, or returns the problem that comes first in the file.
+fn validate(raw: RawConfig, text: &str, file: &Path) -> Result<Config, ConfigError> {
+    let mut cx = Cx {
+        text,
+        file,
+        errors: Vec::new(),
+    };
+    let trust_domain = cx.trust_domain(raw.trust_domain);
+    let socket_path = cx.path(
+        "socket_path",
+        raw.socket_path.as_ref(),
+        DEFAULT_SOCKET_PATH,
+        true,
+    );
+    let socket_mode = cx.socket_mode(raw.socket_mode.as_ref());
+    let admin_socket_path = cx.path(
+        "admin_socket_path",
+        raw.admin_socket_path.as_ref(),
+        DEFAULT_ADMIN_SOCKET_PATH,
+        true,
+    );
+    // Blame admin_socket_path when written, else socket_path (both defaults never clash).
+    let blame = match (&raw.admin_socket_path, &raw.socket_path) {
+        (Some(a), _) => Some(("admin_socket_path", a.span())),
+        (None, Some(s)) => Some(("socket_path", s.span())),
+        (None, None) => None,
+    };
+    if let Some((key, span)) = blame {
+        if admin_socket_path == socket_path {
+            cx.invalid(
+                span,
+                key,
+                format!("{key}: admin_socket_path and socket_path are the same"),
+                format!(
+                    "give the admin socket its own path in an owner-only directory, e.g. \
+                     admin_socket_path = \"{DEFAULT_ADMIN_SOCKET_PATH}\""
+                ),
+            );
+        } else if admin_socket_path.parent() == socket_path.parent() {
+            cx.invalid(
+                span,
+                key,
+                format!("{key}: admin_socket_path and socket_path are in the same directory"),
+                format!(
+                    "the admin socket's directory is made owner-only, which would lock workloads \
+                     out of socket_path; put them in different directories, e.g. \
+                     socket_path = \"{DEFAULT_SOCKET_PATH}\" and admin_socket_path = \
+                     \"{DEFAULT_ADMIN_SOCKET_PATH}\""
+                ),
+            );
+        }
+    }
+    let admin_uids = cx.admin_uids(raw.admin_uids);
+    let data_dir = cx.path("data_dir", raw.data_dir.as_ref(), DEFAULT_DATA_DIR, false);
+    let x509 = cx.ttl("x509_svid_ttl", "x509_svid_ttl", raw.x509_svid_ttl.as_ref());
+    let jwt = cx.ttl("jwt_svid_ttl", "jwt_svid_ttl", raw.jwt_svid_ttl.as_ref());
+    let ca = cx.ttl("ca_ttl", "ca_ttl", raw.ca_ttl.as_ref());
+    let x509_svid_ttl = x509.unwrap_or(DEFAULT_X509_SVID_TTL);
+    let ca_ttl = ca.unwrap_or(DEFAULT_CA_TTL);
+    let x509_ok = raw.x509_svid_ttl.is_none() || x509.is_some();
+    let ca_ok = raw.ca_ttl.is_none() || ca.is_some();
+    if x509_ok && ca_ok && x509_svid_ttl > ca_ttl {
+        let (key, span) = match (&raw.x509_svid_ttl, &raw.ca_ttl) {
+            (Some(x), _) => ("x509_svid_ttl", x.span()),
+            (None, Some(c)) => ("ca_ttl", c.span()),
+            (None, None) => ("x509_svid_ttl", 0..0),
+        };
+        cx.invalid(
+            span,
+            key,
+            format!(
+                "x509_svid_ttl ({}) is longer than ca_ttl ({})",
+                humantime::format_duration(x509_svid_ttl),
+                humantime::format_duration(ca_ttl)
+            ),
+            "an SVID never outlives its CA: raise ca_ttl or lower x509_svid_ttl",
+        );
+    }
+    let log_level = cx.choice(
+        "log_level",
+        raw.log_level.as_ref(),
+        &[
+            ("trace", LogLevel::Trace),
+            ("debug", LogLevel::Debug),
+            ("info", LogLevel::Info),
+            ("warn", LogLevel::Warn),
+            ("error", LogLevel::Error),
+        ],
+        LogLevel::default(),
+    );
+    let log_format = cx.choice(
+        "log_format",
+        raw.log_format.as_ref(),
+        &[("text", LogFormat::Text), ("json", LogFormat::Json)],
+        LogFormat::default(),
+    );
+    let synthetic_ids = raw.synthetic_ids.is_some_and(|s| *s.get_ref());
+    let entries = cx.entries(raw.entries, trust_domain.as_ref(), ca_ok.then_some(ca_ttl));
+
+    if let Some(first) = cx.errors.into_iter().min_by_key(|e| (e.line, e.column)) {
+        return Err(first);
+    }
+    let Some(trust_domain) = trust_domain else {
+        // Unreachable: a missing or bad trust domain records an error above.
+        return Err(ConfigError::at(
+            ConfigErrorKind::Missing,
+            file,
+            text,
+            &(0..0),
+            "trust_domain",
+            "trust_domain is required",
+            "add trust_domain = \"example.org\" at the top of the file",
+        ));
+    };
+    Ok(Config {
+        source: Some(file.to_owned()),
+        trust_domain,
+        socket_path,
+        socket_mode,
+        admin_socket_path,
+        admin_uids,
+        data_dir,
+        x509_svid_ttl,
+        jwt_svid_ttl: jwt.unwrap_or(DEFAULT_JWT_SVID_TTL),
+        ca_ttl,
+        log_level,
+        log_format,
+        synthetic_ids,
+        entries,
+    })
+}
+
+/// Validation context: where the text came from, and the problems found so far.
+struct Cx<'a> {
+    text: &'a str,
+    file: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Cx<'_> {
+    fn push(
+        &mut self,
+        kind: ConfigErrorKind,
+        span: Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        self.errors.push(ConfigError::at(
+            kind, self.file, self.text, &span, key, message, fix,
+        ));
+    }
+
+    fn invalid(
+        &mut self,
+        span: Range<usize>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+        fix: impl Into<String>,
+    ) {
+        self.push(ConfigErrorKind::Invalid, span, key, message, fix);
+    }
+
+    fn trust_domain(&mut self, raw: Option<Str>) -> Option<TrustDomain> {
+        let Some(raw) = raw else {
+            self.push(
+                ConfigErrorKind::Missing,
+                0..0,
+                "trust_domain",
+                "trust_domain is required",
+                "add a line such as trust_domain = \"example.org\" at the top of the file, before \
+                 any [[entries]]",
+            );
+            return None;
+        };
+        match check_trust_domain(raw.get_ref()) {
+            Ok(td) => Some(td),
+            Err((message, fix)) => {
+                self.invalid(raw.span(), "trust_domain", message, fix);
+                None
+            }
+        }
+    }
+
+    /// An absolute path, or `default` when absent.
+    fn path(&mut self, key: &str, raw: Option<&Str>, default: &str, socket: bool) -> PathBuf {
+        let Some(raw) = raw else {
+            return PathBuf::from(default);
+        };
+        let p = raw.get_ref();
+        let problem = if p.is_empty() {
+            Some((
+                format!("{key} is empty"),
+                format!("write an absolute path, e.g. {key} = \"{default}\""),
+            ))
+        } else if p.contains('\0') {
+            Some((
+                format!("{key} contains a NUL character"),
+                format!("write an absolute path, e.g. {key} = \"{default}\""),
+            ))
+        } else if !p.starts_with('/') {
+            Some((
+                format!("{key} {p:?} is not an absolute path"),
+                format!(
+                    "write the full path starting with /, e.g. {key} = \"{default}\" (relative \
+                     paths would depend on the directory the agent starts in)"
+                ),
+            ))
+        } else if socket && p.len() > MAX_SOCKET_PATH_LEN {
+            Some((
+                format!(
+                    "{key} is {} bytes long; a Unix socket path holds at most {MAX_SOCKET_PATH_LEN}",
+                    p.len()
+                ),
+                format!("choose a shorter path, e.g. {key} = \"{default}\""),
+            ))
+        } else {
+            None
+        };
+        match problem {
+            Some((message, fix)) => {
+                self.invalid(raw.span(), key, message, fix);
+                PathBuf::from(default)
+            }
+            None => PathBuf::from(p),
+        }
+    }
+
+    fn socket_mode(&mut self, raw: Option<&Str>) -> u32 {
+        let Some(raw) = raw else {
+            return DEFAULT_SOCKET_MODE;
+        };
+        let s = raw.get_ref();
+        let octal = (3..=4).contains(&s.len()) && s.bytes().all(|b| (b'0'..=b'7').contains(&b));
+        match u32::from_str_radix(s, 8) {
+            Ok(mode) if octal && mode <= 0o777 => mode,
+            Ok(_) if octal => {
+                self.invalid(
+                    raw.span(),
+                    "socket_mode",
+                    format!("socket_mode {s:?} sets setuid, setgid or sticky bits"),
+                    "use permission bits only, at most \"0777\"; e.g. \"0777\" (anyone may \
+                     connect; attestation decides who gets what) or \"0770\" (owner and group)",
+                );
+                DEFAULT_SOCKET_MODE
+            }
+            _ => {
+                self.invalid(
+                    raw.span(),
+                    "socket_mode",
+                    format!("socket_mode {s:?} is not an octal file mode"),
+                    "write 3 or 4 octal digits (0-7) in quotes, e.g. \"0777\" (anyone may connect; \
+                     attestation decides who gets what) or \"0770\" (owner and group)",
+                );
+                DEFAULT_SOCKET_MODE
+            }
+        }
+    }
+
+    fn admin_uids(&mut self, raw: Option<Spanned<Vec<Spanned<i64>>>>) -> Vec<u32> {
+        let Some(raw) = raw else {
+            return vec![0];
+        };
+        let mut uids = Vec::new();
+        for (i, v) in raw.into_inner().into_iter().enumerate() {
+            let n = *v.get_ref();
+            // (uid_t)-1 means "no uid" to the kernel, so it is not a uid either.
+            match u32::try_from(n) {
+                Ok(uid) if uid != u32::MAX => uids.push(uid),
+                _ => self.invalid(
+                    v.span(),
+                    format!("admin_uids[{i}]"),
+                    format!("admin_uids item {n} is not a valid uid"),
+                    "uids are whole numbers from 0 to 4294967294, e.g. admin_uids = [0, 1000]; \
+                     look one up with `id -u NAME`",
+                ),
+            }
+        }
+        uids.sort_unstable();
+        uids.dedup();
+        uids
+    }
+
+    /// A duration; `None` when absent or invalid (the error is recorded).
+    fn ttl(&mut self, key: &str, leaf: &str, raw: Option<&Str>) -> Option<Duration> {
+        let raw = raw?;
+        let s = raw.get_ref();
+        let example = "write a number and a unit, e.g. \"90s\", \"10m\", \"1h\" or \"1h30m\"";
+        let (message, fix) = match humantime::parse_duration(s) {
+            Ok(d) if d.is_zero() => (
+                format!("{leaf} must be greater than zero"),
+                format!(
+                    "{example}; a zero lifetime would issue credentials that are already expired"
+                ),
+            ),
+            Ok(d) if d < Duration::from_secs(1) => (
+                format!("{leaf} {s:?} is shorter than one second"),
+                "certificates and tokens count time in whole seconds; use at least \"1s\""
+                    .to_owned(),
+            ),
+            Ok(d) if d > MAX_TTL => (
+                format!("{leaf} {s:?} is longer than ten years"),
+                "use a shorter lifetime; short-lived credentials are the point of rotation"
+                    .to_owned(),
+            ),
+            Ok(d) => return Some(d),
+            Err(e) => (
+                format!("{leaf} {s:?} is not a duration: {e}"),
+                example.to_owned(),
+            ),
+        };
+        self.invalid(raw.span(), key, message, fix);
+        None
+    }
+
+    fn choice<T: Copy>(
+        &mut self,
+        key: &str,
+        raw: Option<&Str>,
+        options: &[(&str, T)],
+        default: T,
+    ) -> T {
+        let Some(raw) = raw else {
+            return default;
+        };
+        let s = raw.get_ref();
+        if let Some(&(_, v)) = options.iter().find(|(name, _)| *name == s.as_str()) {
+            return v;
+        }
+        let names: Vec<String> = options.iter().map(|(n, _)| format!("{n:?}")).collect();
+        let lower = s.to_ascii_lowercase();
+        let fix = if options.iter().any(|(n, _)| *n == lower) {
+            format!("write it in lowercase: {key} = {lower:?}")
+        } else {
+            format!("use one of {}", names.join(", "))
+        };
+        self.invalid(
+            raw.span(),
+            key,
+            format!("{key} {s:?} is not one of {}", names.join(", ")),
+            fix,
+        );
+        default
+    }
+
+    fn entries(
+        &mut self,
+        raw: Vec<Spanned<RawEntry>>,
+        td: Option<&TrustDomain>,
+        ca_ttl: Option<Duration>,
+    ) -> Vec<Entry> {
+        let mut entries = Vec::new();
+        // (SPIFFE ID, selectors) -> (index, line) of the first entry with them.
+        let mut seen: HashMap<(String, Vec<Selector>), (usize, usize)> = HashMap::new();
+        for (i, raw) in raw.into_iter().enumerate() {
+            if i >= MAX_ENTRIES {
+                self.invalid(
+                    raw.span(),
+                    format!("entries[{i}]"),
+                    format!("too many entries: the file may hold at most {MAX_ENTRIES}"),
+                    "keep large sets of entries in the entry store (spiffed entry create)",
+                );
+                break;
+            }
+            let span = raw.span();
+            let Some((entry, id_span)) = self.entry(i, span, raw.into_inner(), td, ca_ttl) else {
+                continue;
+            };
+            let key = (entry.spiffe_id.to_string(), entry.selectors.clone());
+            let (line, _) = line_column(self.text, id_span.start);
+            if let Some(&(j, first_line)) = seen.get(&key) {
+                self.invalid(
+                    id_span,
+                    format!("entries[{i}].spiffe_id"),
+                    format!(
+                        "entries[{i}] duplicates entries[{j}] (line {first_line}): same spiffe_id \
+                         {:?} and the same selectors",
+                        key.0
+                    ),
+                    "remove one of the two entries, or give them different selectors",
+                );
+                continue;
+            }
+            seen.insert(key, (i, line));
+            entries.push(entry);
+        }
+        entries
+    }
+
+    /// One entry; `None` when it has a problem (recorded).
+    fn entry(
+        &mut self,
+        i: usize,
+        span: Range<usize>,
+        raw: RawEntry,
+        td: Option<&TrustDomain>,
+        ca_ttl: Option<Duration>,
+    ) -> Option<(Entry, Range<usize>)> {
+        let key = |k: &str| format!("entries[{i}].{k}");
+        let td_name = td.map_or_else(|| "example.org".to_owned(), ToString::to_string);
+        let mut ok = true;
+
+        let spiffe_id = match &raw.spiffe_id {
+            None => {
+                self.push(
+                    ConfigErrorKind::Missing,
+                    span.clone(),
+                    key("spiffe_id"),
+                    format!("entries[{i}] has no spiffe_id"),
+                    format!("add spiffe_id = \"spiffe://{td_name}/web\" to this [[entries]] table"),
+                );
+                None
+            }
+            Some(s) => match parse_spiffe_id(s.get_ref(), &td_name) {
+                Ok(id) => Some(id),
+                Err((message, fix)) => {
+                    self.invalid(s.span(), key("spiffe_id"), message, fix);
+                    None
+                }
+            },
+        };
+
+        let selectors = self.selectors(i, span.clone(), raw.selectors.as_ref());
+        let x509_svid_ttl = raw
+            .x509_svid_ttl
+            .as_ref()
+            .and_then(|t| self.ttl(&key("x509_svid_ttl"), "x509_svid_ttl", Some(t)));
+        ok &= raw.x509_svid_ttl.is_none() || x509_svid_ttl.is_some();
+        let jwt_svid_ttl = raw
+            .jwt_svid_ttl
+            .as_ref()
+            .and_then(|t| self.ttl(&key("jwt_svid_ttl"), "jwt_svid_ttl", Some(t)));
+        ok &= raw.jwt_svid_ttl.is_none() || jwt_svid_ttl.is_some();
+        if let (Some(t), Some(raw_t), Some(ca)) = (x509_svid_ttl, &raw.x509_svid_ttl, ca_ttl)
+            && t > ca
+        {
+            self.invalid(
+                raw_t.span(),
+                key("x509_svid_ttl"),
+                format!(
+                    "x509_svid_ttl ({}) is longer than ca_ttl ({})",
+                    humantime::format_duration(t),
+                    humantime::format_duration(ca)
+                ),
+                "an SVID never outlives its CA: raise ca_ttl or lower this entry's x509_svid_ttl",
+            );
+            ok = false;
+        }
+
+        let (Some(spiffe_id), Some(selectors), Some(td), true) = (spiffe_id, selectors, td, ok)
+        else {
+            return None;
+        };
+        let id_span = raw.spiffe_id.as_ref().map_or(span.clone(), Spanned::span);
+        let entry = Entry {
+            id: EntryId::new(format!("config-{i:04}")),
+            spiffe_id,
+            selectors,
+            x509_svid_ttl,
+            jwt_svid_ttl,
+            hint: raw.hint.as_ref().map(|h| h.get_ref().clone()),
+            dns_names: raw
+                .dns_names
+                .as_ref()
+                .map(|d| d.get_ref().iter().map(|n| n.get_ref().clone()).collect())
+                .unwrap_or_default(),
+        };
+        match entry.validate(td) {
+            Ok(()) => Some((entry, id_span)),
+            Err(e) => {
+                let (span, key, message, fix) = entry_problem(i, &e, &raw, span, &td_name);
+                self.invalid(span, key, message, fix);
+                None
+            }
+        }
+    }
+
+    /// Parses, sorts and dedups an entry's selectors; `None` when absent, empty or invalid.
+    fn selectors(
+        &mut self,
+        i: usize,
+        entry_span: Range<usize>,
+        raw: Option<&StrList>,
+    ) -> Option<Vec<Selector>> {
+        let Some(raw) = raw else {
+            self.push(
+                ConfigErrorKind::Missing,
+                entry_span,
+                format!("entries[{i}].selectors"),
+                format!("entries[{i}] has no selectors"),
+                "add selectors = [\"unix:uid:1000\"] (all must match the caller) to this \
+                 [[entries]] table",
+            );
+            return None;
+        };
+        if raw.get_ref().is_empty() {
+            self.invalid(
+                raw.span(),
+                format!("entries[{i}].selectors"),
+                "selectors is empty: the entry would match every caller",
+                "add at least one selector, e.g. selectors = [\"unix:uid:1000\"]",
+            );
+            return None;
+        }
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (j, s) in raw.get_ref().iter().enumerate() {
+            match Selector::from_str(s.get_ref()) {
+                Ok(sel) => out.push(sel),
+                Err(e) => {
+                    let (message, fix) = selector_problem(&e);
+                    self.invalid(
+                        s.span(),
+                        format!("entries[{i}].selectors[{j}]"),
+                        message,
+                        fix,
+                    );
+                    ok = false;
+                }
+            }
+        }
+        out.sort();
+        out.dedup();
+        ok.then_some(out)
+    }
+}
+
+/// Checks a trust domain name; on failure, the message and the fix.
+fn check_trust_domain(name: &str) -> Result<TrustDomain, (String, String)> {
+    const CHARS: &str = "lowercase letters, digits, '.', '-' and '_'";
+    if name.is_empty() {
+        return Err((
+            "trust_domain is empty".to_owned(),
+            "write the trust domain name, e.g. trust_domain = \"example.org\"".to_owned(),
+        ));
+    }
+    if name
+        .get(..9)
+        .is_some_and(|p| p.eq_ignore_ascii_case("spiffe://"))
+    {
+        let bare = name
+            .get(9..)
+            .and_then(|r| r.split('/').next())
+            .filter(|b| !b.is_empty())
+            .unwrap_or("example.org")
+            .to_ascii_lowercase();
+        return Err((
+            format!("trust_domain {name:?} is a SPIFFE ID, not a trust domain name"),
+            format!(
+                "write the trust domain name without the spiffe:// prefix: trust_domain = \"{bare}\""
+            ),
+        ));
+    }
+    if name.contains(":/") {
+        return Err((
+            format!("trust_domain {name:?} is a URI, not a trust domain name"),
+            format!("write a bare name such as \"example.org\" ({CHARS}; no scheme, port or path)"),
+        ));
+    }
+    if name.len() > MAX_TRUST_DOMAIN_LEN {
+        return Err((
+            format!(
+                "trust_domain is {} bytes long; the limit is {MAX_TRUST_DOMAIN_LEN}",
+                name.len()
+            ),
+            "use a shorter name".to_owned(),
+        ));
+    }
+    let td = TrustDomain::new(name).map_err(|e| {
+        (
+            format!("trust_domain {name:?} is not a valid trust domain name: {e}"),
+            format!("use only {CHARS}, e.g. \"example.org\" (no port, user or path)"),
+        )
+    })?;
+    if td.as_str() != name {
+        return Err((
+            format!("trust_domain {name:?} has uppercase letters"),
+            format!(
+                "write it in lowercase: trust_domain = \"{td}\" (SPIFFE trust domains are \
+                 lowercase, and SPIRE refuses uppercase)"
+            ),
+        ));
+    }
+    if name.split('.').any(str::is_empty) {
+        let what = if name.starts_with('.') {
+            "a leading dot"
+        } else if name.ends_with('.') {
+            "a trailing dot"
+        } else {
+            "an empty label (\"..\")"
+        };
+        let cleaned: Vec<&str> = name.split('.').filter(|l| !l.is_empty()).collect();
+        let suggestion = if cleaned.is_empty() {
+            "example.org".to_owned()
+        } else {
+            cleaned.join(".")
+        };
+        return Err((
+            format!("trust_domain {name:?} has {what}"),
+            format!(
+                "write it as \"{suggestion}\": Go's X.509 parser (go-spiffe, SPIRE) rejects \
+                 certificates whose SPIFFE ID host has an empty label or a leading or trailing \
+                 dot, so Go workloads could not read their SVIDs"
+            ),
+        ));
+    }
+    Ok(td)
+}
+
+/// Parses an entry's SPIFFE ID; on failure, the message and the fix.
+fn parse_spiffe_id(s: &str, td: &str) -> Result<SpiffeId, (String, String)> {
+    let id = SpiffeId::new(s).map_err(|e| {
+        let fix = match e {
+            SpiffeIdError::Empty => {
+                format!("write spiffe://TRUST_DOMAIN/PATH, e.g. \"spiffe://{td}/web\"")
+            }
+            SpiffeIdError::WrongScheme => {
+                format!("start it with spiffe://, e.g. \"spiffe://{td}/web\"")
+            }
+            SpiffeIdError::MissingTrustDomain => {
+                format!("put the trust domain after spiffe://, e.g. \"spiffe://{td}/web\"")
+            }
+            SpiffeIdError::BadTrustDomainChar => format!(
+                "the trust domain part takes only lowercase letters, digits, '.', '-' and '_' \
+                 (no port or user), e.g. \"spiffe://{td}/web\""
+            ),
+            SpiffeIdError::BadPathSegmentChar => "path segments take only letters, digits, '.', \
+                 '-' and '_' (no spaces, percent-encoding, query or fragment)"
+                .to_owned(),
+            SpiffeIdError::EmptySegment => "remove the doubled '/' from the path".to_owned(),
+            SpiffeIdError::DotSegment => {
+                "remove the '.' and '..' segments from the path".to_owned()
+            }
+            SpiffeIdError::TrailingSlash => "remove the trailing '/'".to_owned(),
+            _ => format!(
+                "write spiffe://TRUST_DOMAIN/PATH of at most 2048 bytes, e.g. \"spiffe://{td}/web\""
+            ),
+        };
+        (
+            format!("spiffe_id {s:?} is not a valid SPIFFE ID: {e}"),
+            fix,
+        )
+    })?;
+    let canonical = id.to_string();
+    if canonical != s {
+        return Err((
+            format!("spiffe_id {s:?} has uppercase letters in its scheme or trust domain"),
+            format!(
+                "write it as \"{canonical}\" (the scheme and trust domain are lowercase; SPIRE \
+                 refuses uppercase)"
+            ),
+        ));
+    }
+    Ok(id)
+}
+
+/// The message and fix for a selector that does not parse.
+fn selector_problem(e: &SelectorError) -> (String, String) {
+    const KEYS: &str = "unix:uid, unix:user, unix:gid, unix:group, unix:supplementary_gid, \
+                        unix:supplementary_group, unix:path, unix:sha256 and systemd:id";
+    match e {
+        SelectorError::Shape(s) => (
+            format!("selectors item {s:?} is not of the form TYPE:KEY:VALUE"),
+            "write e.g. \"unix:uid:1000\" or \"unix:path:/usr/bin/web\"".to_owned(),
+        ),
+        SelectorError::UnknownType(s) => {
+            let kind = s.split(':').next().unwrap_or_default();
+            (
+                format!("selectors item {s:?} has an unknown type {kind:?}"),
+                format!(
+                    "this agent derives selectors of type \"unix\" and \"systemd\" only: {KEYS}"
+                ),
+            )
+        }
+        SelectorError::UnknownKey(s) => (
+            format!("selectors item {s:?} has an unknown key"),
+            format!("known keys are {KEYS}"),
+        ),
+        SelectorError::Value { selector, why } => (
+            format!("selectors item {selector:?} has an invalid value"),
+            (*why).to_owned(),
+        ),
+        other => (other.to_string(), format!("known keys are {KEYS}")),
+    }
+}
+
+/// Where an [`EntryError`] points, under which key, with what message and fix.
+fn entry_problem(
+    i: usize,
+    e: &EntryError,
+    raw: &RawEntry,
+    entry_span: Range<usize>,
+    td: &str,
+) -> (Range<usize>, String, String, String) {
+    let span_of = |s: &Option<Str>| s.as_ref().map_or(entry_span.clone(), Spanned::span);
+    let key = |k: &str| format!("entries[{i}].{k}");
+    match e {
+        EntryError::OutsideTrustDomain { id, td } => (
+            span_of(&raw.spiffe_id),
+            key("spiffe_id"),
+            format!("spiffe_id {id:?} is outside the trust domain {td:?}"),
+            format!("use an ID of the form spiffe://{td}/..."),
+        ),
+        EntryError::NoPath(id) => (
+            span_of(&raw.spiffe_id),
+            key("spiffe_id"),
+            format!("spiffe_id {id:?} has no path; workload IDs need one"),
+            format!("add a path naming the workload, e.g. \"{id}/web\""),
+        ),
+        EntryError::IdTooLong(n) => (
+            span_of(&raw.spiffe_id),
+            key("spiffe_id"),
+            format!("spiffe_id is {n} bytes long; the limit is 2048"),
+            "shorten the path".to_owned(),
+        ),
+        EntryError::NoSelectors => (
+            raw.selectors.as_ref().map_or(entry_span, Spanned::span),
+            key("selectors"),
+            "selectors is empty: the entry would match every caller".to_owned(),
+            "add at least one selector, e.g. selectors = [\"unix:uid:1000\"]".to_owned(),
+        ),
+        EntryError::HintTooLong(n) => (
+            span_of(&raw.hint),
+            key("hint"),
+            format!("hint is {n} bytes long; the limit is {MAX_HINT_LEN}"),
+            format!(
+                "shorten the hint to at most {MAX_HINT_LEN} bytes (the Workload API's limit); a \
+                 short label such as \"internal\" is enough"
+            ),
+        ),
+        EntryError::ZeroTtl(which) => {
+            let raw_ttl = if *which == "jwt_svid_ttl" {
+                &raw.jwt_svid_ttl
+            } else {
+                &raw.x509_svid_ttl
+            };
+            (
+                span_of(raw_ttl),
+                key(which),
+                format!("{which} must be greater than zero"),
+                format!("write e.g. {which} = \"10m\""),
+            )
+        }
+        EntryError::DnsName(name) => {
+            let found = raw.dns_names.as_ref().and_then(|list| {
+                list.get_ref()
+                    .iter()
+                    .enumerate()
+                    .find(|(_, n)| n.get_ref() == name)
+                    .map(|(j, n)| (n.span(), key(&format!("dns_names[{j}]"))))
+            });
+            let (span, k) = found.unwrap_or_else(|| {
+                (
+                    raw.dns_names.as_ref().map_or(entry_span, Spanned::span),
+                    key("dns_names"),
+                )
+            });
+            (
+                span,
+                k,
+                format!("dns_names item {name:?} is not a valid DNS name"),
+                "use letters, digits, '-' and '.', labels of 1-63 bytes, optionally starting with \
+                 '*.', e.g. \"web.internal\""
+                    .to_owned(),
+            )
+        }
+        other => (
+            span_of(&raw.spiffe_id),
+            key("spiffe_id"),
+            other.to_string(),
+            format!("check this entry against the rules for spiffe://{td}/... entries"),
+        ),
+    }
+}
