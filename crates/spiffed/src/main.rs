@@ -1,2 +1,88 @@
-//! spiffed
-fn main() {}
+//! spiffed: a SPIFFE Workload API agent for Linux.
+//!
+//! The binary wires the agent library to a command line: `run` and `dev` serve the Workload
+//! API; `api`, `healthcheck` are clients for people and scripts.
+#![forbid(unsafe_code)]
+
+mod client;
+mod serve;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Exit code for a usage or configuration error (sysexits EX_USAGE).
+pub(crate) const EX_USAGE: u8 = 64;
+
+/// spiffed gives every process on this host a SPIFFE identity, attested from kernel facts,
+/// over the standard SPIFFE Workload API.
+#[derive(Parser, Debug)]
+#[command(name = "spiffed", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the agent with a configuration file.
+    Run {
+        /// The TOML configuration file (see the README for every key).
+        #[arg(long, short = 'c', value_name = "FILE")]
+        config: PathBuf,
+    },
+    /// Run the agent with no configuration: an embedded CA for trust domain dev.local, an
+    /// owner-only socket, and a synthetic identity spiffe://dev.local/uid-UID/EXE_NAME for every
+    /// caller. Prints the SPIFFE_ENDPOINT_SOCKET line to export.
+    Dev(serve::DevArgs),
+    /// Talk to a Workload API socket: fetch, watch and validate SVIDs and bundles.
+    Api {
+        #[command(flatten)]
+        endpoint: client::EndpointArgs,
+        #[command(subcommand)]
+        command: client::ApiCommand,
+    },
+    /// Exit 0 when an agent serves on the socket, 1 otherwise.
+    Healthcheck {
+        #[command(flatten)]
+        endpoint: client::EndpointArgs,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // --help and --version are not errors; a bad command line is a usage error (64).
+            let code = if e.use_stderr() { EX_USAGE } else { 0 };
+            let _ = e.print();
+            return ExitCode::from(code);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            serve::fatal(&format!("cannot start the async runtime: {e}"));
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let result = match cli.command {
+            Command::Run { config } => serve::run(&config).await,
+            Command::Dev(args) => serve::dev(args).await,
+            Command::Api { endpoint, command } => client::run_api(&endpoint, command).await,
+            Command::Healthcheck { endpoint } => client::run_healthcheck(&endpoint).await,
+        };
+        match result {
+            Ok(code) => code,
+            Err(e) => {
+                serve::fatal(&format!("{e:#}"));
+                ExitCode::FAILURE
+            }
+        }
+    })
+}

@@ -1,0 +1,197 @@
+//! Test helpers for spiffed: start the real binary on a temporary socket, talk to it with a raw
+//! Workload API client, and run peer processes for attestation tests.
+#![forbid(unsafe_code)]
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test support"
+)]
+
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use spiffed_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+use tokio::net::UnixStream;
+use tonic::transport::{Channel, Endpoint};
+
+/// A running `spiffed run` process on a private temp directory; stopped with SIGTERM on drop.
+pub struct Agent {
+    /// The temp directory holding config, socket and data.
+    pub dir: tempfile::TempDir,
+    /// The Workload API socket.
+    pub socket: PathBuf,
+    /// The config file.
+    pub config: PathBuf,
+    /// The data directory.
+    pub data_dir: PathBuf,
+    /// The stderr log file.
+    pub log: PathBuf,
+    child: Option<Child>,
+    bin: PathBuf,
+}
+
+/// The config text for a test agent in `dir`, with `extra` appended (entries, TTLs).
+pub fn config_text(dir: &Path, extra: &str) -> String {
+    format!(
+        "trust_domain = \"example.org\"\nsocket_path = \"{}\"\nadmin_socket_path = \"{}\"\ndata_dir = \"{}\"\nlog_level = \"debug\"\n{extra}\n",
+        dir.join("api.sock").display(),
+        dir.join("admin").join("admin.sock").display(),
+        dir.join("data").display(),
+    )
+}
+
+impl Agent {
+    /// Writes a config (see [`config_text`]) and starts `bin run --config` on it, waiting until
+    /// the socket accepts connections.
+    pub fn start(bin: &Path, extra: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        // Let other uids (setpriv tests) reach the socket.
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        let config = dir.path().join("spiffed.toml");
+        fs::write(&config, config_text(dir.path(), extra)).unwrap();
+        let mut agent = Self {
+            socket: dir.path().join("api.sock"),
+            data_dir: dir.path().join("data"),
+            log: dir.path().join("spiffed.log"),
+            config,
+            dir,
+            child: None,
+            bin: bin.to_owned(),
+        };
+        agent.spawn();
+        agent
+    }
+
+    /// Starts the process again (after [`Agent::stop`]) on the same directory.
+    pub fn spawn(&mut self) {
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
+        let child = Command::new(&self.bin)
+            .arg("run")
+            .arg("--config")
+            .arg(&self.config)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while std::os::unix::net::UnixStream::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!(
+                    "spiffed exited with {status} before serving:\n{}",
+                    self.logs()
+                );
+            }
+            assert!(
+                Instant::now() < deadline,
+                "spiffed did not serve within 15s:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The pid of the running agent.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends a signal to the agent.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} failed");
+    }
+
+    /// SIGTERM, then waits (SIGKILL after 10s). Returns the exit status.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("agent not running");
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(child.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "spiffed did not stop within 10s of SIGTERM:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// What the agent logged so far.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        if let Ok(mut f) = fs::File::open(&self.log) {
+            let _ = f.read_to_string(&mut s);
+        }
+        s
+    }
+
+    /// A raw generated Workload API client on a fresh connection.
+    pub async fn client(&self) -> SpiffeWorkloadApiClient<Channel> {
+        raw_client(&self.socket).await
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A channel over the Unix socket at `path` (one connection).
+pub async fn channel(path: &Path) -> Channel {
+    let path = path.to_owned();
+    Endpoint::try_from("http://localhost")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
+        }))
+        .await
+        .unwrap()
+}
+
+/// A raw generated client over the Unix socket at `path`.
+pub async fn raw_client(path: &Path) -> SpiffeWorkloadApiClient<Channel> {
+    SpiffeWorkloadApiClient::new(channel(path).await)
+}
+
+/// Wraps a message in a request that carries the security header.
+pub fn with_header<T>(msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("workload.spiffe.io", "true".parse().unwrap());
+    r
+}
+
+/// The uid the tests run as.
+pub fn my_uid() -> u32 {
+    rustix::process::getuid().as_raw()
+}

@@ -1,0 +1,480 @@
+//! The client commands: `spiffed api ...` and `spiffed healthcheck`.
+//!
+//! These talk to a Workload API socket the way a workload does, through the `spiffe` crate's
+//! [`WorkloadApiClient`] (which sends the `workload.spiffe.io: true` header on every call), and
+//! print what they got for people (text) or scripts (`--output json`). Private keys are never
+//! printed; they only reach disk through `--write DIR`, in files of mode 0600.
+//!
+//! Data flow: [`address`] resolves `--socket` / `SPIFFE_ENDPOINT_SOCKET` / the default into a
+//! socket path; [`connect`] opens the client and turns failures into a [`ClientError`] that says
+//! what to do; [`report`] turns an X.509 context or bundle set into text or JSON; [`files`]
+//! writes PEM files atomically; [`watch`] streams, reconnecting with backoff; [`health`] asks
+//! the standard gRPC health service.
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "the CLI's output"
+)]
+
+mod address;
+mod files;
+mod health;
+mod report;
+mod watch;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use spiffe::transport::{Endpoint, TransportError};
+use spiffe::{WorkloadApiClient, WorkloadApiError};
+
+pub(crate) use address::{AddressError, SocketAddress};
+pub(crate) use report::{BundlesReport, X509Report};
+
+/// Exit code for a usage error, such as an invalid socket address (sysexits `EX_USAGE`).
+const EX_USAGE: u8 = 64;
+
+/// How long a one-shot command waits for the agent by default.
+const DEFAULT_TIMEOUT: &str = "5s";
+
+/// How the client commands print what they received.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum OutputFormat {
+    /// Readable text.
+    Text,
+    /// JSON: one object for `fetch`, one object per line for `watch`.
+    Json,
+}
+
+/// Where the Workload API is and how to print: shared by `spiffed api ...` and
+/// `spiffed healthcheck`.
+#[derive(clap::Args, Debug, Clone)]
+pub(crate) struct EndpointArgs {
+    /// Workload API socket: a path or a unix:// URI. Default: $SPIFFE_ENDPOINT_SOCKET, else
+    /// /run/spiffed/public/api.sock.
+    #[arg(long, global = true, value_name = "SOCKET")]
+    pub(crate) socket: Option<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    pub(crate) output: OutputFormat,
+    /// How long to wait for the agent: to connect and receive the first answer (for `watch`,
+    /// on each connection attempt).
+    #[arg(
+        long,
+        global = true,
+        default_value = DEFAULT_TIMEOUT,
+        value_parser = humantime::parse_duration,
+        value_name = "DURATION"
+    )]
+    pub(crate) timeout: Duration,
+}
+
+/// `spiffed api ...`: a Workload API client for people and scripts.
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum ApiCommand {
+    /// Fetch identities or bundles once and print them.
+    Fetch(FetchArgs),
+    /// Stream X.509 contexts: print each update, optionally write files and run a command.
+    Watch(WatchArgs),
+    // Extension point: `Validate(ValidateArgs)` (`api validate jwt`) comes with JWT support.
+}
+
+/// `spiffed api fetch ...`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct FetchArgs {
+    /// What to fetch.
+    #[command(subcommand)]
+    pub(crate) what: FetchCommand,
+}
+
+/// What `spiffed api fetch` fetches.
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum FetchCommand {
+    /// Fetch this process's X.509-SVIDs and the trust bundles that come with them.
+    #[command(name = "x509")]
+    X509(FetchX509Args),
+    /// Fetch the X.509 trust bundles, per trust domain.
+    Bundles,
+    // Extension point: `Jwt(FetchJwtArgs)` (`api fetch jwt --audience A`) comes with JWT support.
+}
+
+/// `spiffed api fetch x509`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct FetchX509Args {
+    /// Write svid.N.pem (chain, leaf first), svid.N.key (PKCS#8, mode 0600) and bundle.N.pem
+    /// for each SVID N into DIR, atomically. DIR is created if missing.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) write: Option<PathBuf>,
+}
+
+/// `spiffed api watch`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct WatchArgs {
+    /// On every update, write svid.N.pem, svid.N.key (mode 0600) and bundle.N.pem into DIR,
+    /// atomically. Files of SVIDs that are gone are removed.
+    #[arg(long, value_name = "DIR")]
+    pub(crate) write: Option<PathBuf>,
+    /// After every update (and after the files are written, with --write), run `sh -c CMD`.
+    /// Its exit status is logged; a failing command does not stop the watch.
+    #[arg(long, value_name = "CMD")]
+    pub(crate) exec: Option<String>,
+}
+
+/// Why a client command failed. Each message names the thing that failed and, where there is
+/// one, the fix.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ClientError {
+    /// The socket address given is not one this client can use.
+    #[error(transparent)]
+    Address(#[from] AddressError),
+
+    /// Nothing exists at the socket path.
+    #[error(
+        "no Workload API socket at {}: is spiffed running? (`spiffed dev` prints the socket to \
+         export)",
+        path.display()
+    )]
+    NoSocket {
+        /// The socket path.
+        path: PathBuf,
+    },
+
+    /// Something other than a socket exists at the socket path.
+    #[error("{} is not a socket: pass the agent's socket with --socket", path.display())]
+    NotASocket {
+        /// The socket path.
+        path: PathBuf,
+    },
+
+    /// The socket exists but nothing accepts connections on it.
+    #[error(
+        "nothing accepts connections on {} (a stale socket file?): is spiffed running?",
+        path.display()
+    )]
+    NotListening {
+        /// The socket path.
+        path: PathBuf,
+    },
+
+    /// The socket (or a directory on its path) does not let this user connect.
+    #[error(
+        "permission denied connecting to {} as uid {uid}: the socket's mode or its directory \
+         does not let this user in (see socket_mode in the agent's config)",
+        path.display()
+    )]
+    SocketAccessDenied {
+        /// The socket path.
+        path: PathBuf,
+        /// This process's uid.
+        uid: u32,
+    },
+
+    /// Connecting failed for another reason.
+    #[error("cannot connect to the Workload API at {}: {source}", path.display())]
+    Connect {
+        /// The socket path.
+        path: PathBuf,
+        /// What the transport said.
+        #[source]
+        source: WorkloadApiError,
+    },
+
+    /// The agent answered, but issues no identity to this process.
+    #[error(
+        "no identity issued for this process (uid {uid}): no registration entry matches it; \
+         see `spiffed explain --pid PID` with the pid of a running process of this workload"
+    )]
+    NoIdentityIssued {
+        /// This process's uid.
+        uid: u32,
+    },
+
+    /// The agent denied the call for a reason other than "no identity issued".
+    #[error("the Workload API at {} denied the call: {message}", path.display())]
+    PermissionDenied {
+        /// The socket path.
+        path: PathBuf,
+        /// The agent's message.
+        message: String,
+    },
+
+    /// The agent rejected the request as invalid (gRPC `InvalidArgument`); retrying cannot help.
+    #[error(
+        "the Workload API at {} rejected the request as invalid: {source} (is it a SPIFFE \
+         Workload API, with nothing in between that strips the workload.spiffe.io header?)",
+        path.display()
+    )]
+    Rejected {
+        /// The socket path.
+        path: PathBuf,
+        /// The rejection.
+        #[source]
+        source: WorkloadApiError,
+    },
+
+    /// Any other failure of a Workload API call, or a malformed answer.
+    #[error("the Workload API at {} failed: {source}", path.display())]
+    Api {
+        /// The socket path.
+        path: PathBuf,
+        /// What the client said.
+        #[source]
+        source: WorkloadApiError,
+    },
+
+    /// The agent ended a stream without an error.
+    #[error("the Workload API at {} ended the stream", path.display())]
+    StreamEnded {
+        /// The socket path.
+        path: PathBuf,
+    },
+
+    /// No answer within `--timeout`.
+    #[error(
+        "no answer from the Workload API at {} within {}: raise --timeout or check the agent's \
+         logs",
+        path.display(),
+        humantime::format_duration(*after)
+    )]
+    Timeout {
+        /// The socket path.
+        path: PathBuf,
+        /// The timeout that passed.
+        after: Duration,
+    },
+
+    /// A certificate the agent sent could not be read for display.
+    #[error("cannot read a certificate from the agent: {0}")]
+    Certificate(String),
+
+    /// Writing `--write` files failed.
+    #[error(transparent)]
+    Write(#[from] files::WriteError),
+}
+
+impl ClientError {
+    /// The process exit code for this error: 64 for usage errors, 1 otherwise.
+    pub(crate) fn exit_code(&self) -> ExitCode {
+        match self {
+            Self::Address(_) => ExitCode::from(EX_USAGE),
+            _ => ExitCode::FAILURE,
+        }
+    }
+
+    /// Whether `api watch` should reconnect after this error. `InvalidArgument` is final
+    /// (CONFORMANCE item 22), and so is a bad address; everything else may heal.
+    pub(crate) fn is_retryable(&self) -> bool {
+        !matches!(self, Self::Rejected { .. } | Self::Address(_))
+    }
+
+    /// Classifies a failed Workload API call on `path`.
+    pub(crate) fn from_api(path: &Path, err: WorkloadApiError) -> Self {
+        let path = path.to_path_buf();
+        if err.is_invalid_argument() {
+            return Self::Rejected { path, source: err };
+        }
+        match err {
+            WorkloadApiError::NoIdentityIssued => Self::NoIdentityIssued { uid: my_uid() },
+            WorkloadApiError::PermissionDenied(message) => Self::PermissionDenied { path, message },
+            err @ WorkloadApiError::Transport(TransportError::Connect(_)) => {
+                match find_io_error(&err).map(std::io::Error::kind) {
+                    Some(std::io::ErrorKind::NotFound) => Self::NoSocket { path },
+                    Some(std::io::ErrorKind::ConnectionRefused) => Self::NotListening { path },
+                    Some(std::io::ErrorKind::PermissionDenied) => Self::SocketAccessDenied {
+                        path,
+                        uid: my_uid(),
+                    },
+                    _ => Self::Connect { path, source: err },
+                }
+            }
+            err => Self::Api { path, source: err },
+        }
+    }
+}
+
+/// The real uid of this process, for messages.
+fn my_uid() -> u32 {
+    rustix::process::getuid().as_raw()
+}
+
+/// The first `std::io::Error` in an error's source chain, if any.
+fn find_io_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
+    let mut current = Some(err);
+    while let Some(e) = current {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return Some(io);
+        }
+        current = e.source();
+    }
+    None
+}
+
+/// Prints an error the way every spiffed command does and returns its exit code.
+fn fail(err: &ClientError) -> ExitCode {
+    eprintln!("spiffed: error: {err}");
+    err.exit_code()
+}
+
+/// Reads `SPIFFE_ENDPOINT_SOCKET` and resolves the socket from the flag, that, or the default.
+fn resolve_endpoint(endpoint: &EndpointArgs) -> Result<SocketAddress, ClientError> {
+    let env = address::read_env()?;
+    Ok(address::resolve(
+        endpoint.socket.as_deref(),
+        env.as_deref(),
+    )?)
+}
+
+/// Checks the socket path before connecting, so a missing agent gets a clear message.
+fn check_socket_file(path: &Path) -> Result<(), ClientError> {
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ClientError::NoSocket {
+            path: path.to_path_buf(),
+        }),
+        Ok(meta) if !meta.file_type().is_socket() => Err(ClientError::NotASocket {
+            path: path.to_path_buf(),
+        }),
+        // Permission problems on the way are reported by connect, with the same kind.
+        _ => Ok(()),
+    }
+}
+
+/// Connects a Workload API client to the socket.
+pub(crate) async fn connect(addr: &SocketAddress) -> Result<WorkloadApiClient, ClientError> {
+    check_socket_file(&addr.path)?;
+    WorkloadApiClient::connect(Endpoint::Unix(addr.path.clone()))
+        .await
+        .map_err(|e| ClientError::from_api(&addr.path, e))
+}
+
+/// Runs `fut` within `timeout`, turning a timeout into [`ClientError::Timeout`].
+async fn within<T>(
+    addr: &SocketAddress,
+    timeout: Duration,
+    fut: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(timeout, fut)
+        .await
+        .unwrap_or_else(|_elapsed| {
+            Err(ClientError::Timeout {
+                path: addr.path.clone(),
+                after: timeout,
+            })
+        })
+}
+
+/// Fetches the X.509 context once and summarizes it. With no `timeout`, the caller bounds it.
+async fn fetch_x509(
+    addr: &SocketAddress,
+) -> Result<(spiffe::X509Context, X509Report), ClientError> {
+    let started = tokio::time::Instant::now();
+    let client = connect(addr).await?;
+    let context = client
+        .fetch_x509_context()
+        .await
+        .map_err(|e| ClientError::from_api(&addr.path, e))?;
+    let report = X509Report::from_context(&context, Some(started.elapsed()))?;
+    Ok((context, report))
+}
+
+/// Fetches the X.509 bundles once and summarizes them.
+async fn fetch_bundles(addr: &SocketAddress) -> Result<BundlesReport, ClientError> {
+    let started = tokio::time::Instant::now();
+    let client = connect(addr).await?;
+    let bundles = client
+        .fetch_x509_bundles()
+        .await
+        .map_err(|e| ClientError::from_api(&addr.path, e))?;
+    // Extension point: JWT authorities join here (fetch_jwt_bundles) with JWT support.
+    BundlesReport::from_x509(&bundles, Some(started.elapsed()))
+}
+
+/// Used by `spiffed dev` to prove its socket works: fetch once and render as `api fetch x509`
+/// would. `socket` is a path or a `unix:` URI. The caller bounds the time it may take.
+pub(crate) async fn fetch_x509_report(socket: &str) -> anyhow::Result<X509Report> {
+    let addr = address::resolve(Some(socket), None)?;
+    let (_context, report) = fetch_x509(&addr).await?;
+    Ok(report)
+}
+
+/// Prints a report as text or as one JSON object on one line.
+fn print_report(output: OutputFormat, text: &str, json: &serde_json::Value) {
+    match output {
+        OutputFormat::Text => println!("{text}"),
+        OutputFormat::Json => println!("{json}"),
+    }
+}
+
+/// `spiffed api ...`.
+pub(crate) async fn run_api(endpoint: &EndpointArgs, cmd: ApiCommand) -> anyhow::Result<ExitCode> {
+    let addr = match resolve_endpoint(endpoint) {
+        Ok(addr) => addr,
+        Err(e) => return Ok(fail(&e)),
+    };
+    let result = match cmd {
+        ApiCommand::Fetch(FetchArgs {
+            what: FetchCommand::X509(args),
+        }) => run_fetch_x509(&addr, endpoint, &args).await,
+        ApiCommand::Fetch(FetchArgs {
+            what: FetchCommand::Bundles,
+        }) => within(&addr, endpoint.timeout, fetch_bundles(&addr))
+            .await
+            .map(|report| {
+                print_report(endpoint.output, &report.render_text(), &report.to_json());
+                ExitCode::SUCCESS
+            }),
+        ApiCommand::Watch(args) => {
+            watch::run(&addr, &args, endpoint.output, endpoint.timeout).await
+        }
+    };
+    Ok(result.unwrap_or_else(|e| fail(&e)))
+}
+
+/// `spiffed api fetch x509`.
+async fn run_fetch_x509(
+    addr: &SocketAddress,
+    endpoint: &EndpointArgs,
+    args: &FetchX509Args,
+) -> Result<ExitCode, ClientError> {
+    let (context, report) = within(addr, endpoint.timeout, fetch_x509(addr)).await?;
+    if let Some(dir) = &args.write {
+        let written = files::write_x509_context(dir, &context)?;
+        eprintln!(
+            "spiffed: wrote {} file(s) to {}",
+            written.len(),
+            dir.display()
+        );
+    }
+    print_report(endpoint.output, &report.render_text(), &report.to_json());
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `spiffed healthcheck`: exit 0 when an agent serves on the socket, 1 otherwise.
+pub(crate) async fn run_healthcheck(endpoint: &EndpointArgs) -> anyhow::Result<ExitCode> {
+    let addr = match resolve_endpoint(endpoint) {
+        Ok(addr) => addr,
+        Err(e) => return Ok(fail(&e)),
+    };
+    let outcome = match within(&addr, endpoint.timeout, health::check(&addr)).await {
+        Ok(outcome) => outcome,
+        Err(e) => {
+            if endpoint.output == OutputFormat::Json {
+                println!("{}", health::failure_json(&addr, &e));
+            }
+            return Ok(fail(&e));
+        }
+    };
+    match endpoint.output {
+        OutputFormat::Json => println!("{}", outcome.to_json(&addr)),
+        OutputFormat::Text if outcome.is_serving() => {
+            println!("spiffed is serving on {}", addr.path.display());
+        }
+        OutputFormat::Text => eprintln!("spiffed: {}", outcome.describe(&addr)),
+    }
+    Ok(if outcome.is_serving() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

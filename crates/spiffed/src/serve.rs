@@ -1,0 +1,300 @@
+//! `spiffed run` and `spiffed dev`: logging, signals, reload, and dev mode's self-check.
+#![allow(
+    clippy::print_stdout,
+    clippy::print_stderr,
+    reason = "the banner and fatal errors are the CLI's output"
+)]
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context;
+use spiffed_agent::config::{Config, LogFormat, LogLevel};
+use spiffed_core::TrustDomain;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::EX_USAGE;
+
+/// Prints a fatal error for a person.
+pub(crate) fn fatal(msg: &str) {
+    eprintln!("spiffed: error: {msg}");
+}
+
+/// Options of `spiffed dev`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct DevArgs {
+    /// Socket path. Default: $XDG_RUNTIME_DIR/spiffed/dev.sock, else /tmp/spiffed-UID/dev.sock.
+    #[arg(long, value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Trust domain of the embedded CA.
+    #[arg(long, value_name = "TD", default_value = "dev.local")]
+    trust_domain: String,
+    /// Where the CA is kept. Default: $XDG_STATE_HOME/spiffed/dev, else ~/.local/state/spiffed/dev.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// Lifetime of X.509-SVIDs (they are re-sent at half of it).
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    x509_svid_ttl: Duration,
+    /// Log format on stderr.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: DevLogFormat,
+    /// Stop after the self-check fetch has succeeded (for scripts and first tries).
+    #[arg(long)]
+    once: bool,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum DevLogFormat {
+    Text,
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let d = humantime_parse(s)?;
+    if d.is_zero() {
+        return Err("must be greater than zero, e.g. 10m".into());
+    }
+    Ok(d)
+}
+
+fn humantime_parse(s: &str) -> Result<Duration, String> {
+    s.parse::<humantime::Duration>()
+        .map(Into::into)
+        .map_err(|e| format!("{e}; write e.g. 90s, 10m or 1h"))
+}
+
+fn init_logging(level: LogLevel, format: LogFormat) {
+    let level = level.as_str();
+    let filter = tracing_subscriber::EnvFilter::new(format!(
+        "warn,spiffed={level},spiffed_agent={level},spiffed_attest={level},\
+         spiffed_authority={level},spiffed_entries={level},spiffed_workload_api={level}"
+    ));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// `spiffed run --config FILE`.
+pub(crate) async fn run(path: &Path) -> anyhow::Result<ExitCode> {
+    let cfg = match Config::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("spiffed: invalid configuration\n{e}");
+            return Ok(ExitCode::from(EX_USAGE));
+        }
+    };
+    init_logging(cfg.log_level, cfg.log_format);
+    serve(cfg, Some(path.to_owned()), None, false).await
+}
+
+/// Dev mode's self-check: what to do once the socket serves.
+type OnReady = Box<dyn FnOnce(PathBuf) -> tokio::task::JoinHandle<bool> + Send>;
+
+async fn serve(
+    cfg: Config,
+    reload_from: Option<PathBuf>,
+    on_ready: Option<OnReady>,
+    once: bool,
+) -> anyhow::Result<ExitCode> {
+    tracing::info!(config = %cfg.summary(), "starting");
+    let bound = match spiffed_agent::build(cfg) {
+        Ok(b) => b,
+        Err(e) => {
+            fatal(&e.to_string());
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let socket = bound.socket_path().to_owned();
+    let entries = bound.entries_handle();
+    let old = bound.config().clone();
+
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
+
+    // SIGHUP: reload the file's entries; a bad file keeps the running config.
+    if let Some(path) = reload_from {
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match Config::load(&path) {
+                    Ok(new) => {
+                        if new.trust_domain != old.trust_domain
+                            || new.socket_path != old.socket_path
+                            || new.data_dir != old.data_dir
+                        {
+                            tracing::warn!(
+                                "trust_domain, socket_path and data_dir changes need a restart; reloading entries only"
+                            );
+                        }
+                        let n = new.entries.len();
+                        if entries.replace(new.entries) {
+                            tracing::info!(entries = n, file = %path.display(), "configuration reloaded");
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload failed; keeping the running configuration");
+                    }
+                }
+            }
+        });
+    }
+
+    let check = on_ready.map(|f| f(socket));
+    let stopper = stop_tx.clone();
+    let shutdown = async move {
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM received"),
+            _ = int.recv() => tracing::info!("SIGINT received"),
+            _ = stop_rx.wait_for(|s| *s) => {}
+        }
+    };
+    let mut failed = false;
+    let run = bound.run(shutdown);
+    tokio::pin!(run);
+    let result = if let Some(check) = check {
+        tokio::select! {
+            r = &mut run => r,
+            ok = check => {
+                let ok = ok.unwrap_or(false);
+                failed = !ok;
+                if !ok || once {
+                    let _ = stopper.send(true);
+                }
+                run.await
+            }
+        }
+    } else {
+        run.await
+    };
+    drop(stop_tx);
+    match result {
+        Ok(()) if failed => Ok(ExitCode::FAILURE),
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(e) => {
+            fatal(&e.to_string());
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+fn env_dir(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+}
+
+/// `spiffed dev`.
+pub(crate) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
+    let uid = rustix::process::getuid().as_raw();
+    let td = match TrustDomain::new(&args.trust_domain) {
+        Ok(td) if !args.trust_domain.contains(':') => td,
+        _ => {
+            eprintln!(
+                "spiffed: --trust-domain {:?} is not a trust domain name (lowercase letters, \
+                 digits, '.', '-', '_'; e.g. dev.local)",
+                args.trust_domain
+            );
+            return Ok(ExitCode::from(EX_USAGE));
+        }
+    };
+    let socket = args
+        .socket
+        .clone()
+        .unwrap_or_else(|| match env_dir("XDG_RUNTIME_DIR") {
+            Some(d) if d.is_dir() => d.join("spiffed").join("dev.sock"),
+            _ => PathBuf::from(format!("/tmp/spiffed-{uid}/dev.sock")),
+        });
+    if !socket.is_absolute() {
+        eprintln!("spiffed: --socket must be an absolute path, e.g. /tmp/spiffed/dev.sock");
+        return Ok(ExitCode::from(EX_USAGE));
+    }
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| {
+        env_dir("XDG_STATE_HOME")
+            .or_else(|| env_dir("HOME").map(|h| h.join(".local").join("state")))
+            .map(|d| d.join("spiffed").join("dev"))
+            .unwrap_or_else(|| PathBuf::from(format!("/tmp/spiffed-{uid}/state")))
+    });
+    // The socket's directory must be ours: anyone who owns it could swap the socket.
+    if let Some(dir) = socket.parent()
+        && let Ok(meta) = std::fs::metadata(dir)
+        && meta.uid() != uid
+        && args.socket.is_none()
+    {
+        anyhow::bail!(
+            "{} belongs to uid {}, not to you (uid {uid}); pass --socket with a path in a \
+             directory you own",
+            dir.display(),
+            meta.uid()
+        );
+    }
+
+    let mut cfg = Config::with_defaults(td.clone());
+    cfg.socket_path = socket.clone();
+    cfg.socket_mode = 0o600;
+    cfg.data_dir = data_dir.clone();
+    cfg.synthetic_ids = true;
+    cfg.x509_svid_ttl = args.x509_svid_ttl;
+    if cfg.x509_svid_ttl > cfg.ca_ttl {
+        cfg.ca_ttl = cfg.x509_svid_ttl * 2;
+    }
+    init_logging(
+        LogLevel::Info,
+        match args.log_format {
+            DevLogFormat::Json => LogFormat::Json,
+            DevLogFormat::Text => LogFormat::Text,
+        },
+    );
+
+    let once = args.once;
+    let on_ready: OnReady = Box::new(move |socket: PathBuf| {
+        tokio::spawn(async move {
+            println!("spiffed dev: serving the SPIFFE Workload API (trust domain {td})");
+            println!("  socket:   {}", socket.display());
+            println!("  data dir: {}", data_dir.display());
+            println!();
+            println!("export SPIFFE_ENDPOINT_SOCKET=unix://{}", socket.display());
+            println!();
+            let endpoint = format!("unix://{}", socket.display());
+            match tokio::time::timeout(
+                Duration::from_secs(10),
+                crate::client::fetch_x509_report(&endpoint),
+            )
+            .await
+            {
+                Ok(Ok(report)) => {
+                    println!(
+                        "Self-check: fetched an X.509-SVID through the socket. A workload of uid {uid} receives:"
+                    );
+                    println!("{}", report.render_text());
+                    if !once {
+                        println!("Serving. Ctrl-C stops.");
+                    }
+                    true
+                }
+                Ok(Err(e)) => {
+                    fatal(&format!(
+                        "self-check failed: fetching an SVID through {} did not work: {e:#}",
+                        socket.display()
+                    ));
+                    false
+                }
+                Err(_) => {
+                    fatal(&format!(
+                        "self-check failed: no SVID from {} within 10s",
+                        socket.display()
+                    ));
+                    false
+                }
+            }
+        })
+    });
+    serve(cfg, None, Some(on_ready), once).await
+}

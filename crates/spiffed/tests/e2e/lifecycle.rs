@@ -1,0 +1,130 @@
+//! Start-up, restart, shutdown and configuration errors of the real binary.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+use std::time::Duration;
+
+use spiffed_proto::workload::{X509BundlesRequest, X509svidRequest};
+use spiffed_test_support::{Agent, with_header};
+
+use crate::{agent_for_me, bin};
+
+async fn bundle(agent: &Agent) -> Vec<u8> {
+    let mut c = agent.client().await;
+    let mut s = c
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let m = s.message().await.unwrap().unwrap();
+    m.bundles.get("spiffe://example.org").unwrap().clone()
+}
+
+#[tokio::test]
+async fn restart_keeps_the_bundle_and_the_ca_key_is_private() {
+    let mut agent = agent_for_me("");
+    let before = bundle(&agent).await;
+    let ca = agent.data_dir.join("ca.json");
+    assert_eq!(
+        std::fs::metadata(&ca).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert!(agent.stop().success());
+    assert!(!agent.socket.exists(), "socket removed at shutdown");
+    agent.spawn();
+    assert_eq!(bundle(&agent).await, before);
+    // Key material never reaches the log.
+    let logs = agent.logs();
+    assert!(
+        !logs.contains("PRIVATE KEY") && !logs.contains("\"key\""),
+        "{logs}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_ends_open_streams_and_removes_the_socket() {
+    let mut agent = agent_for_me("");
+    let mut c = agent.client().await;
+    let mut stream = c
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().unwrap();
+    let status = agent.stop();
+    assert!(status.success(), "exit status {status}:\n{}", agent.logs());
+    // The stream ended (cleanly or with an error), it did not hang.
+    let end = tokio::time::timeout(Duration::from_secs(2), stream.message()).await;
+    assert!(
+        !matches!(end, Ok(Ok(Some(_)))),
+        "stream still delivering after shutdown"
+    );
+    assert!(!agent.socket.exists());
+}
+
+#[tokio::test]
+async fn stale_socket_is_replaced_and_a_live_one_is_refused() {
+    let mut agent = agent_for_me("");
+    // A second agent on the same socket is refused while the first lives.
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&agent.config)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another process is serving on"), "{err}");
+    // kill -9 leaves the socket file behind; the next start replaces it.
+    agent.signal("KILL");
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(agent.socket.exists());
+    agent.spawn();
+    assert!(!bundle(&agent).await.is_empty());
+}
+
+#[test]
+fn config_errors_name_the_line_and_exit_64() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(
+        &cfg,
+        "trust_domain = \"example.org\"\n\n[[entries]]\nspiffe_id = \"spiffe://other.org/web\"\nselectors = [\"unix:uid:1\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.toml:4"), "{err}");
+    assert!(err.contains("spiffe_id"), "{err}");
+}
+
+#[tokio::test]
+async fn reflection_is_served_without_the_security_header() {
+    use tonic_reflection::pb::v1::ServerReflectionRequest;
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
+
+    let agent = agent_for_me("");
+    let mut client =
+        ServerReflectionClient::new(spiffed_test_support::channel(&agent.socket).await);
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut resp = client
+        .server_reflection_info(tokio_stream::iter(vec![req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let msg = resp.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = msg.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"SpiffeWorkloadAPI"), "{names:?}");
+}
