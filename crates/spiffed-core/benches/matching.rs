@@ -1,0 +1,65 @@
+//! Selector matching over 10,000 entries.
+//!
+//! `cargo bench -p spiffed-core --bench matching`
+#![allow(missing_docs, clippy::unwrap_used, reason = "benchmark")]
+
+use std::hint::black_box;
+use std::sync::Arc;
+
+use criterion::{Criterion, criterion_group, criterion_main};
+use spiffed_core::{Entry, EntryId, EntrySet, Selectors};
+
+fn set(n: u32) -> EntrySet {
+    let entries = (0..n)
+        .map(|i| {
+            // Realistic shape: every entry keys on a uid (1,000 distinct) and half add a path.
+            let mut selectors = vec![format!("unix:uid:{}", 1000 + i % 1000).parse().unwrap()];
+            if i % 2 == 0 {
+                selectors.push(format!("unix:path:/usr/bin/app{i}").parse().unwrap());
+            }
+            selectors.sort();
+            Arc::new(Entry {
+                id: EntryId::new(format!("entry-{i:08}")),
+                spiffe_id: format!("spiffe://example.org/app{i}").parse().unwrap(),
+                selectors,
+                x509_svid_ttl: None,
+                jwt_svid_ttl: None,
+                hint: None,
+                dns_names: vec![],
+            })
+        })
+        .collect();
+    EntrySet::new(entries, 1)
+}
+
+fn caller(uid: u32, path: &str) -> Selectors {
+    [
+        format!("unix:uid:{uid}"),
+        format!("unix:gid:{uid}"),
+        format!("unix:user:u{uid}"),
+        format!("unix:path:{path}"),
+        "unix:supplementary_gid:27".to_owned(),
+    ]
+    .iter()
+    .map(|s| s.parse().unwrap())
+    .collect()
+}
+
+fn bench(c: &mut Criterion) {
+    let set = set(10_000);
+    let hit = caller(1004, "/usr/bin/app4");
+    let miss = caller(99_999, "/bin/none");
+    c.bench_function("match_10k_entries_hit", |b| {
+        b.iter(|| black_box(set.matching(black_box(&hit))));
+    });
+    c.bench_function("match_10k_entries_miss", |b| {
+        b.iter(|| black_box(set.matching(black_box(&miss))));
+    });
+    c.bench_function("index_10k_entries", |b| {
+        let entries: Vec<_> = set.entries().to_vec();
+        b.iter(|| black_box(EntrySet::new(entries.clone(), 2)));
+    });
+}
+
+criterion_group!(benches, bench);
+criterion_main!(benches);
