@@ -1,4 +1,4 @@
-//! Compiles `proto/workload.proto` with protox (a pure-Rust protobuf compiler), so no system
+//! Compiles `proto/workload.proto` and `proto/admin.proto` with protox (a pure-Rust protobuf compiler), so no system
 //! `protoc` is needed, and writes the descriptor set that gRPC reflection serves.
 
 use std::path::PathBuf;
@@ -15,5 +15,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+    let admin = protox::compile(["admin.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(admin)?;
     Ok(())
 }

@@ -10,12 +10,15 @@ use std::time::Duration;
 
 use spiffed_attest::{AttestOptions, UnixAttestor};
 use spiffed_authority::{AuthorityConfig, CaAuthority};
+use spiffed_core::EntrySet;
 use spiffed_entries::EntrySource;
+use spiffed_entries::store::Store;
 use spiffed_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use spiffed_workload_api::WorkloadApi;
 use tokio::net::UnixListener;
 use tokio::sync::{Notify, watch};
 
+use crate::admin::{AdminService, Directory, Reloader};
 use crate::config::Config;
 
 /// How long open streams get to finish after shutdown starts.
@@ -47,6 +50,9 @@ pub enum AgentError {
         /// The OS error.
         source: io::Error,
     },
+    /// The entry store could not be opened (corrupt, unreadable, too new).
+    #[error(transparent)]
+    Store(#[from] spiffed_entries::store::StoreError),
     /// The CA could not be loaded or created.
     #[error(transparent)]
     Authority(#[from] spiffed_authority::Error),
@@ -67,9 +73,11 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Age
 pub struct Bound {
     cfg: Config,
     listener: UnixListener,
+    admin_listener: UnixListener,
     authority: CaAuthority,
     entries: EntrySource,
     api: WorkloadApi,
+    admin: AdminService,
 }
 
 impl std::fmt::Debug for Bound {
@@ -121,12 +129,22 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         x509_svid_ttl: cfg.x509_svid_ttl,
         jwt_svid_ttl: cfg.jwt_svid_ttl,
     })?;
-    let entries = EntrySource::new(cfg.entries.clone());
-    let attestor = UnixAttestor::new(AttestOptions {
-        hash_executables: entries.current().uses_kind_key("unix:sha256"),
-    });
+    let store = Store::open(&cfg.data_dir.join("entries.sqlite"))?;
+    let mut all = cfg.entries.clone();
+    all.extend(store.list()?.into_iter().map(|s| s.entry));
+    let initial = EntrySet::new(all.iter().cloned().map(Arc::new).collect(), 0);
+    let attestor = Arc::new(UnixAttestor::new(AttestOptions {
+        hash_executables: initial.uses_kind_key("unix:sha256"),
+    }));
+    let entries = EntrySource::new(all);
+    let dir = Arc::new(Directory::new(
+        store,
+        cfg.entries.clone(),
+        entries.handle(),
+        attestor.clone(),
+    ));
     let api = WorkloadApi::new(
-        Arc::new(attestor),
+        attestor,
         Arc::new(authority.clone()),
         entries.subscribe(),
         cfg.synthetic_ids,
@@ -142,12 +160,46 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         fs::Permissions::from_mode(cfg.socket_mode),
     )
     .map_err(io_err("chmod", &cfg.socket_path))?;
+
+    // The admin socket is owner-only unless admin_uids names other (non-root) users, who then
+    // must be able to reach it; SO_PEERCRED decides either way.
+    let own_uid = rustix::process::getuid().as_raw();
+    let others = cfg.admin_uids.iter().any(|&u| u != 0 && u != own_uid);
+    let (admin_dir_mode, admin_mode) = if others {
+        (0o711, 0o666)
+    } else {
+        (0o700, 0o600)
+    };
+    prepare_socket_path(&cfg.admin_socket_path, Some(admin_dir_mode))?;
+    if let Some(parent) = cfg.admin_socket_path.parent() {
+        fs::set_permissions(parent, fs::Permissions::from_mode(admin_dir_mode))
+            .map_err(io_err("chmod", parent))?;
+    }
+    let admin_listener = UnixListener::bind(&cfg.admin_socket_path)
+        .map_err(io_err("bind", &cfg.admin_socket_path))?;
+    fs::set_permissions(
+        &cfg.admin_socket_path,
+        fs::Permissions::from_mode(admin_mode),
+    )
+    .map_err(io_err("chmod", &cfg.admin_socket_path))?;
+    let admin = AdminService {
+        dir,
+        td: cfg.trust_domain.clone(),
+        ca_ttl: cfg.ca_ttl,
+        admin_uids: cfg.admin_uids.clone(),
+        own_uid,
+        current: entries.subscribe(),
+        synthetic_ids: cfg.synthetic_ids,
+        config_file: cfg.source.as_ref().map(|p| p.display().to_string()),
+    };
     Ok(Bound {
         cfg,
         listener,
+        admin_listener,
         authority,
         entries,
         api,
+        admin,
     })
 }
 
@@ -157,9 +209,9 @@ impl Bound {
         &self.cfg.socket_path
     }
 
-    /// A handle for replacing the entries while the agent runs (config reload).
-    pub fn entries_handle(&self) -> spiffed_entries::EntryHandle {
-        self.entries.handle()
+    /// A handle for replacing the config file's entries while the agent runs (SIGHUP).
+    pub fn reloader(&self) -> Reloader {
+        Reloader(self.admin.dir.clone())
     }
 
     /// The configuration the agent runs with.
@@ -173,9 +225,11 @@ impl Bound {
         let Self {
             cfg,
             listener,
+            admin_listener,
             authority,
             entries,
             api,
+            admin,
         } = self;
         let (stop_tx, stop_rx) = watch::channel(false);
         let rotation = tokio::spawn(authority.clone().run(stop_rx));
@@ -194,6 +248,7 @@ impl Bound {
             .map_err(|e| AgentError::Serve(e.to_string()))?;
 
         let draining = Arc::new(Notify::new());
+        let (admin_stop_tx, mut admin_stop_rx) = watch::channel(false);
         let signal = {
             let draining = draining.clone();
             async move {
@@ -202,9 +257,19 @@ impl Bound {
                 // Dropping the entry source ends every open stream (their watch closes).
                 drop(entries);
                 let _ = stop_tx.send(true);
+                let _ = admin_stop_tx.send(true);
                 draining.notify_one();
             }
         };
+        let admin_server = tonic::transport::Server::builder()
+            .add_service(admin.into_server())
+            .serve_with_incoming_shutdown(
+                spiffed_attest::listen::incoming(admin_listener),
+                async move {
+                    let _ = admin_stop_rx.wait_for(|s| *s).await;
+                },
+            );
+        let admin_task = tokio::spawn(admin_server);
         tracing::info!(
             socket = %cfg.socket_path.display(),
             trust_domain = %cfg.trust_domain,
@@ -223,9 +288,12 @@ impl Bound {
                 Ok(())
             }
         };
-        if let Err(e) = fs::remove_file(&cfg.socket_path) {
-            tracing::warn!(path = %cfg.socket_path.display(), error = %e, "could not remove the socket");
+        for path in [&cfg.socket_path, &cfg.admin_socket_path] {
+            if let Err(e) = fs::remove_file(path) {
+                tracing::warn!(path = %path.display(), error = %e, "could not remove the socket");
+            }
         }
+        admin_task.abort();
         rotation.abort();
         tracing::info!("stopped");
         result

@@ -15,8 +15,9 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod admin;
 mod agent;
 pub mod config;
 
+pub use admin::Reloader;
 pub use agent::{AgentError, Bound, build};
-pub use spiffed_entries::EntryHandle;

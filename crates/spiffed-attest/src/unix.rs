@@ -3,6 +3,8 @@
 use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::unistd::{Gid, Group, Uid, User};
 use spiffed_core::{AttestError, Attested, Attestor, PeerCred, Selector, SelectorError, Selectors};
@@ -28,7 +30,7 @@ pub struct AttestOptions {
 /// [`AttestError::ProcessGone`], so a process that inherited a connection never gets its exited
 /// parent's identity.
 pub struct UnixAttestor {
-    opts: AttestOptions,
+    hash_executables: AtomicBool,
     sha256: Sha256Cache,
 }
 
@@ -36,9 +38,15 @@ impl UnixAttestor {
     /// An attestor with an empty executable-hash cache.
     pub fn new(opts: AttestOptions) -> Self {
         Self {
-            opts,
+            hash_executables: AtomicBool::new(opts.hash_executables),
             sha256: Sha256Cache::default(),
         }
+    }
+
+    /// Turns executable hashing on or off, e.g. when entries with `unix:sha256` selectors are
+    /// added or removed at run time.
+    pub fn set_hash_executables(&self, on: bool) {
+        self.hash_executables.store(on, Ordering::Relaxed);
     }
 
     /// Number of executables whose SHA-256 is cached.
@@ -55,10 +63,34 @@ impl UnixAttestor {
 impl fmt::Debug for UnixAttestor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UnixAttestor")
-            .field("opts", &self.opts)
+            .field(
+                "hash_executables",
+                &self.hash_executables.load(Ordering::Relaxed),
+            )
             .field("sha256_cache_len", &self.sha256_cache_len())
             .finish()
     }
+}
+
+/// Credentials for a process named by pid, as `SO_PEERCRED` would give them had it connected:
+/// effective uid and gid from `/proc/PID/status`, and a pidfd pinning it. For `explain`.
+pub fn peer_cred_of_pid(pid: u32) -> io::Result<PeerCred> {
+    let pidfd = sys::pidfd_open(pid)?;
+    let status = procfs::read(pid, "status")?;
+    let field = |name: &str| -> io::Result<u32> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| io::Error::other(format!("/proc/{pid}/status has no {name} line")))
+    };
+    Ok(PeerCred {
+        pid: Some(pid),
+        uid: field("Uid:")?,
+        gid: field("Gid:")?,
+        pidfd: Some(Arc::new(pidfd)),
+    })
 }
 
 impl Attestor for UnixAttestor {
@@ -102,7 +134,7 @@ impl Attestor for UnixAttestor {
             None => tracing::debug!(pid, exe = %exe.display(), "executable path is not UTF-8"),
         }
 
-        if self.opts.hash_executables {
+        if self.hash_executables.load(Ordering::Relaxed) {
             let sha256 = procfs::open_exe(pid)
                 .and_then(|file| self.sha256.sha256(file))
                 .map_err(|e| proc.error("exe", e))?;

@@ -12,6 +12,8 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod store;
+
 use std::sync::{Arc, Weak};
 
 use spiffed_core::{Entry, EntrySet};

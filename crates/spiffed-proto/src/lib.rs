@@ -16,3 +16,9 @@ pub mod workload {
 /// The encoded `FileDescriptorSet` of `workload.proto`, for gRPC reflection.
 pub const WORKLOAD_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/workload_descriptor.bin"));
+
+/// spiffed's own administration API (package `spiffed.admin.v1`), served only on the admin
+/// socket: entry management and `explain`.
+pub mod admin {
+    include!(concat!(env!("OUT_DIR"), "/spiffed.admin.v1.rs"));
+}

@@ -32,6 +32,8 @@ pub struct Agent {
     pub data_dir: PathBuf,
     /// The stderr log file.
     pub log: PathBuf,
+    /// The admin socket.
+    pub admin_socket: PathBuf,
     child: Option<Child>,
     bin: PathBuf,
 }
@@ -59,6 +61,7 @@ impl Agent {
             socket: dir.path().join("api.sock"),
             data_dir: dir.path().join("data"),
             log: dir.path().join("spiffed.log"),
+            admin_socket: dir.path().join("admin").join("admin.sock"),
             config,
             dir,
             child: None,
@@ -68,8 +71,12 @@ impl Agent {
         agent
     }
 
-    /// Starts the process again (after [`Agent::stop`]) on the same directory.
+    /// Starts the process again (after [`Agent::stop`] or a kill) on the same directory.
     pub fn spawn(&mut self) {
+        if let Some(mut old) = self.child.take() {
+            let _ = old.kill();
+            let _ = old.wait();
+        }
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -105,6 +112,14 @@ impl Agent {
     /// The pid of the running agent.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL, and reap.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Sends a signal to the agent.
@@ -176,6 +191,13 @@ pub async fn channel(path: &Path) -> Channel {
         }))
         .await
         .unwrap()
+}
+
+/// An admin API client over the Unix socket at `path`.
+pub async fn admin_client(
+    path: &Path,
+) -> spiffed_proto::admin::entry_admin_client::EntryAdminClient<Channel> {
+    spiffed_proto::admin::entry_admin_client::EntryAdminClient::new(channel(path).await)
 }
 
 /// A raw generated client over the Unix socket at `path`.

@@ -25,5 +25,5 @@ mod jwt;
 mod service;
 mod status;
 
-pub use service::WorkloadApi;
+pub use service::{WorkloadApi, synthetic_entry};
 pub use status::ApiError;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::Stream;
 use spiffed_core::{
     Attested, Attestor, Authority, Entry, EntryId, EntrySet, Identity, Lease, PeerCred, Selector,
-    SpiffeId,
+    SpiffeId, TrustDomain,
 };
 use spiffed_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
@@ -67,6 +67,28 @@ fn check_header<T>(req: &Request<T>) -> Result<(), ApiError> {
     }
 }
 
+/// The synthetic identity dev mode gives a caller that matches no entry:
+/// `spiffe://TD/uid-UID/EXE_NAME`.
+pub fn synthetic_entry(td: &TrustDomain, attested: &Attested) -> Option<Arc<Entry>> {
+    let uid = attested.uid;
+    let exe = attested
+        .exe
+        .as_ref()
+        .and_then(|p| p.file_name())
+        .map(|n| id_segment(&n.to_string_lossy()))
+        .unwrap_or_else(|| "unknown".to_owned());
+    let spiffe_id = SpiffeId::new(format!("spiffe://{td}/uid-{uid}/{exe}")).ok()?;
+    Some(Arc::new(Entry {
+        id: EntryId::new(format!("synthetic/uid-{uid}/{exe}")),
+        spiffe_id,
+        selectors: Selector::unix("uid", uid).into_iter().collect(),
+        x509_svid_ttl: None,
+        jwt_svid_ttl: None,
+        hint: None,
+        dns_names: vec![],
+    }))
+}
+
 /// A path segment made of the characters SPIFFE IDs allow.
 fn id_segment(s: &str) -> String {
     let mut out: String = s
@@ -114,25 +136,7 @@ impl Shared {
     }
 
     fn synthetic(&self, caller: &Caller) -> Option<Arc<Entry>> {
-        let uid = caller.attested.uid;
-        let exe = caller
-            .attested
-            .exe
-            .as_ref()
-            .and_then(|p| p.file_name())
-            .map(|n| id_segment(&n.to_string_lossy()))
-            .unwrap_or_else(|| "unknown".to_owned());
-        let td = self.authority.trust_domain();
-        let spiffe_id = SpiffeId::new(format!("spiffe://{td}/uid-{uid}/{exe}")).ok()?;
-        Some(Arc::new(Entry {
-            id: EntryId::new(format!("synthetic/uid-{uid}/{exe}")),
-            spiffe_id,
-            selectors: Selector::unix("uid", uid).into_iter().collect(),
-            x509_svid_ttl: None,
-            jwt_svid_ttl: None,
-            hint: None,
-            dns_names: vec![],
-        }))
+        synthetic_entry(self.authority.trust_domain(), &caller.attested)
     }
 
     /// The caller's identities now; `NoIdentity` when there are none.
