@@ -7,9 +7,10 @@
 //!
 //! Data flow: [`address`] resolves `--socket` / `SPIFFE_ENDPOINT_SOCKET` / the default into a
 //! socket path; [`connect`] opens the client and turns failures into a [`ClientError`] that says
-//! what to do; [`report`] turns an X.509 context or bundle set into text or JSON; [`files`]
-//! writes PEM files atomically; [`watch`] streams, reconnecting with backoff; [`health`] asks
-//! the standard gRPC health service.
+//! what to do; [`report`] turns an X.509 context or bundle set into text or JSON; [`jwt`]
+//! fetches JWT-SVIDs and asks the agent to validate tokens; [`files`] writes PEM files
+//! atomically; [`watch`] streams, reconnecting with backoff; [`health`] asks the standard gRPC
+//! health service.
 #![allow(
     clippy::print_stdout,
     clippy::print_stderr,
@@ -19,6 +20,7 @@
 mod address;
 mod files;
 mod health;
+mod jwt;
 mod report;
 mod watch;
 
@@ -26,8 +28,8 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use spiffe::transport::{Endpoint, TransportError};
-use spiffe::{WorkloadApiClient, WorkloadApiError};
+use spiffe::transport::{Endpoint, GrpcStatusCode, TransportError};
+use spiffe::{SpiffeId, WorkloadApiClient, WorkloadApiError};
 
 pub(crate) use address::{AddressError, SocketAddress};
 pub(crate) use report::{BundlesReport, X509Report};
@@ -77,7 +79,8 @@ pub(crate) enum ApiCommand {
     Fetch(FetchArgs),
     /// Stream X.509 contexts: print each update, optionally write files and run a command.
     Watch(WatchArgs),
-    // Extension point: `Validate(ValidateArgs)` (`api validate jwt`) comes with JWT support.
+    /// Ask the agent whether a token is valid, and print its identity and claims.
+    Validate(ValidateArgs),
 }
 
 /// `spiffed api fetch ...`.
@@ -94,9 +97,70 @@ pub(crate) enum FetchCommand {
     /// Fetch this process's X.509-SVIDs and the trust bundles that come with them.
     #[command(name = "x509")]
     X509(FetchX509Args),
-    /// Fetch the X.509 trust bundles, per trust domain.
+    /// Fetch the trust bundles, per trust domain: X.509 and JWT authorities.
     Bundles,
-    // Extension point: `Jwt(FetchJwtArgs)` (`api fetch jwt --audience A`) comes with JWT support.
+    /// Fetch JWT-SVIDs for an audience and print them: token, SPIFFE ID, hint, expiry, audience.
+    Jwt(FetchJwtArgs),
+}
+
+/// `spiffed api fetch jwt`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct FetchJwtArgs {
+    /// An audience the tokens are for (the `aud` claim). Repeat for several.
+    #[arg(
+        long,
+        required = true,
+        value_name = "AUDIENCE",
+        value_parser = clap::builder::NonEmptyStringValueParser::new()
+    )]
+    pub(crate) audience: Vec<String>,
+    /// Fetch only this identity, e.g. spiffe://example.org/web. Default: every identity this
+    /// process is entitled to.
+    #[arg(long, value_name = "SPIFFE_ID")]
+    pub(crate) spiffe_id: Option<SpiffeId>,
+}
+
+/// `spiffed api validate ...`.
+#[derive(clap::Args, Debug)]
+pub(crate) struct ValidateArgs {
+    /// What to validate.
+    #[command(subcommand)]
+    pub(crate) what: ValidateCommand,
+}
+
+/// What `spiffed api validate` validates.
+#[derive(clap::Subcommand, Debug)]
+pub(crate) enum ValidateCommand {
+    /// Ask the agent whether a JWT-SVID is valid for an audience. Exit 0 and print the SPIFFE
+    /// ID and claims when it is; exit 1 with the reason when it is not.
+    #[command(name = "jwt")]
+    Jwt(ValidateJwtArgs),
+}
+
+/// `spiffed api validate jwt`.
+#[derive(clap::Args)]
+pub(crate) struct ValidateJwtArgs {
+    /// The audience the token must be for.
+    #[arg(
+        long,
+        value_name = "AUDIENCE",
+        value_parser = clap::builder::NonEmptyStringValueParser::new()
+    )]
+    pub(crate) audience: String,
+    /// The token, or - to read it from standard input (which keeps it out of the process
+    /// list).
+    #[arg(value_name = "TOKEN")]
+    pub(crate) token: String,
+}
+
+impl std::fmt::Debug for ValidateJwtArgs {
+    /// Never the token: it is a credential.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ValidateJwtArgs")
+            .field("audience", &self.audience)
+            .field("token_len", &self.token.len())
+            .finish()
+    }
 }
 
 /// `spiffed api fetch x509`.
@@ -190,6 +254,19 @@ pub(crate) enum ClientError {
         uid: u32,
     },
 
+    /// This process asked (`--spiffe-id`) for a SPIFFE ID it is not entitled to.
+    #[error(
+        "no identity issued: this process (uid {uid}) is not entitled to {spiffe_id}: leave out \
+         --spiffe-id to see the identities it gets, or see `spiffed explain --pid PID` with the \
+         pid of a running process of this workload"
+    )]
+    NotEntitled {
+        /// The SPIFFE ID asked for.
+        spiffe_id: String,
+        /// This process's uid.
+        uid: u32,
+    },
+
     /// The agent denied the call for a reason other than "no identity issued".
     #[error("the Workload API at {} denied the call: {message}", path.display())]
     PermissionDenied {
@@ -212,6 +289,47 @@ pub(crate) enum ClientError {
         #[source]
         source: WorkloadApiError,
     },
+
+    /// The agent rejected what the request asked for (gRPC `InvalidArgument`), with its reason:
+    /// a malformed `--spiffe-id`, say.
+    #[error("the Workload API at {} rejected the request: {message}", path.display())]
+    InvalidRequest {
+        /// The socket path.
+        path: PathBuf,
+        /// The agent's reason.
+        message: String,
+    },
+
+    /// A call made with the generated client (`api validate jwt`) failed with a gRPC status.
+    #[error("the Workload API at {} failed: {code:?}: {message}", path.display())]
+    Status {
+        /// The socket path.
+        path: PathBuf,
+        /// The gRPC status code.
+        code: tonic::Code,
+        /// The agent's message.
+        message: String,
+    },
+
+    /// The agent's answer lacks what the protocol requires.
+    #[error("the Workload API at {} sent a malformed answer: {what}", path.display())]
+    Malformed {
+        /// The socket path.
+        path: PathBuf,
+        /// What is wrong with it.
+        what: &'static str,
+    },
+
+    /// `api validate jwt` was given an empty token.
+    #[error(
+        "no token to validate: TOKEN is empty (pass the token, or - to read it from standard \
+         input)"
+    )]
+    NoToken,
+
+    /// Reading the token from standard input failed.
+    #[error("cannot read the token from standard input: {0}")]
+    ReadToken(#[source] std::io::Error),
 
     /// Any other failure of a Workload API call, or a malformed answer.
     #[error("the Workload API at {} failed: {source}", path.display())]
@@ -257,7 +375,7 @@ impl ClientError {
     /// The process exit code for this error: 64 for usage errors, 1 otherwise.
     pub(crate) fn exit_code(&self) -> ExitCode {
         match self {
-            Self::Address(_) => ExitCode::from(EX_USAGE),
+            Self::Address(_) | Self::NoToken => ExitCode::from(EX_USAGE),
             _ => ExitCode::FAILURE,
         }
     }
@@ -265,7 +383,10 @@ impl ClientError {
     /// Whether `api watch` should reconnect after this error. `InvalidArgument` is final
     /// (CONFORMANCE item 22), and so is a bad address; everything else may heal.
     pub(crate) fn is_retryable(&self) -> bool {
-        !matches!(self, Self::Rejected { .. } | Self::Address(_))
+        !matches!(
+            self,
+            Self::Rejected { .. } | Self::InvalidRequest { .. } | Self::Address(_)
+        )
     }
 
     /// Classifies a failed Workload API call on `path`.
@@ -378,16 +499,30 @@ async fn fetch_x509(
     Ok((context, report))
 }
 
-/// Fetches the X.509 bundles once and summarizes them.
+/// Fetches the X.509 and JWT bundles once, side by side, and summarizes them by trust domain.
+/// An agent that does not serve the JWT profile (`Unimplemented`) gets a warning and an
+/// X.509-only report.
 async fn fetch_bundles(addr: &SocketAddress) -> Result<BundlesReport, ClientError> {
     let started = tokio::time::Instant::now();
     let client = connect(addr).await?;
-    let bundles = client
-        .fetch_x509_bundles()
-        .await
-        .map_err(|e| ClientError::from_api(&addr.path, e))?;
-    // Extension point: JWT authorities join here (fetch_jwt_bundles) with JWT support.
-    BundlesReport::from_x509(&bundles, Some(started.elapsed()))
+    let (x509, jwt) = futures::join!(client.fetch_x509_bundles(), client.fetch_jwt_bundles());
+    let x509 = x509.map_err(|e| ClientError::from_api(&addr.path, e))?;
+    let jwt = match jwt {
+        Ok(set) => Some(set),
+        Err(WorkloadApiError::Transport(TransportError::Status(status)))
+            if status.code() == GrpcStatusCode::Unimplemented =>
+        {
+            eprintln!(
+                "spiffed: the Workload API at {} does not serve JWT bundles ({}): showing X.509 \
+                 authorities only",
+                addr.path.display(),
+                status.message()
+            );
+            None
+        }
+        Err(e) => return Err(ClientError::from_api(&addr.path, e)),
+    };
+    BundlesReport::from_sets(&x509, jwt.as_ref(), Some(started.elapsed()))
 }
 
 /// Used by `spiffed dev` to prove its socket works: fetch once and render as `api fetch x509`
@@ -424,9 +559,24 @@ pub(crate) async fn run_api(endpoint: &EndpointArgs, cmd: ApiCommand) -> anyhow:
                 print_report(endpoint.output, &report.render_text(), &report.to_json());
                 ExitCode::SUCCESS
             }),
+        ApiCommand::Fetch(FetchArgs {
+            what: FetchCommand::Jwt(args),
+        }) => within(
+            &addr,
+            endpoint.timeout,
+            jwt::fetch(&addr, &args.audience, args.spiffe_id.as_ref()),
+        )
+        .await
+        .map(|report| {
+            print_report(endpoint.output, &report.render_text(), &report.to_json());
+            ExitCode::SUCCESS
+        }),
         ApiCommand::Watch(args) => {
             watch::run(&addr, &args, endpoint.output, endpoint.timeout).await
         }
+        ApiCommand::Validate(ValidateArgs {
+            what: ValidateCommand::Jwt(args),
+        }) => run_validate_jwt(&addr, endpoint, &args).await,
     };
     Ok(result.unwrap_or_else(|e| fail(&e)))
 }
@@ -448,6 +598,38 @@ async fn run_fetch_x509(
     }
     print_report(endpoint.output, &report.render_text(), &report.to_json());
     Ok(ExitCode::SUCCESS)
+}
+
+/// `spiffed api validate jwt`: exit 0 when the agent says the token is valid, 1 with the
+/// reason when it is not (or when the agent cannot be asked).
+async fn run_validate_jwt(
+    addr: &SocketAddress,
+    endpoint: &EndpointArgs,
+    args: &ValidateJwtArgs,
+) -> Result<ExitCode, ClientError> {
+    // Standard input is read before the clock starts: --timeout is for the agent.
+    let token = jwt::read_token(&args.token)?;
+    let verdict = within(
+        addr,
+        endpoint.timeout,
+        jwt::validate(addr, &args.audience, &token),
+    )
+    .await?;
+    match (endpoint.output, verdict.is_valid()) {
+        (OutputFormat::Text, true) => println!("{}", verdict.render_text()),
+        (OutputFormat::Text, false) => eprintln!("{}", verdict.render_text()),
+        (OutputFormat::Json, valid) => {
+            println!("{}", verdict.to_json());
+            if !valid {
+                eprintln!("{}", verdict.render_text());
+            }
+        }
+    }
+    Ok(if verdict.is_valid() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// `spiffed healthcheck`: exit 0 when an agent serves on the socket, 1 otherwise.

@@ -4,6 +4,7 @@
 //! API; `api`, `healthcheck` are clients for people and scripts.
 #![forbid(unsafe_code)]
 
+mod admin_cli;
 mod client;
 mod serve;
 
@@ -43,6 +44,21 @@ enum Command {
         #[command(subcommand)]
         command: client::ApiCommand,
     },
+    /// Manage registration entries over the admin socket.
+    Entry {
+        #[command(flatten)]
+        admin: admin_cli::AdminArgs,
+        #[command(subcommand)]
+        command: admin_cli::EntryCommand,
+    },
+    /// Why does a process get, or not get, an identity? Shows the selectors the agent derives
+    /// for it, every entry that matches or nearly matches, and the identities it would issue.
+    Explain {
+        #[command(flatten)]
+        admin: admin_cli::AdminArgs,
+        #[command(flatten)]
+        explain: admin_cli::ExplainArgs,
+    },
     /// Exit 0 when an agent serves on the socket, 1 otherwise.
     Healthcheck {
         #[command(flatten)]
@@ -76,6 +92,8 @@ fn main() -> ExitCode {
             Command::Dev(args) => serve::dev(args).await,
             Command::Api { endpoint, command } => client::run_api(&endpoint, command).await,
             Command::Healthcheck { endpoint } => client::run_healthcheck(&endpoint).await,
+            Command::Entry { admin, command } => admin_cli::run_entry(&admin, command).await,
+            Command::Explain { admin, explain } => admin_cli::run_explain(&admin, &explain).await,
         };
         match result {
             Ok(code) => code,

@@ -112,7 +112,7 @@ async fn serve(
         }
     };
     let socket = bound.socket_path().to_owned();
-    let entries = bound.entries_handle();
+    let reloader = bound.reloader();
     let old = bound.config().clone();
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
@@ -135,8 +135,13 @@ async fn serve(
                             );
                         }
                         let n = new.entries.len();
-                        if entries.replace(new.entries) {
-                            tracing::info!(entries = n, file = %path.display(), "configuration reloaded");
+                        match reloader.reload_config_entries(new.entries) {
+                            Ok(()) => {
+                                tracing::info!(entries = n, file = %path.display(), "configuration reloaded")
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, "reload failed; keeping the running entries")
+                            }
                         }
                     }
                     Err(e) => {
@@ -238,6 +243,11 @@ pub(crate) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
 
     let mut cfg = Config::with_defaults(td.clone());
     cfg.socket_path = socket.clone();
+    cfg.admin_socket_path = socket
+        .parent()
+        .unwrap_or(Path::new("/tmp"))
+        .join("admin")
+        .join("admin.sock");
     cfg.socket_mode = 0o600;
     cfg.data_dir = data_dir.clone();
     cfg.synthetic_ids = true;

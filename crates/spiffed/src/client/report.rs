@@ -3,11 +3,14 @@
 //! A summary holds only public facts (SPIFFE IDs, hints, validity, subjects, counts), never key
 //! material, so it can be printed and logged freely.
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use serde::Serialize;
-use spiffe::{X509BundleSet, X509Context, X509Svid};
+use spiffe::{JwtBundleSet, X509BundleSet, X509Context, X509Svid};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use x509_parser::prelude::{FromDer as _, X509Certificate};
@@ -145,6 +148,17 @@ pub(crate) struct AuthoritySummary {
     pub(crate) not_after: String,
 }
 
+/// One JWT authority of a bundle: a public key of the JWKS, named by its key ID. The JWKS
+/// carries no expiry, so none is shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub(crate) struct JwtAuthoritySummary {
+    /// The key ID (`kid`), which JWT-SVIDs name in their header.
+    pub(crate) kid: String,
+    /// The key type, e.g. `EC P-256`, `RSA 2048`, `OKP Ed25519`, from `kty` and `crv` (or the
+    /// RSA modulus size).
+    pub(crate) key_type: String,
+}
+
 /// One trust domain's bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub(crate) struct TrustDomainBundle {
@@ -152,8 +166,8 @@ pub(crate) struct TrustDomainBundle {
     pub(crate) trust_domain: String,
     /// Its X.509 authorities.
     pub(crate) x509_authorities: Vec<AuthoritySummary>,
-    // Extension point: `jwt_authorities: Vec<JwtAuthoritySummary>` (key ID, key type) comes with
-    // JWT support, filled from FetchJWTBundles and merged here by trust domain.
+    /// Its JWT authorities, by key ID.
+    pub(crate) jwt_authorities: Vec<JwtAuthoritySummary>,
 }
 
 /// What `api fetch bundles` received.
@@ -166,26 +180,49 @@ pub(crate) struct BundlesReport {
 }
 
 impl BundlesReport {
-    /// Summarizes an X.509 bundle set.
-    pub(crate) fn from_x509(
-        set: &X509BundleSet,
+    /// Summarizes an X.509 bundle set and, if the agent served one, a JWT bundle set, merged by
+    /// trust domain (a trust domain in only one of them gets no authorities of the other kind).
+    pub(crate) fn from_sets(
+        x509: &X509BundleSet,
+        jwt: Option<&JwtBundleSet>,
         elapsed: Option<Duration>,
     ) -> Result<Self, ClientError> {
-        let bundles = set
-            .iter()
-            .map(|(td, bundle)| {
-                let x509_authorities = bundle
-                    .authorities()
-                    .iter()
-                    .map(|cert| authority_summary(cert.as_bytes()))
-                    .collect::<Result<Vec<_>, _>>()?;
-                Ok(TrustDomainBundle {
-                    trust_domain: td.to_string(),
-                    x509_authorities,
+        let mut by_td: BTreeMap<String, TrustDomainBundle> = BTreeMap::new();
+        let empty = |td: String| TrustDomainBundle {
+            trust_domain: td,
+            x509_authorities: Vec::new(),
+            jwt_authorities: Vec::new(),
+        };
+        for (td, bundle) in x509.iter() {
+            let x509_authorities = bundle
+                .authorities()
+                .iter()
+                .map(|cert| authority_summary(cert.as_bytes()))
+                .collect::<Result<Vec<_>, _>>()?;
+            by_td
+                .entry(td.to_string())
+                .or_insert_with_key(|td| empty(td.clone()))
+                .x509_authorities = x509_authorities;
+        }
+        for (td, bundle) in jwt.into_iter().flat_map(JwtBundleSet::iter) {
+            let mut jwt_authorities: Vec<JwtAuthoritySummary> = bundle
+                .jwt_authorities()
+                .map(|authority| JwtAuthoritySummary {
+                    kid: authority.key_id().to_owned(),
+                    key_type: jwk_key_type(authority.jwk_json()),
                 })
-            })
-            .collect::<Result<Vec<_>, ClientError>>()?;
-        Ok(Self { bundles, elapsed })
+                .collect();
+            // The bundle keeps its keys in a hash map: sort for stable output.
+            jwt_authorities.sort_by(|a, b| a.kid.cmp(&b.kid));
+            by_td
+                .entry(td.to_string())
+                .or_insert_with_key(|td| empty(td.clone()))
+                .jwt_authorities = jwt_authorities;
+        }
+        Ok(Self {
+            bundles: by_td.into_values().collect(),
+            elapsed,
+        })
     }
 
     /// Readable text. No trailing newline.
@@ -214,12 +251,20 @@ impl BundlesReport {
                     authority.subject, authority.not_after
                 );
             }
+            let _ = write!(out, "\nJWT authorities: {}", bundle.jwt_authorities.len());
+            for authority in &bundle.jwt_authorities {
+                let _ = write!(
+                    out,
+                    "\n  Key ID:      {}\n  Key type:    {}\n  Valid until: unknown",
+                    authority.kid, authority.key_type
+                );
+            }
         }
         out
     }
 
     /// The JSON form: `{"bundles":[{"trust_domain","x509_authorities":[{"subject",
-    /// "not_after"}]}],"elapsed_ms":...}`.
+    /// "not_after"}],"jwt_authorities":[{"kid","key_type"}]}],"elapsed_ms":...}`.
     pub(crate) fn to_json(&self) -> serde_json::Value {
         serde_json::json!({
             "bundles": self.bundles,
@@ -251,6 +296,36 @@ fn authority_summary(der: &[u8]) -> Result<AuthoritySummary, ClientError> {
     })
 }
 
+/// A JWK's key type for display: `EC P-256`, `OKP Ed25519`, `RSA 2048` (significant modulus
+/// bits), else its `kty`, else `unknown`. Reads only public members.
+fn jwk_key_type(jwk_json: &[u8]) -> String {
+    let Ok(jwk) = serde_json::from_slice::<serde_json::Value>(jwk_json) else {
+        return "unknown".to_owned();
+    };
+    let member = |name: &str| jwk.get(name).and_then(serde_json::Value::as_str);
+    match (member("kty"), member("crv")) {
+        (Some(kty @ ("EC" | "OKP")), Some(crv)) => format!("{kty} {crv}"),
+        (Some("RSA"), _) => match member("n").and_then(|n| B64URL.decode(n).ok()) {
+            Some(modulus) => match rsa_bits(&modulus) {
+                0 => "RSA".to_owned(),
+                bits => format!("RSA {bits}"),
+            },
+            None => "RSA".to_owned(),
+        },
+        (Some(kty), _) => kty.to_owned(),
+        (None, _) => "unknown".to_owned(),
+    }
+}
+
+/// The number of significant bits of a big-endian unsigned integer.
+fn rsa_bits(be: &[u8]) -> usize {
+    let Some(first) = be.iter().position(|&b| b != 0) else {
+        return 0;
+    };
+    let lead = be.get(first).map_or(0, |b| b.leading_zeros() as usize);
+    (be.len() - first) * 8 - lead
+}
+
 /// RFC 3339 text for a time; falls back to the Unix timestamp if a time cannot be formatted.
 pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&Rfc3339)
@@ -258,12 +333,12 @@ pub(crate) fn rfc3339(t: OffsetDateTime) -> String {
 }
 
 /// Milliseconds with two decimals, for JSON.
-fn duration_ms(d: Duration) -> f64 {
+pub(crate) fn duration_ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 100_000.0).round() / 100.0
 }
 
 /// `3.28 ms`.
-fn format_ms(d: Duration) -> String {
+pub(crate) fn format_ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
@@ -303,6 +378,67 @@ mod tests {
             assert!(text.contains(want), "missing {want:?} in:\n{text}");
         }
         assert!(!text.ends_with('\n'));
+    }
+
+    #[test]
+    fn key_types_from_jwk_members() {
+        assert_eq!(
+            jwk_key_type(br#"{"kty":"EC","kid":"k","crv":"P-256","x":"","y":""}"#),
+            "EC P-256"
+        );
+        assert_eq!(
+            jwk_key_type(br#"{"kty":"OKP","kid":"k","crv":"Ed25519","x":""}"#),
+            "OKP Ed25519"
+        );
+        // 0x00 0x80 then 255 more bytes: 2048 significant bits.
+        let mut n = vec![0u8, 0x80];
+        n.extend([1u8; 255]);
+        let rsa = format!(
+            r#"{{"kty":"RSA","kid":"k","n":"{}","e":"AQAB"}}"#,
+            B64URL.encode(&n)
+        );
+        assert_eq!(jwk_key_type(rsa.as_bytes()), "RSA 2048");
+        assert_eq!(jwk_key_type(br#"{"kty":"RSA","kid":"k"}"#), "RSA");
+        assert_eq!(jwk_key_type(br#"{"kty":"oct","kid":"k"}"#), "oct");
+        assert_eq!(jwk_key_type(br#"{"kid":"k"}"#), "unknown");
+        assert_eq!(jwk_key_type(b"not json"), "unknown");
+    }
+
+    #[test]
+    fn bundles_text_and_json_show_jwt_authorities() {
+        let report = BundlesReport {
+            bundles: vec![TrustDomainBundle {
+                trust_domain: "example.org".into(),
+                x509_authorities: vec![AuthoritySummary {
+                    subject: "CN=example.org".into(),
+                    not_after: "2026-01-02T00:00:00Z".into(),
+                }],
+                jwt_authorities: vec![JwtAuthoritySummary {
+                    kid: "kid-1".into(),
+                    key_type: "EC P-256".into(),
+                }],
+            }],
+            elapsed: None,
+        };
+        let text = report.render_text();
+        for want in [
+            "Trust domain:  example.org",
+            "X.509 authorities: 1\n  Subject:     CN=example.org",
+            "JWT authorities: 1\n  Key ID:      kid-1\n  Key type:    EC P-256\n  Valid until: \
+             unknown",
+        ] {
+            assert!(text.contains(want), "missing {want:?} in:\n{text}");
+        }
+        let json = report.to_json();
+        assert_eq!(json["bundles"][0]["jwt_authorities"][0]["kid"], "kid-1");
+        assert_eq!(
+            json["bundles"][0]["jwt_authorities"][0]["key_type"],
+            "EC P-256"
+        );
+        assert_eq!(
+            json["bundles"][0]["x509_authorities"][0]["subject"],
+            "CN=example.org"
+        );
     }
 
     #[test]

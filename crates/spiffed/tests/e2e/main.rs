@@ -9,7 +9,9 @@
     reason = "tests"
 )]
 
+mod admin;
 mod attest;
+mod cli;
 mod jwt;
 mod lifecycle;
 mod x509;
@@ -24,15 +26,9 @@ fn bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_spiffed"))
 }
 
-/// The peer helper binary, built with the workspace (`cargo test --workspace`).
+/// The peer helper binary (a second bin target of this package).
 fn peer_bin() -> PathBuf {
-    let p = bin().with_file_name("spiffed-test-peer");
-    assert!(
-        p.exists(),
-        "{} is missing: run the tests with `cargo test --workspace` (or build -p spiffed-test-support)",
-        p.display()
-    );
-    p
+    PathBuf::from(env!("CARGO_BIN_EXE_spiffed-test-peer"))
 }
 
 /// Starts an agent whose entries grant the test's own uid `spiffe://example.org/web`.

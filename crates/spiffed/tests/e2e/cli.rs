@@ -1,0 +1,343 @@
+//! The `spiffed api` client run as a subprocess against a real agent: the JWT profile
+//! (`fetch jwt`, `validate jwt`) and `fetch bundles` with its JWT authorities.
+
+use std::io::Write as _;
+use std::process::{Command, Output, Stdio};
+
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
+use serde_json::Value;
+use spiffed_test_support::Agent;
+
+use crate::{agent_for_me, bin};
+
+/// Runs `spiffed api ARGS --socket SOCKET`.
+fn api(agent: &Agent, args: &[&str]) -> Output {
+    Command::new(bin())
+        .arg("api")
+        .args(args)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+/// Runs `spiffed api ARGS --socket SOCKET` with `input` on standard input.
+fn api_with_stdin(agent: &Agent, args: &[&str], input: &str) -> Output {
+    let mut child = Command::new(bin())
+        .arg("api")
+        .args(args)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Asserts exit 0 and returns stdout.
+fn ok(out: &Output) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "stdout: {}\nstderr: {}",
+        stdout(out),
+        stderr(out)
+    );
+    stdout(out)
+}
+
+/// Asserts the exit code and returns stderr.
+fn fails_with(out: &Output, code: i32) -> String {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "stdout: {}\nstderr: {}",
+        stdout(out),
+        stderr(out)
+    );
+    stderr(out)
+}
+
+/// The claims of a JWT, decoded without verification.
+fn claims(token: &str) -> Value {
+    let payload = token.split('.').nth(1).expect("a three-part JWT");
+    serde_json::from_slice(&B64URL.decode(payload).unwrap()).unwrap()
+}
+
+/// Fetches one token for `audience` with `--output json`.
+fn fetch_token(agent: &Agent, audience: &str) -> String {
+    let out = api(
+        agent,
+        &["fetch", "jwt", "--audience", audience, "--output", "json"],
+    );
+    let json: Value = serde_json::from_str(&ok(&out)).unwrap();
+    json["svids"][0]["token"].as_str().unwrap().to_owned()
+}
+
+#[test]
+fn fetch_jwt_prints_token_identity_expiry_and_audience() {
+    let agent = agent_for_me("");
+
+    // JSON.
+    let out = api(
+        &agent,
+        &[
+            "fetch",
+            "jwt",
+            "--audience",
+            "svc-a",
+            "--audience",
+            "svc-b",
+            "--output",
+            "json",
+        ],
+    );
+    let json: Value = serde_json::from_str(&ok(&out)).unwrap();
+    let svids = json["svids"].as_array().unwrap();
+    assert_eq!(svids.len(), 1, "{json}");
+    let svid = &svids[0];
+    assert_eq!(svid["spiffe_id"], "spiffe://example.org/web");
+    assert_eq!(svid["hint"], "internal");
+    assert_eq!(svid["audience"], serde_json::json!(["svc-a", "svc-b"]));
+    let token = svid["token"].as_str().unwrap();
+    let c = claims(token);
+    assert_eq!(c["sub"], "spiffe://example.org/web");
+    let aud: Vec<&str> = match &c["aud"] {
+        Value::String(s) => vec![s.as_str()],
+        Value::Array(a) => a.iter().map(|v| v.as_str().unwrap()).collect(),
+        other => panic!("aud is {other}"),
+    };
+    assert!(aud.contains(&"svc-a") && aud.contains(&"svc-b"), "{aud:?}");
+    let exp = c["exp"].as_i64().unwrap();
+    let expires_at = svid["expires_at"].as_str().unwrap();
+    let parsed =
+        time::OffsetDateTime::parse(expires_at, &time::format_description::well_known::Rfc3339)
+            .unwrap();
+    assert_eq!(parsed.unix_timestamp(), exp, "{expires_at}");
+
+    // Text: the token on a line of its own, then the identity.
+    let out = api(&agent, &["fetch", "jwt", "--audience", "svc-a"]);
+    let text = ok(&out);
+    let token_line = text
+        .lines()
+        .find(|l| l.starts_with("ey") && l.split('.').count() == 3)
+        .unwrap_or_else(|| panic!("no token line in:\n{text}"));
+    assert_eq!(claims(token_line)["sub"], "spiffe://example.org/web");
+    for want in [
+        "SPIFFE ID:     spiffe://example.org/web",
+        "Hint:          internal",
+        "Expires at:    ",
+        "Audience:      svc-a",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+
+    // One identity by --spiffe-id.
+    let out = api(
+        &agent,
+        &[
+            "fetch",
+            "jwt",
+            "--audience",
+            "svc-a",
+            "--spiffe-id",
+            "spiffe://example.org/web",
+            "--output",
+            "json",
+        ],
+    );
+    let json: Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(json["svids"][0]["spiffe_id"], "spiffe://example.org/web");
+}
+
+#[test]
+fn fetch_jwt_refusals_exit_with_clear_messages() {
+    let agent = agent_for_me("");
+
+    // Not entitled: exit 1, and the message says so (not "no entry matches this process").
+    let out = api(
+        &agent,
+        &[
+            "fetch",
+            "jwt",
+            "--audience",
+            "svc-a",
+            "--spiffe-id",
+            "spiffe://example.org/nope",
+        ],
+    );
+    let err = fails_with(&out, 1);
+    assert!(
+        err.contains("not entitled to spiffe://example.org/nope"),
+        "{err}"
+    );
+    assert!(stdout(&out).is_empty());
+
+    // A malformed --spiffe-id is a usage error, caught before the agent is asked.
+    let out = api(
+        &agent,
+        &[
+            "fetch",
+            "jwt",
+            "--audience",
+            "a",
+            "--spiffe-id",
+            "not-an-id",
+        ],
+    );
+    let err = fails_with(&out, 64);
+    assert!(err.contains("--spiffe-id"), "{err}");
+
+    // --audience is required, and may not be empty.
+    let err = fails_with(&api(&agent, &["fetch", "jwt"]), 64);
+    assert!(err.contains("--audience"), "{err}");
+    fails_with(&api(&agent, &["fetch", "jwt", "--audience", ""]), 64);
+}
+
+#[test]
+fn validate_jwt_accepts_the_fetched_token_and_rejects_others_with_the_reason() {
+    let agent = agent_for_me("");
+    let token = fetch_token(&agent, "svc-a");
+
+    // Valid: text.
+    let out = api(&agent, &["validate", "jwt", "--audience", "svc-a", &token]);
+    let text = ok(&out);
+    assert!(text.starts_with("Token is valid.\n"), "{text}");
+    assert!(
+        text.contains("SPIFFE ID:     spiffe://example.org/web"),
+        "{text}"
+    );
+    assert!(
+        text.contains("\"sub\": \"spiffe://example.org/web\""),
+        "{text}"
+    );
+    assert!(!text.contains(&token), "the token is not echoed:\n{text}");
+
+    // Valid: JSON, with the token on standard input.
+    let out = api_with_stdin(
+        &agent,
+        &[
+            "validate",
+            "jwt",
+            "--audience",
+            "svc-a",
+            "--output",
+            "json",
+            "-",
+        ],
+        &format!("{token}\n"),
+    );
+    let json: Value = serde_json::from_str(&ok(&out)).unwrap();
+    assert_eq!(json["valid"], true);
+    assert_eq!(json["spiffe_id"], "spiffe://example.org/web");
+    assert_eq!(json["claims"]["sub"], "spiffe://example.org/web");
+    assert_eq!(json["claims"]["exp"], claims(&token)["exp"]);
+
+    // Another audience: exit 1 with the reason.
+    let out = api(&agent, &["validate", "jwt", "--audience", "svc-z", &token]);
+    let err = fails_with(&out, 1);
+    assert!(err.contains("Token is not valid: "), "{err}");
+    assert!(err.contains("audience"), "{err}");
+    assert!(stdout(&out).is_empty(), "{}", stdout(&out));
+    assert!(!err.contains(&token), "the token is not echoed:\n{err}");
+
+    // The same in JSON.
+    let out = api(
+        &agent,
+        &[
+            "validate",
+            "jwt",
+            "--audience",
+            "svc-z",
+            "--output",
+            "json",
+            &token,
+        ],
+    );
+    fails_with(&out, 1);
+    let json: Value = serde_json::from_str(&stdout(&out)).unwrap();
+    assert_eq!(json["valid"], false);
+    assert!(
+        json["reason"].as_str().unwrap().contains("audience"),
+        "{json}"
+    );
+
+    // Garbage.
+    let out = api(
+        &agent,
+        &["validate", "jwt", "--audience", "svc-a", "not.a.token"],
+    );
+    let err = fails_with(&out, 1);
+    assert!(err.contains("Token is not valid: "), "{err}");
+
+    // An empty token is a usage error.
+    let out = api_with_stdin(
+        &agent,
+        &["validate", "jwt", "--audience", "svc-a", "-"],
+        "\n",
+    );
+    let err = fails_with(&out, 64);
+    assert!(err.contains("no token"), "{err}");
+}
+
+#[test]
+fn fetch_bundles_lists_jwt_authorities_beside_x509_ones() {
+    let agent = agent_for_me("");
+
+    let out = api(&agent, &["fetch", "bundles", "--output", "json"]);
+    let json: Value = serde_json::from_str(&ok(&out)).unwrap();
+    let bundle = json["bundles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["trust_domain"] == "example.org")
+        .unwrap_or_else(|| panic!("no example.org bundle in {json}"));
+    assert!(
+        !bundle["x509_authorities"].as_array().unwrap().is_empty(),
+        "{json}"
+    );
+    let jwt = bundle["jwt_authorities"].as_array().unwrap();
+    assert!(!jwt.is_empty(), "{json}");
+    for authority in jwt {
+        assert!(!authority["kid"].as_str().unwrap().is_empty(), "{json}");
+        assert_eq!(authority["key_type"], "EC P-256", "{json}");
+    }
+    // The fetched token names one of them.
+    let token = fetch_token(&agent, "svc-a");
+    let header: Value =
+        serde_json::from_slice(&B64URL.decode(token.split('.').next().unwrap()).unwrap()).unwrap();
+    assert!(
+        jwt.iter().any(|a| a["kid"] == header["kid"]),
+        "kid {} not in {json}",
+        header["kid"]
+    );
+
+    let text = ok(&api(&agent, &["fetch", "bundles"]));
+    for want in [
+        "Trust domain:  example.org",
+        "X.509 authorities: ",
+        "JWT authorities: ",
+        "Key type:    EC P-256",
+        "Valid until: unknown",
+    ] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}
