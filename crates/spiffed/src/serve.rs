@@ -264,11 +264,16 @@ pub(crate) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     );
 
     let once = args.once;
+    let admin_socket = cfg.admin_socket_path.clone();
     let on_ready: OnReady = Box::new(move |socket: PathBuf| {
         tokio::spawn(async move {
             println!("spiffed dev: serving the SPIFFE Workload API (trust domain {td})");
             println!("  socket:   {}", socket.display());
             println!("  data dir: {}", data_dir.display());
+            println!(
+                "  admin:    {} (spiffed entry ... --admin-socket PATH)",
+                admin_socket.display()
+            );
             println!();
             println!("export SPIFFE_ENDPOINT_SOCKET=unix://{}", socket.display());
             println!();

@@ -128,3 +128,61 @@ async fn reflection_is_served_without_the_security_header() {
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"SpiffeWorkloadAPI"), "{names:?}");
 }
+
+#[tokio::test]
+async fn sighup_reloads_config_entries_and_keeps_stored_ones() {
+    let uid = spiffed_test_support::my_uid();
+    let agent = agent_for_me("");
+    // A stored entry that must survive the reload.
+    let mut admin = spiffed_test_support::admin_client(&agent.admin_socket).await;
+    let created = admin
+        .create_entries(spiffed_proto::admin::CreateEntriesRequest {
+            entries: vec![spiffed_proto::admin::EntrySpec {
+                spiffe_id: "spiffe://example.org/stored".into(),
+                selectors: vec![format!("unix:uid:{uid}")],
+                ..Default::default()
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.results[0].entry.is_some(), "{created:?}");
+
+    let mut c = agent.client().await;
+    let mut stream = c
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().svids.len(), 2);
+
+    // Add a config entry and reload.
+    let text = std::fs::read_to_string(&agent.config).unwrap()
+        + &format!(
+            "\n[[entries]]\nspiffe_id = \"spiffe://example.org/reloaded\"\nselectors = [\"unix:uid:{uid}\"]\n"
+        );
+    std::fs::write(&agent.config, text).unwrap();
+    agent.signal("HUP");
+    let msg = tokio::time::timeout(Duration::from_secs(5), stream.message())
+        .await
+        .expect("no update after SIGHUP")
+        .unwrap()
+        .unwrap();
+    let mut ids: Vec<_> = msg.svids.iter().map(|s| s.spiffe_id.clone()).collect();
+    ids.sort();
+    assert_eq!(
+        ids,
+        [
+            "spiffe://example.org/reloaded",
+            "spiffe://example.org/stored",
+            "spiffe://example.org/web"
+        ]
+    );
+
+    // A broken file keeps the running entries and says why in the log.
+    std::fs::write(&agent.config, "trust_domain = \"example.org\"\nbogus = 1\n").unwrap();
+    agent.signal("HUP");
+    let quiet = tokio::time::timeout(Duration::from_millis(500), stream.message()).await;
+    assert!(quiet.is_err(), "a failed reload changed the entries");
+    assert!(agent.logs().contains("reload failed"), "{}", agent.logs());
+}
