@@ -242,6 +242,59 @@ impl WorkloadApi {
     }
 }
 
+impl WorkloadApi {
+    /// Attests the caller of a bundle stream, which needs an identity (as in SPIRE).
+    async fn bundle_watch<T>(&self, request: &Request<T>) -> Result<Watch, Status> {
+        let shared = &self.shared;
+        let caller = shared.caller(request).await?;
+        let set = shared.entries.borrow().clone();
+        if shared.entitled(&caller, &set).is_empty() {
+            log_denied(&caller);
+            return Err(ApiError::NoIdentity.into());
+        }
+        Ok(Watch::new(shared, caller))
+    }
+}
+
+/// A bundle stream: the first message at once, then one whenever the bundle's content changes
+/// (equal messages are suppressed, as SPIRE does: a CA activation, for one, bumps the sequence
+/// without changing the set); it ends with PermissionDenied once the caller has no identity left.
+fn bundle_stream<T: PartialEq + Clone + Send + 'static>(
+    watch: Watch,
+    current: fn(&Shared) -> T,
+) -> BoxStream<T> {
+    let first = current(&watch.shared);
+    let state = (watch, first.clone(), Some(first), false);
+    Box::pin(futures::stream::unfold(
+        state,
+        move |(mut w, mut last, first, ended)| async move {
+            if let Some(msg) = first {
+                return Some((Ok(msg), (w, last, None, false)));
+            }
+            if ended {
+                return None;
+            }
+            loop {
+                if !w.changed().await {
+                    return None;
+                }
+                let entries = w.shared.entries.borrow().clone();
+                if w.shared.entitled(&w.caller, &entries).is_empty() {
+                    log_denied(&w.caller);
+                    let e: Status = ApiError::NoIdentity.into();
+                    return Some((Err(e), (w, last, None, true)));
+                }
+                let msg = current(&w.shared);
+                if msg == last {
+                    continue;
+                }
+                last = msg.clone();
+                return Some((Ok(msg), (w, last, None, false)));
+            }
+        },
+    ))
+}
+
 fn log_denied(caller: &Caller) {
     let selectors: Vec<String> = caller
         .attested
@@ -352,46 +405,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let shared = &self.shared;
-        let caller = shared.caller(&request).await?;
-        let watch = Watch::new(shared, caller);
-        let (_, lease) = shared.identities(&watch.caller).inspect_err(|e| {
-            if matches!(e, ApiError::NoIdentity) {
-                log_denied(&watch.caller);
-            }
-        })?;
-        drop(lease);
-        let seq = shared.authority.x509_bundle().sequence;
-        let first = shared.x509_bundles_response();
-        let state = (watch, seq, Some(first), false);
-        let stream = futures::stream::unfold(state, |(mut w, mut last, first, ended)| async move {
-            if let Some(msg) = first {
-                return Some((Ok(msg), (w, last, None, false)));
-            }
-            if ended {
-                return None;
-            }
-            loop {
-                if !w.changed().await {
-                    return None;
-                }
-                let entries = w.shared.entries.borrow().clone();
-                if w.shared.entitled(&w.caller, &entries).is_empty() {
-                    log_denied(&w.caller);
-                    let e: Status = ApiError::NoIdentity.into();
-                    return Some((Err(e), (w, last, None, true)));
-                }
-                let seq = w.shared.authority.x509_bundle().sequence;
-                if seq == last {
-                    // Duplicate bundle messages are suppressed, as SPIRE does.
-                    continue;
-                }
-                last = seq;
-                let msg = w.shared.x509_bundles_response();
-                return Some((Ok(msg), (w, last, None, false)));
-            }
-        });
-        Ok(Response::new(Box::pin(stream)))
+        let watch = self.bundle_watch(&request).await?;
+        Ok(Response::new(bundle_stream(watch, |shared| {
+            shared.x509_bundles_response()
+        })))
     }
 
     async fn fetch_jwtsvid(
@@ -449,43 +466,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let shared = &self.shared;
-        let caller = shared.caller(&request).await?;
-        let watch = Watch::new(shared, caller);
-        let set = shared.entries.borrow().clone();
-        if shared.entitled(&watch.caller, &set).is_empty() {
-            log_denied(&watch.caller);
-            return Err(ApiError::NoIdentity.into());
-        }
-        let bundle = shared.authority.jwt_bundle();
-        let first = jwt_bundles_response(&bundle);
-        let state = (watch, bundle.sequence, Some(first), false);
-        let stream = futures::stream::unfold(state, |(mut w, mut last, first, ended)| async move {
-            if let Some(msg) = first {
-                return Some((Ok(msg), (w, last, None, false)));
-            }
-            if ended {
-                return None;
-            }
-            loop {
-                if !w.changed().await {
-                    return None;
-                }
-                let entries = w.shared.entries.borrow().clone();
-                if w.shared.entitled(&w.caller, &entries).is_empty() {
-                    log_denied(&w.caller);
-                    let e: Status = ApiError::NoIdentity.into();
-                    return Some((Err(e), (w, last, None, true)));
-                }
-                let bundle = w.shared.authority.jwt_bundle();
-                if bundle.sequence == last {
-                    continue;
-                }
-                last = bundle.sequence;
-                return Some((Ok(jwt_bundles_response(&bundle)), (w, last, None, false)));
-            }
-        });
-        Ok(Response::new(Box::pin(stream)))
+        let watch = self.bundle_watch(&request).await?;
+        Ok(Response::new(bundle_stream(watch, |shared| {
+            jwt_bundles_response(&shared.authority.jwt_bundle())
+        })))
     }
 
     async fn validate_jwtsvid(

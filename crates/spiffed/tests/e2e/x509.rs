@@ -234,6 +234,24 @@ async fn stream_lives_through_svid_and_ca_rotations() {
         .await
         .unwrap()
         .into_inner();
+    // A bundle stream on the side must be told about the CA changes too.
+    let mut bundles = c
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let bundle_watcher = tokio::spawn(async move {
+        let mut seen = vec![];
+        while let Ok(Ok(Some(m))) =
+            tokio::time::timeout(Duration::from_secs(9), bundles.message()).await
+        {
+            seen.push(m.bundles["spiffe://example.org"].clone());
+            if seen.len() >= 3 {
+                break;
+            }
+        }
+        seen
+    });
     let first = stream.message().await.unwrap().unwrap();
     let first_issuer = {
         let certs = split_der(&first.svids[0].x509_svid);
@@ -273,5 +291,15 @@ async fn stream_lives_through_svid_and_ca_rotations() {
     assert!(
         bundle_sizes.iter().any(|&n| n >= 2),
         "the bundle never held two CAs (overlap)"
+    );
+    let seen = bundle_watcher.await.unwrap();
+    assert!(
+        seen.len() >= 3,
+        "the bundle stream got {} messages",
+        seen.len()
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0] != w[1]),
+        "duplicate bundle messages"
     );
 }
