@@ -17,6 +17,7 @@ use spiffed_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer
 use spiffed_workload_api::WorkloadApi;
 use tokio::net::UnixListener;
 use tokio::sync::{Notify, watch};
+use tokio_stream::StreamExt;
 
 use crate::admin::{AdminService, Directory, Reloader};
 use crate::config::Config;
@@ -280,7 +281,13 @@ impl Bound {
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(api.into_server())
-            .serve_with_incoming_shutdown(spiffed_attest::listen::incoming(listener), signal);
+            .serve_with_incoming_shutdown(
+                // grpc-core and grpc-java send the socket path as :authority, which h2 rejects;
+                // the front rewrites it (CONFORMANCE item 11).
+                spiffed_attest::listen::incoming(listener)
+                    .map(|conn| conn.map(spiffed_h2front::AuthorityFront::new)),
+                signal,
+            );
         let result = tokio::select! {
             r = serve => r.map_err(|e| AgentError::Serve(e.to_string())),
             () = async { draining.notified().await; tokio::time::sleep(GRACE).await } => {

@@ -12,6 +12,7 @@
 mod admin;
 mod attest;
 mod cli;
+mod interop;
 mod jwt;
 mod lifecycle;
 mod x509;
