@@ -28,3 +28,49 @@ fn foreign_clients_pass_every_check() {
         "{text}"
     );
 }
+
+/// The Rust `spiffe` crate's sources follow rotations: `X509Source` gets new SVIDs pushed on
+/// its stream, `JwtSource` learns new signing keys and its tokens validate locally.
+#[tokio::test]
+async fn rust_spiffe_sources_see_rotations() {
+    use std::collections::HashSet;
+    use std::time::Duration;
+
+    let agent =
+        crate::agent_for_me("x509_svid_ttl = \"2s\"\njwt_svid_ttl = \"2s\"\nca_ttl = \"4s\"\n");
+    let endpoint = format!("unix://{}", agent.socket.display());
+    let x509 = spiffe::X509Source::builder()
+        .endpoint(&endpoint)
+        .build()
+        .await
+        .unwrap();
+    let jwt = spiffe::JwtSource::builder()
+        .endpoint(&endpoint)
+        .build()
+        .await
+        .unwrap();
+    let td = spiffe::TrustDomain::new("example.org").unwrap();
+    let mut updates = x509.updated();
+    let mut serials = HashSet::new();
+    let mut kids = HashSet::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(7);
+    while tokio::time::Instant::now() < deadline {
+        serials.insert(x509.svid().unwrap().leaf().as_ref().to_vec());
+        let token = jwt.fetch_jwt_svid(["rust"]).await.unwrap();
+        let bundles = jwt.bundle_set().unwrap();
+        let v = spiffe::JwtSvid::parse_and_validate(token.token(), &*bundles, &["rust"]).unwrap();
+        assert_eq!(v.spiffe_id().to_string(), "spiffe://example.org/web");
+        for k in jwt
+            .try_bundle_for_trust_domain(&td)
+            .unwrap()
+            .jwt_authorities()
+        {
+            kids.insert(k.key_id().to_owned());
+        }
+        let _ = tokio::time::timeout(Duration::from_millis(700), updates.changed()).await;
+    }
+    assert!(serials.len() >= 3, "X509Source saw {} SVIDs", serials.len());
+    assert!(kids.len() >= 2, "JwtSource saw {} signing keys", kids.len());
+    x509.shutdown().await;
+    jwt.shutdown().await;
+}
