@@ -1,0 +1,20 @@
+//! `spiffed-loadgen`: drives any SPIFFE Workload API socket with every request carrying the
+//! `workload.spiffe.io: true` security header, and serves a floor baseline.
+//!
+//! Scenarios ([`scenarios`]):
+//! - `cold`: each iteration connects, reads the first `FetchX509SVID` message and closes;
+//! - `warm`: one connection per worker, repeated `FetchJWTSVID` or `FetchX509SVID` first message;
+//! - `fanout`: N streams over K connections, time until every stream sees the next rotation;
+//! - `churn`: cold iterations at a fixed rate, sampling the agent's RSS and descriptors.
+//!
+//! The [`floor`] is a minimal tonic server doing only the attestation syscalls and returning
+//! prebuilt responses; `--compare-floor` reports each figure as a fraction of it.
+//!
+//! Results are JSON lines on stdout and a readable summary on stderr. Nothing needs root.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod floor;
+pub mod procstat;
+pub mod scenarios;
+pub mod stats;
