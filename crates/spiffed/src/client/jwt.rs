@@ -23,7 +23,7 @@ use spiffed_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient
 use tonic::metadata::MetadataValue;
 use zeroize::Zeroizing;
 
-use super::report::{duration_ms, format_ms, rfc3339};
+use super::report::{duration_ms, received_line, rfc3339};
 use super::{ClientError, SocketAddress, check_socket_file, connect, my_uid};
 
 /// What `api fetch jwt` received: the agent's JWT-SVIDs, in its order (the first is the
@@ -40,16 +40,7 @@ impl JwtReport {
     /// Readable text, in the manner of `spire-agent api fetch jwt`: per SVID the token on a line
     /// of its own, then SPIFFE ID, hint, expiry and audience. No trailing newline.
     pub(crate) fn render_text(&self) -> String {
-        let mut out = String::new();
-        let n = self.svids.len();
-        match self.elapsed {
-            Some(elapsed) => {
-                let _ = writeln!(out, "Received {n} svid(s) after {}", format_ms(elapsed));
-            }
-            None => {
-                let _ = writeln!(out, "Received {n} svid(s)");
-            }
-        }
+        let mut out = received_line(self.svids.len(), self.elapsed);
         for svid in &self.svids {
             out.push('\n');
             let _ = writeln!(out, "{}", svid.token());

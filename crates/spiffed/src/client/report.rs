@@ -81,16 +81,7 @@ impl X509Report {
 
     /// Readable text, in the manner of `spire-agent api fetch x509`. No trailing newline.
     pub(crate) fn render_text(&self) -> String {
-        let mut out = String::new();
-        let n = self.svids.len();
-        match self.elapsed {
-            Some(elapsed) => {
-                let _ = writeln!(out, "Received {n} svid(s) after {}", format_ms(elapsed));
-            }
-            None => {
-                let _ = writeln!(out, "Received {n} svid(s)");
-            }
-        }
+        let mut out = received_line(self.svids.len(), self.elapsed);
         for svid in &self.svids {
             out.push('\n');
             let _ = writeln!(out, "SPIFFE ID:     {}", svid.spiffe_id);
@@ -340,6 +331,14 @@ pub(crate) fn duration_ms(d: Duration) -> f64 {
 /// `3.28 ms`.
 pub(crate) fn format_ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// The first line of a fetch's text output: how many SVIDs, and how fast when known.
+pub(crate) fn received_line(n: usize, elapsed: Option<Duration>) -> String {
+    match elapsed {
+        Some(elapsed) => format!("Received {n} svid(s) after {}\n", format_ms(elapsed)),
+        None => format!("Received {n} svid(s)\n"),
+    }
 }
 
 #[cfg(test)]
