@@ -186,3 +186,42 @@ async fn sighup_reloads_config_entries_and_keeps_stored_ones() {
     assert!(quiet.is_err(), "a failed reload changed the entries");
     assert!(agent.logs().contains("reload failed"), "{}", agent.logs());
 }
+
+#[test]
+fn dev_mode_needs_no_config_and_proves_its_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("run").join("dev.sock");
+    let out = Command::new(bin())
+        .args(["dev", "--once", "--socket"])
+        .arg(&socket)
+        .arg("--data-dir")
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!(
+            "export SPIFFE_ENDPOINT_SOCKET=unix://{}",
+            socket.display()
+        )),
+        "{stdout}"
+    );
+    let uid = spiffed_test_support::my_uid();
+    assert!(
+        stdout.contains(&format!("spiffe://dev.local/uid-{uid}/spiffed")),
+        "{stdout}"
+    );
+    // Owner-only socket directory; the CA persisted for the next start.
+    let mode = std::fs::metadata(socket.parent().unwrap())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+    assert!(dir.path().join("state").join("ca.json").exists());
+    assert!(!socket.exists(), "--once removes the socket when it stops");
+}
