@@ -65,10 +65,11 @@ impl Directory {
     /// Publishes the merged set to every stream. Call with the write lock held.
     fn publish(&self) -> Result<(), StoreError> {
         let all = self.merged()?;
-        let set = EntrySet::new(all.iter().cloned().map(Arc::new).collect(), 0);
-        self.attestor
-            .set_hash_executables(set.uses_kind_key("unix:sha256"));
-        self.handle.replace(all);
+        // Indexed once, by the publish itself; None only while the agent shuts down.
+        if let Some(set) = self.handle.replace(all) {
+            self.attestor
+                .set_hash_executables(set.uses_kind_key("unix:sha256"));
+        }
         Ok(())
     }
 

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use spiffed_attest::{AttestOptions, UnixAttestor};
 use spiffed_authority::{AuthorityConfig, CaAuthority};
-use spiffed_core::EntrySet;
 use spiffed_entries::EntrySource;
 use spiffed_entries::store::Store;
 use spiffed_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
@@ -133,11 +132,10 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
     let store = Store::open(&cfg.data_dir.join("entries.sqlite"))?;
     let mut all = cfg.entries.clone();
     all.extend(store.list()?.into_iter().map(|s| s.entry));
-    let initial = EntrySet::new(all.iter().cloned().map(Arc::new).collect(), 0);
-    let attestor = Arc::new(UnixAttestor::new(AttestOptions {
-        hash_executables: initial.uses_kind_key("unix:sha256"),
-    }));
     let entries = EntrySource::new(all);
+    let attestor = Arc::new(UnixAttestor::new(AttestOptions {
+        hash_executables: entries.current().uses_kind_key("unix:sha256"),
+    }));
     let dir = Arc::new(Directory::new(
         store,
         cfg.entries.clone(),

@@ -325,8 +325,18 @@ impl CaAuthority {
 
         // CA and JWT key rotation: persist before use, so a crash never loses a key that
         // signed something.
-        let mut candidate = st.keys.clone();
-        match advance_keys(&mut candidate, &self.inner.cfg, now, &self.inner.rng) {
+        // Copy the key set (private keys included) only when a rotation step is due.
+        let due = [st.keys.x509.next_deadline(), st.keys.jwt.next_deadline()]
+            .into_iter()
+            .any(|d| d.is_none_or(|d| d <= now));
+        let mut candidate = KeyFile::default();
+        let advanced = if due {
+            candidate = st.keys.clone();
+            advance_keys(&mut candidate, &self.inner.cfg, now, &self.inner.rng)
+        } else {
+            Ok(false)
+        };
+        match advanced {
             Ok(false) => {}
             Ok(true) => match candidate.save(&self.inner.file, &td).and_then(|()| {
                 let signer = make_signer(&candidate)?;

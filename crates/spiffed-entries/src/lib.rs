@@ -35,22 +35,20 @@ pub struct EntryHandle {
 }
 
 impl EntryHandle {
-    /// Replaces every entry; returns false when the agent has stopped.
-    pub fn replace(&self, entries: Vec<Entry>) -> bool {
-        match self.tx.upgrade() {
-            Some(tx) => {
-                replace(&tx, entries);
-                true
-            }
-            None => false,
-        }
+    /// Replaces every entry and returns the published set; `None` when the agent has stopped.
+    pub fn replace(&self, entries: Vec<Entry>) -> Option<Arc<EntrySet>> {
+        self.tx.upgrade().map(|tx| replace(&tx, entries))
     }
 }
 
-fn replace(tx: &watch::Sender<Arc<EntrySet>>, entries: Vec<Entry>) {
+fn replace(tx: &watch::Sender<Arc<EntrySet>>, entries: Vec<Entry>) -> Arc<EntrySet> {
     let revision = tx.borrow().revision() + 1;
-    let set = EntrySet::new(entries.into_iter().map(Arc::new).collect(), revision);
-    tx.send_replace(Arc::new(set));
+    let set = Arc::new(EntrySet::new(
+        entries.into_iter().map(Arc::new).collect(),
+        revision,
+    ));
+    tx.send_replace(set.clone());
+    set
 }
 
 impl EntrySource {
@@ -107,10 +105,10 @@ mod tests {
         assert_eq!(rx.borrow().revision(), 2);
         assert_eq!(src.current().entries().len(), 1);
         let handle = src.handle();
-        assert!(handle.replace(vec![]));
+        assert!(handle.replace(vec![]).is_some());
         rx.borrow_and_update();
         drop(src);
-        assert!(!handle.replace(vec![]));
+        assert!(handle.replace(vec![]).is_none());
         // Subscribers learn that the source is gone: open streams end.
         assert!(rx.changed().await.is_err());
     }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use futures::Stream;
 use spiffed_core::{
     Attested, Attestor, Authority, Entry, EntryId, EntrySet, Identity, Lease, PeerCred, Selector,
-    SpiffeId, TrustDomain,
+    SpiffeId, TrustDomain, X509Bundle,
 };
 use spiffed_proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
@@ -149,8 +149,10 @@ impl Shared {
         Ok(self.authority.identities(&entries)?)
     }
 
-    fn x509_response(&self, ids: &[Identity]) -> X509svidResponse {
-        let bundle = self.authority.x509_bundle().concatenated_der();
+    /// The response for `ids`, each SVID with `bundle` (taken once by the caller, so the
+    /// fingerprint and the message agree).
+    fn x509_response(ids: &[Identity], bundle: &X509Bundle) -> X509svidResponse {
+        let bundle = bundle.concatenated_der();
         X509svidResponse {
             svids: ids
                 .iter()
@@ -354,8 +356,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
             }
         })?;
         log_issued(&watch.caller, &ids, "X.509-SVID");
-        let seq = shared.authority.x509_bundle().sequence;
-        let first = shared.x509_response(&ids);
+        let bundle = shared.authority.x509_bundle();
+        let first = Shared::x509_response(&ids, &bundle);
+        let seq = bundle.sequence;
         let last = x509_fingerprint(&ids, seq);
 
         // State: (watch, last fingerprint, lease held while streaming, first message, ended).
@@ -375,15 +378,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     }
                     match w.shared.identities(&w.caller) {
                         Ok((ids, new_lease)) => {
-                            let fp =
-                                x509_fingerprint(&ids, w.shared.authority.x509_bundle().sequence);
+                            let bundle = w.shared.authority.x509_bundle();
+                            let fp = x509_fingerprint(&ids, bundle.sequence);
                             if fp == last {
                                 continue;
                             }
                             last = fp;
                             lease = new_lease;
                             tracing::debug!(pid = ?w.caller.cred.pid, uid = w.caller.cred.uid, svids = ids.len(), "pushing X.509-SVID update");
-                            let msg = w.shared.x509_response(&ids);
+                            let msg = Shared::x509_response(&ids, &bundle);
                             return Some((Ok(msg), (w, last, lease, None, false)));
                         }
                         Err(e) => {

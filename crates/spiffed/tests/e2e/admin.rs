@@ -270,7 +270,7 @@ async fn acknowledged_writes_survive_sigkill() {
     let mut n = 0u32;
     // A cheap deterministic "random" schedule, different each round.
     let delays = [37u64, 113, 7, 251, 61, 173, 19, 89];
-    for (round, delay) in delays.iter().enumerate() {
+    for delay in &delays {
         let socket = agent.admin_socket.clone();
         let writer = tokio::spawn(async move {
             let mut done = vec![];
@@ -304,7 +304,6 @@ async fn acknowledged_writes_survive_sigkill() {
         acked.extend(done);
         n = last;
         agent.spawn();
-        assert!(round < 20);
     }
     assert!(
         acked.len() > 10,
