@@ -5,72 +5,10 @@
 //! ever emitted, so the server's decoder keeps an empty dynamic table for the whole connection.
 //! Strings are written raw (Huffman coding is optional, §5.2).
 
-/// The HPACK static table (RFC 7541 Appendix A); entry `i` has index `i + 1`.
-const STATIC_TABLE: [(&[u8], &[u8]); 61] = [
-    (b":authority", b""),
-    (b":method", b"GET"),
-    (b":method", b"POST"),
-    (b":path", b"/"),
-    (b":path", b"/index.html"),
-    (b":scheme", b"http"),
-    (b":scheme", b"https"),
-    (b":status", b"200"),
-    (b":status", b"204"),
-    (b":status", b"206"),
-    (b":status", b"304"),
-    (b":status", b"400"),
-    (b":status", b"404"),
-    (b":status", b"500"),
-    (b"accept-charset", b""),
-    (b"accept-encoding", b"gzip, deflate"),
-    (b"accept-language", b""),
-    (b"accept-ranges", b""),
-    (b"accept", b""),
-    (b"access-control-allow-origin", b""),
-    (b"age", b""),
-    (b"allow", b""),
-    (b"authorization", b""),
-    (b"cache-control", b""),
-    (b"content-disposition", b""),
-    (b"content-encoding", b""),
-    (b"content-language", b""),
-    (b"content-length", b""),
-    (b"content-location", b""),
-    (b"content-range", b""),
-    (b"content-type", b""),
-    (b"cookie", b""),
-    (b"date", b""),
-    (b"etag", b""),
-    (b"expect", b""),
-    (b"expires", b""),
-    (b"from", b""),
-    (b"host", b""),
-    (b"if-match", b""),
-    (b"if-modified-since", b""),
-    (b"if-none-match", b""),
-    (b"if-range", b""),
-    (b"if-unmodified-since", b""),
-    (b"last-modified", b""),
-    (b"link", b""),
-    (b"location", b""),
-    (b"max-forwards", b""),
-    (b"proxy-authenticate", b""),
-    (b"proxy-authorization", b""),
-    (b"range", b""),
-    (b"referer", b""),
-    (b"refresh", b""),
-    (b"retry-after", b""),
-    (b"server", b""),
-    (b"set-cookie", b""),
-    (b"strict-transport-security", b""),
-    (b"transfer-encoding", b""),
-    (b"user-agent", b""),
-    (b"vary", b""),
-    (b"via", b""),
-    (b"www-authenticate", b""),
-];
+use crate::hpack::STATIC_TABLE;
 
 /// How a field can refer to the static table.
+#[derive(Debug, PartialEq)]
 enum StaticMatch {
     /// Name and value both match the entry with this index.
     Field(usize),
@@ -80,17 +18,78 @@ enum StaticMatch {
     None,
 }
 
+/// The static table entries that carry `name`: the index of the first and how many there are
+/// (consecutive in the table). One `match` rather than a scan of the table: this runs for
+/// every field of every re-encoded block.
+fn static_name(name: &[u8]) -> Option<(usize, usize)> {
+    Some(match name {
+        b":authority" => (1, 1),
+        b":method" => (2, 2),
+        b":path" => (4, 2),
+        b":scheme" => (6, 2),
+        b":status" => (8, 7),
+        b"accept-charset" => (15, 1),
+        b"accept-encoding" => (16, 1),
+        b"accept-language" => (17, 1),
+        b"accept-ranges" => (18, 1),
+        b"accept" => (19, 1),
+        b"access-control-allow-origin" => (20, 1),
+        b"age" => (21, 1),
+        b"allow" => (22, 1),
+        b"authorization" => (23, 1),
+        b"cache-control" => (24, 1),
+        b"content-disposition" => (25, 1),
+        b"content-encoding" => (26, 1),
+        b"content-language" => (27, 1),
+        b"content-length" => (28, 1),
+        b"content-location" => (29, 1),
+        b"content-range" => (30, 1),
+        b"content-type" => (31, 1),
+        b"cookie" => (32, 1),
+        b"date" => (33, 1),
+        b"etag" => (34, 1),
+        b"expect" => (35, 1),
+        b"expires" => (36, 1),
+        b"from" => (37, 1),
+        b"host" => (38, 1),
+        b"if-match" => (39, 1),
+        b"if-modified-since" => (40, 1),
+        b"if-none-match" => (41, 1),
+        b"if-range" => (42, 1),
+        b"if-unmodified-since" => (43, 1),
+        b"last-modified" => (44, 1),
+        b"link" => (45, 1),
+        b"location" => (46, 1),
+        b"max-forwards" => (47, 1),
+        b"proxy-authenticate" => (48, 1),
+        b"proxy-authorization" => (49, 1),
+        b"range" => (50, 1),
+        b"referer" => (51, 1),
+        b"refresh" => (52, 1),
+        b"retry-after" => (53, 1),
+        b"server" => (54, 1),
+        b"set-cookie" => (55, 1),
+        b"strict-transport-security" => (56, 1),
+        b"transfer-encoding" => (57, 1),
+        b"user-agent" => (58, 1),
+        b"vary" => (59, 1),
+        b"via" => (60, 1),
+        b"www-authenticate" => (61, 1),
+        _ => return None,
+    })
+}
+
 fn static_match(name: &[u8], value: &[u8]) -> StaticMatch {
-    let mut name_index = None;
-    for (i, &(n, v)) in STATIC_TABLE.iter().enumerate() {
-        if n == name {
-            if v == value {
-                return StaticMatch::Field(i + 1);
-            }
-            name_index.get_or_insert(i + 1);
-        }
+    let Some((first, count)) = static_name(name) else {
+        return StaticMatch::None;
+    };
+    let values = STATIC_TABLE
+        .get(first - 1..first - 1 + count)
+        .unwrap_or_default();
+    match values.iter().position(|&(_, v)| v == value) {
+        Some(i) => StaticMatch::Field(first + i),
+        None => StaticMatch::Name(first),
     }
-    name_index.map_or(StaticMatch::None, StaticMatch::Name)
 }
 
 /// Appends one header field to `out` without touching any dynamic table.
@@ -119,7 +118,7 @@ fn encode_string(out: &mut Vec<u8>, s: &[u8]) {
 }
 
 /// §5.1 integer with an `prefix_bits`-bit prefix; `first` carries the representation's flag bits.
-fn encode_integer(out: &mut Vec<u8>, first: u8, prefix_bits: u8, mut value: usize) {
+pub(crate) fn encode_integer(out: &mut Vec<u8>, first: u8, prefix_bits: u8, mut value: usize) {
     let max_prefix = (1usize << prefix_bits) - 1;
     if value < max_prefix {
         // Fits in the prefix: `value < max_prefix <= 127`, so the cast is lossless.
@@ -158,6 +157,41 @@ mod tests {
         out.clear();
         encode_integer(&mut out, 0x80, 7, 127);
         assert_eq!(out, [0xff, 0x00]);
+    }
+
+    #[test]
+    fn static_matches_agree_with_a_scan_of_the_table() {
+        let scan = |name: &[u8], value: &[u8]| {
+            let field = STATIC_TABLE
+                .iter()
+                .position(|&(n, v)| n == name && v == value);
+            let name = STATIC_TABLE.iter().position(|&(n, _)| n == name);
+            match (field, name) {
+                (Some(i), _) => StaticMatch::Field(i + 1),
+                (None, Some(i)) => StaticMatch::Name(i + 1),
+                (None, None) => StaticMatch::None,
+            }
+        };
+        let mut cases: Vec<(&[u8], &[u8])> = STATIC_TABLE.to_vec();
+        for &(n, _) in &STATIC_TABLE {
+            cases.push((n, b"other"));
+        }
+        cases.extend([
+            (&b"te"[..], &b"trailers"[..]),
+            (b"", b""),
+            (b":Authority", b""),
+            (b"content-typ", b"application/grpc"),
+            (b"grpc-timeout", b"1S"),
+        ]);
+        for (name, value) in cases {
+            assert_eq!(
+                static_match(name, value),
+                scan(name, value),
+                "{:?}: {:?}",
+                String::from_utf8_lossy(name),
+                String::from_utf8_lossy(value)
+            );
+        }
     }
 
     #[test]

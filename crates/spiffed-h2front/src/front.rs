@@ -16,12 +16,16 @@ pin_project! {
     /// Wraps a server-side connection: bytes the client sends pass through a rewriter that
     /// fixes `:authority`; bytes the server sends pass through untouched.
     ///
-    /// The server reads the client's HTTP/2 stream with every header block decoded (HPACK, with
-    /// the client's dynamic table) and re-encoded without the dynamic table, and with an
-    /// `:authority` that is not a plain `host[:port]` (a percent-encoded or raw socket path)
-    /// replaced by `localhost`. All other frames are passed on unchanged as they arrive. Input
-    /// that does not start with the HTTP/2 client preface is passed on unchanged, so the server
-    /// reports its own error for it.
+    /// The client's first header block decides what the server reads (see the crate docs).
+    /// When its `:authority` is a plain `host[:port]` or absent, the server reads the client's
+    /// bytes unchanged: the first block is checked and re-framed at most, and from then on the
+    /// connection is read straight into the server's buffer. Otherwise the server reads the
+    /// client's HTTP/2 stream with every header block decoded (HPACK, with the client's dynamic
+    /// table) and re-encoded without the dynamic table, and with an `:authority` that is not a
+    /// plain `host[:port]` (a percent-encoded or raw socket path) replaced by `localhost`; all
+    /// other frames are passed on unchanged as they arrive. Input that does not start with the
+    /// HTTP/2 client preface is passed on unchanged, so the server reports its own error for
+    /// it.
     ///
     /// A header block that cannot be decoded or is too large (see [`FrontError`]) ends the
     /// connection: the read that meets it returns an [`io::ErrorKind::InvalidData`] error, and
@@ -120,7 +124,12 @@ impl<IO: AsyncRead> AsyncRead for AuthorityFront<IO> {
                 return Poll::Ready(Ok(()));
             }
             if this.rewriter.is_passthrough() {
-                // Not HTTP/2: nothing left to rewrite, read straight into the caller's buffer.
+                // Nothing left to rewrite (not HTTP/2, or a client whose first header block
+                // needed nothing): read straight into the caller's buffer, ours are not needed.
+                if !this.scratch.is_empty() {
+                    *this.scratch = Box::default();
+                    *this.out = Vec::new();
+                }
                 return this.io.poll_read(cx, buf);
             }
             let mut raw = ReadBuf::new(&mut this.scratch[..]);
@@ -237,6 +246,18 @@ mod tests {
         }
         let blocks = decode_output(&want);
         assert!(blocks.iter().all(|b| b.get(":authority") == ["localhost"]));
+
+        // A client with a plain authority gets its bytes through unchanged, however they come.
+        let mut input = preface_and_settings();
+        for (stream, block) in [(1, GRPC_GO_BLOCK_1), (3, GRPC_GO_BLOCK_2)] {
+            input.extend(frame(0x1, 0x4, stream, &hex(block)));
+            input.extend(frame(0x0, 0x1, stream, &[0, 0, 0, 0, 0]));
+        }
+        for (piece, read_size) in [(1, 1), (7, 3), (64, 8192), (4096, 10)] {
+            let (out, result) = through_front(input.clone(), piece, read_size).await;
+            result.unwrap();
+            assert_eq!(out, input, "pieces of {piece}, reads of {read_size}");
+        }
     }
 
     #[tokio::test]
@@ -432,16 +453,26 @@ mod tests {
         assert!(served(&o[&1]), "grpc-core: {o:?}");
         let o = exchange(&path, &grpc_java_two_calls(), &[1, 3]).await;
         assert!(served(&o[&1]) && served(&o[&3]), "grpc-java: {o:?}");
-        // All three authorities on one connection.
+        // All three authorities on one connection, an odd one first: every block is rewritten.
         let requests = [
-            health_check(1, "localhost"),
-            health_check(3, "%2Ftmp%2Fx%2Fapi.sock"),
+            health_check(1, "%2Ftmp%2Fx%2Fapi.sock"),
+            health_check(3, "localhost"),
             health_check(5, "/tmp/x/api.sock"),
         ];
         let o = exchange(&path, &connection(&requests), &[1, 3, 5]).await;
         for stream in [1, 3, 5] {
             assert!(served(&o[&stream]), "stream {stream}: {o:?}");
         }
+        // A plain one first: the connection passes through from then on, so a later odd
+        // authority meets h2 as it would without the front (no client mixes them).
+        let requests = [
+            health_check(1, "localhost"),
+            health_check(3, "%2Ftmp%2Fx%2Fapi.sock"),
+            health_check(5, "localhost:1"),
+        ];
+        let o = exchange(&path, &connection(&requests), &[1, 3, 5]).await;
+        assert!(served(&o[&1]) && served(&o[&5]), "{o:?}");
+        assert_eq!(o[&3].reset, Some(0x1), "{o:?}");
     }
 
     #[tokio::test]

@@ -49,6 +49,31 @@ pub(crate) const GRPC_JAVA_BLOCK_1: &str = concat!(
 /// The second request's block from the same encoder (see [`GRPC_JAVA_BLOCK_1`]).
 pub(crate) const GRPC_JAVA_BLOCK_2: &str = "8386c4c3c2c1c0bfbe";
 
+/// grpc-go's first request header block on a connection (`FetchX509SVID`, `:authority:
+/// localhost`): every string Huffman-coded and every new field added to the dynamic table, as
+/// golang.org/x/net/http2/hpack does. Produced with the Python `hpack` 4.1 encoder (same
+/// strategy) from [`GRPC_GO_FIELDS`].
+pub(crate) const GRPC_GO_BLOCK_1: &str = concat!(
+    "838644996375669652f23d9d6838e4875e463095249ff1b03fbb8e4bff4186a0e41d139d095f8b1d75d0620d",
+    "263d4c4d65647a8a9acac8b4c7602bba15c14082497f864d833505b11f408df07b3ad071c8ba2b34b295731f",
+    "834d9697",
+);
+/// The second request's block from the same encoder: indexed references into the dynamic
+/// table that [`GRPC_GO_BLOCK_1`] filled.
+pub(crate) const GRPC_GO_BLOCK_2: &str = "8386c3c2c1c0bfbe";
+
+/// What [`GRPC_GO_BLOCK_1`] and [`GRPC_GO_BLOCK_2`] encode.
+pub(crate) const GRPC_GO_FIELDS: &[(&str, &str)] = &[
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", "/SpiffeWorkloadAPI/FetchX509SVID"),
+    (":authority", "localhost"),
+    ("content-type", "application/grpc"),
+    ("user-agent", "grpc-go/1.71.0"),
+    ("te", "trailers"),
+    ("workload.spiffe.io", "true"),
+];
+
 /// What [`GRPC_JAVA_BLOCK_1`] and [`GRPC_JAVA_BLOCK_2`] encode.
 pub(crate) const GRPC_JAVA_FIELDS: &[(&str, &str)] = &[
     (":method", "POST"),
@@ -235,6 +260,118 @@ fn finish(mut block: DecodedBlock, fragment: &[u8]) -> DecodedBlock {
         })
         .collect();
     block
+}
+
+/// Where a connection's first complete header block sits in a client byte stream (preface
+/// included), and its HPACK bytes.
+#[derive(Debug)]
+pub(crate) struct FirstBlock {
+    /// Offset of its HEADERS frame.
+    pub(crate) start: usize,
+    /// Offset just after its last frame.
+    pub(crate) end: usize,
+    pub(crate) fragment: Vec<u8>,
+}
+
+/// Finds the first complete header block after the preface the way the rewriter reads the
+/// stream: frames before it pass, a CONTINUATION with no block open included. `None` when the
+/// stream ends (or breaks off) before one is complete.
+pub(crate) fn first_block(bytes: &[u8]) -> Option<FirstBlock> {
+    let mut pos = PREFACE.len();
+    let mut open: Option<(usize, Vec<u8>)> = None;
+    while let Some(head) = bytes.get(pos..pos + 9) {
+        let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let (kind, flags) = (head[3], head[4]);
+        let payload = bytes.get(pos + 9..pos + 9 + len)?;
+        let start = pos;
+        pos += 9 + len;
+        let (block_start, mut fragment) = match (kind, open.take()) {
+            (0x9, Some((block_start, mut fragment))) => {
+                fragment.extend_from_slice(payload);
+                (block_start, fragment)
+            }
+            (0x1, None) => {
+                let mut p = payload;
+                let mut pad = 0;
+                if flags & 0x8 != 0 {
+                    pad = usize::from(*p.first()?);
+                    p = &p[1..];
+                }
+                if flags & 0x20 != 0 {
+                    p = p.get(5..)?;
+                }
+                (start, p.get(..p.len().checked_sub(pad)?)?.to_vec())
+            }
+            (_, Some(_)) => return None,
+            _ => continue,
+        };
+        if flags & 0x4 != 0 {
+            return Some(FirstBlock {
+                start: block_start,
+                end: pos,
+                fragment: std::mem::take(&mut fragment),
+            });
+        }
+        open = Some((block_start, fragment));
+    }
+    None
+}
+
+/// Checks what the rewriter promises about `output`, the accepted rewrite of `input` (which
+/// starts with the preface), and returns how many header blocks it checked:
+///
+/// - everything before the first complete header block is unchanged;
+/// - pass-through (the first block kept its HPACK bytes): every `:authority` in that block is
+///   plain, and every byte after it is unchanged;
+/// - rewrite: the first block had an `:authority` that is not plain, and every header block of
+///   the output decodes without the dynamic table and has only plain authorities.
+pub(crate) fn check_rewrite_invariants(input: &[u8], output: &[u8]) -> usize {
+    use crate::rewrite::is_plain_authority;
+    let authorities = |fields: &[(Vec<u8>, Vec<u8>)]| -> Vec<Vec<u8>> {
+        fields
+            .iter()
+            .filter(|(n, _)| n == b":authority")
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    let (first_in, first_out) = match (first_block(input), first_block(output)) {
+        (None, None) => {
+            assert!(input.starts_with(output), "output before any header block");
+            return 0;
+        }
+        (Some(i), Some(o)) => (i, o),
+        (i, o) => panic!("first header block: input {i:?}, output {o:?}"),
+    };
+    assert_eq!(output[..first_out.start], input[..first_in.start]);
+    // An independent decoder, in the state a connection starts in.
+    let mut decoder = loona_hpack::Decoder::new();
+    decoder.set_max_allowed_table_size(64 * 1024);
+    let first_fields = decoder
+        .decode(&first_in.fragment)
+        .unwrap_or_else(|e| panic!("accepted first block does not decode: {e:?}"));
+    let first_plain = authorities(&first_fields)
+        .iter()
+        .all(|a| is_plain_authority(a));
+    if first_out.fragment == first_in.fragment {
+        assert!(first_plain, "first block passed with {first_fields:?}");
+        assert_eq!(
+            output[first_out.end..],
+            input[first_in.end..],
+            "bytes after a plain first block changed"
+        );
+        return 1;
+    }
+    assert!(
+        !first_plain,
+        "plain first block re-encoded: {first_fields:?}"
+    );
+    let blocks = decode_output_lenient(output);
+    for block in &blocks {
+        for v in block.get(":authority") {
+            assert!(is_plain_authority(v.as_bytes()), "{v:?}");
+        }
+    }
+    blocks.len()
 }
 
 /// Deterministic pseudo-random numbers (xorshift64*), for the bulk robustness tests.
