@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use spiffed_attest::UnixAttestor;
 use spiffed_core::{
-    Attestor, Entry, EntryId, EntrySet, MAX_HINT_LEN, PeerCred, Selector, Selectors, SpiffeId,
-    TrustDomain,
+    Attestor, Entry, EntryId, EntrySet, Facts, MAX_HINT_LEN, PeerCred, Selector, Selectors,
+    SpiffeId, TrustDomain,
 };
 use spiffed_entries::EntryHandle;
 use spiffed_entries::store::{EntrySpec, Store, StoreError, StoredEntry};
@@ -65,11 +65,9 @@ impl Directory {
     /// Publishes the merged set to every stream. Call with the write lock held.
     fn publish(&self) -> Result<(), StoreError> {
         let all = self.merged()?;
-        // Indexed once, by the publish itself; None only while the agent shuts down.
-        if let Some(set) = self.handle.replace(all) {
-            self.attestor
-                .set_hash_executables(set.uses_kind_key("unix:sha256"));
-        }
+        // Indexed once, by the publish itself (None only while the agent shuts down); the
+        // Workload API attests for the facts the published set needs.
+        let _ = self.handle.replace(all);
         Ok(())
     }
 
@@ -574,7 +572,7 @@ impl EntryAdmin for AdminService {
                     "cannot inspect pid {pid}: {e} (is it running, and in this PID namespace?)"
                 ))
             })?;
-            let attested = dir.attestor.attest(&cred).map_err(|e| {
+            let attested = dir.attestor.attest(&cred, Facts::ALL).map_err(|e| {
                 Status::unavailable(format!("attestation of pid {pid} failed: {e}"))
             })?;
             Ok::<_, Status>((cred, attested))

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use spiffed_attest::{AttestOptions, UnixAttestor};
+use spiffed_attest::UnixAttestor;
 use spiffed_authority::{AuthorityConfig, CaAuthority};
 use spiffed_entries::EntrySource;
 use spiffed_entries::store::Store;
@@ -133,9 +133,7 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
     let mut all = cfg.entries.clone();
     all.extend(store.list()?.into_iter().map(|s| s.entry));
     let entries = EntrySource::new(all);
-    let attestor = Arc::new(UnixAttestor::new(AttestOptions {
-        hash_executables: entries.current().uses_kind_key("unix:sha256"),
-    }));
+    let attestor = Arc::new(UnixAttestor::new());
     let dir = Arc::new(Directory::new(
         store,
         cfg.entries.clone(),

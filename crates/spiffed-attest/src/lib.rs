@@ -31,4 +31,4 @@ mod systemd;
 mod unix;
 
 pub use systemd::systemd_unit_from_cgroup;
-pub use unix::{AttestOptions, UnixAttestor, peer_cred_of_pid};
+pub use unix::{UnixAttestor, peer_cred_of_pid};

@@ -67,6 +67,12 @@ impl Sha256Cache {
         Ok(hex)
     }
 
+    /// The cached SHA-256 of the open file `file`, or `None` when it would have to be computed.
+    pub(crate) fn cached(&self, file: &File) -> io::Result<Option<String>> {
+        let key = FileKey::of(&file.metadata()?);
+        Ok(self.lock().get(&key).cloned())
+    }
+
     /// Number of cached hashes.
     pub(crate) fn len(&self) -> usize {
         self.lock().len()

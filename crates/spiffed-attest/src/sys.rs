@@ -93,7 +93,7 @@ fn parse_fdinfo_pid(text: &str) -> Option<i32> {
 ///
 /// A pidfd polls readable once its process has exited; fdinfo keeps showing the pid until the
 /// zombie is reaped, so this catches the gap. Errors count as exited: callers fail closed.
-fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
+pub(crate) fn pidfd_exited(pidfd: BorrowedFd<'_>) -> bool {
     let mut fds = [PollFd::from_borrowed_fd(pidfd, PollFlags::IN)];
     let now = Timespec {
         tv_sec: 0,

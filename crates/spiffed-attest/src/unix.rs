@@ -4,49 +4,34 @@ use std::fmt;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 
 use nix::unistd::{Gid, Group, Uid, User};
-use spiffed_core::{AttestError, Attested, Attestor, PeerCred, Selector, SelectorError, Selectors};
+use spiffed_core::{
+    AttestError, Attested, Attestor, Facts, PeerCred, Selector, SelectorError, Selectors,
+};
 
 use crate::sha256_cache::Sha256Cache;
 use crate::{procfs, sys, systemd};
 
-/// What [`UnixAttestor`] does beyond the cheap facts.
-#[derive(Clone, Debug, Default)]
-pub struct AttestOptions {
-    /// Derive `unix:sha256:HEX` from the caller's executable. Hashing reads the whole binary on a
-    /// cache miss, so turn it on only when some entry uses a `unix:sha256` selector.
-    pub hash_executables: bool,
-}
-
 /// The [`Attestor`] for local callers on Linux.
 ///
-/// Every caller gets `unix:uid`, `unix:gid` and, when they have names, `unix:user` and
-/// `unix:group`, all from the credentials the kernel recorded at `connect(2)`. A caller whose pid
-/// we can see (same PID namespace) also gets `unix:supplementary_gid`/`_group`, `unix:path`,
-/// `unix:sha256` (if enabled) and `systemd:id` from `/proc/PID`, after which the connection's
-/// pidfd must show that same process still running; otherwise the caller is
+/// Every caller gets `unix:uid` and `unix:gid` from the credentials the kernel recorded at
+/// `connect(2)`. The rest is gathered only when asked for (see [`Facts`]): `unix:user` and
+/// `unix:group` by name lookup, and, for a caller whose pid we can see (same PID namespace),
+/// `unix:supplementary_gid`/`_group`, `unix:path`, `unix:sha256` and `systemd:id` from
+/// `/proc/PID`. Whatever was asked for, the connection's pidfd must show that the process that
+/// connected still runs (and, after `/proc` was read, still as PID); otherwise the caller is
 /// [`AttestError::ProcessGone`], so a process that inherited a connection never gets its exited
 /// parent's identity.
+#[derive(Default)]
 pub struct UnixAttestor {
-    hash_executables: AtomicBool,
     sha256: Sha256Cache,
 }
 
 impl UnixAttestor {
     /// An attestor with an empty executable-hash cache.
-    pub fn new(opts: AttestOptions) -> Self {
-        Self {
-            hash_executables: AtomicBool::new(opts.hash_executables),
-            sha256: Sha256Cache::default(),
-        }
-    }
-
-    /// Turns executable hashing on or off, e.g. when entries with `unix:sha256` selectors are
-    /// added or removed at run time.
-    pub fn set_hash_executables(&self, on: bool) {
-        self.hash_executables.store(on, Ordering::Relaxed);
+    pub fn new() -> Self {
+        Self::default()
     }
 
     /// Number of executables whose SHA-256 is cached.
@@ -58,15 +43,121 @@ impl UnixAttestor {
     pub fn hashes_computed(&self) -> u64 {
         self.sha256.computed()
     }
+
+    /// Attests; with `may_hash` false, returns `Ok(None)` instead of hashing an executable that
+    /// is not in the cache.
+    fn gather(
+        &self,
+        peer: &PeerCred,
+        facts: Facts,
+        may_hash: bool,
+    ) -> Result<Option<Attested>, AttestError> {
+        let mut selectors = Selectors::new();
+        add(&mut selectors, Selector::unix("uid", peer.uid));
+        add(&mut selectors, Selector::unix("gid", peer.gid));
+        if facts.contains(Facts::NAMES) {
+            if let Some(name) = user_name(peer.uid) {
+                add(&mut selectors, Selector::unix("user", name));
+            }
+            if let Some(name) = group_name(peer.gid) {
+                add(&mut selectors, Selector::unix("group", name));
+            }
+        }
+        let Some(pid) = peer.pid else {
+            // Another PID namespace: its /proc/PID (if any) is some other process.
+            return Ok(Some(Attested {
+                selectors,
+                uid: peer.uid,
+                exe: None,
+                facts,
+            }));
+        };
+        let proc = Proc {
+            pid,
+            pidfd: peer.pidfd.as_deref(),
+        };
+        if !facts.need_proc() {
+            // Nothing read from /proc: the credentials are the kernel's record of the process
+            // that connected, which only has to be still running.
+            proc.still_running()?;
+            return Ok(Some(Attested {
+                selectors,
+                uid: peer.uid,
+                exe: None,
+                facts,
+            }));
+        }
+
+        if facts.contains(Facts::SUPPLEMENTARY_GIDS) || facts.contains(Facts::SUPPLEMENTARY_GROUPS)
+        {
+            let status = procfs::Status::parse(&proc.read("status")?);
+            if status.exited {
+                return Err(AttestError::ProcessGone { pid });
+            }
+            for gid in status.groups {
+                if facts.contains(Facts::SUPPLEMENTARY_GIDS) {
+                    add(&mut selectors, Selector::unix("supplementary_gid", gid));
+                }
+                if facts.contains(Facts::SUPPLEMENTARY_GROUPS)
+                    && let Some(name) = group_name(gid)
+                {
+                    add(&mut selectors, Selector::unix("supplementary_group", name));
+                }
+            }
+        }
+
+        let mut exe = None;
+        if facts.contains(Facts::PATH) || facts.contains(Facts::SHA256) {
+            let path = procfs::exe_path(pid).map_err(|e| proc.error("exe", e))?;
+            if facts.contains(Facts::PATH) {
+                match path.to_str() {
+                    Some(p) => add(&mut selectors, Selector::unix("path", p)),
+                    None => {
+                        tracing::debug!(pid, exe = %path.display(), "executable path is not UTF-8");
+                    }
+                }
+            }
+            exe = Some(path);
+        }
+
+        if facts.contains(Facts::SHA256) {
+            let file = procfs::open_exe(pid).map_err(|e| proc.error("exe", e))?;
+            let sha256 = if may_hash {
+                Some(self.sha256.sha256(file))
+            } else {
+                self.sha256.cached(&file).transpose()
+            };
+            let Some(sha256) = sha256 else {
+                return Ok(None);
+            };
+            let sha256 = sha256.map_err(|e| proc.error("exe", e))?;
+            add(&mut selectors, Selector::unix("sha256", sha256));
+        }
+
+        if facts.contains(Facts::SYSTEMD)
+            && let Some(unit) = systemd::systemd_unit_from_cgroup(&proc.read("cgroup")?)
+        {
+            add(
+                &mut selectors,
+                Selector::new("systemd", &format!("id:{unit}")),
+            );
+        }
+
+        // Everything above was read from /proc/PID; it describes the caller only if the process
+        // that connected is still the one running as PID.
+        proc.still_the_caller()?;
+        Ok(Some(Attested {
+            selectors,
+            uid: peer.uid,
+            exe,
+            facts,
+        }))
+    }
 }
 
 impl fmt::Debug for UnixAttestor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("UnixAttestor")
-            .field(
-                "hash_executables",
-                &self.hash_executables.load(Ordering::Relaxed),
-            )
             .field("sha256_cache_len", &self.sha256_cache_len())
             .finish()
     }
@@ -94,68 +185,15 @@ pub fn peer_cred_of_pid(pid: u32) -> io::Result<PeerCred> {
 }
 
 impl Attestor for UnixAttestor {
-    fn attest(&self, peer: &PeerCred) -> Result<Attested, AttestError> {
-        let mut selectors = Selectors::new();
-        add(&mut selectors, Selector::unix("uid", peer.uid));
-        add(&mut selectors, Selector::unix("gid", peer.gid));
-        if let Some(name) = user_name(peer.uid) {
-            add(&mut selectors, Selector::unix("user", name));
-        }
-        if let Some(name) = group_name(peer.gid) {
-            add(&mut selectors, Selector::unix("group", name));
-        }
-        let Some(pid) = peer.pid else {
-            // Another PID namespace: its /proc/PID (if any) is some other process.
-            return Ok(Attested {
-                selectors,
-                uid: peer.uid,
-                exe: None,
-            });
-        };
-        let proc = Proc {
-            pid,
-            pidfd: peer.pidfd.as_deref(),
-        };
+    fn attest(&self, peer: &PeerCred, facts: Facts) -> Result<Attested, AttestError> {
+        self.gather(peer, facts, true)?
+            .ok_or(AttestError::ProcessGone {
+                pid: peer.pid.unwrap_or_default(),
+            })
+    }
 
-        let status = procfs::Status::parse(&proc.read("status")?);
-        if status.exited {
-            return Err(AttestError::ProcessGone { pid });
-        }
-        for gid in status.groups {
-            add(&mut selectors, Selector::unix("supplementary_gid", gid));
-            if let Some(name) = group_name(gid) {
-                add(&mut selectors, Selector::unix("supplementary_group", name));
-            }
-        }
-
-        let exe = procfs::exe_path(pid).map_err(|e| proc.error("exe", e))?;
-        match exe.to_str() {
-            Some(path) => add(&mut selectors, Selector::unix("path", path)),
-            None => tracing::debug!(pid, exe = %exe.display(), "executable path is not UTF-8"),
-        }
-
-        if self.hash_executables.load(Ordering::Relaxed) {
-            let sha256 = procfs::open_exe(pid)
-                .and_then(|file| self.sha256.sha256(file))
-                .map_err(|e| proc.error("exe", e))?;
-            add(&mut selectors, Selector::unix("sha256", sha256));
-        }
-
-        if let Some(unit) = systemd::systemd_unit_from_cgroup(&proc.read("cgroup")?) {
-            add(
-                &mut selectors,
-                Selector::new("systemd", &format!("id:{unit}")),
-            );
-        }
-
-        // Everything above was read from /proc/PID; it describes the caller only if the process
-        // that connected is still the one running as PID.
-        proc.still_the_caller()?;
-        Ok(Attested {
-            selectors,
-            uid: peer.uid,
-            exe: Some(exe),
-        })
+    fn attest_quick(&self, peer: &PeerCred, facts: Facts) -> Option<Result<Attested, AttestError>> {
+        self.gather(peer, facts, false).transpose()
     }
 }
 
@@ -187,6 +225,16 @@ impl Proc<'_> {
             AttestError::ProcessGone { pid }
         } else {
             AttestError::Proc { pid, what, source }
+        }
+    }
+
+    /// Checks that the connecting process has not exited (no `/proc` facts to tie to it).
+    fn still_running(&self) -> Result<(), AttestError> {
+        match self.pidfd {
+            Some(fd) if sys::pidfd_exited(fd.as_fd()) => {
+                Err(AttestError::ProcessGone { pid: self.pid })
+            }
+            _ => Ok(()),
         }
     }
 
@@ -248,6 +296,13 @@ mod tests {
     use super::*;
     use crate::listen::peer_cred;
 
+    /// Everything but the executable's hash.
+    const NO_HASH: Facts = Facts::NAMES
+        .union(Facts::SUPPLEMENTARY_GIDS)
+        .union(Facts::SUPPLEMENTARY_GROUPS)
+        .union(Facts::PATH)
+        .union(Facts::SYSTEMD);
+
     fn sel(s: &str) -> Selector {
         s.parse().unwrap()
     }
@@ -268,8 +323,8 @@ mod tests {
     async fn attests_our_own_connection() {
         let (a, _b) = UnixStream::pair().unwrap();
         let cred = peer_cred(&a).unwrap();
-        let attestor = UnixAttestor::new(AttestOptions::default());
-        let got = attestor.attest(&cred).unwrap();
+        let attestor = UnixAttestor::new();
+        let got = attestor.attest(&cred, NO_HASH).unwrap();
 
         let (uid, gid) = own_ids();
         assert_eq!(got.uid, uid);
@@ -299,21 +354,62 @@ mod tests {
     async fn hashes_the_executable_once() {
         let (a, _b) = UnixStream::pair().unwrap();
         let cred = peer_cred(&a).unwrap();
-        let attestor = UnixAttestor::new(AttestOptions {
-            hash_executables: true,
-        });
+        let attestor = UnixAttestor::new();
         let want = hex_sha256(&std::fs::read(std::env::current_exe().unwrap()).unwrap());
         let want = sel(&format!("unix:sha256:{want}"));
 
-        let first = attestor.attest(&cred).unwrap();
+        // Hashing is the one thing that may not run on an async worker.
+        assert!(attestor.attest_quick(&cred, Facts::ALL).is_none());
+        assert_eq!(attestor.hashes_computed(), 0);
+
+        let first = attestor.attest(&cred, Facts::ALL).unwrap();
         assert!(first.selectors.contains(&want));
+        assert_eq!(first.facts, Facts::ALL);
         assert_eq!(attestor.hashes_computed(), 1);
         assert_eq!(attestor.sha256_cache_len(), 1);
 
-        let second = attestor.attest(&cred).unwrap();
+        let second = attestor.attest(&cred, Facts::ALL).unwrap();
         assert_eq!(second.selectors, first.selectors);
+        // Once cached, the quick path answers with the same selectors.
+        let quick = attestor.attest_quick(&cred, Facts::ALL).unwrap().unwrap();
+        assert_eq!(quick.selectors, first.selectors);
         assert_eq!(attestor.hashes_computed(), 1);
         assert_eq!(attestor.sha256_cache_len(), 1);
+    }
+
+    #[tokio::test]
+    async fn gathers_only_the_facts_asked_for() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let cred = peer_cred(&a).unwrap();
+        let (uid, gid) = own_ids();
+        let attestor = UnixAttestor::new();
+        let kinds = |a: &Attested| {
+            let mut k: Vec<String> = a.selectors.iter().map(Selector::kind_key).collect();
+            k.dedup();
+            k
+        };
+
+        let bare = attestor.attest_quick(&cred, Facts::NONE).unwrap().unwrap();
+        let want: Selectors = [
+            sel(&format!("unix:uid:{uid}")),
+            sel(&format!("unix:gid:{gid}")),
+        ]
+        .into_iter()
+        .collect();
+        assert_eq!(bare.selectors, want);
+        assert_eq!(bare.exe, None);
+
+        let names = attestor.attest(&cred, Facts::NAMES).unwrap();
+        assert_eq!(
+            kinds(&names),
+            ["unix:gid", "unix:group", "unix:uid", "unix:user"]
+        );
+
+        let path = attestor.attest_quick(&cred, Facts::PATH).unwrap().unwrap();
+        let exe = std::env::current_exe().unwrap().canonicalize().unwrap();
+        assert_eq!(path.exe.as_deref(), Some(exe.as_path()));
+        assert_eq!(kinds(&path), ["unix:gid", "unix:path", "unix:uid"]);
+        assert_eq!(attestor.hashes_computed(), 0);
     }
 
     #[test]
@@ -325,11 +421,7 @@ mod tests {
             gid,
             pidfd: None,
         };
-        let got = UnixAttestor::new(AttestOptions {
-            hash_executables: true,
-        })
-        .attest(&cred)
-        .unwrap();
+        let got = UnixAttestor::new().attest(&cred, Facts::ALL).unwrap();
         assert_eq!(got.exe, None);
         assert_eq!(got.uid, uid);
         let keys: Vec<String> = got.selectors.iter().map(Selector::kind_key).collect();
@@ -352,9 +444,7 @@ mod tests {
             gid: 3_999_999_002,
             pidfd: None,
         };
-        let got = UnixAttestor::new(AttestOptions::default())
-            .attest(&cred)
-            .unwrap();
+        let got = UnixAttestor::new().attest(&cred, NO_HASH).unwrap();
         let want: Selectors = [sel("unix:uid:3999999001"), sel("unix:gid:3999999002")]
             .into_iter()
             .collect();
@@ -372,17 +462,24 @@ mod tests {
             gid,
             pidfd: Some(Arc::new(sys::pidfd_open(pid).unwrap())),
         };
-        let attestor = UnixAttestor::new(AttestOptions::default());
-        let alive = attestor.attest(&cred).unwrap();
+        let attestor = UnixAttestor::new();
+        let alive = attestor.attest(&cred, NO_HASH).unwrap();
         let sleep = alive.exe.unwrap();
         assert!(
             sleep.ends_with("sleep") || sleep.ends_with("coreutils"),
             "{sleep:?}"
         );
 
+        assert!(attestor.attest(&cred, Facts::NONE).is_ok());
+
         child.kill().unwrap();
         child.wait().unwrap();
-        match attestor.attest(&cred) {
+        match attestor.attest(&cred, NO_HASH) {
+            Err(AttestError::ProcessGone { pid: p }) => assert_eq!(p, pid),
+            other => panic!("expected ProcessGone, got {other:?}"),
+        }
+        // Credentials alone are not enough once the process that connected is gone.
+        match attestor.attest(&cred, Facts::NONE) {
             Err(AttestError::ProcessGone { pid: p }) => assert_eq!(p, pid),
             other => panic!("expected ProcessGone, got {other:?}"),
         }
@@ -399,13 +496,13 @@ mod tests {
             gid,
             pidfd: Some(Arc::new(sys::pidfd_open(pid).unwrap())),
         };
-        let attestor = UnixAttestor::new(AttestOptions::default());
-        attestor.attest(&cred).unwrap();
+        let attestor = UnixAttestor::new();
+        attestor.attest(&cred, NO_HASH).unwrap();
         child.kill().unwrap();
         // Not reaped: /proc/PID stays, and fdinfo keeps naming it, until we wait.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         loop {
-            match attestor.attest(&cred) {
+            match attestor.attest(&cred, NO_HASH) {
                 Err(AttestError::ProcessGone { pid: p }) => {
                     assert_eq!(p, pid);
                     break;
@@ -427,7 +524,7 @@ mod tests {
     fn a_reused_pid_is_gone() {
         let me = std::process::id();
         let (uid, gid) = own_ids();
-        let attestor = UnixAttestor::new(AttestOptions::default());
+        let attestor = UnixAttestor::new();
 
         let mut other = Command::new("sleep").arg("30").spawn().unwrap();
         let live_other = Arc::new(sys::pidfd_open(other.id()).unwrap());
@@ -438,7 +535,7 @@ mod tests {
             pidfd: Some(Arc::clone(&live_other)),
         };
         assert!(matches!(
-            attestor.attest(&cred),
+            attestor.attest(&cred, NO_HASH),
             Err(AttestError::ProcessGone { pid }) if pid == me
         ));
 
@@ -449,7 +546,7 @@ mod tests {
             ..cred
         };
         assert!(matches!(
-            attestor.attest(&cred),
+            attestor.attest(&cred, NO_HASH),
             Err(AttestError::ProcessGone { pid }) if pid == me
         ));
     }
@@ -484,8 +581,8 @@ os._exit(0)
         assert_eq!(cred.pid, Some(parent.id()), "the parent connected");
         assert!(cred.pidfd.is_some());
 
-        let attestor = UnixAttestor::new(AttestOptions::default());
-        let while_alive = attestor.attest(&cred).unwrap();
+        let attestor = UnixAttestor::new();
+        let while_alive = attestor.attest(&cred, NO_HASH).unwrap();
         let exe = while_alive.exe.unwrap();
         assert!(
             exe.file_name()
@@ -509,7 +606,7 @@ os._exit(0)
         drop(parent.stdin.take());
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
-            match attestor.attest(&cred) {
+            match attestor.attest(&cred, NO_HASH) {
                 Err(AttestError::ProcessGone { pid }) => {
                     assert_eq!(pid, parent.id());
                     break;
@@ -523,7 +620,7 @@ os._exit(0)
         }
         assert!(parent.wait().unwrap().success());
         assert!(matches!(
-            attestor.attest(&cred),
+            attestor.attest(&cred, NO_HASH),
             Err(AttestError::ProcessGone { .. })
         ));
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use spiffe::{SpiffeId, TrustDomain};
 
-use crate::{Selector, Selectors};
+use crate::{Facts, Selector, Selectors};
 
 /// Longest hint accepted, in bytes (the Workload API spec's SHOULD NOT, as SPIRE enforces).
 pub const MAX_HINT_LEN: usize = 1024;
@@ -155,6 +155,7 @@ pub struct EntrySet {
     entries: Vec<Arc<Entry>>,
     by_selector: HashMap<Selector, Vec<usize>>,
     kind_keys: HashSet<String>,
+    facts: Facts,
     revision: u64,
 }
 
@@ -171,10 +172,14 @@ impl EntrySet {
                 kind_keys.insert(s.kind_key());
             }
         }
+        let facts = kind_keys
+            .iter()
+            .fold(Facts::NONE, |f, k| f | Facts::for_kind_key(k));
         Self {
             entries,
             by_selector,
             kind_keys,
+            facts,
             revision,
         }
     }
@@ -193,6 +198,11 @@ impl EntrySet {
     /// can skip facts nobody asks for.
     pub fn uses_kind_key(&self, kind_key: &str) -> bool {
         self.kind_keys.contains(kind_key)
+    }
+
+    /// The facts attestation must gather so that every entry can be matched.
+    pub fn facts(&self) -> Facts {
+        self.facts
     }
 
     /// Every entry whose selectors are all among `selectors`, ordered by entry id, with duplicate
@@ -275,6 +285,7 @@ mod tests {
         assert!(set.matching(&sels(&["unix:uid:3"])).is_empty());
         assert!(set.uses_kind_key("unix:gid"));
         assert!(!set.uses_kind_key("unix:sha256"));
+        assert_eq!(set.facts(), Facts::NONE);
     }
 
     #[test]

@@ -6,9 +6,9 @@
 //! messages as the standard defines them. It has no `package` statement, so the service is
 //! `SpiffeWorkloadAPI` and every path is `/SpiffeWorkloadAPI/<Method>`: clients depend on that.
 #![forbid(unsafe_code)]
-#![allow(missing_docs, unreachable_pub, clippy::all, reason = "generated code")]
 
 /// Messages and the `SpiffeWorkloadAPI` client and server (the proto has no package).
+#[allow(missing_docs, unreachable_pub, clippy::all, reason = "generated code")]
 pub mod workload {
     include!(concat!(env!("OUT_DIR"), "/_.rs"));
 }
@@ -19,6 +19,9 @@ pub const WORKLOAD_DESCRIPTOR_SET: &[u8] =
 
 /// spiffed's own administration API (package `spiffed.admin.v1`), served only on the admin
 /// socket: entry management and `explain`.
+#[allow(missing_docs, unreachable_pub, clippy::all, reason = "generated code")]
 pub mod admin {
     include!(concat!(env!("OUT_DIR"), "/spiffed.admin.v1.rs"));
 }
+
+pub mod shared;

@@ -25,5 +25,5 @@ mod jwt;
 mod service;
 mod status;
 
-pub use service::{WorkloadApi, synthetic_entry};
+pub use service::{WorkloadApi, synthetic_entry, x509_svid_response};
 pub use status::ApiError;

@@ -2,14 +2,15 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::Stream;
 use spiffed_core::{
-    Attested, Attestor, Authority, Entry, EntryId, EntrySet, Identity, Lease, PeerCred, Selector,
-    SpiffeId, TrustDomain, X509Bundle,
+    Attested, Attestor, Authority, Entry, EntryId, EntrySet, Facts, Identity, Lease, PeerCred,
+    Selector, SpiffeId, TrustDomain, X509Bundle,
 };
-use spiffed_proto::workload::spiffe_workload_api_server::{
+use spiffed_proto::shared::Encoded;
+use spiffed_proto::shared::server::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
 use spiffed_proto::workload::{
@@ -20,6 +21,7 @@ use spiffed_proto::workload::{
 };
 use tokio::sync::watch;
 use tonic::{Request, Response, Status};
+use zeroize::Zeroize as _;
 
 use crate::ApiError;
 
@@ -35,6 +37,44 @@ struct Shared {
     authority: Arc<dyn Authority>,
     entries: watch::Receiver<Arc<EntrySet>>,
     synthetic_ids: bool,
+    responses: Responses,
+}
+
+/// What determines an X.509-SVID response completely: the entries' revision (SPIFFE IDs and
+/// hints), each SVID by entry and serial, and the bundle's sequence.
+type X509Key = (u64, Vec<(EntryId, Vec<u8>)>, u64);
+
+/// Most X.509-SVID responses kept; the cache starts afresh when full.
+const MAX_SHARED_RESPONSES: usize = 256;
+
+/// Responses encoded once and shared by every stream that sends the same message.
+#[derive(Default)]
+struct Responses {
+    /// X.509-SVID responses of the current entries revision and bundle sequence.
+    x509: Mutex<HashMap<X509Key, Encoded<X509svidResponse>>>,
+    x509_bundles: Mutex<Option<(u64, Encoded<X509BundlesResponse>)>>,
+    jwt_bundles: Mutex<Option<(u64, Encoded<JwtBundlesResponse>)>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Each guarded value is a cache that is valid after any panic mid-update.
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The cached message for bundle `sequence`, or a fresh one made by `make`.
+fn shared_bundle<T: prost::Message>(
+    slot: &Mutex<Option<(u64, Encoded<T>)>>,
+    sequence: u64,
+    make: impl FnOnce() -> T,
+) -> Encoded<T> {
+    if let Some((seq, enc)) = &*lock(slot)
+        && *seq == sequence
+    {
+        return enc.clone();
+    }
+    let enc = Encoded::new(&make());
+    *lock(slot) = Some((sequence, enc.clone()));
+    enc
 }
 
 /// The Workload API service. Cheap to clone.
@@ -108,6 +148,40 @@ fn id_segment(s: &str) -> String {
 }
 
 impl Shared {
+    /// The facts to gather about callers judged against `set`: what its selectors need, and
+    /// the executable's path for dev mode's synthetic IDs.
+    fn facts(&self, set: &EntrySet) -> Facts {
+        if self.synthetic_ids {
+            set.facts() | Facts::PATH
+        } else {
+            set.facts()
+        }
+    }
+
+    /// The facts the current entries need.
+    fn current_facts(&self) -> Facts {
+        self.facts(&self.entries.borrow())
+    }
+
+    /// Attests on this task when that needs only quick reads, else (hashing an executable the
+    /// cache does not know) on the blocking pool.
+    async fn attest(&self, cred: &PeerCred, facts: Facts) -> Result<Attested, ApiError> {
+        let result = match self.attestor.attest_quick(cred, facts) {
+            Some(result) => result,
+            None => {
+                let attestor = self.attestor.clone();
+                let c = cred.clone();
+                tokio::task::spawn_blocking(move || attestor.attest(&c, facts))
+                    .await
+                    .map_err(|e| ApiError::Internal(e.to_string()))?
+            }
+        };
+        result.map_err(|e| {
+            tracing::info!(pid = ?cred.pid, uid = cred.uid, error = %e, "attestation failed");
+            e.into()
+        })
+    }
+
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, ApiError> {
         check_header(req)?;
         let cred = req
@@ -115,14 +189,7 @@ impl Shared {
             .get::<PeerCred>()
             .cloned()
             .ok_or(ApiError::NoPeerCred)?;
-        let attestor = self.attestor.clone();
-        let c = cred.clone();
-        let attested = tokio::task::spawn_blocking(move || attestor.attest(&c))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-            .inspect_err(|e| {
-                tracing::info!(pid = ?cred.pid, uid = cred.uid, error = %e, "attestation failed");
-            })?;
+        let attested = self.attest(&cred, self.current_facts()).await?;
         Ok(Caller { cred, attested })
     }
 
@@ -139,43 +206,95 @@ impl Shared {
         synthetic_entry(self.authority.trust_domain(), &caller.attested)
     }
 
-    /// The caller's identities now; `NoIdentity` when there are none.
-    fn identities(&self, caller: &Caller) -> Result<(Vec<Identity>, Lease), ApiError> {
+    /// The caller's identities now, with the revision of the entries they come from;
+    /// `NoIdentity` when there are none.
+    fn identities(&self, caller: &Caller) -> Result<(Vec<Identity>, Lease, u64), ApiError> {
         let set = self.entries.borrow().clone();
         let entries = self.entitled(caller, &set);
         if entries.is_empty() {
             return Err(ApiError::NoIdentity);
         }
-        Ok(self.authority.identities(&entries)?)
+        let (ids, lease) = self.authority.identities(&entries)?;
+        Ok((ids, lease, set.revision()))
     }
 
     /// The response for `ids`, each SVID with `bundle` (taken once by the caller, so the
-    /// fingerprint and the message agree).
-    fn x509_response(ids: &[Identity], bundle: &X509Bundle) -> X509svidResponse {
-        let bundle = bundle.concatenated_der();
-        X509svidResponse {
-            svids: ids
-                .iter()
-                .map(|i| X509svid {
-                    spiffe_id: i.x509.spiffe_id.to_string(),
-                    x509_svid: i.x509.cert_chain_der.clone(),
-                    x509_svid_key: i.x509.key.pkcs8_der().to_vec(),
-                    bundle: bundle.clone(),
-                    hint: i.entry.hint.clone().unwrap_or_default(),
-                })
+    /// fingerprint and the message agree), encoded once for every stream that sends it.
+    fn x509_response(
+        &self,
+        revision: u64,
+        ids: &[Identity],
+        bundle: &X509Bundle,
+    ) -> Encoded<X509svidResponse> {
+        let key: X509Key = (
+            revision,
+            ids.iter()
+                .map(|i| (i.entry.id.clone(), i.x509.serial.clone()))
                 .collect(),
-            crl: vec![],
-            federated_bundles: HashMap::new(),
+            bundle.sequence,
+        );
+        if let Some(enc) = lock(&self.responses.x509).get(&key) {
+            return enc.clone();
         }
+        let enc = x509_svid_response(ids, bundle);
+        let mut cache = lock(&self.responses.x509);
+        let stale = cache
+            .keys()
+            .next()
+            .is_some_and(|(rev, _, seq)| *rev != revision || *seq != bundle.sequence);
+        if stale || cache.len() >= MAX_SHARED_RESPONSES {
+            cache.clear();
+        }
+        cache.insert(key, enc.clone());
+        enc
     }
 
-    fn x509_bundles_response(&self) -> X509BundlesResponse {
+    fn x509_bundles_response(&self) -> Encoded<X509BundlesResponse> {
         let b = self.authority.x509_bundle();
-        X509BundlesResponse {
-            crl: vec![],
-            bundles: HashMap::from([(b.trust_domain.id_string(), b.concatenated_der())]),
-        }
+        shared_bundle(&self.responses.x509_bundles, b.sequence, || {
+            X509BundlesResponse {
+                crl: vec![],
+                bundles: HashMap::from([(b.trust_domain.id_string(), b.concatenated_der())]),
+            }
+        })
     }
+
+    fn jwt_bundles_response(&self) -> Encoded<JwtBundlesResponse> {
+        let b = self.authority.jwt_bundle();
+        shared_bundle(&self.responses.jwt_bundles, b.sequence, || {
+            JwtBundlesResponse {
+                bundles: HashMap::from([(b.trust_domain.id_string(), crate::jwt::jwks(&b))]),
+            }
+        })
+    }
+}
+
+/// The `FetchX509SVID` message for `ids`, each SVID with `bundle`, encoded.
+///
+/// The agent encodes each distinct message once per change and shares it between the streams
+/// that send it; public for the encoding benchmark.
+pub fn x509_svid_response(ids: &[Identity], bundle: &X509Bundle) -> Encoded<X509svidResponse> {
+    let der = bundle.concatenated_der();
+    let msg = X509svidResponse {
+        svids: ids
+            .iter()
+            .map(|i| X509svid {
+                spiffe_id: i.x509.spiffe_id.to_string(),
+                x509_svid: i.x509.cert_chain_der.clone(),
+                x509_svid_key: i.x509.key.pkcs8_der().to_vec(),
+                bundle: der.clone(),
+                hint: i.entry.hint.clone().unwrap_or_default(),
+            })
+            .collect(),
+        crl: vec![],
+        federated_bundles: HashMap::new(),
+    };
+    let enc = Encoded::new(&msg);
+    // `msg` holds a copy of each private key: wipe it now that the bytes are encoded.
+    for mut svid in msg.svids {
+        svid.x509_svid_key.zeroize();
+    }
+    enc
 }
 
 /// What a stream last sent, to send only real changes.
@@ -217,6 +336,18 @@ impl Watch {
             r = self.changes.changed() => r.is_ok(),
         }
     }
+
+    /// Attests the caller again when the entries now need facts that its attestation did not
+    /// gather (an entry with a selector type new to the set, such as `unix:path`, was added
+    /// while the stream was open), so such an entry is judged on real facts.
+    async fn refresh(&mut self) -> Result<(), ApiError> {
+        let want = self.shared.current_facts();
+        let have = self.caller.attested.facts;
+        if !have.contains(want) {
+            self.caller.attested = self.shared.attest(&self.caller.cred, have | want).await?;
+        }
+        Ok(())
+    }
 }
 
 impl WorkloadApi {
@@ -234,6 +365,7 @@ impl WorkloadApi {
                 authority,
                 entries,
                 synthetic_ids,
+                responses: Responses::default(),
             }),
         }
     }
@@ -280,6 +412,9 @@ fn bundle_stream<T: PartialEq + Clone + Send + 'static>(
                 if !w.changed().await {
                     return None;
                 }
+                if let Err(e) = w.refresh().await {
+                    return Some((Err(e.into()), (w, last, None, true)));
+                }
                 let entries = w.shared.entries.borrow().clone();
                 if w.shared.entitled(&w.caller, &entries).is_empty() {
                     log_denied(&w.caller);
@@ -325,21 +460,15 @@ fn log_issued(caller: &Caller, ids: &[Identity], what: &str) {
     }
 }
 
-fn jwt_bundles_response(bundle: &spiffed_core::JwtBundle) -> JwtBundlesResponse {
-    JwtBundlesResponse {
-        bundles: HashMap::from([(bundle.trust_domain.id_string(), crate::jwt::jwks(bundle))]),
-    }
-}
-
 fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[tonic::async_trait]
 impl SpiffeWorkloadApi for WorkloadApi {
-    type FetchX509SVIDStream = BoxStream<X509svidResponse>;
-    type FetchX509BundlesStream = BoxStream<X509BundlesResponse>;
-    type FetchJWTBundlesStream = BoxStream<JwtBundlesResponse>;
+    type FetchX509SVIDStream = BoxStream<Encoded<X509svidResponse>>;
+    type FetchX509BundlesStream = BoxStream<Encoded<X509BundlesResponse>>;
+    type FetchJWTBundlesStream = BoxStream<Encoded<JwtBundlesResponse>>;
     type FetchWITSVIDStream = BoxStream<WitsvidResponse>;
     type FetchWITBundlesStream = BoxStream<WitBundlesResponse>;
 
@@ -350,14 +479,14 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let shared = &self.shared;
         let caller = shared.caller(&request).await?;
         let watch = Watch::new(shared, caller);
-        let (ids, lease) = shared.identities(&watch.caller).inspect_err(|e| {
+        let (ids, lease, revision) = shared.identities(&watch.caller).inspect_err(|e| {
             if matches!(e, ApiError::NoIdentity) {
                 log_denied(&watch.caller);
             }
         })?;
         log_issued(&watch.caller, &ids, "X.509-SVID");
         let bundle = shared.authority.x509_bundle();
-        let first = Shared::x509_response(&ids, &bundle);
+        let first = shared.x509_response(revision, &ids, &bundle);
         let seq = bundle.sequence;
         let last = x509_fingerprint(&ids, seq);
 
@@ -376,8 +505,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
                     if !w.changed().await {
                         return None;
                     }
+                    if let Err(e) = w.refresh().await {
+                        return Some((Err(e.into()), (w, last, lease, None, true)));
+                    }
                     match w.shared.identities(&w.caller) {
-                        Ok((ids, new_lease)) => {
+                        Ok((ids, new_lease, revision)) => {
                             let bundle = w.shared.authority.x509_bundle();
                             let fp = x509_fingerprint(&ids, bundle.sequence);
                             if fp == last {
@@ -386,7 +518,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                             last = fp;
                             lease = new_lease;
                             tracing::debug!(pid = ?w.caller.cred.pid, uid = w.caller.cred.uid, svids = ids.len(), "pushing X.509-SVID update");
-                            let msg = Shared::x509_response(&ids, &bundle);
+                            let msg = w.shared.x509_response(revision, &ids, &bundle);
                             return Some((Ok(msg), (w, last, lease, None, false)));
                         }
                         Err(e) => {
@@ -409,9 +541,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
         let watch = self.bundle_watch(&request).await?;
-        Ok(Response::new(bundle_stream(watch, |shared| {
-            shared.x509_bundles_response()
-        })))
+        Ok(Response::new(bundle_stream(
+            watch,
+            Shared::x509_bundles_response,
+        )))
     }
 
     async fn fetch_jwtsvid(
@@ -470,9 +603,10 @@ impl SpiffeWorkloadApi for WorkloadApi {
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
         let watch = self.bundle_watch(&request).await?;
-        Ok(Response::new(bundle_stream(watch, |shared| {
-            jwt_bundles_response(&shared.authority.jwt_bundle())
-        })))
+        Ok(Response::new(bundle_stream(
+            watch,
+            Shared::jwt_bundles_response,
+        )))
     }
 
     async fn validate_jwtsvid(

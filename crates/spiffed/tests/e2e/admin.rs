@@ -83,6 +83,52 @@ async fn entries_created_and_deleted_live_reach_the_open_stream() {
     assert_eq!(status.code(), Code::PermissionDenied);
 }
 
+#[tokio::test]
+async fn an_entry_needing_new_facts_reaches_a_stream_attested_without_them() {
+    // Only a uid entry at first: the stream's caller is attested from its credentials alone.
+    let agent = Agent::start(&bin(), "");
+    let me = format!("unix:uid:{}", my_uid());
+    create(&agent, "spiffe://example.org/by-uid", &[&me]);
+    let mut c = agent.client().await;
+    let mut stream = c
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stream.message().await.unwrap().unwrap().svids.len(), 1);
+
+    // An entry on this process's executable and its hash: the agent must now read /proc and
+    // hash the binary for the open stream's caller.
+    let exe = std::env::current_exe().unwrap().canonicalize().unwrap();
+    let out = Command::new("sha256sum").arg(&exe).output().unwrap();
+    assert!(out.status.success());
+    let sha = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_owned();
+    create(
+        &agent,
+        "spiffe://example.org/by-exe",
+        &[
+            &format!("unix:path:{}", exe.display()),
+            &format!("unix:sha256:{sha}"),
+        ],
+    );
+    let msg = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("the SVID for the executable's entry did not arrive")
+        .unwrap()
+        .unwrap();
+    let ids: Vec<_> = msg.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+    assert_eq!(
+        ids.len(),
+        2,
+        "want both the uid and the executable identities: {ids:?}"
+    );
+    assert!(ids.contains(&"spiffe://example.org/by-exe"), "{ids:?}");
+}
+
 #[test]
 fn non_admin_uid_is_refused_on_the_admin_socket() {
     assert_eq!(
