@@ -297,11 +297,20 @@ pub fn x509_svid_response(ids: &[Identity], bundle: &X509Bundle) -> Encoded<X509
     enc
 }
 
-/// What a stream last sent, to send only real changes.
-fn x509_fingerprint(ids: &[Identity], bundle_seq: u64) -> (Vec<(EntryId, Vec<u8>)>, u64) {
+/// What a stream last sent, to send only real changes: each SVID by entry and serial with its
+/// hint (an entry's hint can change without a new SVID), and the bundle's sequence.
+type X509Fingerprint = (Vec<(EntryId, Vec<u8>, Option<String>)>, u64);
+
+fn x509_fingerprint(ids: &[Identity], bundle_seq: u64) -> X509Fingerprint {
     (
         ids.iter()
-            .map(|i| (i.entry.id.clone(), i.x509.serial.clone()))
+            .map(|i| {
+                (
+                    i.entry.id.clone(),
+                    i.x509.serial.clone(),
+                    i.entry.hint.clone(),
+                )
+            })
             .collect(),
         bundle_seq,
     )

@@ -84,6 +84,47 @@ async fn entries_created_and_deleted_live_reach_the_open_stream() {
 }
 
 #[tokio::test]
+async fn a_new_hint_reaches_the_open_stream() {
+    let agent = Agent::start(&bin(), "");
+    let me = format!("unix:uid:{}", my_uid());
+    let (code, out, err) = entry(
+        &agent,
+        &[
+            "create",
+            "--output",
+            "json",
+            "--spiffe-id",
+            "spiffe://example.org/hinted",
+            "--selector",
+            &me,
+            "--hint",
+            "internal",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    let id = id_of(&serde_json::from_str(&out).unwrap());
+    let mut c = agent.client().await;
+    let mut stream = c
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(first.svids[0].hint, "internal");
+
+    // Only the hint changes: the SVID stays, but the workload must learn the new hint.
+    let (code, _, err) = entry(&agent, &["update", &id, "--hint", "external"]);
+    assert_eq!(code, 0, "{err}");
+    let msg = tokio::time::timeout(Duration::from_secs(2), stream.message())
+        .await
+        .expect("the new hint did not arrive")
+        .unwrap()
+        .unwrap();
+    assert_eq!(msg.svids[0].hint, "external");
+    assert_eq!(msg.svids[0].x509_svid, first.svids[0].x509_svid);
+}
+
+#[tokio::test]
 async fn an_entry_needing_new_facts_reaches_a_stream_attested_without_them() {
     // Only a uid entry at first: the stream's caller is attested from its credentials alone.
     let agent = Agent::start(&bin(), "");
