@@ -40,18 +40,15 @@ struct Shared {
     responses: Responses,
 }
 
-/// What determines an X.509-SVID response completely: the entries' revision (SPIFFE IDs and
-/// hints), each SVID by entry and serial, and the bundle's sequence.
-type X509Key = (u64, Vec<(EntryId, Vec<u8>)>, u64);
-
 /// Most X.509-SVID responses kept; the cache starts afresh when full.
 const MAX_SHARED_RESPONSES: usize = 256;
 
 /// Responses encoded once and shared by every stream that sends the same message.
 #[derive(Default)]
 struct Responses {
-    /// X.509-SVID responses of the current entries revision and bundle sequence.
-    x509: Mutex<HashMap<X509Key, Encoded<X509svidResponse>>>,
+    /// X.509-SVID responses of the current bundle sequence, by the stream fingerprint that
+    /// determines them completely.
+    x509: Mutex<HashMap<X509Fingerprint, Encoded<X509svidResponse>>>,
     x509_bundles: Mutex<Option<(u64, Encoded<X509BundlesResponse>)>>,
     jwt_bundles: Mutex<Option<(u64, Encoded<JwtBundlesResponse>)>>,
 }
@@ -206,46 +203,36 @@ impl Shared {
         synthetic_entry(self.authority.trust_domain(), &caller.attested)
     }
 
-    /// The caller's identities now, with the revision of the entries they come from;
-    /// `NoIdentity` when there are none.
-    fn identities(&self, caller: &Caller) -> Result<(Vec<Identity>, Lease, u64), ApiError> {
+    /// The caller's identities now; `NoIdentity` when there are none.
+    fn identities(&self, caller: &Caller) -> Result<(Vec<Identity>, Lease), ApiError> {
         let set = self.entries.borrow().clone();
         let entries = self.entitled(caller, &set);
         if entries.is_empty() {
             return Err(ApiError::NoIdentity);
         }
-        let (ids, lease) = self.authority.identities(&entries)?;
-        Ok((ids, lease, set.revision()))
+        Ok(self.authority.identities(&entries)?)
     }
 
-    /// The response for `ids`, each SVID with `bundle` (taken once by the caller, so the
-    /// fingerprint and the message agree), encoded once for every stream that sends it.
+    /// The response for `ids`, each SVID with `bundle` (taken once by the caller, so `fp`, their
+    /// fingerprint, and the message agree), encoded once for every stream that sends it: the
+    /// fingerprint (entry, serial and hint of each SVID, and the bundle's sequence) determines
+    /// the message completely, so it is the cache key.
     fn x509_response(
         &self,
-        revision: u64,
+        fp: &X509Fingerprint,
         ids: &[Identity],
         bundle: &X509Bundle,
     ) -> Encoded<X509svidResponse> {
-        let key: X509Key = (
-            revision,
-            ids.iter()
-                .map(|i| (i.entry.id.clone(), i.x509.serial.clone()))
-                .collect(),
-            bundle.sequence,
-        );
-        if let Some(enc) = lock(&self.responses.x509).get(&key) {
+        if let Some(enc) = lock(&self.responses.x509).get(fp) {
             return enc.clone();
         }
         let enc = x509_svid_response(ids, bundle);
         let mut cache = lock(&self.responses.x509);
-        let stale = cache
-            .keys()
-            .next()
-            .is_some_and(|(rev, _, seq)| *rev != revision || *seq != bundle.sequence);
+        let stale = cache.keys().next().is_some_and(|(_, seq)| *seq != fp.1);
         if stale || cache.len() >= MAX_SHARED_RESPONSES {
             cache.clear();
         }
-        cache.insert(key, enc.clone());
+        cache.insert(fp.clone(), enc.clone());
         enc
     }
 
@@ -488,16 +475,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let shared = &self.shared;
         let caller = shared.caller(&request).await?;
         let watch = Watch::new(shared, caller);
-        let (ids, lease, revision) = shared.identities(&watch.caller).inspect_err(|e| {
+        let (ids, lease) = shared.identities(&watch.caller).inspect_err(|e| {
             if matches!(e, ApiError::NoIdentity) {
                 log_denied(&watch.caller);
             }
         })?;
         log_issued(&watch.caller, &ids, "X.509-SVID");
         let bundle = shared.authority.x509_bundle();
-        let first = shared.x509_response(revision, &ids, &bundle);
-        let seq = bundle.sequence;
-        let last = x509_fingerprint(&ids, seq);
+        let last = x509_fingerprint(&ids, bundle.sequence);
+        let first = shared.x509_response(&last, &ids, &bundle);
 
         // State: (watch, last fingerprint, lease held while streaming, first message, ended).
         let state = (watch, last, lease, Some(first), false);
@@ -518,16 +504,16 @@ impl SpiffeWorkloadApi for WorkloadApi {
                         return Some((Err(e.into()), (w, last, lease, None, true)));
                     }
                     match w.shared.identities(&w.caller) {
-                        Ok((ids, new_lease, revision)) => {
+                        Ok((ids, new_lease)) => {
                             let bundle = w.shared.authority.x509_bundle();
                             let fp = x509_fingerprint(&ids, bundle.sequence);
                             if fp == last {
                                 continue;
                             }
-                            last = fp;
                             lease = new_lease;
                             tracing::debug!(pid = ?w.caller.cred.pid, uid = w.caller.cred.uid, svids = ids.len(), "pushing X.509-SVID update");
-                            let msg = w.shared.x509_response(revision, &ids, &bundle);
+                            let msg = w.shared.x509_response(&fp, &ids, &bundle);
+                            last = fp;
                             return Some((Ok(msg), (w, last, lease, None, false)));
                         }
                         Err(e) => {
