@@ -205,6 +205,18 @@ pub async fn raw_client(path: &Path) -> SpiffeWorkloadApiClient<Channel> {
     SpiffeWorkloadApiClient::new(channel(path).await)
 }
 
+/// Opens a `FetchX509SVID` stream (with the security header) on `client`; panics if the call
+/// itself fails (a refusal that arrives as the stream's first item is left to the caller).
+pub async fn x509_stream(
+    client: &mut SpiffeWorkloadApiClient<Channel>,
+) -> tonic::Streaming<spiffed_proto::workload::X509svidResponse> {
+    client
+        .fetch_x509svid(with_header(spiffed_proto::workload::X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 /// Wraps a message in a request that carries the security header.
 pub fn with_header<T>(msg: T) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);

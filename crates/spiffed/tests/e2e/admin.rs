@@ -5,8 +5,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use spiffed_proto::admin::{CreateEntriesRequest, EntrySpec, ListEntriesRequest};
-use spiffed_proto::workload::X509svidRequest;
-use spiffed_test_support::{Agent, admin_client, my_uid, with_header};
+use spiffed_test_support::{Agent, admin_client, my_uid, x509_stream};
 use tonic::Code;
 
 use crate::bin;
@@ -53,11 +52,7 @@ async fn entries_created_and_deleted_live_reach_the_open_stream() {
     let first = create(&agent, "spiffe://example.org/live", &[&me]);
 
     let mut c = agent.client().await;
-    let mut stream = c
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = x509_stream(&mut c).await;
     let msg = stream.message().await.unwrap().unwrap();
     assert_eq!(msg.svids.len(), 1);
 
@@ -104,11 +99,7 @@ async fn a_new_hint_reaches_the_open_stream() {
     assert_eq!(code, 0, "{err}");
     let id = id_of(&serde_json::from_str(&out).unwrap());
     let mut c = agent.client().await;
-    let mut stream = c
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = x509_stream(&mut c).await;
     let first = stream.message().await.unwrap().unwrap();
     assert_eq!(first.svids[0].hint, "internal");
 
@@ -131,11 +122,7 @@ async fn an_entry_needing_new_facts_reaches_a_stream_attested_without_them() {
     let me = format!("unix:uid:{}", my_uid());
     create(&agent, "spiffe://example.org/by-uid", &[&me]);
     let mut c = agent.client().await;
-    let mut stream = c
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = x509_stream(&mut c).await;
     assert_eq!(stream.message().await.unwrap().unwrap().svids.len(), 1);
 
     // An entry on this process's executable and its hash: the agent must now read /proc and

@@ -4,8 +4,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 use std::time::Duration;
 
-use spiffed_proto::workload::{X509BundlesRequest, X509svidRequest};
-use spiffed_test_support::{Agent, with_header};
+use spiffed_proto::workload::X509BundlesRequest;
+use spiffed_test_support::{Agent, with_header, x509_stream};
 
 use crate::{agent_for_me, bin};
 
@@ -45,11 +45,7 @@ async fn restart_keeps_the_bundle_and_the_ca_key_is_private() {
 async fn sigterm_ends_open_streams_and_removes_the_socket() {
     let mut agent = agent_for_me("");
     let mut c = agent.client().await;
-    let mut stream = c
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = x509_stream(&mut c).await;
     stream.message().await.unwrap().unwrap();
     let status = agent.stop();
     assert!(status.success(), "exit status {status}:\n{}", agent.logs());
@@ -149,11 +145,7 @@ async fn sighup_reloads_config_entries_and_keeps_stored_ones() {
     assert!(created.results[0].entry.is_some(), "{created:?}");
 
     let mut c = agent.client().await;
-    let mut stream = c
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = x509_stream(&mut c).await;
     assert_eq!(stream.message().await.unwrap().unwrap().svids.len(), 2);
 
     // Add a config entry and reload.

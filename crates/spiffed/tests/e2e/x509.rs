@@ -7,7 +7,7 @@ use spiffed_proto::workload::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, WitBundlesRequest, WitsvidRequest,
     X509BundlesRequest, X509svidRequest,
 };
-use spiffed_test_support::{Agent, with_header};
+use spiffed_test_support::{Agent, with_header, x509_stream};
 use tonic::Code;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -23,11 +23,7 @@ async fn raw_client_gets_svids_per_entry_and_matching_bundle() {
         uid + 4242,
     ));
     let mut client = agent.client().await;
-    let mut stream = client
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = x509_stream(&mut client).await;
     let msg = stream.message().await.unwrap().unwrap();
     // Two matching entries in file order; the third is for another uid.
     let ids: Vec<_> = msg.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
@@ -229,11 +225,7 @@ async fn stream_lives_through_svid_and_ca_rotations() {
     // SVID rotations and the CA handover, every SVID verifying against the bundle sent with it.
     let agent = agent_for_me("x509_svid_ttl = \"2s\"\nca_ttl = \"6s\"\n");
     let mut c = agent.client().await;
-    let mut stream = c
-        .fetch_x509svid(with_header(X509svidRequest {}))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = x509_stream(&mut c).await;
     // A bundle stream on the side must be told about the CA changes too.
     let mut bundles = c
         .fetch_x509_bundles(with_header(X509BundlesRequest {}))
