@@ -196,7 +196,10 @@ fn a_program_bind_mounted_over_a_registered_path_gets_no_identity() {
     let pid = spoof.id();
     let deadline = Instant::now() + Duration::from_secs(10);
     while fs::read_link(format!("/proc/{pid}/exe")).ok().as_deref() != Some(real.as_path()) {
-        assert!(Instant::now() < deadline, "the spoofed program did not start");
+        assert!(
+            Instant::now() < deadline,
+            "the spoofed program did not start"
+        );
         std::thread::sleep(Duration::from_millis(10));
     }
     let out = Command::new(bin())
@@ -214,10 +217,15 @@ fn a_program_bind_mounted_over_a_registered_path_gets_no_identity() {
     );
     let explained: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(explained["uid"], OTHER_UID, "{explained}");
-    assert_eq!(explained["identities"], serde_json::json!([]), "{explained}");
+    assert_eq!(
+        explained["identities"],
+        serde_json::json!([]),
+        "{explained}"
+    );
     let left_out = explained["left_out"][0].as_str().unwrap_or_default();
     assert!(
-        left_out.starts_with("unix:path: ") && left_out.contains("is not the file the process runs"),
+        left_out.starts_with("unix:path: ")
+            && left_out.contains("is not the file the process runs"),
         "{explained}"
     );
 }
@@ -246,7 +254,9 @@ fn a_non_root_agent_serves_uid_entries_next_to_path_entries() {
     for _ in 0..2 {
         let out = as_uid(OTHER_UID)
             .arg(bin())
-            .args(["api", "fetch", "x509", "--output", "json", "--socket", &socket])
+            .args([
+                "api", "fetch", "x509", "--output", "json", "--socket", &socket,
+            ])
             .output()
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout);
