@@ -274,4 +274,30 @@ fn a_non_root_agent_serves_uid_entries_next_to_path_entries() {
     assert!(logs.contains("lacks CAP_SYS_PTRACE"), "{logs}");
     // Why the path was left out is logged once for the burst, not per call.
     assert_eq!(logs.matches("may not read /proc/").count(), 1, "{logs}");
+
+    // An operator who adds such an entry over the admin socket is told as well.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let response = rt.block_on(async {
+        let mut admin = spiffed_test_support::admin_client(&agent.admin_socket).await;
+        let spec = |id: &str, selector: String| spiffed_proto::admin::EntrySpec {
+            spiffe_id: format!("spiffe://example.org/{id}"),
+            selectors: vec![selector],
+            ..Default::default()
+        };
+        let by_uid = spec("uid-2", format!("unix:uid:{OTHER_UID}"));
+        let by_sha = spec("sha", format!("unix:sha256:{}", "0".repeat(64)));
+        let mut warnings = vec![];
+        for entry in [by_uid, by_sha] {
+            let request = spiffed_proto::admin::CreateEntriesRequest {
+                entries: vec![entry],
+            };
+            let r = admin.create_entries(request).await.unwrap().into_inner();
+            assert!(r.results[0].error.is_none(), "{r:?}");
+            warnings.push(r.warnings);
+        }
+        warnings
+    });
+    assert!(response[0].is_empty(), "{response:?}");
+    assert_eq!(response[1].len(), 1, "{response:?}");
+    assert!(response[1][0].contains("CAP_SYS_PTRACE"), "{response:?}");
 }
