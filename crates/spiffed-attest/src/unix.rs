@@ -50,6 +50,17 @@ impl UnixAttestor {
         Self::default()
     }
 
+    /// An attestor that logs why it left a selector out at most once per `interval` for each
+    /// kind of reason (a path that is not the running file; a file the agent may not read),
+    /// counting the lines it holds back; the default is one minute.
+    pub fn with_log_interval(interval: std::time::Duration) -> Self {
+        Self {
+            path_log: LogGate::new(interval),
+            denied_log: LogGate::new(interval),
+            ..Self::default()
+        }
+    }
+
     /// Number of executables whose SHA-256 is cached.
     pub fn sha256_cache_len(&self) -> usize {
         self.sha256.len()
@@ -164,7 +175,7 @@ impl UnixAttestor {
                                 held_back,
                                 "unix:path left out: the path the caller ran does not name, for \
                                  the agent, the file it runs (held_back: similar lines not \
-                                 logged in the last minute)"
+                                 logged since the last one)"
                             );
                         }
                         left_out.push(LeftOut {
@@ -331,7 +342,7 @@ impl Proc<'_> {
                 %reason,
                 held_back,
                 "selectors left out: entries that need them do not match this caller \
-                 (held_back: similar lines not logged in the last minute)"
+                 (held_back: similar lines not logged since the last one)"
             );
         }
         left_out.extend(kinds.into_iter().map(|kind_key| LeftOut {
