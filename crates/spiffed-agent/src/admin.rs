@@ -73,6 +73,11 @@ impl Directory {
 
     /// Replaces the config-file entries (SIGHUP) and publishes.
     pub(crate) fn set_config_entries(&self, entries: Vec<Entry>) -> Result<(), StoreError> {
+        if let Some(warning) =
+            exe_selector_warning(entries.iter().flat_map(|e| e.selectors.iter().cloned()))
+        {
+            tracing::warn!("config entries reloaded: {warning}");
+        }
         let _w = lock(&self.write);
         *lock(&self.config) = entries;
         self.publish()
@@ -145,6 +150,17 @@ impl AdminService {
             .await
             .map_err(|e| Status::internal(format!("admin task failed: {e}")))
     }
+}
+
+/// The warning for an agent that cannot check every one of `selectors` for every caller (see
+/// [`spiffed_attest::exe_access_warning`]), if any.
+pub(crate) fn exe_selector_warning(
+    selectors: impl IntoIterator<Item = Selector>,
+) -> Option<String> {
+    let facts = selectors
+        .into_iter()
+        .fold(Facts::NONE, |f, s| f | Facts::for_kind_key(&s.kind_key()));
+    spiffed_attest::exe_access_warning(facts)
 }
 
 /// A field-level validation error.
@@ -396,7 +412,19 @@ impl EntryAdmin for AdminService {
                 _ => {}
             }
         }
-        Ok(Response::new(pb::CreateEntriesResponse { results }))
+        let created = results
+            .iter()
+            .filter_map(|r| r.entry.as_ref()?.spec.as_ref())
+            .flat_map(|spec| &spec.selectors)
+            .filter_map(|s| s.parse::<Selector>().ok());
+        let warnings: Vec<String> = exe_selector_warning(created).into_iter().collect();
+        for warning in &warnings {
+            tracing::warn!(uid = who.uid, "entry created: {warning}");
+        }
+        Ok(Response::new(pb::CreateEntriesResponse {
+            results,
+            warnings,
+        }))
     }
 
     async fn list_entries(
@@ -501,6 +529,10 @@ impl EntryAdmin for AdminService {
             })
             .await??;
         tracing::info!(uid = who.uid, entry = %updated.id, revision = updated.revision, "entry updated");
+        let selectors = updated.spec.iter().flat_map(|spec| &spec.selectors);
+        if let Some(warning) = exe_selector_warning(selectors.filter_map(|s| s.parse().ok())) {
+            tracing::warn!(uid = who.uid, entry = %updated.id, "entry updated: {warning}");
+        }
         Ok(Response::new(updated))
     }
 
@@ -580,6 +612,7 @@ impl EntryAdmin for AdminService {
         .await
         .map_err(|e| Status::internal(e.to_string()))??;
         let (cred, attested) = attested;
+        let left_out = attested.left_out.iter().map(ToString::to_string).collect();
         let set = self.current.borrow().clone();
         let have: &Selectors = &attested.selectors;
         let mut verdicts = vec![];
@@ -622,6 +655,7 @@ impl EntryAdmin for AdminService {
             entries: verdicts,
             identities,
             synthetic,
+            left_out,
         }))
     }
 }

@@ -133,6 +133,10 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
     let mut all = cfg.entries.clone();
     all.extend(store.list()?.into_iter().map(|s| s.entry));
     let entries = EntrySource::new(all);
+    if let Some(warning) = spiffed_attest::exe_access_warning(entries.subscribe().borrow().facts())
+    {
+        tracing::warn!("{warning}");
+    }
     let attestor = Arc::new(UnixAttestor::new());
     let dir = Arc::new(Directory::new(
         store,

@@ -23,6 +23,7 @@
 #![deny(unsafe_code)]
 
 pub mod listen;
+mod log_gate;
 mod procfs;
 mod sha256_cache;
 #[allow(unsafe_code)]
@@ -31,4 +32,4 @@ mod systemd;
 mod unix;
 
 pub use systemd::systemd_unit_from_cgroup;
-pub use unix::{UnixAttestor, peer_cred_of_pid};
+pub use unix::{UnixAttestor, exe_access_warning, peer_cred_of_pid};

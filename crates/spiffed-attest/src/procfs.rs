@@ -22,6 +22,24 @@ pub(crate) fn open_exe(pid: u32) -> io::Result<File> {
     File::open(format!("/proc/{pid}/exe"))
 }
 
+/// `CAP_SYS_PTRACE`, the capability `ptrace_may_access(PTRACE_MODE_READ_FSCREDS)` asks of a
+/// process that reads `/proc/PID/exe` of a process with other credentials (or a non-dumpable
+/// one). `CAP_DAC_READ_SEARCH` and `CAP_DAC_OVERRIDE` do not help there.
+pub(crate) const CAP_SYS_PTRACE: u32 = 19;
+
+/// The effective capability set of this process (`CapEff:` in `/proc/self/status`).
+pub(crate) fn own_effective_caps() -> io::Result<u64> {
+    let text = std::fs::read_to_string("/proc/self/status")?;
+    parse_cap_eff(&text)
+        .ok_or_else(|| io::Error::other("/proc/self/status has no readable CapEff line"))
+}
+
+fn parse_cap_eff(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
 /// What attestation uses from `/proc/PID/status`.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub(crate) struct Status {
@@ -72,6 +90,15 @@ mod tests {
                 exited: true,
             }
         );
+    }
+
+    #[test]
+    fn parses_the_effective_capabilities() {
+        let text = "Name:\tx\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\n\
+                    CapEff:\t0000000000080000\nCapBnd:\t000001ffffffffff\n";
+        assert_eq!(parse_cap_eff(text), Some(1 << CAP_SYS_PTRACE));
+        assert_eq!(parse_cap_eff("Name:\tx\n"), None);
+        assert!(own_effective_caps().is_ok());
     }
 
     #[test]

@@ -1,15 +1,20 @@
 //! The Unix attestor: `unix:*` and `systemd:id` selectors from a [`PeerCred`] and `/proc/PID`.
 
 use std::fmt;
+use std::fs::{File, Metadata};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use nix::unistd::{Gid, Group, Uid, User};
 use spiffed_core::{
-    AttestError, Attested, Attestor, Facts, PeerCred, Selector, SelectorError, Selectors,
+    AttestError, Attested, Attestor, Facts, LeftOut, PeerCred, Selector, SelectorError, Selectors,
 };
 
+use crate::log_gate::LogGate;
 use crate::sha256_cache::Sha256Cache;
 use crate::{procfs, sys, systemd};
 
@@ -23,15 +28,37 @@ use crate::{procfs, sys, systemd};
 /// connected still runs (and, after `/proc` was read, still as PID); otherwise the caller is
 /// [`AttestError::ProcessGone`], so a process that inherited a connection never gets its exited
 /// parent's identity.
+///
+/// `unix:path` and `unix:sha256` describe the file that runs, opened through `/proc/PID/exe`:
+/// the digest is of that open file, and the path (which the kernel renders in the caller's mount
+/// namespace, one the caller may have built itself) is issued only when it names that same file
+/// (device and inode) in the agent's namespace. A fact the agent cannot vouch for, or may not
+/// read (see [`exe_access_warning`]), is left out and said why in [`Attested::left_out`]; the
+/// caller keeps every identity its other selectors earn.
 #[derive(Default)]
 pub struct UnixAttestor {
     sha256: Sha256Cache,
+    /// Gates the log line for a `unix:path` that names another file than the one running.
+    path_log: LogGate,
+    /// Gates the log line for facts the agent may not read.
+    denied_log: LogGate,
 }
 
 impl UnixAttestor {
     /// An attestor with an empty executable-hash cache.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// An attestor that logs why it left a selector out at most once per `interval` for each
+    /// kind of reason (a path that is not the running file; a file the agent may not read),
+    /// counting the lines it holds back; the default is one minute.
+    pub fn with_log_interval(interval: std::time::Duration) -> Self {
+        Self {
+            path_log: LogGate::new(interval),
+            denied_log: LogGate::new(interval),
+            ..Self::default()
+        }
     }
 
     /// Number of executables whose SHA-256 is cached.
@@ -70,11 +97,14 @@ impl UnixAttestor {
                 uid: peer.uid,
                 exe: None,
                 facts,
+                left_out: vec![],
             }));
         };
         let proc = Proc {
             pid,
+            uid: peer.uid,
             pidfd: peer.pidfd.as_deref(),
+            denied_log: &self.denied_log,
         };
         if !facts.need_proc() {
             // Nothing read from /proc: the credentials are the kernel's record of the process
@@ -85,12 +115,25 @@ impl UnixAttestor {
                 uid: peer.uid,
                 exe: None,
                 facts,
+                left_out: vec![],
             }));
         }
 
-        if facts.contains(Facts::SUPPLEMENTARY_GIDS) || facts.contains(Facts::SUPPLEMENTARY_GROUPS)
+        let mut left_out = vec![];
+        if facts.intersects(Facts::SUPPLEMENTARY_GIDS | Facts::SUPPLEMENTARY_GROUPS)
+            && let Some(text) = proc.read_or_leave_out(
+                "status",
+                kinds(
+                    facts,
+                    &[
+                        (Facts::SUPPLEMENTARY_GIDS, "unix:supplementary_gid"),
+                        (Facts::SUPPLEMENTARY_GROUPS, "unix:supplementary_group"),
+                    ],
+                ),
+                &mut left_out,
+            )?
         {
-            let status = procfs::Status::parse(&proc.read("status")?);
+            let status = procfs::Status::parse(&text);
             if status.exited {
                 return Err(AttestError::ProcessGone { pid });
             }
@@ -107,35 +150,62 @@ impl UnixAttestor {
         }
 
         let mut exe = None;
-        if facts.contains(Facts::PATH) || facts.contains(Facts::SHA256) {
+        if facts.intersects(Facts::PATH | Facts::SHA256)
+            && let Some(file) = proc.open_exe_or_leave_out(
+                kinds(
+                    facts,
+                    &[(Facts::PATH, "unix:path"), (Facts::SHA256, "unix:sha256")],
+                ),
+                &mut left_out,
+            )?
+        {
+            // The file that runs, whatever mount namespace it was found in, and the path it was
+            // started from as that namespace names it.
+            let running = file.metadata().map_err(|e| proc.error("exe", e))?;
             let path = procfs::exe_path(pid).map_err(|e| proc.error("exe", e))?;
             if facts.contains(Facts::PATH) {
-                match path.to_str() {
-                    Some(p) => add(&mut selectors, Selector::unix("path", p)),
-                    None => {
-                        tracing::debug!(pid, exe = %path.display(), "executable path is not UTF-8");
+                match path_of_running_file(&path, &running) {
+                    Ok(p) => add(&mut selectors, Selector::unix("path", p)),
+                    Err(reason) => {
+                        if let Some(held_back) = self.path_log.admit(Instant::now()) {
+                            tracing::info!(
+                                pid,
+                                uid = peer.uid,
+                                %reason,
+                                held_back,
+                                "unix:path left out: the path the caller ran does not name, for \
+                                 the agent, the file it runs (held_back: similar lines not \
+                                 logged since the last one)"
+                            );
+                        }
+                        left_out.push(LeftOut {
+                            kind_key: "unix:path",
+                            reason,
+                        });
                     }
                 }
             }
             exe = Some(path);
-        }
-
-        if facts.contains(Facts::SHA256) {
-            let file = procfs::open_exe(pid).map_err(|e| proc.error("exe", e))?;
-            let sha256 = if may_hash {
-                Some(self.sha256.sha256(file))
-            } else {
-                self.sha256.cached(&file).transpose()
-            };
-            let Some(sha256) = sha256 else {
-                return Ok(None);
-            };
-            let sha256 = sha256.map_err(|e| proc.error("exe", e))?;
-            add(&mut selectors, Selector::unix("sha256", sha256));
+            if facts.contains(Facts::SHA256) {
+                // Hashes the open file, so the digest is of what runs, and caches it by the
+                // open file's identity (fstat), never by a path.
+                let sha256 = if may_hash {
+                    Some(self.sha256.sha256(file))
+                } else {
+                    self.sha256.cached(&file).transpose()
+                };
+                let Some(sha256) = sha256 else {
+                    return Ok(None);
+                };
+                let sha256 = sha256.map_err(|e| proc.error("exe", e))?;
+                add(&mut selectors, Selector::unix("sha256", sha256));
+            }
         }
 
         if facts.contains(Facts::SYSTEMD)
-            && let Some(unit) = systemd::systemd_unit_from_cgroup(&proc.read("cgroup")?)
+            && let Some(text) =
+                proc.read_or_leave_out("cgroup", vec!["systemd:id"], &mut left_out)?
+            && let Some(unit) = systemd::systemd_unit_from_cgroup(&text)
         {
             add(
                 &mut selectors,
@@ -151,6 +221,7 @@ impl UnixAttestor {
             uid: peer.uid,
             exe,
             facts,
+            left_out,
         }))
     }
 }
@@ -200,12 +271,85 @@ impl Attestor for UnixAttestor {
 /// `/proc/PID` of one caller, with the pidfd that pins the process that connected.
 struct Proc<'a> {
     pid: u32,
+    /// The caller's uid, for log lines.
+    uid: u32,
     pidfd: Option<&'a OwnedFd>,
+    /// Gates the log line for files of `/proc/PID` the agent may not read.
+    denied_log: &'a LogGate,
 }
 
 impl Proc<'_> {
-    fn read(&self, what: &'static str) -> Result<String, AttestError> {
-        procfs::read(self.pid, what).map_err(|e| self.error(what, e))
+    /// Reads `/proc/PID/what`; `None` when the agent may not read it (see
+    /// [`leave_out`](Self::leave_out)).
+    fn read_or_leave_out(
+        &self,
+        what: &'static str,
+        kinds: Vec<&'static str>,
+        left_out: &mut Vec<LeftOut>,
+    ) -> Result<Option<String>, AttestError> {
+        match procfs::read(self.pid, what) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) => self.leave_out(what, e, kinds, left_out).map(|()| None),
+        }
+    }
+
+    /// Opens the file the process runs (`/proc/PID/exe`); `None` when the agent may not (see
+    /// [`leave_out`](Self::leave_out)).
+    fn open_exe_or_leave_out(
+        &self,
+        kinds: Vec<&'static str>,
+        left_out: &mut Vec<LeftOut>,
+    ) -> Result<Option<File>, AttestError> {
+        match procfs::open_exe(self.pid) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) => self.leave_out("exe", e, kinds, left_out).map(|()| None),
+        }
+    }
+
+    /// A failed read of `/proc/PID/what`. A refusal (the agent lacks the privilege, see
+    /// [`exe_access_warning`]) leaves out only the selector types `kinds` that need the file,
+    /// so the caller keeps the identities its other selectors earn; anything else fails the
+    /// attestation as [`error`](Self::error) says. Whether the process still runs is checked
+    /// after every read, as for a successful one.
+    fn leave_out(
+        &self,
+        what: &'static str,
+        source: io::Error,
+        kinds: Vec<&'static str>,
+        left_out: &mut Vec<LeftOut>,
+    ) -> Result<(), AttestError> {
+        if !matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM)) {
+            return Err(self.error(what, source));
+        }
+        let pid = self.pid;
+        let agent_uid = rustix::process::geteuid().as_raw();
+        let reason = if what == "exe" {
+            format!(
+                "the agent (uid {agent_uid}) may not read /proc/{pid}/exe ({source}); reading \
+                 the executable of another uid's process needs root or CAP_SYS_PTRACE"
+            )
+        } else {
+            format!(
+                "the agent (uid {agent_uid}) may not read /proc/{pid}/{what} ({source}); with \
+                 /proc mounted hidepid, run the agent as root or in /proc's gid= group"
+            )
+        };
+        if let Some(held_back) = self.denied_log.admit(Instant::now()) {
+            tracing::info!(
+                pid,
+                uid = self.uid,
+                left_out = %kinds.join(", "),
+                %reason,
+                held_back,
+                "selectors left out: entries that need them do not match this caller \
+                 (held_back: similar lines not logged since the last one)"
+            );
+        }
+        left_out.extend(kinds.into_iter().map(|kind_key| LeftOut {
+            kind_key,
+            reason: reason.clone(),
+        }));
+        Ok(())
     }
 
     /// A failed read of `/proc/PID/what`: the process is gone, or `/proc` failed us.
@@ -253,6 +397,109 @@ impl Proc<'_> {
             }
         }
     }
+}
+
+/// The selector types among `candidates` whose facts are in `facts`.
+fn kinds(facts: Facts, candidates: &[(Facts, &'static str)]) -> Vec<&'static str> {
+    candidates
+        .iter()
+        .filter(|(f, _)| facts.contains(*f))
+        .map(|&(_, k)| k)
+        .collect()
+}
+
+/// Longest rendering of a caller-chosen path in a reason (logs, `explain`).
+const MAX_SHOWN_PATH: usize = 256;
+
+/// A caller-chosen path for a log line or `explain`: control characters escaped, and cut at
+/// [`MAX_SHOWN_PATH`] characters.
+fn shown(path: &Path) -> String {
+    let quoted = format!("{path:?}");
+    if quoted.chars().count() <= MAX_SHOWN_PATH {
+        return quoted;
+    }
+    let mut cut: String = quoted.chars().take(MAX_SHOWN_PATH).collect();
+    cut.push_str("...");
+    cut
+}
+
+/// The `unix:path` value for a process that runs the open file `running` and was started as
+/// `path` (the target of `/proc/PID/exe`), or why there is none.
+///
+/// The kernel renders `path` in the caller's mount namespace, which the caller may have made
+/// itself (`unshare -Urm`, then a bind mount of its own binary over a root-owned path). The
+/// selector is issued only when `path`, looked up in the agent's own namespace, is the very file
+/// that runs (same device and inode).
+fn path_of_running_file<'p>(path: &'p Path, running: &Metadata) -> Result<&'p str, String> {
+    let Some(text) = path.to_str() else {
+        return Err(format!(
+            "the executable's path {} is not UTF-8",
+            shown(path)
+        ));
+    };
+    let here = match std::fs::metadata(path) {
+        Ok(meta) => meta,
+        Err(_) if text.ends_with(DELETED) => {
+            return Err(format!(
+                "the executable {} was deleted or replaced since the process started",
+                shown(path)
+            ));
+        }
+        Err(e) => {
+            return Err(format!(
+                "the executable's path {} names no file for the agent ({e}): the process runs in \
+                 another mount namespace",
+                shown(path)
+            ));
+        }
+    };
+    if (here.dev(), here.ino()) == (running.dev(), running.ino()) {
+        Ok(text)
+    } else {
+        Err(format!(
+            "{} is not the file the process runs (for the agent it is device {} inode {}; the \
+             process runs device {} inode {}): the process runs in another mount namespace, or \
+             the file was replaced since it started",
+            shown(path),
+            here.dev(),
+            here.ino(),
+            running.dev(),
+            running.ino()
+        ))
+    }
+}
+
+/// What the kernel appends to the target of `/proc/PID/exe` once the file is unlinked.
+const DELETED: &str = " (deleted)";
+
+/// A warning for an agent that cannot gather every fact `facts` asks for, or `None`.
+///
+/// Reading `/proc/PID/exe` of a process with other credentials is a ptrace access check
+/// (`PTRACE_MODE_READ_FSCREDS`) that only `CAP_SYS_PTRACE` passes; root has it. Without it,
+/// `unix:path` and `unix:sha256` are left out for callers of other uids (and for non-dumpable
+/// ones), so entries that use them match only callers of the agent's own uid.
+pub fn exe_access_warning(facts: Facts) -> Option<String> {
+    if !facts.intersects(Facts::PATH | Facts::SHA256) {
+        return None;
+    }
+    let caps = match procfs::own_effective_caps() {
+        Ok(caps) => caps,
+        Err(error) => {
+            tracing::debug!(%error, "cannot read the agent's own capabilities");
+            0
+        }
+    };
+    if caps & (1 << procfs::CAP_SYS_PTRACE) != 0 {
+        return None;
+    }
+    let uid = rustix::process::geteuid().as_raw();
+    Some(format!(
+        "entries use unix:path or unix:sha256 selectors, but the agent (uid {uid}) lacks \
+         CAP_SYS_PTRACE, so it cannot read /proc/PID/exe of other uids' processes: those \
+         selectors are left out for such callers and entries that need them will not match \
+         them; run the agent as root or grant it CAP_SYS_PTRACE (systemd: \
+         AmbientCapabilities=CAP_SYS_PTRACE)"
+    ))
 }
 
 /// Adds a selector, or skips one whose value the selector rules refuse (a name with a control
@@ -340,6 +587,7 @@ mod tests {
         assert_eq!(got.exe.as_deref(), Some(exe.as_path()));
         let path = format!("unix:path:{}", exe.display());
         assert!(got.selectors.contains(&sel(&path)));
+        assert!(got.left_out.is_empty(), "{:?}", got.left_out);
         assert!(!got.selectors.iter().any(|s| s.kind_key() == "unix:sha256"));
         assert_eq!(attestor.hashes_computed(), 0);
 
@@ -549,6 +797,106 @@ mod tests {
             attestor.attest(&cred, NO_HASH),
             Err(AttestError::ProcessGone { pid }) if pid == me
         ));
+    }
+
+    #[test]
+    fn a_path_is_issued_only_for_the_file_it_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::write(&a, b"a").unwrap();
+        std::fs::write(&b, b"b").unwrap();
+        let running = std::fs::metadata(&a).unwrap();
+        assert_eq!(path_of_running_file(&a, &running), Ok(a.to_str().unwrap()));
+
+        let other = path_of_running_file(&b, &running).unwrap_err();
+        assert!(
+            other.contains("is not the file the process runs"),
+            "{other}"
+        );
+        let missing = path_of_running_file(&dir.path().join("c"), &running).unwrap_err();
+        assert!(missing.contains("names no file for the agent"), "{missing}");
+        let deleted = format!("{} (deleted)", a.display());
+        let deleted = path_of_running_file(Path::new(&deleted), &running).unwrap_err();
+        assert!(deleted.contains("was deleted or replaced"), "{deleted}");
+
+        // A caller chooses the path: what a reason shows of it is escaped and bounded.
+        let long = format!("/{}\n", "x".repeat(5000));
+        let reason = path_of_running_file(Path::new(&long), &running).unwrap_err();
+        assert!(reason.len() < 600, "{}", reason.len());
+        assert!(!reason.contains('\n'));
+    }
+
+    /// Issue 10 item 1: a process started from a path it bind-mounted its own binary over, in a
+    /// mount namespace of its own, does not get that path as `unix:path`; its `unix:sha256` is
+    /// the digest of what it runs. Needs root (for `unshare -m`), as CI has.
+    #[test]
+    fn a_path_from_another_mount_namespace_is_left_out() {
+        assert_eq!(
+            own_ids().0,
+            0,
+            "this test uses unshare -m and must run as root"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real");
+        let other = dir.path().join("other");
+        // The path that entries would name: not even an executable, for the agent.
+        std::fs::write(&real, b"not a program").unwrap();
+        std::fs::copy("/bin/sleep", &other).unwrap();
+        let script = format!(
+            "mount --bind {} {} && exec {} 30",
+            other.display(),
+            real.display(),
+            real.display()
+        );
+        let mut child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sh", "-c", &script])
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while procfs::exe_path(pid).ok().as_deref() != Some(real.as_path()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the exec did not happen"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let (uid, gid) = own_ids();
+        let cred = PeerCred {
+            pid: Some(pid),
+            uid,
+            gid,
+            pidfd: Some(Arc::new(sys::pidfd_open(pid).unwrap())),
+        };
+        let got = UnixAttestor::new().attest(&cred, Facts::ALL).unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+
+        assert_eq!(got.exe.as_deref(), Some(real.as_path()));
+        assert!(
+            !got.selectors.iter().any(|s| s.kind_key() == "unix:path"),
+            "{:?}",
+            got.selectors
+        );
+        let want = hex_sha256(&std::fs::read(&other).unwrap());
+        assert!(got.selectors.contains(&sel(&format!("unix:sha256:{want}"))));
+        assert_eq!(got.left_out.len(), 1, "{:?}", got.left_out);
+        assert_eq!(got.left_out[0].kind_key, "unix:path");
+        assert!(
+            got.left_out[0]
+                .reason
+                .contains("is not the file the process runs"),
+            "{}",
+            got.left_out[0]
+        );
+    }
+
+    #[test]
+    fn root_is_not_warned_about_exe_selectors() {
+        assert_eq!(exe_access_warning(Facts::NAMES | Facts::SYSTEMD), None);
+        if own_ids().0 == 0 {
+            assert_eq!(exe_access_warning(Facts::PATH | Facts::SHA256), None);
+        }
     }
 
     /// CONFORMANCE item 96: P connects and forks C, which inherits the socket; P exits. Requests

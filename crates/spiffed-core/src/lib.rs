@@ -19,6 +19,6 @@ pub use identity::{
     Authority, AuthorityError, Identity, JwtAuthority, JwtBundle, JwtError, JwtSvid, Lease,
     PrivateKey, ValidatedJwt, X509Bundle, X509Svid,
 };
-pub use peer::{AttestError, Attested, Attestor, Facts, PeerCred};
+pub use peer::{AttestError, Attested, Attestor, Facts, LeftOut, PeerCred};
 pub use selector::{Selector, SelectorError, Selectors};
 pub use spiffe::{SpiffeId, TrustDomain};

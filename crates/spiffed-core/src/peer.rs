@@ -74,6 +74,11 @@ impl Facts {
         self.0 & other.0 == other.0
     }
 
+    /// Whether `self` and `other` share at least one fact.
+    pub fn intersects(self, other: Self) -> bool {
+        self.0 & other.0 != 0
+    }
+
     /// Whether nothing beyond the credentials is asked for.
     pub fn is_empty(self) -> bool {
         self.0 == 0
@@ -110,6 +115,26 @@ pub struct Attested {
     /// Which facts were gathered; selectors of other types were not looked for, so an entry that
     /// needs them must not be judged against these selectors (attest again with more facts).
     pub facts: Facts,
+    /// Selector types among [`facts`](Self::facts) that attestation looked for but could not
+    /// vouch for, and why: those selectors are absent, so entries that need them do not match,
+    /// while the caller keeps every identity its other selectors earn.
+    pub left_out: Vec<LeftOut>,
+}
+
+/// A selector type that attestation left out for one caller, and why (for logs and `explain`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeftOut {
+    /// The selector type, as [`Selector::kind_key`](crate::Selector::kind_key) gives it
+    /// (`unix:path`).
+    pub kind_key: &'static str,
+    /// Why, in a short sentence that names the fix when there is one.
+    pub reason: String,
+}
+
+impl std::fmt::Display for LeftOut {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.kind_key, self.reason)
+    }
 }
 
 /// Why a caller could not be attested.
@@ -170,6 +195,8 @@ mod tests {
         f |= Facts::for_kind_key("unix:sha256");
         assert!(f.need_proc() && f.contains(Facts::SHA256 | Facts::NAMES));
         assert!(!f.contains(Facts::PATH));
+        assert!(f.intersects(Facts::PATH | Facts::SHA256));
+        assert!(!f.intersects(Facts::PATH | Facts::SYSTEMD));
         assert!(Facts::ALL.contains(f | Facts::SYSTEMD | Facts::PATH));
         for key in [
             "unix:supplementary_gid",

@@ -36,6 +36,8 @@ pub struct Agent {
     pub admin_socket: PathBuf,
     child: Option<Child>,
     bin: PathBuf,
+    /// Runs the agent as this uid and gid (through `setpriv`) instead of the test's own.
+    run_as: Option<u32>,
 }
 
 /// The config text for a test agent in `dir`, with `extra` appended (entries, TTLs).
@@ -52,11 +54,24 @@ impl Agent {
     /// Writes a config (see [`config_text`]) and starts `bin run --config` on it, waiting until
     /// the socket accepts connections.
     pub fn start(bin: &Path, extra: &str) -> Self {
+        Self::start_with(bin, extra, None)
+    }
+
+    /// Like [`Agent::start`], but runs the agent as uid and gid `uid` (`setpriv`, so the test
+    /// must run as root); its directory is handed to that uid.
+    pub fn start_as(bin: &Path, extra: &str, uid: u32) -> Self {
+        Self::start_with(bin, extra, Some(uid))
+    }
+
+    fn start_with(bin: &Path, extra: &str, run_as: Option<u32>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Let other uids (setpriv tests) reach the socket.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let config = dir.path().join("spiffed.toml");
         fs::write(&config, config_text(dir.path(), extra)).unwrap();
+        if let Some(uid) = run_as {
+            std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).unwrap();
+        }
         let mut agent = Self {
             socket: dir.path().join("api.sock"),
             data_dir: dir.path().join("data"),
@@ -66,6 +81,7 @@ impl Agent {
             dir,
             child: None,
             bin: bin.to_owned(),
+            run_as,
         };
         agent.spawn();
         agent
@@ -82,7 +98,18 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let child = Command::new(&self.bin)
+        let mut command = match self.run_as {
+            Some(uid) => {
+                let mut c = Command::new("setpriv");
+                c.arg(format!("--reuid={uid}"))
+                    .arg(format!("--regid={uid}"))
+                    .arg("--clear-groups")
+                    .arg(&self.bin);
+                c
+            }
+            None => Command::new(&self.bin),
+        };
+        let child = command
             .arg("run")
             .arg("--config")
             .arg(&self.config)

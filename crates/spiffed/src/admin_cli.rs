@@ -525,10 +525,16 @@ async fn run_create(args: &AdminArgs, create: CreateArgs) -> Result<ExitCode, Ad
     let request = CreateEntriesRequest {
         entries: specs.clone(),
     };
-    let results = match admin.client.create_entries(request).await {
-        Ok(response) => response.into_inner().results,
+    let (results, warnings) = match admin.client.create_entries(request).await {
+        Ok(response) => {
+            let r = response.into_inner();
+            (r.results, r.warnings)
+        }
         Err(status) => return Err(admin.status(&status)),
     };
+    for warning in &warnings {
+        eprintln!("spiffed: warning: {}", render::clean(warning));
+    }
     if results.len() != specs.len() {
         return Err(admin.malformed(&format!(
             "{} result(s) for {} entr{}",

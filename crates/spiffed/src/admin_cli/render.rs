@@ -286,6 +286,12 @@ pub(crate) fn explain_text(r: &ExplainResponse) -> String {
             let _ = writeln!(out, "  {}", clean(selector));
         }
     }
+    if !r.left_out.is_empty() {
+        out.push_str("Left out (entries that need these do not match):\n");
+        for left_out in &r.left_out {
+            let _ = writeln!(out, "  {}", clean(left_out));
+        }
+    }
     out.push('\n');
     if r.entries.is_empty() {
         out.push_str("Entries: none matches or shares a selector with this process\n");
@@ -364,6 +370,7 @@ pub(crate) fn explain_json(r: &ExplainResponse) -> Value {
         "entries": entries,
         "identities": r.identities,
         "synthetic": r.synthetic,
+        "left_out": r.left_out,
     })
 }
 
@@ -571,6 +578,7 @@ Updated:         2023-11-14T22:23:20Z";
             ],
             identities: vec!["spiffe://example.org/db".to_owned()],
             synthetic: false,
+            left_out: vec![],
         }
     }
 
@@ -629,5 +637,21 @@ Identities:
         assert_eq!(value["entries"][1]["entry"]["source"], "config");
         assert_eq!(value["identities"], json!(["spiffe://example.org/db"]));
         assert_eq!(value["synthetic"], false);
+        assert_eq!(value["left_out"], json!([]));
+    }
+
+    #[test]
+    fn explain_text_says_what_was_left_out() {
+        let mut r = explained();
+        r.left_out = vec!["unix:path: /usr/bin/web is not the file the process runs".to_owned()];
+        let text = explain_text(&r);
+        assert!(
+            text.contains(
+                "  unix:gid:100\nLeft out (entries that need these do not match):\n  unix:path: \
+                 /usr/bin/web is not the file the process runs\n\nEntries:"
+            ),
+            "{text}"
+        );
+        assert_eq!(explain_json(&r)["left_out"][0], json!(r.left_out[0]));
     }
 }

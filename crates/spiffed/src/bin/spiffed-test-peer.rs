@@ -4,7 +4,7 @@
 //! inherits the connection (as its stdin). With `exit` the parent exits at once and the child
 //! waits until the parent has been reaped before it sends FetchX509SVID on the inherited
 //! connection; with `stay` the parent stays alive until the child is done. The child prints
-//! `OK <spiffe_id>` or `ERR <code> <message>` on stdout.
+//! `OK <spiffe_id>...` (every SVID's, `svids[0]` first) or `ERR <code> <message>` on stdout.
 #![forbid(unsafe_code)]
 #![allow(
     clippy::print_stdout,
@@ -152,12 +152,8 @@ fn child(args: &[String]) -> ExitCode {
         };
         match result {
             Ok(Some(msg)) => {
-                let id = msg
-                    .svids
-                    .first()
-                    .map(|s| s.spiffe_id.clone())
-                    .unwrap_or_default();
-                println!("OK {id}");
+                let ids: Vec<&str> = msg.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+                println!("OK {}", ids.join(" "));
             }
             Ok(None) => println!("ERR empty stream"),
             Err(s) => println!("ERR {:?} {}", s.code(), s.message()),
