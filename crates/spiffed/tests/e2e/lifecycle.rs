@@ -7,7 +7,7 @@ use std::time::Duration;
 use spiffed_proto::workload::X509BundlesRequest;
 use spiffed_test_support::{Agent, with_header, x509_stream};
 
-use crate::{agent_for_me, bin};
+use crate::{agent_for_me, bin, split_der};
 
 async fn bundle(agent: &Agent) -> Vec<u8> {
     let mut c = agent.client().await;
@@ -216,4 +216,95 @@ fn dev_mode_needs_no_config_and_proves_its_socket() {
     assert_eq!(mode & 0o777, 0o700);
     assert!(dir.path().join("state").join("ca.json").exists());
     assert!(!socket.exists(), "--once removes the socket when it stops");
+}
+
+/// SHA-256 of a DER certificate as `openssl x509 -noout -fingerprint -sha256` writes it.
+fn fingerprint(der: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    d.as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Runs `spiffed run` with `args` on `agent`'s config and returns its exit status and stderr,
+/// or `None` (the process killed) if it is still running after 15 s.
+fn run_to_exit(agent: &Agent, args: &[&str]) -> Option<(std::process::ExitStatus, String)> {
+    let err = agent.dir.path().join("run.stderr");
+    let mut child = Command::new(bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&agent.config)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some((status, std::fs::read_to_string(&err).unwrap()));
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test]
+async fn run_refuses_a_silent_new_trust_root_and_creates_one_when_told() {
+    let mut agent = agent_for_me("");
+    let before = bundle(&agent).await;
+    assert!(agent.stop().success());
+    let ca = agent.data_dir.join("ca.json");
+    std::fs::remove_file(&ca).unwrap();
+
+    // Without the flag: start-up refuses, naming the file, what is wrong and the flag.
+    let (status, stderr) = run_to_exit(&agent, &[])
+        .expect("spiffed run started with ca.json gone: a silent new trust root");
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains(&ca.display().to_string()), "{stderr}");
+    assert!(stderr.contains("is missing"), "{stderr}");
+    assert!(stderr.contains("--new-trust-root"), "{stderr}");
+    assert!(!ca.exists(), "nothing was created");
+
+    // With it: a new CA, served, and a warning that names its fingerprint.
+    let mut child = Command::new(bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&agent.config)
+        .arg("--new-trust-root")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&agent.log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::os::unix::net::UnixStream::connect(&agent.socket).is_err() {
+        assert!(child.try_wait().unwrap().is_none(), "{}", agent.logs());
+        assert!(std::time::Instant::now() < deadline, "{}", agent.logs());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let after = bundle(&agent).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_ne!(after, before, "a new trust root");
+    let certs = split_der(&after);
+    assert_eq!(certs.len(), 1);
+    let fp = fingerprint(&certs[0]);
+    let logs = agent.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("WARN") && l.contains("NEW CA") && l.contains(&fp)),
+        "{logs}"
+    );
+
+    // The new CA is now the data dir's own: a plain restart keeps it.
+    agent.spawn();
+    assert_eq!(bundle(&agent).await, after);
 }
