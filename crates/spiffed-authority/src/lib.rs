@@ -668,10 +668,15 @@ impl CaAuthority {
         let Some((state, signer)) = st.signer_at(now) else {
             let reason = st.no_ca_reason(now, self.inner.cfg.new_root);
             match st.no_ca.raise(now) {
-                Report::First => tracing::error!(
-                    %reason, file = %self.inner.file.display(),
-                    "no CA is valid at this moment: refusing to sign SVIDs"
-                ),
+                Report::First => {
+                    tracing::error!(
+                        %reason, file = %self.inner.file.display(),
+                        "no CA is valid at this moment: refusing to sign SVIDs"
+                    );
+                    // A request may notice a clock jump first: let the rotation task act on it
+                    // now (dev mode replaces the CA) rather than at its next deadline.
+                    self.inner.wake.notify_one();
+                }
                 Report::Repeat => tracing::error!(
                     %reason, refused = st.no_ca.count,
                     since = %ca::rfc3339(st.no_ca.since.unwrap_or(now)),
