@@ -670,10 +670,7 @@ mod tests {
         let mut mint = x509_minter(&td, ttl, &rng);
         let refuse = |set: &mut CaSet, now, mint: &mut Mint<'_>| {
             let before = set.bundle();
-            let err = set
-                .advance(now, mint, Some(file))
-                .err()
-                .expect("must refuse");
+            let err = set.advance(now, mint, Some(file)).expect_err("must refuse");
             assert_eq!(set.bundle(), before, "nothing minted");
             let msg = err.to_string();
             assert!(matches!(err, Error::NewTrustRoot { .. }), "{msg}");
