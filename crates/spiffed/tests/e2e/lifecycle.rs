@@ -1,11 +1,13 @@
 //! Start-up, restart, shutdown and configuration errors of the real binary.
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use spiffed_proto::workload::X509BundlesRequest;
+use spiffed_proto::workload::{X509BundlesRequest, X509svidRequest};
 use spiffed_test_support::{Agent, with_header, x509_stream};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::{agent_for_me, bin, split_der};
 
@@ -256,6 +258,31 @@ fn run_to_exit(agent: &Agent, args: &[&str]) -> Option<(std::process::ExitStatus
     }
 }
 
+/// Starts `spiffed run` with `args` and `env` on `agent`'s config (stderr to its log) and
+/// waits until it serves.
+fn start_run(agent: &Agent, args: &[&str], env: &[(&str, &Path)]) -> std::process::Child {
+    let mut child = Command::new(bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&agent.config)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&agent.log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::os::unix::net::UnixStream::connect(&agent.socket).is_err() {
+        if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("spiffed did not serve:\n{}", agent.logs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
 #[tokio::test]
 async fn run_refuses_a_silent_new_trust_root_and_creates_one_when_told() {
     let mut agent = agent_for_me("");
@@ -274,22 +301,7 @@ async fn run_refuses_a_silent_new_trust_root_and_creates_one_when_told() {
     assert!(!ca.exists(), "nothing was created");
 
     // With it: a new CA, served, and a warning that names its fingerprint.
-    let mut child = Command::new(bin())
-        .arg("run")
-        .arg("--config")
-        .arg(&agent.config)
-        .arg("--new-trust-root")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&agent.log).unwrap())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(15);
-    while std::os::unix::net::UnixStream::connect(&agent.socket).is_err() {
-        assert!(child.try_wait().unwrap().is_none(), "{}", agent.logs());
-        assert!(std::time::Instant::now() < deadline, "{}", agent.logs());
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut child = start_run(&agent, &["--new-trust-root"], &[]);
     let after = bundle(&agent).await;
     let _ = child.kill();
     let _ = child.wait();
@@ -307,4 +319,78 @@ async fn run_refuses_a_silent_new_trust_root_and_creates_one_when_told() {
     // The new CA is now the data dir's own: a plain restart keeps it.
     agent.spawn();
     assert_eq!(bundle(&agent).await, after);
+}
+
+/// The status a FetchX509SVID call ends with, or the first message's SVID validity.
+async fn fetch_x509(agent: &Agent) -> Result<(i64, i64), tonic::Status> {
+    let mut c = agent.client().await;
+    let mut s = c
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await?
+        .into_inner();
+    let m = s.message().await?.expect("a first message");
+    let chain = &m.svids[0].x509_svid;
+    let certs = split_der(chain);
+    let (_, leaf) = X509Certificate::from_der(&certs[0]).unwrap();
+    let v = leaf.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+#[tokio::test]
+async fn a_clock_jump_past_the_ca_is_refused_never_served_expired() {
+    // libfaketime (Debian's `faketime`) moves the agent's clock, and only the agent's: the
+    // offset is read from a file at every call, so the test can jump it while the agent runs.
+    let lib = Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1");
+    assert!(
+        lib.exists(),
+        "install Debian's faketime package (apt-get install faketime)"
+    );
+    let mut agent = agent_for_me("");
+    assert!(agent.stop().success());
+    let offset = agent.dir.path().join("faketime");
+    std::fs::write(&offset, "+0d").unwrap();
+    let env = [
+        ("LD_PRELOAD", lib),
+        ("FAKETIME_TIMESTAMP_FILE", offset.as_path()),
+        ("FAKETIME_NO_CACHE", Path::new("1")),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", Path::new("1")),
+    ];
+    let mut child = start_run(&agent, &[], &env);
+    let (nb, na) = fetch_x509(&agent).await.unwrap();
+    assert!(nb < na);
+    let before = bundle(&agent).await;
+
+    // The agent's clock jumps past the CA's expiry (ca_ttl is 24h): a VM restored from an old
+    // snapshot, a laptop resumed days later.
+    std::fs::write(&offset, "+3d").unwrap();
+    let status = fetch_x509(&agent)
+        .await
+        .map(|(nb, na)| format!("notBefore {nb}, notAfter {na}"))
+        .expect_err("an SVID was served after the clock jumped past every CA");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("every CA expired"), "{status:?}");
+    assert!(status.message().contains("--new-trust-root"), "{status:?}");
+    // No silent new trust root; a loud line in the log.
+    assert_eq!(bundle(&agent).await, before);
+    let logs = agent.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("ERROR") && l.contains("no CA is valid")),
+        "{logs}"
+    );
+
+    // The clock behind the CA's notBefore: refused too.
+    std::fs::write(&offset, "-3d").unwrap();
+    let status = fetch_x509(&agent)
+        .await
+        .expect_err("served under a CA not yet valid");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("clock is behind"), "{status:?}");
+
+    // Back to the right time: served again, valid.
+    std::fs::write(&offset, "+0d").unwrap();
+    let (nb, na) = fetch_x509(&agent).await.unwrap();
+    assert!(nb < na);
+    let _ = child.kill();
+    let _ = child.wait();
 }
