@@ -394,3 +394,107 @@ async fn a_clock_jump_past_the_ca_is_refused_never_served_expired() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// A running agent on a data dir mounted as a small tmpfs: on drop, the agent is killed and the
+/// tmpfs unmounted (also when the test fails).
+struct OnTmpfs {
+    child: Option<std::process::Child>,
+    mount: std::path::PathBuf,
+}
+
+impl Drop for OnTmpfs {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_at_rotation_backs_off_logs_once_and_recovers() {
+    let lib = Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1");
+    assert!(
+        lib.exists(),
+        "install Debian's faketime package (apt-get install faketime)"
+    );
+    let mut agent = agent_for_me("");
+    assert!(agent.stop().success());
+    // The data dir moves onto a 256 KiB tmpfs (we are root), as it was.
+    let saved = tempfile::tempdir().unwrap();
+    let files: Vec<_> = std::fs::read_dir(&agent.data_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    for f in &files {
+        std::fs::copy(agent.data_dir.join(f), saved.path().join(f)).unwrap();
+    }
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
+        .arg(&agent.data_dir)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount tmpfs on {}", agent.data_dir.display());
+    let mut run = OnTmpfs {
+        child: None,
+        mount: agent.data_dir.clone(),
+    };
+    for f in &files {
+        std::fs::copy(saved.path().join(f), agent.data_dir.join(f)).unwrap();
+    }
+    let offset = agent.dir.path().join("faketime");
+    std::fs::write(&offset, "+0d").unwrap();
+    let env = [
+        ("LD_PRELOAD", lib),
+        ("FAKETIME_TIMESTAMP_FILE", offset.as_path()),
+        ("FAKETIME_NO_CACHE", Path::new("1")),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", Path::new("1")),
+    ];
+    run.child = Some(start_run(&agent, &[], &env));
+    fetch_x509(&agent).await.unwrap();
+
+    // The disk fills up.
+    let filler = agent.data_dir.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    while std::io::Write::write_all(&mut f, &[0u8; 4096]).is_ok() {}
+    drop(f);
+    // Half-way through the CA's life (ca_ttl is 24h) the next CA is due, and ca.json cannot be
+    // written. The fetch (its SVID expired) wakes the rotation at once.
+    std::fs::write(&offset, "+13h").unwrap();
+    let (nb, na) = fetch_x509(&agent).await.unwrap();
+    assert!(nb < na, "a valid SVID from the CA still valid");
+    std::thread::sleep(Duration::from_secs(4));
+    let logs = agent.logs();
+    let failures: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("CA rotation failed"))
+        .collect();
+    let errors = failures.iter().filter(|l| l.contains("ERROR")).count();
+    assert_eq!(
+        errors,
+        1,
+        "one ERROR line per burst:\n{}",
+        failures.join("\n")
+    );
+    // Attempts at 0, 1, 3 (and 7) seconds: backoff, not a spin.
+    assert!(
+        (1..=4).contains(&failures.len()),
+        "{} attempts in 4 s:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(failures[0].contains("No space left"), "{}", failures[0]);
+
+    // Space again: the next attempt succeeds (within the 8 s backoff) and says so.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !agent.logs().contains("CA rotation works again") {
+        assert!(std::time::Instant::now() < deadline, "{}", agent.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let certs = split_der(&bundle(&agent).await);
+    assert_eq!(certs.len(), 2, "the next CA is published");
+    drop(run);
+}
