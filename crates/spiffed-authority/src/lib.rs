@@ -630,6 +630,12 @@ impl CaAuthority {
                 why: why.clone(),
             });
         }
+        if replaces.is_none() && loaded.is_some() && cfg.new_root == NewRootPolicy::AtStart {
+            tracing::info!(
+                file = %file.display(),
+                "--new-trust-root is not needed: the CA file holds a CA that can sign; keeping it"
+            );
+        }
         let mut keys = loaded.clone().unwrap_or_default();
         if advance_keys(&mut keys, &cfg, now, &rng, None)? || !file.exists() {
             keys.save(&file, td)?;
