@@ -128,6 +128,7 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         ca_ttl: cfg.ca_ttl,
         x509_svid_ttl: cfg.x509_svid_ttl,
         jwt_svid_ttl: cfg.jwt_svid_ttl,
+        new_root: cfg.new_trust_root,
     })?;
     let store = Store::open(&cfg.data_dir.join("entries.sqlite"))?;
     let mut all = cfg.entries.clone();

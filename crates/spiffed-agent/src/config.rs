@@ -39,6 +39,7 @@ use std::time::Duration;
 use spiffed_core::{Entry, TrustDomain};
 
 pub use error::{ConfigError, ConfigErrorKind};
+pub use spiffed_authority::NewRootPolicy;
 
 /// Default Workload API socket for `spiffed run`.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/spiffed/public/api.sock";
@@ -152,6 +153,10 @@ pub struct Config {
     /// The file's `[[entries]]`, validated, in file order, with ids `config-0000`,
     /// `config-0001`, ...
     pub entries: Vec<Entry>,
+    /// When a new CA may replace the trust root of a data dir that held one before. Not a key
+    /// of the file: `spiffed run --new-trust-root` sets [`NewRootPolicy::AtStart`] for one
+    /// start, and `spiffed dev` sets [`NewRootPolicy::Always`] (default `Refuse`).
+    pub new_trust_root: NewRootPolicy,
 }
 
 impl Config {
@@ -189,6 +194,7 @@ impl Config {
             log_format: LogFormat::default(),
             synthetic_ids: false,
             entries: Vec::new(),
+            new_trust_root: NewRootPolicy::default(),
         }
     }
 

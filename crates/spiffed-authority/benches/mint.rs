@@ -36,6 +36,7 @@ fn bench(c: &mut Criterion) {
         ca_ttl: Duration::from_secs(24 * 3600),
         x509_svid_ttl: Duration::from_secs(3600),
         jwt_svid_ttl: Duration::from_secs(300),
+        new_root: spiffed_authority::NewRootPolicy::Refuse,
     })
     .unwrap();
     // Alternating the SPIFFE ID of one entry id forces a fresh mint on every call.

@@ -80,6 +80,21 @@ impl Ca {
         }
     }
 
+    /// When it starts to be valid (the certificate's notBefore for an X.509 CA).
+    pub(crate) fn not_before(&self) -> SystemTime {
+        self.created
+            .checked_sub(NOT_BEFORE_CUSHION)
+            .unwrap_or(SystemTime::UNIX_EPOCH)
+    }
+
+    /// The SHA-256 fingerprint of the certificate (X.509), or the `kid` (JWT), for logs.
+    pub(crate) fn fingerprint(&self) -> String {
+        match &self.material {
+            Material::X509 { cert_der } => fingerprint(cert_der),
+            Material::Jwt { kid, .. } => format!("kid {kid}"),
+        }
+    }
+
     fn lifetime(&self) -> Duration {
         self.not_after
             .duration_since(self.created)
@@ -102,6 +117,18 @@ impl Ca {
 pub(crate) struct CaSet {
     pub(crate) cas: Vec<Ca>,
     pub(crate) sequence: u64,
+}
+
+/// The SHA-256 fingerprint of a DER certificate, written as `openssl x509 -noout -fingerprint
+/// -sha256` does (upper-case hex pairs joined by colons), so an operator can compare the two.
+pub(crate) fn fingerprint(der: &[u8]) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, der);
+    digest
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 /// Makes a new key valid from `now`.
@@ -146,6 +173,11 @@ pub(crate) fn ca_file(data_dir: &Path) -> PathBuf {
     data_dir.join("ca.json")
 }
 
+/// `t` as RFC 3339 in UTC, whole seconds, for messages.
+pub(crate) fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
 fn unix_secs(t: SystemTime) -> u64 {
     t.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
@@ -165,18 +197,64 @@ impl CaSet {
             .collect()
     }
 
+    /// Why advancing to `now` would need a key that signs at once with no predecessor in the
+    /// bundle (a new trust root), or `None` when the rotation can go on from what is there.
+    /// `kind` names the keys in the answer ("CA", "JWT signing key").
+    pub(crate) fn needs_new_root(&self, now: SystemTime, kind: &str) -> Option<String> {
+        let live: Vec<&Ca> = self.cas.iter().filter(|c| c.not_after > now).collect();
+        if live
+            .iter()
+            .any(|c| matches!(c.state, CaState::Active | CaState::Prepared))
+        {
+            return None;
+        }
+        if self.cas.is_empty() {
+            return Some(format!("holds no {kind}"));
+        }
+        if live.is_empty() {
+            let last = self.cas.iter().map(|c| c.not_after).max();
+            return Some(format!(
+                "holds only {kind}s that expired (the last at {}, it is now {}): the agent was \
+                 stopped for longer than ca_ttl, or the clock jumped forward",
+                rfc3339(last.unwrap_or(SystemTime::UNIX_EPOCH)),
+                rfc3339(now)
+            ));
+        }
+        Some(format!(
+            "holds no {kind} that may sign: every one still valid is retired"
+        ))
+    }
+
     /// Advances the rotation to `now`, minting with `mint`. Returns whether anything changed.
     ///
     /// A new key is always prepared (and so published) before it becomes active, and a retired
     /// key stays until its notAfter, by which time everything it signed has expired too.
-    pub(crate) fn advance(&mut self, now: SystemTime, mint: &mut Mint<'_>) -> Result<bool, Error> {
+    /// A key that has to sign at once because none can take over (a new trust root) is minted
+    /// only if `refuse_new_root` is `None`; otherwise this fails with [`Error::NewTrustRoot`]
+    /// naming that CA file.
+    pub(crate) fn advance(
+        &mut self,
+        now: SystemTime,
+        mint: &mut Mint<'_>,
+        refuse_new_root: Option<&Path>,
+    ) -> Result<bool, Error> {
+        let kind = match self.cas.first().map(|c| &c.material) {
+            Some(Material::Jwt { .. }) => "JWT signing key",
+            _ => "CA",
+        };
+        if let (Some(why), Some(path)) = (self.needs_new_root(now, kind), refuse_new_root) {
+            return Err(Error::NewTrustRoot {
+                path: path.to_owned(),
+                why,
+            });
+        }
         let before = self.cas.len();
         self.cas.retain(|c| c.not_after > now);
         let mut changed = self.cas.len() != before;
 
         if self.active().is_none() {
             // Nothing signs (first start, or everything expired while the agent was down).
-            // A prepared key still valid takes over; otherwise mint one.
+            // A prepared key still valid takes over; otherwise mint one, if allowed.
             if let Some(p) = self.cas.iter_mut().find(|c| c.state == CaState::Prepared) {
                 p.state = CaState::Active;
             } else {
@@ -294,11 +372,19 @@ impl KeyFile {
             cas: vec![],
             sequence: file.sequence,
         };
-        for f in &file.authorities {
+        for (i, f) in file.authorities.iter().enumerate() {
             let cert_der = B64.decode(&f.cert).map_err(|e| corrupt(e.to_string()))?;
             let key_pkcs8 = Zeroizing::new(B64.decode(&f.key).map_err(|e| corrupt(e.to_string()))?);
             let (_, cert) =
                 X509Certificate::from_der(&cert_der).map_err(|e| corrupt(e.to_string()))?;
+            let what = format!("authorities[{i}] (certificate {})", fingerprint(&cert_der));
+            key_matches(
+                &key_pkcs8,
+                cert.public_key().subject_public_key.data.as_ref(),
+                &what,
+                "its certificate",
+            )
+            .map_err(corrupt)?;
             let not_before = from_cert_time(cert.validity().not_before.to_datetime());
             let not_after = from_cert_time(cert.validity().not_after.to_datetime());
             x509.cas.push(Ca {
@@ -313,9 +399,11 @@ impl KeyFile {
             cas: vec![],
             sequence: file.jwt_sequence,
         };
-        for k in &file.jwt_keys {
+        for (i, k) in file.jwt_keys.iter().enumerate() {
             let public = B64.decode(&k.public).map_err(|e| corrupt(e.to_string()))?;
             let key_pkcs8 = Zeroizing::new(B64.decode(&k.key).map_err(|e| corrupt(e.to_string()))?);
+            let what = format!("jwt_keys[{i}] (kid {:?})", k.kid);
+            key_matches(&key_pkcs8, &public, &what, "its public key").map_err(corrupt)?;
             jwt.cas.push(Ca {
                 material: Material::Jwt {
                     kid: k.kid.clone(),
@@ -373,6 +461,21 @@ impl KeyFile {
     }
 }
 
+/// Checks that the PKCS#8 private key `key_pkcs8` parses and is the private half of `public`
+/// (an uncompressed point for P-256, as both certificates and our JWKS carry it). A mismatch
+/// would sign SVIDs or tokens that no peer can verify.
+fn key_matches(key_pkcs8: &[u8], public: &[u8], what: &str, of: &str) -> Result<(), String> {
+    let pair = rcgen::KeyPair::try_from(key_pkcs8)
+        .map_err(|e| format!("the private key of {what} cannot be read: {e}"))?;
+    if pair.public_key_raw() != public {
+        return Err(format!(
+            "the private key of {what} does not belong to {of}: everything it signs would fail \
+             verification"
+        ));
+    }
+    Ok(())
+}
+
 /// Writes `bytes` to `path` so that a crash leaves either the old file or the new one: a temp
 /// file (0600 from creation) in the same directory, fsync, rename, fsync of the directory.
 pub(crate) fn write_private_atomic(path: &Path, bytes: &[u8]) -> Result<(), Error> {
@@ -418,24 +521,24 @@ mod tests {
         let td = td();
         let mut mint = x509_minter(&td, ttl, &rng);
         let mut set = CaSet::default();
-        assert!(set.advance(t0, &mut mint).unwrap());
+        assert!(set.advance(t0, &mut mint, None).unwrap());
         assert_eq!(set.cas.len(), 1);
         let first = set.active().unwrap().material.clone();
         // Nothing to do before half-life.
         assert!(
-            !set.advance(t0 + Duration::from_secs(100), &mut mint)
+            !set.advance(t0 + Duration::from_secs(100), &mut mint, None)
                 .unwrap()
         );
         let d = set.next_deadline().unwrap();
         assert!(d > t0 + Duration::from_secs(290) && d <= t0 + Duration::from_secs(300));
         // Half-life: a prepared CA joins the bundle, the first still signs.
         let t1 = t0 + Duration::from_secs(301);
-        assert!(set.advance(t1, &mut mint).unwrap());
+        assert!(set.advance(t1, &mut mint, None).unwrap());
         assert_eq!(set.cas.len(), 2);
         assert_eq!(set.active().unwrap().material, first);
         // Five sixths: the prepared CA signs; the old one stays in the bundle.
         let t2 = t0 + Duration::from_secs(501);
-        assert!(set.advance(t2, &mut mint).unwrap());
+        assert!(set.advance(t2, &mut mint, None).unwrap());
         assert_eq!(set.cas.len(), 2);
         assert_ne!(set.active().unwrap().material, first);
         assert!(
@@ -446,7 +549,7 @@ mod tests {
         // Old one's expiry: gone from the bundle; it is also the new one's half-life, so
         // the next CA is prepared in the same step.
         let t3 = t0 + Duration::from_secs(601);
-        assert!(set.advance(t3, &mut mint).unwrap());
+        assert!(set.advance(t3, &mut mint, None).unwrap());
         assert_eq!(set.cas.len(), 2);
         assert!(set.cas.iter().all(|c| c.material != first));
         assert_eq!(
@@ -470,6 +573,7 @@ mod tests {
             .advance(
                 SystemTime::now(),
                 &mut x509_minter(&td, Duration::from_secs(600), &rng),
+                None,
             )
             .unwrap();
         file.save(&path, &td).unwrap();
@@ -492,5 +596,127 @@ mod tests {
         fs::write(&path, b"{not json").unwrap();
         let err = KeyFile::load(&path, &td).err().unwrap();
         assert!(err.to_string().contains("ca.json"), "{err}");
+    }
+
+    /// A key file with two X.509 CAs and two JWT keys (the first of each active, the second
+    /// prepared), saved to `path`.
+    fn two_of_each(path: &Path, td: &TrustDomain) -> KeyFile {
+        let rng = SystemRandom::new();
+        let ttl = Duration::from_secs(600);
+        let t0 = SystemTime::now();
+        let mut file = KeyFile::default();
+        for t in [t0, t0 + Duration::from_secs(301)] {
+            file.x509
+                .advance(t, &mut x509_minter(td, ttl, &rng), None)
+                .unwrap();
+            file.jwt
+                .advance(t, &mut crate::jwt::minter(ttl, &rng), None)
+                .unwrap();
+        }
+        assert_eq!((file.x509.cas.len(), file.jwt.cas.len()), (2, 2));
+        file.save(path, td).unwrap();
+        file
+    }
+
+    /// Swaps the `key` fields of `list[0]` and `list[1]` in the JSON file at `path`.
+    fn swap_keys(path: &Path, list: &str) {
+        let mut v: serde_json::Value = serde_json::from_slice(&fs::read(path).unwrap()).unwrap();
+        let a = v[list][0]["key"].take();
+        let b = v[list][1]["key"].take();
+        v[list][0]["key"] = b;
+        v[list][1]["key"] = a;
+        fs::write(path, serde_json::to_vec(&v).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn a_key_that_does_not_match_its_certificate_is_refused_at_load() {
+        let td = td();
+        for list in ["authorities", "jwt_keys"] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = ca_file(dir.path());
+            two_of_each(&path, &td);
+            assert!(KeyFile::load(&path, &td).is_ok());
+            swap_keys(&path, list);
+            let err = KeyFile::load(&path, &td)
+                .err()
+                .expect("a swapped key must be refused");
+            let msg = err.to_string();
+            assert!(matches!(err, Error::Corrupt { .. }), "{msg}");
+            assert!(msg.contains(&path.display().to_string()), "{msg}");
+            assert!(msg.contains(&format!("{list}[0]")), "{msg}");
+            assert!(msg.contains("does not belong"), "{msg}");
+        }
+        // A key that is not a key at all.
+        let dir = tempfile::tempdir().unwrap();
+        let path = ca_file(dir.path());
+        two_of_each(&path, &td);
+        let mut v: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+        v["authorities"][1]["key"] = serde_json::Value::String(B64.encode(b"not a key"));
+        fs::write(&path, serde_json::to_vec(&v).unwrap()).unwrap();
+        let msg = KeyFile::load(&path, &td).err().unwrap().to_string();
+        assert!(
+            msg.contains("authorities[1]") && msg.contains("cannot be read"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_key_set_that_cannot_sign_needs_a_new_root() {
+        let td = td();
+        let rng = SystemRandom::new();
+        let ttl = Duration::from_secs(600);
+        let t0 = SystemTime::now();
+        let file = Path::new("/data/ca.json");
+        let mut mint = x509_minter(&td, ttl, &rng);
+        let refuse = |set: &mut CaSet, now, mint: &mut Mint<'_>| {
+            let before = set.bundle();
+            let err = set.advance(now, mint, Some(file)).expect_err("must refuse");
+            assert_eq!(set.bundle(), before, "nothing minted");
+            let msg = err.to_string();
+            assert!(matches!(err, Error::NewTrustRoot { .. }), "{msg}");
+            assert!(
+                msg.contains("/data/ca.json") && msg.contains("--new-trust-root"),
+                "{msg}"
+            );
+            msg
+        };
+        // Empty.
+        let msg = refuse(&mut CaSet::default(), t0, &mut mint);
+        assert!(msg.contains("holds no CA"), "{msg}");
+        // Expired.
+        let mut set = CaSet::default();
+        set.advance(t0, &mut mint, None).unwrap();
+        let msg = refuse(&mut set.clone(), t0 + ttl * 2, &mut mint);
+        assert!(msg.contains("expired"), "{msg}");
+        // Only retired.
+        let mut retired = set.clone();
+        retired.cas[0].state = CaState::Retired;
+        let msg = refuse(&mut retired, t0, &mut mint);
+        assert!(msg.contains("retired"), "{msg}");
+        // A prepared CA still valid takes over: a rotation, not a new root.
+        let mut rotated = set.clone();
+        rotated
+            .advance(t0 + Duration::from_secs(301), &mut mint, None)
+            .unwrap();
+        assert!(
+            rotated
+                .advance(t0 + ttl + Duration::from_secs(1), &mut mint, Some(file))
+                .unwrap()
+        );
+        assert!(rotated.active().is_some());
+        // Allowed: a fresh active CA valid now.
+        let mut expired = set.clone();
+        assert!(expired.advance(t0 + ttl * 2, &mut mint, None).unwrap());
+        let fresh = expired.active().unwrap();
+        assert!(fresh.not_before() <= t0 + ttl * 2 && t0 + ttl * 2 < fresh.not_after);
+    }
+
+    #[test]
+    fn fingerprint_is_openssl_style_sha256() {
+        let fp = fingerprint(b"abc");
+        assert_eq!(
+            fp,
+            "BA:78:16:BF:8F:01:CF:EA:41:41:40:DE:5D:AE:22:23:B0:03:61:A3:96:17:7A:9C:B4:10:FF:61:F2:00:15:AD"
+        );
     }
 }

@@ -67,6 +67,7 @@ pub(crate) fn minter<'a>(
 pub(crate) struct JwtSigner {
     pub(crate) kid: String,
     pub(crate) pair: EcdsaKeyPair,
+    pub(crate) not_before: SystemTime,
     pub(crate) not_after: SystemTime,
 }
 
@@ -84,6 +85,7 @@ impl JwtSigner {
         Ok(Self {
             kid: kid.clone(),
             pair,
+            not_before: ca.not_before(),
             not_after: ca.not_after,
         })
     }
@@ -98,6 +100,15 @@ impl JwtSigner {
         now: SystemTime,
         rng: &SystemRandom,
     ) -> Result<(Zeroizing<String>, SystemTime, SystemTime), Error> {
+        if !(self.not_before <= now && now < self.not_after) {
+            return Err(Error::NoValidCa(format!(
+                "the JWT signing key {} is valid from {} to {}, not at {}",
+                self.kid,
+                crate::ca::rfc3339(self.not_before),
+                crate::ca::rfc3339(self.not_after),
+                crate::ca::rfc3339(now)
+            )));
+        }
         let iat = now
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_err(crypto)?

@@ -20,6 +20,7 @@
 //!     ca_ttl: Duration::from_secs(24 * 3600),
 //!     x509_svid_ttl: Duration::from_secs(3600),
 //!     jwt_svid_ttl: Duration::from_secs(300),
+//!     new_root: spiffed_authority::NewRootPolicy::Refuse,
 //! };
 //! let authority = CaAuthority::open(cfg)?;
 //! let (_stop, stopped) = tokio::sync::watch::channel(false);
@@ -33,8 +34,11 @@
 #![forbid(unsafe_code)]
 
 mod ca;
+mod clock;
 mod jwt;
 mod x509;
+
+pub use clock::{Clock, SystemClock};
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,7 +52,7 @@ use spiffed_core::{
 };
 use tokio::sync::{Notify, watch};
 
-use crate::ca::{KeyFile, Material};
+use crate::ca::{CaState, KeyFile, Material};
 use crate::jwt::JwtSigner;
 use crate::x509::Signer;
 
@@ -69,8 +73,8 @@ pub enum Error {
     /// The CA file exists but cannot be understood. It is never replaced silently: a new CA
     /// would break trust with every workload holding the old bundle.
     #[error(
-        "the CA file {} is corrupt ({why}); restore it from backup, or move it away to start \
-         a new CA (workloads must then fetch the new bundle)",
+        "the CA file {} is corrupt ({why}); restore it from backup, or move it away and start \
+         with --new-trust-root to create a new CA (workloads must then fetch the new bundle)",
         path.display()
     )]
     Corrupt {
@@ -95,6 +99,25 @@ pub enum Error {
     /// Key generation, signing or certificate encoding failed.
     #[error("crypto failure: {0}")]
     Crypto(String),
+    /// A CA would have to be created that no earlier CA announced in the bundle: a new trust
+    /// root for every workload and peer, which needs the operator's consent
+    /// ([`NewRootPolicy`]).
+    #[error(
+        "the CA file {} {why}; creating a new CA would silently replace the trust root of every \
+         workload and peer. Restore the file from a backup, or, to accept a new trust root, start \
+         once with `spiffed run --new-trust-root` (workloads and peers must then fetch the new \
+         bundle)",
+        path.display()
+    )]
+    NewTrustRoot {
+        /// The CA file.
+        path: PathBuf,
+        /// What is wrong with it.
+        why: String,
+    },
+    /// No CA (or JWT key) is valid at this moment, so nothing may be signed.
+    #[error("no CA is valid now: {0}")]
+    NoValidCa(String),
 }
 
 impl Error {
@@ -105,6 +128,26 @@ impl Error {
             source,
         }
     }
+}
+
+/// When the authority may create a CA that no earlier CA announced in the bundle (a new trust
+/// root): on a data dir that held a CA or an entry store before, that CA was deleted, emptied,
+/// retired or let expire, and a new one silently breaks trust with every workload and peer.
+/// A CA created on a fresh data dir, and the scheduled rotation (prepared, published, then
+/// activated), are always allowed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum NewRootPolicy {
+    /// Never: start-up fails with [`Error::NewTrustRoot`]; while running (every CA expired, as
+    /// after a forward clock jump) nothing is signed until the operator acts. `spiffed run`.
+    #[default]
+    Refuse,
+    /// At start-up, with a warning naming the new CA's fingerprint; while running, as
+    /// [`NewRootPolicy::Refuse`]. `spiffed run --new-trust-root`.
+    AtStart,
+    /// Whenever no CA can sign, at start-up or while running, with a warning naming the new CA's
+    /// fingerprint. `spiffed dev`, which is zero-config.
+    Always,
 }
 
 /// What the authority needs to know.
@@ -120,7 +163,12 @@ pub struct AuthorityConfig {
     pub x509_svid_ttl: Duration,
     /// Default JWT-SVID lifetime (entries may override).
     pub jwt_svid_ttl: Duration,
+    /// When a new trust root may be created.
+    pub new_root: NewRootPolicy,
 }
+
+/// The entry store's file in `data_dir`: its presence shows the data dir was used before.
+const STORE_FILE: &str = "entries.sqlite";
 
 /// Most cached JWT-SVIDs (entry x audience set) kept before expired ones are swept.
 const MAX_CACHED_JWTS: usize = 10_000;
@@ -135,8 +183,17 @@ struct JwtSlot {
 const MIN_REFRESH: Duration = Duration::from_millis(250);
 /// An on-demand SVID nobody holds a lease on is kept (and rotated) this long after its last use.
 const IDLE_KEEP: Duration = Duration::from_secs(60);
-/// How long to wait before retrying a failed CA rotation (e.g. the disk is full) or SVID mint.
+/// How long to wait before retrying a failed SVID mint or entry-set sync.
 const RETRY: Duration = Duration::from_secs(5);
+/// The first wait after a failed CA rotation step (e.g. `ca.json` cannot be written: the disk is
+/// full, or no file descriptor is left); it doubles with each failure in a row, up to
+/// [`ROTATION_BACKOFF_MAX`].
+const ROTATION_BACKOFF_MIN: Duration = Duration::from_secs(1);
+/// The longest wait between two attempts of a failing CA rotation step.
+const ROTATION_BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// While a failure repeats (rotation, or no CA valid), a summary line is logged this often; the
+/// first occurrence and the recovery are logged at once.
+const ALARM_REPEAT: Duration = Duration::from_secs(300);
 /// Background mints per published change: each publish wakes every open stream, so a new entry
 /// set of thousands of entries must not publish once per SVID.
 const BATCH: usize = 64;
@@ -208,8 +265,100 @@ struct Upkeep {
     next: SystemTime,
     /// SVIDs due for re-minting.
     jobs: Vec<Job>,
-    /// The signer to mint them with.
-    signer: Arc<Signer>,
+    /// The signer to mint them with (`None`: no CA is valid now, and `jobs` is empty).
+    signer: Option<Arc<Signer>>,
+}
+
+/// A failure that may recur on every request or retry, logged once per burst: the first
+/// occurrence, then a summary every [`ALARM_REPEAT`] while it lasts, then its end.
+#[derive(Debug, Default)]
+struct Alarm {
+    /// When the current burst began; `None` while all is well.
+    since: Option<SystemTime>,
+    /// Occurrences in the current burst.
+    count: u64,
+    /// When a line about the current burst was last logged.
+    logged: Option<SystemTime>,
+}
+
+/// What [`Alarm::raise`] asks the caller to log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Report {
+    /// The first occurrence of a burst: log it loudly.
+    First,
+    /// Still failing, [`ALARM_REPEAT`] after the last line: log a summary.
+    Repeat,
+    /// Logged recently: stay quiet.
+    Quiet,
+}
+
+impl Alarm {
+    /// Counts one occurrence at `now`.
+    fn raise(&mut self, now: SystemTime) -> Report {
+        self.count += 1;
+        if self.since.is_none() {
+            self.since = Some(now);
+            self.count = 1;
+            self.logged = Some(now);
+            return Report::First;
+        }
+        // A clock that went back (`logged` in the future) also gets a fresh line.
+        let recent = self
+            .logged
+            .is_some_and(|l| now.duration_since(l).is_ok_and(|d| d < ALARM_REPEAT));
+        if recent {
+            Report::Quiet
+        } else {
+            self.logged = Some(now);
+            Report::Repeat
+        }
+    }
+
+    /// Ends the burst: when it began and how often it occurred, if there was one.
+    fn clear(&mut self) -> Option<(SystemTime, u64)> {
+        let since = self.since.take()?;
+        self.logged = None;
+        Some((since, std::mem::take(&mut self.count)))
+    }
+}
+
+/// The retry state of CA rotation: after a failed step (the new `ca.json` cannot be written,
+/// say), the next attempt waits [`ROTATION_BACKOFF_MIN`], doubling up to
+/// [`ROTATION_BACKOFF_MAX`], so a full disk costs a line and an attempt a minute, not a spin.
+#[derive(Debug, Default)]
+struct Rotation {
+    alarm: Alarm,
+    /// Failures in a row.
+    failures: u32,
+    /// No attempt before this.
+    retry_at: Option<SystemTime>,
+}
+
+impl Rotation {
+    /// When the next attempt is due, if it is later than `now`. A retry time further away than
+    /// the longest backoff means the clock went back: retry now.
+    fn waiting(&self, now: SystemTime) -> Option<SystemTime> {
+        self.retry_at
+            .filter(|&r| r > now && r <= now + ROTATION_BACKOFF_MAX)
+    }
+
+    /// Counts a failure at `now`; returns the wait before the next attempt.
+    fn failed(&mut self, now: SystemTime) -> Duration {
+        self.failures = self.failures.saturating_add(1);
+        let doublings = self.failures.saturating_sub(1).min(16);
+        let wait = ROTATION_BACKOFF_MIN
+            .saturating_mul(1 << doublings)
+            .min(ROTATION_BACKOFF_MAX);
+        self.retry_at = Some(now + wait);
+        wait
+    }
+
+    /// A step succeeded (or had nothing to do): the burst, if any, ends.
+    fn succeeded(&mut self) -> Option<(SystemTime, u64)> {
+        self.failures = 0;
+        self.retry_at = None;
+        self.alarm.clear()
+    }
 }
 
 /// How a run of background mints ended.
@@ -223,7 +372,8 @@ struct Worked {
 
 struct State {
     keys: KeyFile,
-    signer: Arc<Signer>,
+    /// A signer per X.509 CA in `keys`, with its role.
+    signers: Vec<(CaState, Arc<Signer>)>,
     jwt_signer: JwtSigner,
     bundle: Arc<X509Bundle>,
     jwt_bundle: Arc<JwtBundle>,
@@ -232,12 +382,18 @@ struct State {
     registered: HashMap<EntryId, Arc<Entry>>,
     jwts: HashMap<(EntryId, Vec<String>), JwtSlot>,
     generation: u64,
+    /// Failing CA rotation steps: backoff and their log lines.
+    rotation: Rotation,
+    /// No CA valid at the moment (clock jumped, or every CA expired): requests are refused.
+    no_ca: Alarm,
+    /// The active CA is not valid at the moment, but an older one is and signs instead.
+    fallback: Alarm,
 }
 
 impl State {
     /// Rebuilds signers and bundles from `keys`.
     fn install(keys: KeyFile, td: &TrustDomain, rng: &SystemRandom) -> Result<Self, Error> {
-        let signer = Arc::new(make_signer(&keys)?);
+        let signers = make_signers(&keys)?;
         let jwt_active = keys
             .jwt
             .active()
@@ -246,7 +402,7 @@ impl State {
         let (bundle, jwt_bundle) = bundles(&keys, td);
         Ok(Self {
             keys,
-            signer,
+            signers,
             jwt_signer,
             bundle,
             jwt_bundle,
@@ -254,7 +410,59 @@ impl State {
             registered: HashMap::new(),
             jwts: HashMap::new(),
             generation: 0,
+            rotation: Rotation::default(),
+            no_ca: Alarm::default(),
+            fallback: Alarm::default(),
         })
+    }
+
+    /// The CA that signs at `now`: the active one if it is valid then, else the valid one that
+    /// lasts longest (a prepared or retired CA, published in the bundle). `None` if none is
+    /// valid at `now`.
+    fn signer_at(&self, now: SystemTime) -> Option<(CaState, Arc<Signer>)> {
+        self.signers
+            .iter()
+            .find(|(state, s)| *state == CaState::Active && s.valid_at(now))
+            .or_else(|| {
+                self.signers
+                    .iter()
+                    .filter(|(_, s)| s.valid_at(now))
+                    .max_by_key(|(_, s)| s.not_after)
+            })
+            .cloned()
+    }
+
+    /// Why no CA is valid at `now`, for the log and the callers refused.
+    fn no_ca_reason(&self, now: SystemTime, policy: NewRootPolicy) -> String {
+        let cas = &self.keys.x509.cas;
+        let now_s = ca::rfc3339(now);
+        if let Some(nb) = cas
+            .iter()
+            .map(ca::Ca::not_before)
+            .filter(|&nb| nb > now)
+            .min()
+        {
+            return format!(
+                "the CA certificate is valid from {} but the clock says {now_s}: the clock is \
+                 behind (set back, or not yet synchronised); signing resumes when it reaches \
+                 that time",
+                ca::rfc3339(nb)
+            );
+        }
+        let Some(last) = cas.iter().map(|c| c.not_after).max() else {
+            return "there is no CA".into();
+        };
+        let fix = match policy {
+            NewRootPolicy::Always => "a new CA is being created",
+            NewRootPolicy::Refuse | NewRootPolicy::AtStart => {
+                "the clock jumped forward, or rotation failed for too long; fix the clock, or \
+                 restart with `spiffed run --new-trust-root` to create a new trust root"
+            }
+        };
+        format!(
+            "every CA expired (the last at {}, and the clock says {now_s}): {fix}",
+            ca::rfc3339(last)
+        )
     }
 }
 
@@ -284,23 +492,73 @@ fn bundles(keys: &KeyFile, td: &TrustDomain) -> (Arc<X509Bundle>, Arc<JwtBundle>
     (x509, jwt)
 }
 
-/// Advances both key sets to `now`; returns whether anything changed.
+/// Advances both key sets to `now`; returns whether anything changed. A new trust root is
+/// refused (naming this CA file) when `refuse_new_root` is set; a JWT key set that never had a
+/// key (a `ca.json` from before JWT support) may always get its first one.
 fn advance_keys(
     keys: &mut KeyFile,
     cfg: &AuthorityConfig,
     now: SystemTime,
     rng: &SystemRandom,
+    refuse_new_root: Option<&Path>,
 ) -> Result<bool, Error> {
     let td = &cfg.trust_domain;
-    let a = keys
-        .x509
-        .advance(now, &mut ca::x509_minter(td, cfg.ca_ttl, rng))?;
-    let b = keys.jwt.advance(now, &mut jwt::minter(cfg.ca_ttl, rng))?;
+    let a = keys.x509.advance(
+        now,
+        &mut ca::x509_minter(td, cfg.ca_ttl, rng),
+        refuse_new_root,
+    )?;
+    let jwt_gate = refuse_new_root.filter(|_| !keys.jwt.cas.is_empty());
+    let b = keys
+        .jwt
+        .advance(now, &mut jwt::minter(cfg.ca_ttl, rng), jwt_gate)?;
     Ok(a || b)
+}
+
+/// Logs every key in `new` that `old` did not hold, with its fingerprint: one that signs at
+/// once is a new trust root (info on a fresh data dir, where `replaced` is `None`; a warning
+/// otherwise, saying what it replaces); one prepared by the scheduled rotation is logged at info.
+fn log_created(old: Option<&KeyFile>, new: &KeyFile, replaced: Option<&str>, file: &Path) {
+    let held = |m: &Material| {
+        old.is_some_and(|o| {
+            o.x509
+                .cas
+                .iter()
+                .chain(o.jwt.cas.iter())
+                .any(|c| &c.material == m)
+        })
+    };
+    for c in new.x509.cas.iter().chain(new.jwt.cas.iter()) {
+        if held(&c.material) {
+            continue;
+        }
+        let kind = match c.material {
+            Material::X509 { .. } => "CA",
+            Material::Jwt { .. } => "JWT signing key",
+        };
+        let fingerprint = c.fingerprint();
+        let not_after = ca::rfc3339(c.not_after);
+        match (c.state, replaced) {
+            (CaState::Prepared, _) => tracing::info!(
+                %fingerprint, %not_after, file = %file.display(),
+                "prepared the next {kind}: published in the bundle now, signs later"
+            ),
+            (_, None) => tracing::info!(
+                %fingerprint, %not_after, file = %file.display(),
+                "created the {kind} (there was none before)"
+            ),
+            (_, Some(why)) => tracing::warn!(
+                %fingerprint, %not_after, file = %file.display(), replaces = why,
+                "created a NEW {kind}: a new trust root; workloads and peers that hold the old \
+                 bundle no longer trust what it signs until they fetch the new one"
+            ),
+        }
+    }
 }
 
 struct Inner {
     cfg: AuthorityConfig,
+    clock: Arc<dyn Clock>,
     file: PathBuf,
     rng: SystemRandom,
     state: Mutex<State>,
@@ -329,28 +587,130 @@ fn same_params(a: &Entry, b: &Entry) -> bool {
 impl CaAuthority {
     /// Loads the CA from `data_dir` (creating and persisting one on first start) and brings its
     /// rotation up to date.
+    ///
+    /// Every key in `ca.json` must parse and match its certificate or public key. If no CA in
+    /// it can sign (the file is gone while the entry store is there, or it holds no CA, only
+    /// retired ones, or only expired ones), a new CA would be a new trust root: that fails
+    /// with [`Error::NewTrustRoot`] unless [`AuthorityConfig::new_root`] allows it, and is then
+    /// logged as a warning with the new CA's fingerprint.
     pub fn open(cfg: AuthorityConfig) -> Result<Self, Error> {
+        Self::open_with_clock(cfg, clock::system())
+    }
+
+    /// [`CaAuthority::open`] with the time read from `clock` (tests make it jump).
+    pub fn open_with_clock(cfg: AuthorityConfig, clock: Arc<dyn Clock>) -> Result<Self, Error> {
         std::fs::create_dir_all(&cfg.data_dir)
             .map_err(|e| Error::io(&cfg.data_dir, "create directory", e))?;
         let file = ca::ca_file(&cfg.data_dir);
         let rng = SystemRandom::new();
         let td = &cfg.trust_domain;
-        let mut keys = KeyFile::load(&file, td)?.unwrap_or_default();
-        if advance_keys(&mut keys, &cfg, SystemTime::now(), &rng)? || !file.exists() {
+        let now = clock.now();
+        let loaded = KeyFile::load(&file, td)?;
+        // Why a CA made now would replace an earlier trust root, if it would.
+        let store = cfg.data_dir.join(STORE_FILE);
+        let replaces = match &loaded {
+            Some(k) => k.x509.needs_new_root(now, "CA").or_else(|| {
+                if k.jwt.cas.is_empty() {
+                    None
+                } else {
+                    k.jwt.needs_new_root(now, "JWT signing key")
+                }
+            }),
+            None if store.exists() => Some(format!(
+                "is missing, but the entry store {} shows that this data_dir held a CA before",
+                store.display()
+            )),
+            None => None,
+        };
+        if let Some(why) = &replaces
+            && cfg.new_root == NewRootPolicy::Refuse
+        {
+            return Err(Error::NewTrustRoot {
+                path: file,
+                why: why.clone(),
+            });
+        }
+        if replaces.is_none() && loaded.is_some() && cfg.new_root == NewRootPolicy::AtStart {
+            tracing::info!(
+                file = %file.display(),
+                "--new-trust-root is not needed: the CA file holds a CA that can sign; keeping it"
+            );
+        }
+        let mut keys = loaded.clone().unwrap_or_default();
+        if advance_keys(&mut keys, &cfg, now, &rng, None)? || !file.exists() {
             keys.save(&file, td)?;
         }
+        log_created(loaded.as_ref(), &keys, replaces.as_deref(), &file);
         let state = State::install(keys, td, &rng)?;
         let (changes, _) = watch::channel(0);
-        Ok(Self {
+        let authority = Self {
             inner: Arc::new(Inner {
                 state: Mutex::new(state),
                 cfg,
+                clock,
                 file,
                 rng,
                 changes,
                 wake: Notify::new(),
             }),
-        })
+        };
+        // A clock behind the CA's notBefore is reported at once, not at the first request.
+        {
+            let mut st = authority.lock();
+            let _ = authority.signer_for(&mut st, now);
+        }
+        Ok(authority)
+    }
+
+    /// The current time, from the injected clock.
+    fn now(&self) -> SystemTime {
+        self.inner.clock.now()
+    }
+
+    /// The CA to sign with at `now`, or why nothing may be signed. Both the lack of a valid CA
+    /// and signing with an older CA because the active one is not valid yet are logged once
+    /// per burst (and when they end).
+    fn signer_for(&self, st: &mut State, now: SystemTime) -> Result<Arc<Signer>, AuthorityError> {
+        let Some((state, signer)) = st.signer_at(now) else {
+            let reason = st.no_ca_reason(now, self.inner.cfg.new_root);
+            match st.no_ca.raise(now) {
+                Report::First => {
+                    tracing::error!(
+                        %reason, file = %self.inner.file.display(),
+                        "no CA is valid at this moment: refusing to sign SVIDs"
+                    );
+                    // A request may notice a clock jump first: let the rotation task act on it
+                    // now (dev mode replaces the CA) rather than at its next deadline.
+                    self.inner.wake.notify_one();
+                }
+                Report::Repeat => tracing::error!(
+                    %reason, refused = st.no_ca.count,
+                    since = %ca::rfc3339(st.no_ca.since.unwrap_or(now)),
+                    "still no CA valid: refusing to sign SVIDs"
+                ),
+                Report::Quiet => {}
+            }
+            return Err(AuthorityError::Unavailable(reason));
+        };
+        if let Some((since, refused)) = st.no_ca.clear() {
+            tracing::warn!(
+                since = %ca::rfc3339(since), refused,
+                fingerprint = %ca::fingerprint(&signer.cert_der),
+                "a CA is valid again: signing resumes"
+            );
+        }
+        if state == CaState::Active {
+            if let Some((since, _)) = st.fallback.clear() {
+                tracing::info!(since = %ca::rfc3339(since), "the active CA is valid again and signs");
+            }
+        } else if st.fallback.raise(now) != Report::Quiet {
+            tracing::warn!(
+                fingerprint = %ca::fingerprint(&signer.cert_der), ?state,
+                "the active CA is not valid at this moment (the clock is behind its notBefore?); \
+                 signing with an older CA that still is"
+            );
+        }
+        Ok(signer)
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -379,9 +739,12 @@ impl CaAuthority {
             now,
             &self.inner.rng,
         )
-        .map_err(|e| AuthorityError::Mint {
-            spiffe_id: entry.spiffe_id.to_string(),
-            reason: e.to_string(),
+        .map_err(|e| match e {
+            Error::NoValidCa(reason) => AuthorityError::Unavailable(reason),
+            e => AuthorityError::Mint {
+                spiffe_id: entry.spiffe_id.to_string(),
+                reason: e.to_string(),
+            },
         })?;
         let life = m.not_after.duration_since(now).unwrap_or(Duration::ZERO);
         let svid = Arc::new(X509Svid {
@@ -428,11 +791,14 @@ impl CaAuthority {
             signer,
         } = self.upkeep(now);
         let mut replaced = false;
-        for job in jobs {
-            let (done, refresh_at) = self.mint_and_install(&signer, job, now);
-            replaced |= done == Installed::Replaced;
-            if let Some(at) = refresh_at {
-                next = next.min(at);
+        // Without a signer `jobs` is empty.
+        if let Some(signer) = signer {
+            for job in jobs {
+                let (done, refresh_at) = self.mint_and_install(&signer, job, now);
+                replaced |= done == Installed::Replaced;
+                if let Some(at) = refresh_at {
+                    next = next.min(at);
+                }
             }
         }
         if replaced {
@@ -455,58 +821,107 @@ impl CaAuthority {
         // CA and JWT key rotation: persist before use, so a crash never loses a key that
         // signed something. This signs under the lock, but only when a CA rotation step is
         // due (hours apart), and requests must not mint with a signer being replaced.
-        // Copy the key set (private keys included) only when a rotation step is due.
+        // Copy the key set (private keys included) only when a rotation step is due, and not
+        // while a failed step waits out its backoff.
         let due = [st.keys.x509.next_deadline(), st.keys.jwt.next_deadline()]
             .into_iter()
             .any(|d| d.is_none_or(|d| d <= now));
-        let mut candidate = KeyFile::default();
-        let advanced = if due {
-            candidate = st.keys.clone();
-            advance_keys(&mut candidate, &self.inner.cfg, now, &self.inner.rng)
-        } else {
-            Ok(false)
-        };
-        match advanced {
-            Ok(false) => {}
-            Ok(true) => match candidate.save(&self.inner.file, &td).and_then(|()| {
-                let signer = make_signer(&candidate)?;
+        let waiting = st.rotation.waiting(now);
+        if let Some(retry_at) = waiting.filter(|_| due) {
+            next = next.min(retry_at);
+        } else if due {
+            let policy = self.inner.cfg.new_root;
+            let refuse = (policy != NewRootPolicy::Always).then_some(self.inner.file.as_path());
+            let replaces = st.keys.x509.needs_new_root(now, "CA");
+            let mut candidate = st.keys.clone();
+            let stepped = advance_keys(
+                &mut candidate,
+                &self.inner.cfg,
+                now,
+                &self.inner.rng,
+                refuse,
+            )
+            .and_then(|changed| {
+                if !changed {
+                    return Ok(None);
+                }
+                candidate.save(&self.inner.file, &td)?;
+                let signers = make_signers(&candidate)?;
                 let jwt_active = candidate
                     .jwt
                     .active()
                     .ok_or_else(|| Error::Crypto("no active JWT key".into()))?;
-                Ok((signer, JwtSigner::new(jwt_active, &self.inner.rng)?))
-            }) {
-                Ok((signer, jwt_signer)) => {
-                    let activated = signer.cert_der != st.signer.cert_der;
-                    st.signer = Arc::new(signer);
-                    st.jwt_signer = jwt_signer;
-                    let (bundle, jwt_bundle) = bundles(&candidate, &td);
-                    st.bundle = bundle;
-                    st.jwt_bundle = jwt_bundle;
-                    st.keys = candidate;
-                    changed = true;
-                    tracing::info!(
-                        x509_sequence = st.keys.x509.sequence,
-                        x509_authorities = st.keys.x509.cas.len(),
-                        jwt_sequence = st.keys.jwt.sequence,
-                        jwt_authorities = st.keys.jwt.cas.len(),
-                        activated,
-                        "CA key set changed"
-                    );
+                Ok(Some((
+                    signers,
+                    JwtSigner::new(jwt_active, &self.inner.rng)?,
+                )))
+            });
+            match stepped {
+                Ok(step) => {
+                    if let Some((since, failures)) = st.rotation.succeeded() {
+                        tracing::warn!(
+                            since = %ca::rfc3339(since), failures,
+                            file = %self.inner.file.display(),
+                            "CA rotation works again"
+                        );
+                    }
+                    if let Some((signers, jwt_signer)) = step {
+                        let active = |s: &[(CaState, Arc<Signer>)]| {
+                            s.iter()
+                                .find(|(state, _)| *state == CaState::Active)
+                                .map(|(_, s)| s.cert_der.clone())
+                        };
+                        let activated = active(&signers) != active(&st.signers);
+                        log_created(
+                            Some(&st.keys),
+                            &candidate,
+                            replaces.as_deref(),
+                            &self.inner.file,
+                        );
+                        st.signers = signers;
+                        st.jwt_signer = jwt_signer;
+                        let (bundle, jwt_bundle) = bundles(&candidate, &td);
+                        st.bundle = bundle;
+                        st.jwt_bundle = jwt_bundle;
+                        st.keys = candidate;
+                        changed = true;
+                        tracing::info!(
+                            x509_sequence = st.keys.x509.sequence,
+                            x509_authorities = st.keys.x509.cas.len(),
+                            jwt_sequence = st.keys.jwt.sequence,
+                            jwt_authorities = st.keys.jwt.cas.len(),
+                            activated,
+                            "CA key set changed"
+                        );
+                    }
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "CA rotation failed; retrying");
-                    next = next.min(now + RETRY);
+                    let wait = st.rotation.failed(now);
+                    next = next.min(now + wait);
+                    let retry_in = humantime::format_duration(wait).to_string();
+                    match st.rotation.alarm.raise(now) {
+                        Report::First => tracing::error!(
+                            error = %e, %retry_in,
+                            "CA rotation failed; retrying with backoff (logged again every 5 \
+                             minutes while it fails)"
+                        ),
+                        Report::Repeat => tracing::error!(
+                            error = %e, %retry_in, failures = st.rotation.failures,
+                            since = %ca::rfc3339(st.rotation.alarm.since.unwrap_or(now)),
+                            "CA rotation still failing"
+                        ),
+                        Report::Quiet => {
+                            tracing::debug!(error = %e, %retry_in, "CA rotation failed again")
+                        }
+                    }
                 }
-            },
-            Err(e) => {
-                tracing::error!(error = %e, "CA rotation failed; retrying");
-                next = next.min(now + RETRY);
             }
         }
+        // Deadlines already due belong to a failed step, which waits for its backoff.
         for d in [st.keys.x509.next_deadline(), st.keys.jwt.next_deadline()]
             .into_iter()
             .flatten()
+            .filter(|&d| d > now)
         {
             next = next.min(d);
         }
@@ -515,7 +930,9 @@ impl CaAuthority {
 
         // SVIDs of registered entries stay; those of removed entries stay while leased; those
         // minted on demand stay while leased or recently used (checked when they fall due).
-        // What stays is re-minted at half-life.
+        // What stays is re-minted at half-life, when a CA is valid to sign it.
+        let signer = self.signer_for(st, now).ok();
+        let can_sign = signer.is_some();
         let mut jobs = Vec::new();
         st.svids.retain(|id, s| {
             let keep = match s.tenure {
@@ -533,18 +950,17 @@ impl CaAuthority {
                 tracing::debug!(entry = %id, tenure = ?s.tenure, "dropping unused SVID");
                 return false;
             }
-            if s.refresh_at <= now {
+            if s.refresh_at > now {
+                next = next.min(s.refresh_at);
+            } else if can_sign {
                 jobs.push(Job {
                     entry: s.entry.clone(),
                     replaces: Some(s.svid.serial.clone()),
                     why: Why::Rotate,
                 });
-            } else {
-                next = next.min(s.refresh_at);
             }
             true
         });
-        let signer = st.signer.clone();
         drop(guard);
         if changed {
             self.bump();
@@ -612,7 +1028,8 @@ impl CaAuthority {
 
     /// Learns a new entry set: marks which cached SVIDs are registered, drops those of removed
     /// entries that no stream holds, and returns the registered entries that need an SVID.
-    fn plan_sync(&self, set: &EntrySet, now: SystemTime) -> (Vec<Job>, Arc<Signer>) {
+    /// The signer is `None` when no CA is valid at `now` (logged by [`CaAuthority::signer_for`]).
+    fn plan_sync(&self, set: &EntrySet, now: SystemTime) -> (Vec<Job>, Option<Arc<Signer>>) {
         let fresh: HashMap<EntryId, Arc<Entry>> = set
             .entries()
             .iter()
@@ -643,7 +1060,7 @@ impl CaAuthority {
         let mut jobs = Vec::new();
         for e in set.entries() {
             match st.svids.get(&e.id) {
-                Some(s) if same_params(&s.entry, e) && s.svid.not_after > now => {}
+                Some(s) if same_params(&s.entry, e) && usable(&s.svid, now) => {}
                 other => jobs.push(Job {
                     entry: e.clone(),
                     replaces: other.map(|s| s.svid.serial.clone()),
@@ -651,7 +1068,7 @@ impl CaAuthority {
                 }),
             }
         }
-        let signer = st.signer.clone();
+        let signer = self.signer_for(st, now).ok();
         drop(guard);
         drop(old);
         (jobs, signer)
@@ -661,16 +1078,22 @@ impl CaAuthority {
     /// handlers are not starved, and publishes one change per [`BATCH`] mints that replaced an
     /// SVID (new SVIDs need none: no stream can hold an SVID of an entry that had none). Stops
     /// early when `interrupted` returns true.
+    /// Without a signer nothing is minted and, if there was work, it counts as failed (to be
+    /// retried).
     async fn work(
         &self,
-        signer: Arc<Signer>,
+        signer: Option<Arc<Signer>>,
         jobs: Vec<Job>,
         interrupted: impl Fn() -> bool,
     ) -> Worked {
         let mut worked = Worked::default();
+        let Some(signer) = signer else {
+            worked.failed = !jobs.is_empty();
+            return worked;
+        };
         let mut replaced = false;
         for (i, job) in jobs.into_iter().enumerate() {
-            let (done, _) = self.mint_and_install(&signer, job, SystemTime::now());
+            let (done, _) = self.mint_and_install(&signer, job, self.now());
             match done {
                 Installed::Replaced => replaced = true,
                 Installed::Failed => worked.failed = true,
@@ -694,7 +1117,7 @@ impl CaAuthority {
 
     /// Learns `set` and mints, in the background, an SVID for each of its entries that has none.
     async fn sync(&self, set: &EntrySet, interrupted: impl Fn() -> bool) -> Worked {
-        let (jobs, signer) = self.plan_sync(set, SystemTime::now());
+        let (jobs, signer) = self.plan_sync(set, self.now());
         if !jobs.is_empty() {
             tracing::debug!(
                 entries = set.entries().len(),
@@ -736,7 +1159,7 @@ impl CaAuthority {
             if stopped(&stop) {
                 return;
             }
-            let now = SystemTime::now();
+            let now = self.now();
             let Upkeep { next, jobs, signer } = self.upkeep(now);
             if !jobs.is_empty() {
                 self.work(signer, jobs, || stopped(&stop)).await;
@@ -753,7 +1176,7 @@ impl CaAuthority {
                     .sync(&set, || stopped(&stop) || rx.has_changed().unwrap_or(false))
                     .await;
                 if worked.failed {
-                    resync_at = Some(SystemTime::now() + RETRY);
+                    resync_at = Some(self.now() + RETRY);
                 }
                 // A set that changed while minting is read at the next turn.
                 dirty = rx.has_changed().unwrap_or(false);
@@ -761,7 +1184,7 @@ impl CaAuthority {
             }
             let deadline = resync_at.map_or(next, |t| next.min(t));
             let wait = deadline
-                .duration_since(SystemTime::now())
+                .duration_since(self.now())
                 .unwrap_or(Duration::ZERO)
                 .max(Duration::from_millis(10));
             tokio::select! {
@@ -800,15 +1223,24 @@ async fn entries_changed(
     }
 }
 
-fn make_signer(keys: &KeyFile) -> Result<Signer, Error> {
-    let a = keys
-        .x509
-        .active()
-        .ok_or_else(|| Error::Crypto("no active CA".into()))?;
-    let cert = a
-        .cert_der()
-        .ok_or_else(|| Error::Crypto("the active CA has no certificate".into()))?;
-    Signer::new(cert, &a.key_pkcs8, a.not_after)
+/// A signer for every X.509 CA of `keys`, with its role.
+fn make_signers(keys: &KeyFile) -> Result<Vec<(CaState, Arc<Signer>)>, Error> {
+    keys.x509
+        .cas
+        .iter()
+        .map(|c| {
+            let cert = c
+                .cert_der()
+                .ok_or_else(|| Error::Crypto("an X.509 CA has no certificate".into()))?;
+            let signer = Signer::new(cert, &c.key_pkcs8, c.not_before(), c.not_after)?;
+            Ok((c.state, Arc::new(signer)))
+        })
+        .collect()
+}
+
+/// Whether an SVID may be handed out at `now`: notBefore <= now < notAfter.
+fn usable(svid: &X509Svid, now: SystemTime) -> bool {
+    svid.not_before <= now && now < svid.not_after
 }
 
 impl Authority for CaAuthority {
@@ -825,7 +1257,7 @@ impl Authority for CaAuthority {
     }
 
     fn identities(&self, entries: &[Arc<Entry>]) -> Result<(Vec<Identity>, Lease), AuthorityError> {
-        let now = SystemTime::now();
+        let now = self.now();
         let mut guard = self.lock();
         let st = &mut *guard;
         let mut minted = false;
@@ -833,18 +1265,23 @@ impl Authority for CaAuthority {
         let mut lease = Lease::default();
         for e in entries {
             // The fallback: the rotation task mints registered entries ahead, but may not have
-            // caught up with a set that changed a moment ago.
-            let fresh = match st.svids.get(&e.id) {
-                Some(s) if same_params(&s.entry, e) && s.svid.not_after > now => None,
-                current => {
-                    let mut slot = self.mint(&st.signer, e, now)?;
-                    slot.tenure = if st.registered.contains_key(&e.id) {
-                        Tenure::Registered
-                    } else {
-                        current.map_or(Tenure::OnDemand, |s| s.tenure)
-                    };
-                    Some(slot)
-                }
+            // caught up with a set that changed a moment ago. An SVID not valid at this moment
+            // (the clock jumped) is never handed out: it is re-minted, or the call fails.
+            let current = st.svids.get(&e.id);
+            let reusable =
+                current.is_some_and(|s| same_params(&s.entry, e) && usable(&s.svid, now));
+            let tenure = if st.registered.contains_key(&e.id) {
+                Tenure::Registered
+            } else {
+                current.map_or(Tenure::OnDemand, |s| s.tenure)
+            };
+            let fresh = if reusable {
+                None
+            } else {
+                let signer = self.signer_for(st, now)?;
+                let mut slot = self.mint(&signer, e, now)?;
+                slot.tenure = tenure;
+                Some(slot)
             };
             if let Some(slot) = fresh {
                 let old = st.svids.insert(e.id.clone(), slot);
@@ -965,6 +1402,7 @@ mod tests {
             ca_ttl: Duration::from_secs(3600),
             x509_svid_ttl: Duration::from_secs(600),
             jwt_svid_ttl: Duration::from_secs(300),
+            new_root: NewRootPolicy::Refuse,
         }
     }
 
@@ -1236,5 +1674,382 @@ mod tests {
         let third = serial(&a, "web").unwrap();
         assert_ne!(third, second);
         assert_eq!(tenure(&a, "web"), Some(Tenure::Registered));
+    }
+
+    // ---- CA validity, clock jumps, failing rotation and new trust roots ----
+
+    use crate::clock::testing::ManualClock;
+
+    /// Collects what the authority logs (text, no colours) while a test runs.
+    #[derive(Clone, Default)]
+    struct Logs(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Logs {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+        type Writer = Logs;
+        fn make_writer(&'a self) -> Self::Writer {
+            self.clone()
+        }
+    }
+
+    impl Logs {
+        fn text(&self) -> String {
+            String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+        }
+        /// Lines at WARN or ERROR.
+        fn loud(&self) -> Vec<String> {
+            self.text()
+                .lines()
+                .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
+                .map(str::to_owned)
+                .collect()
+        }
+    }
+
+    /// Runs `f` with the authority's logs captured.
+    fn logged<T>(f: impl FnOnce() -> T) -> (T, Logs) {
+        let logs = Logs::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(logs.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let out = tracing::subscriber::with_default(sub, f);
+        (out, logs)
+    }
+
+    fn clocked(
+        dir: &Path,
+        ttl: Duration,
+        policy: NewRootPolicy,
+        t0: SystemTime,
+    ) -> (CaAuthority, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::new(t0));
+        let mut c = cfg(dir);
+        c.ca_ttl = ttl;
+        c.x509_svid_ttl = ttl / 10;
+        c.new_root = policy;
+        let a = CaAuthority::open_with_clock(c, clock.clone()).unwrap();
+        (a, clock)
+    }
+
+    /// Whether every SVID handed out is valid at `now`, signed by a CA of the bundle.
+    fn all_valid_at(ids: &[Identity], now: SystemTime) {
+        for i in ids {
+            let x = &i.x509;
+            assert!(
+                x.not_before <= now && now < x.not_after,
+                "an SVID invalid at {now:?} was handed out: notBefore {:?}, notAfter {:?}",
+                x.not_before,
+                x.not_after
+            );
+        }
+    }
+
+    fn unavailable(r: Result<(Vec<Identity>, Lease), AuthorityError>) -> String {
+        match r {
+            Err(AuthorityError::Unavailable(why)) => why,
+            Err(e) => panic!("expected Unavailable, got {e}"),
+            Ok((ids, _)) => panic!(
+                "expected Unavailable, got SVIDs valid {:?}..{:?}",
+                ids[0].x509.not_before, ids[0].x509.not_after
+            ),
+        }
+    }
+
+    #[test]
+    fn a_failing_rotation_write_backs_off_and_never_mints_invalid_svids() {
+        let dir = tempfile::tempdir().unwrap();
+        let ttl = Duration::from_secs(600);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let (a, clock) = clocked(dir.path(), ttl, NewRootPolicy::Refuse, t0);
+        let web = entry("1", "web", None);
+        a.identities(std::slice::from_ref(&web)).unwrap();
+        // ca.json can no longer be replaced (as on a full disk: every rotation write fails).
+        let file = a.ca_file().to_owned();
+        std::fs::remove_file(&file).unwrap();
+        std::fs::create_dir(&file).unwrap();
+        std::fs::write(file.join("keep"), b"x").unwrap();
+
+        // Drive the rotation task's loop on simulated time, with a request (as from an open
+        // stream) at every turn, from before half-life to long past the CA's expiry.
+        let end = t0 + ttl * 3;
+        let ((), logs) = logged(|| {
+            let mut turns = 0;
+            while clock.now() < end && turns < 3000 {
+                let now = clock.now();
+                let next = a.tick(now);
+                match a.identities(std::slice::from_ref(&web)) {
+                    Ok((ids, _)) => all_valid_at(&ids, now),
+                    Err(AuthorityError::Unavailable(_)) => assert!(now >= t0 + ttl),
+                    Err(e) => panic!("{e}"),
+                }
+                // As `serve` does: never sooner than 10 ms.
+                clock.set(next.max(now + Duration::from_millis(10)));
+                turns += 1;
+            }
+            assert!(
+                clock.now() >= end,
+                "{turns} turns reached only {:?} of {:?}: the failed rotation retries without \
+                 backoff",
+                clock.now().duration_since(t0).unwrap(),
+                end.duration_since(t0).unwrap()
+            );
+        });
+        let attempts = a.lock().rotation.failures;
+        assert!(
+            (5..=40).contains(&attempts),
+            "{attempts} rotation attempts in {:?}",
+            ttl * 3
+        );
+        let loud = logs.loud();
+        assert!(
+            (2..=12).contains(&loud.len()),
+            "{} loud lines:\n{}",
+            loud.len(),
+            loud.join("\n")
+        );
+        assert!(loud[0].contains("CA rotation failed"), "{}", loud[0]);
+        // After the expiry: refused with a reason, never an SVID born expired.
+        let why = unavailable(a.identities(std::slice::from_ref(&web)));
+        assert!(why.contains("every CA expired"), "{why}");
+    }
+
+    #[test]
+    fn a_forward_clock_jump_refuses_in_run_mode_and_replaces_the_ca_in_dev_mode() {
+        let ttl = Duration::from_secs(3600);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let web = entry("1", "web", None);
+        for policy in [
+            NewRootPolicy::Refuse,
+            NewRootPolicy::AtStart,
+            NewRootPolicy::Always,
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (a, clock) = clocked(dir.path(), ttl, policy, t0);
+            let (ids, _lease) = a.identities(std::slice::from_ref(&web)).unwrap();
+            all_valid_at(&ids, t0);
+            let before = a.x509_bundle().authorities.clone();
+            // A VM restored from a snapshot, a laptop resumed days later.
+            let later = t0 + ttl * 48;
+            clock.set(later);
+            // Before the rotation task even runs, nothing invalid is handed out.
+            let ((why, next), logs) = logged(|| {
+                let why = unavailable(a.identities(std::slice::from_ref(&web)));
+                (why, a.tick(later))
+            });
+            assert!(why.contains("every CA expired"), "{why}");
+            assert!(next > later, "no spin after a jump");
+            let text = logs.text();
+            assert!(
+                text.contains("ERROR") && text.contains("no CA is valid"),
+                "{text}"
+            );
+            if policy == NewRootPolicy::Always {
+                let (ids, _) = a.identities(std::slice::from_ref(&web)).unwrap();
+                all_valid_at(&ids, later);
+                let after = a.x509_bundle().authorities.clone();
+                assert_ne!(after, before, "a new CA");
+                let fp = ca::fingerprint(&after[0]);
+                assert!(
+                    logs.loud()
+                        .iter()
+                        .any(|l| l.contains("NEW CA") && l.contains(&fp)),
+                    "{text}"
+                );
+            } else {
+                let why = unavailable(a.identities(std::slice::from_ref(&web)));
+                assert!(why.contains("--new-trust-root"), "{why}");
+                assert_eq!(a.x509_bundle().authorities, before, "no silent new root");
+            }
+        }
+    }
+
+    #[test]
+    fn a_clock_behind_the_ca_refuses_until_it_catches_up() {
+        let ttl = Duration::from_secs(3600);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let dir = tempfile::tempdir().unwrap();
+        let web = entry("1", "web", None);
+        let ((a, clock), logs) = logged(|| {
+            // Started with the clock behind a CA made earlier (an NTP step back, a bad RTC).
+            drop(clocked(dir.path(), ttl, NewRootPolicy::Refuse, t0));
+            clocked(
+                dir.path(),
+                ttl,
+                NewRootPolicy::Refuse,
+                t0 - Duration::from_secs(3 * 86400),
+            )
+        });
+        assert!(logs.text().contains("clock is behind"), "{}", logs.text());
+        drop(clock);
+        let why = unavailable(a.identities(std::slice::from_ref(&web)));
+        assert!(why.contains("clock is behind"), "{why}");
+
+        // Same while running: an SVID minted now is not handed out once the clock steps back
+        // before its notBefore.
+        let dir = tempfile::tempdir().unwrap();
+        let (a, clock) = clocked(dir.path(), ttl, NewRootPolicy::Refuse, t0);
+        a.identities(std::slice::from_ref(&web)).unwrap();
+        clock.set(t0 - Duration::from_secs(3600));
+        let why = unavailable(a.identities(std::slice::from_ref(&web)));
+        assert!(why.contains("clock is behind"), "{why}");
+        clock.set(t0 + Duration::from_secs(1));
+        let (ids, _) = a.identities(std::slice::from_ref(&web)).unwrap();
+        all_valid_at(&ids, t0 + Duration::from_secs(1));
+    }
+
+    #[test]
+    fn a_clock_behind_the_active_ca_signs_with_an_older_one_still_valid() {
+        let ttl = Duration::from_secs(600);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let dir = tempfile::tempdir().unwrap();
+        let (a, clock) = clocked(dir.path(), ttl, NewRootPolicy::Refuse, t0);
+        let first = a.x509_bundle().authorities[0].clone();
+        // Prepare at half-life, activate at five sixths: the first CA is retired, still valid.
+        for t in [301, 502] {
+            clock.set(t0 + Duration::from_secs(t));
+            a.tick(clock.now());
+        }
+        let bundle = a.x509_bundle().authorities.clone();
+        assert_eq!(bundle.len(), 2);
+        // The clock steps back before the new CA's notBefore.
+        let back = t0 + Duration::from_secs(200);
+        clock.set(back);
+        let web = entry("1", "web", None);
+        let (ids, _) = a.identities(std::slice::from_ref(&web)).unwrap();
+        all_valid_at(&ids, back);
+        let (_, leaf) = x509_parser::parse_x509_certificate(&ids[0].x509.cert_chain_der).unwrap();
+        let (_, old) = x509_parser::parse_x509_certificate(&first).unwrap();
+        assert_eq!(leaf.issuer(), old.subject(), "signed by the older CA");
+    }
+
+    /// The deletions, emptyings and expiries that would silently make a new trust root.
+    fn damage(dir: &Path, how: &str) {
+        let file = ca::ca_file(dir);
+        let edit = |f: &dyn Fn(&mut serde_json::Value)| {
+            let mut v: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+            f(&mut v);
+            std::fs::write(&file, serde_json::to_vec(&v).unwrap()).unwrap();
+        };
+        match how {
+            "deleted" => std::fs::remove_file(&file).unwrap(),
+            "empty" => edit(&|v| v["authorities"] = serde_json::json!([])),
+            "retired" => edit(&|v| {
+                for a in v["authorities"].as_array_mut().unwrap() {
+                    a["state"] = "retired".into();
+                }
+            }),
+            "expired" => {}
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn a_new_trust_root_needs_consent_and_is_logged_with_its_fingerprint() {
+        let ttl = Duration::from_secs(3600);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        for how in ["deleted", "empty", "retired", "expired"] {
+            for policy in [NewRootPolicy::AtStart, NewRootPolicy::Always] {
+                let dir = tempfile::tempdir().unwrap();
+                let (a, _) = clocked(dir.path(), ttl, NewRootPolicy::Refuse, t0);
+                let before = a.x509_bundle().authorities.clone();
+                drop(a);
+                // The entry store shows the data dir was used (it matters once ca.json is gone).
+                std::fs::write(dir.path().join(STORE_FILE), b"").unwrap();
+                damage(dir.path(), how);
+                let start = if how == "expired" { t0 + ttl * 2 } else { t0 };
+                let file = ca::ca_file(dir.path());
+                let saved = std::fs::read(&file).ok();
+                let clock = Arc::new(ManualClock::new(start));
+                let mut c = cfg(dir.path());
+                c.ca_ttl = ttl;
+                c.x509_svid_ttl = ttl / 10;
+                let err = CaAuthority::open_with_clock(c.clone(), clock.clone())
+                    .err()
+                    .unwrap_or_else(|| panic!("{how}: a new trust root was made without consent"));
+                let msg = err.to_string();
+                assert!(matches!(err, Error::NewTrustRoot { .. }), "{how}: {msg}");
+                assert!(msg.contains(&file.display().to_string()), "{how}: {msg}");
+                assert!(msg.contains("--new-trust-root"), "{how}: {msg}");
+                assert_eq!(
+                    std::fs::read(&file).ok(),
+                    saved,
+                    "{how}: the file is left alone"
+                );
+
+                c.new_root = policy;
+                let (a, logs) =
+                    logged(|| CaAuthority::open_with_clock(c.clone(), clock.clone()).unwrap());
+                let after = a.x509_bundle().authorities.clone();
+                assert_ne!(after, before, "{how}");
+                let fp = ca::fingerprint(after.last().unwrap());
+                assert!(
+                    logs.loud()
+                        .iter()
+                        .any(|l| l.contains("NEW CA") && l.contains(&fp)),
+                    "{how}: {}",
+                    logs.text()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_fresh_data_dir_creates_its_ca_quietly_with_its_fingerprint() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, logs) = logged(|| CaAuthority::open(cfg(dir.path())).unwrap());
+        let fp = ca::fingerprint(&a.x509_bundle().authorities[0]);
+        assert!(logs.loud().is_empty(), "{}", logs.text());
+        assert!(
+            logs.text()
+                .lines()
+                .any(|l| l.contains("INFO") && l.contains(&fp)),
+            "{}",
+            logs.text()
+        );
+        // A restart makes nothing new.
+        drop(a);
+        let (_, logs) = logged(|| CaAuthority::open(cfg(dir.path())).unwrap());
+        assert!(!logs.text().contains("created"), "{}", logs.text());
+    }
+
+    #[test]
+    fn a_mismatched_key_is_refused_even_in_dev_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let ttl = Duration::from_secs(600);
+        let (a, clock) = clocked(dir.path(), ttl, NewRootPolicy::Always, t0);
+        clock.set(t0 + Duration::from_secs(301));
+        a.tick(clock.now());
+        assert_eq!(a.x509_bundle().authorities.len(), 2);
+        drop(a);
+        let file = ca::ca_file(dir.path());
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+        let k0 = v["authorities"][0]["key"].take();
+        v["authorities"][0]["key"] = v["authorities"][1]["key"].clone();
+        v["authorities"][1]["key"] = k0;
+        std::fs::write(&file, serde_json::to_vec(&v).unwrap()).unwrap();
+        let mut c = cfg(dir.path());
+        c.new_root = NewRootPolicy::Always;
+        let msg = CaAuthority::open_with_clock(c, clock)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            msg.contains(&file.display().to_string()) && msg.contains("does not belong"),
+            "{msg}"
+        );
     }
 }

@@ -105,6 +105,7 @@ pub(crate) fn mint_ca(
 pub(crate) struct Signer {
     pub(crate) issuer: Issuer<'static, KeyPair>,
     pub(crate) cert_der: Vec<u8>,
+    pub(crate) not_before: SystemTime,
     pub(crate) not_after: SystemTime,
 }
 
@@ -112,6 +113,7 @@ impl Signer {
     pub(crate) fn new(
         cert_der: &[u8],
         key_pkcs8: &[u8],
+        not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<Self, Error> {
         let key = KeyPair::try_from(key_pkcs8).map_err(|e| Error::Crypto(e.to_string()))?;
@@ -120,8 +122,14 @@ impl Signer {
         Ok(Self {
             issuer,
             cert_der: cert_der.to_vec(),
+            not_before,
             not_after,
         })
+    }
+
+    /// Whether the CA certificate is valid at `now`: notBefore <= now < notAfter.
+    pub(crate) fn valid_at(&self, now: SystemTime) -> bool {
+        self.not_before <= now && now < self.not_after
     }
 }
 
@@ -134,7 +142,9 @@ pub(crate) struct MintedSvid {
     pub(crate) not_after: SystemTime,
 }
 
-/// Mints an X.509-SVID for `id` signed by `signer`, valid for `ttl` but never past the signer.
+/// Mints an X.509-SVID for `id` signed by `signer`, valid for `ttl` but never past the signer
+/// nor before it. Refuses with [`Error::NoValidCa`] when the signer is not valid at `now`, so
+/// an SVID is never born expired (notBefore > notAfter) or under a CA not yet valid.
 pub(crate) fn mint_svid(
     signer: &Signer,
     id: &SpiffeId,
@@ -168,8 +178,24 @@ pub(crate) fn mint_svid(
         ExtendedKeyUsagePurpose::ClientAuth,
     ];
     p.use_authority_key_identifier_extension = true;
-    let nb = to_cert_time(now - NOT_BEFORE_CUSHION)?;
+    if !signer.valid_at(now) {
+        return Err(Error::NoValidCa(format!(
+            "the signing CA is valid from {} to {}, not at {}",
+            crate::ca::rfc3339(signer.not_before),
+            crate::ca::rfc3339(signer.not_after),
+            crate::ca::rfc3339(now)
+        )));
+    }
+    let earliest = now.checked_sub(NOT_BEFORE_CUSHION).unwrap_or(now);
+    let nb = to_cert_time(earliest.max(signer.not_before))?;
     let na = to_cert_time((now + ttl).min(signer.not_after))?;
+    if !(from_cert_time(nb) <= now && now < from_cert_time(na)) {
+        return Err(Error::NoValidCa(format!(
+            "an SVID minted at {} would not be valid then (the signing CA expires at {})",
+            crate::ca::rfc3339(now),
+            crate::ca::rfc3339(signer.not_after)
+        )));
+    }
     p.not_before = nb;
     p.not_after = na;
     let cert = p.signed_by(&key, &signer.issuer).map_err(bad)?;
@@ -197,7 +223,7 @@ mod tests {
         let td = TrustDomain::new("example.org").unwrap();
         let now = SystemTime::now();
         let ca = mint_ca(&td, Duration::from_secs(3600), now, &rng).unwrap();
-        let signer = Signer::new(&ca.cert_der, &ca.key_pkcs8, ca.not_after).unwrap();
+        let signer = Signer::new(&ca.cert_der, &ca.key_pkcs8, ca.not_before, ca.not_after).unwrap();
         let id = SpiffeId::new("spiffe://example.org/web").unwrap();
         let svid = mint_svid(
             &signer,

@@ -32,6 +32,11 @@ enum Command {
         /// The TOML configuration file (see the README for every key).
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
+        /// Accept a new trust root: create a new CA when the data dir held one before that can
+        /// no longer sign (ca.json deleted, emptied, retired or expired). Workloads and peers
+        /// must then fetch the new bundle. Without it, start-up refuses and says why.
+        #[arg(long)]
+        new_trust_root: bool,
     },
     /// Run the agent with no configuration: an embedded CA for trust domain dev.local, an
     /// owner-only socket, and a synthetic identity spiffe://dev.local/uid-UID/EXE_NAME for every
@@ -88,7 +93,10 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         let result = match cli.command {
-            Command::Run { config } => serve::run(&config).await,
+            Command::Run {
+                config,
+                new_trust_root,
+            } => serve::run(&config, new_trust_root).await,
             Command::Dev(args) => serve::dev(args).await,
             Command::Api { endpoint, command } => client::run_api(&endpoint, command).await,
             Command::Healthcheck { endpoint } => client::run_healthcheck(&endpoint).await,

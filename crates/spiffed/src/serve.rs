@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use spiffed_agent::config::{Config, LogFormat, LogLevel};
+use spiffed_agent::config::{Config, LogFormat, LogLevel, NewRootPolicy};
 use spiffed_core::TrustDomain;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -81,15 +81,18 @@ fn init_logging(level: LogLevel, format: LogFormat) {
     };
 }
 
-/// `spiffed run --config FILE`.
-pub(crate) async fn run(path: &Path) -> anyhow::Result<ExitCode> {
-    let cfg = match Config::load(path) {
+/// `spiffed run --config FILE [--new-trust-root]`.
+pub(crate) async fn run(path: &Path, new_trust_root: bool) -> anyhow::Result<ExitCode> {
+    let mut cfg = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("spiffed: invalid configuration\n{e}");
             return Ok(ExitCode::from(EX_USAGE));
         }
     };
+    if new_trust_root {
+        cfg.new_trust_root = NewRootPolicy::AtStart;
+    }
     init_logging(cfg.log_level, cfg.log_format);
     serve(cfg, Some(path.to_owned()), None, false).await
 }
@@ -251,6 +254,8 @@ pub(crate) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     cfg.socket_mode = 0o600;
     cfg.data_dir = data_dir.clone();
     cfg.synthetic_ids = true;
+    // Zero-config: a dev CA that is gone or expired is replaced (with a warning naming it).
+    cfg.new_trust_root = NewRootPolicy::Always;
     cfg.x509_svid_ttl = args.x509_svid_ttl;
     if cfg.x509_svid_ttl > cfg.ca_ttl {
         cfg.ca_ttl = cfg.x509_svid_ttl * 2;

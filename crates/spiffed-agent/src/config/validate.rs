@@ -15,6 +15,7 @@ use spiffed_core::{
 use toml::Spanned;
 use toml::de::DeTable;
 
+use super::NewRootPolicy;
 use super::error::{ConfigError, ConfigErrorKind, line_column};
 use super::raw::{RawConfig, RawEntry, Str, StrList};
 use super::{
@@ -167,6 +168,7 @@ fn validate(raw: RawConfig, text: &str, file: &Path) -> Result<Config, ConfigErr
         log_format,
         synthetic_ids,
         entries,
+        new_trust_root: NewRootPolicy::default(),
     })
 }
 

@@ -1,13 +1,15 @@
 //! Start-up, restart, shutdown and configuration errors of the real binary.
 
 use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use spiffed_proto::workload::X509BundlesRequest;
+use spiffed_proto::workload::{X509BundlesRequest, X509svidRequest};
 use spiffed_test_support::{Agent, with_header, x509_stream};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::{agent_for_me, bin};
+use crate::{agent_for_me, bin, split_der};
 
 async fn bundle(agent: &Agent) -> Vec<u8> {
     let mut c = agent.client().await;
@@ -216,4 +218,283 @@ fn dev_mode_needs_no_config_and_proves_its_socket() {
     assert_eq!(mode & 0o777, 0o700);
     assert!(dir.path().join("state").join("ca.json").exists());
     assert!(!socket.exists(), "--once removes the socket when it stops");
+}
+
+/// SHA-256 of a DER certificate as `openssl x509 -noout -fingerprint -sha256` writes it.
+fn fingerprint(der: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, der);
+    d.as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+/// Runs `spiffed run` with `args` on `agent`'s config and returns its exit status and stderr,
+/// or `None` (the process killed) if it is still running after 15 s.
+fn run_to_exit(agent: &Agent, args: &[&str]) -> Option<(std::process::ExitStatus, String)> {
+    let err = agent.dir.path().join("run.stderr");
+    let mut child = Command::new(bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&agent.config)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return Some((status, std::fs::read_to_string(&err).unwrap()));
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Starts `spiffed run` with `args` and `env` on `agent`'s config (stderr to its log) and
+/// waits until it serves.
+fn start_run(agent: &Agent, args: &[&str], env: &[(&str, &Path)]) -> std::process::Child {
+    let mut child = Command::new(bin())
+        .arg("run")
+        .arg("--config")
+        .arg(&agent.config)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&agent.log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while std::os::unix::net::UnixStream::connect(&agent.socket).is_err() {
+        if child.try_wait().unwrap().is_some() || std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("spiffed did not serve:\n{}", agent.logs());
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+#[tokio::test]
+async fn run_refuses_a_silent_new_trust_root_and_creates_one_when_told() {
+    let mut agent = agent_for_me("");
+    let before = bundle(&agent).await;
+    assert!(agent.stop().success());
+    let ca = agent.data_dir.join("ca.json");
+    std::fs::remove_file(&ca).unwrap();
+
+    // Without the flag: start-up refuses, naming the file, what is wrong and the flag.
+    let (status, stderr) = run_to_exit(&agent, &[])
+        .expect("spiffed run started with ca.json gone: a silent new trust root");
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains(&ca.display().to_string()), "{stderr}");
+    assert!(stderr.contains("is missing"), "{stderr}");
+    assert!(stderr.contains("--new-trust-root"), "{stderr}");
+    assert!(!ca.exists(), "nothing was created");
+
+    // With it: a new CA, served, and a warning that names its fingerprint.
+    let mut child = start_run(&agent, &["--new-trust-root"], &[]);
+    let after = bundle(&agent).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    assert_ne!(after, before, "a new trust root");
+    let certs = split_der(&after);
+    assert_eq!(certs.len(), 1);
+    let fp = fingerprint(&certs[0]);
+    let logs = agent.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("WARN") && l.contains("NEW CA") && l.contains(&fp)),
+        "{logs}"
+    );
+
+    // The new CA is now the data dir's own: a plain restart keeps it.
+    agent.spawn();
+    assert_eq!(bundle(&agent).await, after);
+}
+
+/// The status a FetchX509SVID call ends with, or the first message's SVID validity.
+async fn fetch_x509(agent: &Agent) -> Result<(i64, i64), tonic::Status> {
+    let mut c = agent.client().await;
+    let mut s = c
+        .fetch_x509svid(with_header(X509svidRequest {}))
+        .await?
+        .into_inner();
+    let m = s.message().await?.expect("a first message");
+    let chain = &m.svids[0].x509_svid;
+    let certs = split_der(chain);
+    let (_, leaf) = X509Certificate::from_der(&certs[0]).unwrap();
+    let v = leaf.validity();
+    Ok((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+#[tokio::test]
+async fn a_clock_jump_past_the_ca_is_refused_never_served_expired() {
+    // libfaketime (Debian's `faketime`) moves the agent's clock, and only the agent's: the
+    // offset is read from a file at every call, so the test can jump it while the agent runs.
+    let lib = Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1");
+    assert!(
+        lib.exists(),
+        "install Debian's faketime package (apt-get install faketime)"
+    );
+    let mut agent = agent_for_me("");
+    assert!(agent.stop().success());
+    let offset = agent.dir.path().join("faketime");
+    std::fs::write(&offset, "+0d").unwrap();
+    let env = [
+        ("LD_PRELOAD", lib),
+        ("FAKETIME_TIMESTAMP_FILE", offset.as_path()),
+        ("FAKETIME_NO_CACHE", Path::new("1")),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", Path::new("1")),
+    ];
+    let mut child = start_run(&agent, &[], &env);
+    let (nb, na) = fetch_x509(&agent).await.unwrap();
+    assert!(nb < na);
+    let before = bundle(&agent).await;
+
+    // The agent's clock jumps past the CA's expiry (ca_ttl is 24h): a VM restored from an old
+    // snapshot, a laptop resumed days later.
+    std::fs::write(&offset, "+3d").unwrap();
+    let status = fetch_x509(&agent)
+        .await
+        .map(|(nb, na)| format!("notBefore {nb}, notAfter {na}"))
+        .expect_err("an SVID was served after the clock jumped past every CA");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("every CA expired"), "{status:?}");
+    assert!(status.message().contains("--new-trust-root"), "{status:?}");
+    // No silent new trust root; a loud line in the log.
+    assert_eq!(bundle(&agent).await, before);
+    let logs = agent.logs();
+    assert!(
+        logs.lines()
+            .any(|l| l.contains("ERROR") && l.contains("no CA is valid")),
+        "{logs}"
+    );
+
+    // The clock behind the CA's notBefore: refused too.
+    std::fs::write(&offset, "-3d").unwrap();
+    let status = fetch_x509(&agent)
+        .await
+        .expect_err("served under a CA not yet valid");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("clock is behind"), "{status:?}");
+
+    // Back to the right time: served again, valid.
+    std::fs::write(&offset, "+0d").unwrap();
+    let (nb, na) = fetch_x509(&agent).await.unwrap();
+    assert!(nb < na);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A running agent on a data dir mounted as a small tmpfs: on drop, the agent is killed and the
+/// tmpfs unmounted (also when the test fails).
+struct OnTmpfs {
+    child: Option<std::process::Child>,
+    mount: std::path::PathBuf,
+}
+
+impl Drop for OnTmpfs {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        let _ = Command::new("umount").arg("-l").arg(&self.mount).status();
+    }
+}
+
+#[tokio::test]
+async fn a_full_disk_at_rotation_backs_off_logs_once_and_recovers() {
+    let lib = Path::new("/usr/lib/x86_64-linux-gnu/faketime/libfaketimeMT.so.1");
+    assert!(
+        lib.exists(),
+        "install Debian's faketime package (apt-get install faketime)"
+    );
+    let mut agent = agent_for_me("");
+    assert!(agent.stop().success());
+    // The data dir moves onto a 256 KiB tmpfs (we are root), as it was.
+    let saved = tempfile::tempdir().unwrap();
+    let files: Vec<_> = std::fs::read_dir(&agent.data_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    for f in &files {
+        std::fs::copy(agent.data_dir.join(f), saved.path().join(f)).unwrap();
+    }
+    let ok = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=256k,mode=0700", "tmpfs"])
+        .arg(&agent.data_dir)
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "mount tmpfs on {}", agent.data_dir.display());
+    let mut run = OnTmpfs {
+        child: None,
+        mount: agent.data_dir.clone(),
+    };
+    for f in &files {
+        std::fs::copy(saved.path().join(f), agent.data_dir.join(f)).unwrap();
+    }
+    let offset = agent.dir.path().join("faketime");
+    std::fs::write(&offset, "+0d").unwrap();
+    let env = [
+        ("LD_PRELOAD", lib),
+        ("FAKETIME_TIMESTAMP_FILE", offset.as_path()),
+        ("FAKETIME_NO_CACHE", Path::new("1")),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", Path::new("1")),
+    ];
+    run.child = Some(start_run(&agent, &[], &env));
+    fetch_x509(&agent).await.unwrap();
+
+    // The disk fills up.
+    let filler = agent.data_dir.join("filler");
+    let mut f = std::fs::File::create(&filler).unwrap();
+    while std::io::Write::write_all(&mut f, &[0u8; 4096]).is_ok() {}
+    drop(f);
+    // Half-way through the CA's life (ca_ttl is 24h) the next CA is due, and ca.json cannot be
+    // written. The fetch (its SVID expired) wakes the rotation at once.
+    std::fs::write(&offset, "+13h").unwrap();
+    let (nb, na) = fetch_x509(&agent).await.unwrap();
+    assert!(nb < na, "a valid SVID from the CA still valid");
+    std::thread::sleep(Duration::from_secs(4));
+    let logs = agent.logs();
+    let failures: Vec<&str> = logs
+        .lines()
+        .filter(|l| l.contains("CA rotation failed"))
+        .collect();
+    let errors = failures.iter().filter(|l| l.contains("ERROR")).count();
+    assert_eq!(
+        errors,
+        1,
+        "one ERROR line per burst:\n{}",
+        failures.join("\n")
+    );
+    // Attempts at 0, 1, 3 (and 7) seconds: backoff, not a spin.
+    assert!(
+        (1..=4).contains(&failures.len()),
+        "{} attempts in 4 s:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(failures[0].contains("No space left"), "{}", failures[0]);
+
+    // Space again: the next attempt succeeds (within the 8 s backoff) and says so.
+    std::fs::remove_file(&filler).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !agent.logs().contains("CA rotation works again") {
+        assert!(std::time::Instant::now() < deadline, "{}", agent.logs());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let certs = split_der(&bundle(&agent).await);
+    assert_eq!(certs.len(), 2, "the next CA is published");
+    drop(run);
 }
