@@ -1204,7 +1204,11 @@ mod tests {
         // Exactly the limit, then END_HEADERS: a legal (if odd) block still goes through.
         let mut input = request(1, 0, &[0x83]);
         for i in 0..MAX_CONTINUATION_FRAMES {
-            let end = if i + 1 == MAX_CONTINUATION_FRAMES { 0x4 } else { 0 };
+            let end = if i + 1 == MAX_CONTINUATION_FRAMES {
+                0x4
+            } else {
+                0
+            };
             input.extend(frame(0x9, end, 1, &[0x86]));
         }
         let output = rewrite_all(&input).unwrap();
