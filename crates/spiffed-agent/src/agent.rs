@@ -16,10 +16,10 @@ use spiffed_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer
 use spiffed_workload_api::WorkloadApi;
 use tokio::net::UnixListener;
 use tokio::sync::{Notify, watch};
-use tokio_stream::StreamExt;
 
 use crate::admin::{AdminService, Directory, Reloader};
 use crate::config::Config;
+use crate::limits::{self, Limits, Shared, StreamLimitLayer};
 
 /// How long open streams get to finish after shutdown starts.
 const GRACE: Duration = Duration::from_secs(5);
@@ -233,6 +233,19 @@ impl Bound {
             api,
             admin,
         } = self;
+        // Connections and streams one uid may hold, and the descriptors they may use.
+        let fds = limits::raise_fd_limit();
+        let limits = Limits::resolve(&cfg, &fds);
+        tracing::info!(
+            max_connections_per_uid = limits.max_connections_per_uid,
+            max_streams_per_connection = limits.max_streams_per_connection,
+            max_streams_per_uid = limits.max_streams_per_uid,
+            handshake_timeout = %humantime::format_duration(limits.handshake_timeout),
+            idle_timeout = %humantime::format_duration(limits.idle_timeout),
+            fd_reserve = limits.fd_reserve,
+            "Workload API connection limits"
+        );
+        let shared = Shared::new(limits, &fds);
         let (stop_tx, stop_rx) = watch::channel(false);
         // The authority mints and rotates an SVID for every entry of the set, off the request
         // path; its receiver does not keep the set's channel open, so dropping `entries` below
@@ -285,15 +298,21 @@ impl Bound {
             "serving the SPIFFE Workload API"
         );
         let serve = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(limits.max_streams_per_connection))
+            .layer(StreamLimitLayer::new(shared.clone()))
             .add_service(health)
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(api.into_server())
             .serve_with_incoming_shutdown(
-                // grpc-core and grpc-java send the socket path as :authority, which h2 rejects;
-                // the front rewrites it (CONFORMANCE item 11).
-                spiffed_attest::listen::incoming(listener)
-                    .map(|conn| conn.map(spiffed_h2front::AuthorityFront::new)),
+                // Within the per-uid and descriptor limits, each connection closed when silent
+                // or idle (limits.rs). grpc-core and grpc-java send the socket path as
+                // :authority, which h2 rejects; the front rewrites it (CONFORMANCE item 11).
+                limits::incoming(
+                    Box::pin(spiffed_attest::listen::incoming(listener)),
+                    shared,
+                    spiffed_h2front::AuthorityFront::new,
+                ),
                 signal,
             );
         let result = tokio::select! {

@@ -59,6 +59,22 @@ pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
 /// sorting by id keeps file order.
 pub const MAX_ENTRIES: usize = 10_000;
 
+/// The bounds of the automatic `max_connections_per_uid` (a sixteenth of the descriptor
+/// limit): at least the load generator's 100 fan-out connections with room to spare, at most
+/// what one uid plausibly needs.
+pub const AUTO_CONNECTIONS_PER_UID: std::ops::RangeInclusive<usize> = 256..=4096;
+/// Default `max_streams_per_connection`: h2's recommended minimum for
+/// SETTINGS_MAX_CONCURRENT_STREAMS.
+pub const DEFAULT_MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// Default `max_streams_per_uid`: room for the fan-out benchmark's 10,000 streams from one uid.
+pub const DEFAULT_MAX_STREAMS_PER_UID: usize = 16_384;
+/// Default `handshake_timeout`.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default `idle_timeout`.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Default `fd_reserve`.
+pub const DEFAULT_FD_RESERVE: usize = 64;
+
 /// How much the agent logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum LogLevel {
@@ -157,6 +173,24 @@ pub struct Config {
     /// of the file: `spiffed run --new-trust-root` sets [`NewRootPolicy::AtStart`] for one
     /// start, and `spiffed dev` sets [`NewRootPolicy::Always`] (default `Refuse`).
     pub new_trust_root: NewRootPolicy,
+    /// Most connections one uid may hold open on the Workload API socket; more are closed at
+    /// accept. `None` (the default): a sixteenth of the descriptor limit, within
+    /// [`AUTO_CONNECTIONS_PER_UID`].
+    pub max_connections_per_uid: Option<usize>,
+    /// Most concurrent streams (RPCs) on one connection, advertised as HTTP/2
+    /// SETTINGS_MAX_CONCURRENT_STREAMS (default [`DEFAULT_MAX_STREAMS_PER_CONNECTION`]).
+    pub max_streams_per_connection: u32,
+    /// Most concurrent streams of one uid over all its connections; more are answered
+    /// ResourceExhausted (default [`DEFAULT_MAX_STREAMS_PER_UID`]).
+    pub max_streams_per_uid: usize,
+    /// How long a new connection has to send the HTTP/2 preface and its first request
+    /// (default [`DEFAULT_HANDSHAKE_TIMEOUT`]).
+    pub handshake_timeout: Duration,
+    /// How long a connection with no open stream is kept (default [`DEFAULT_IDLE_TIMEOUT`]).
+    pub idle_timeout: Duration,
+    /// Descriptors kept free for the admin socket and the agent's own files: the Workload API
+    /// socket stops accepting while fewer are free (default [`DEFAULT_FD_RESERVE`]).
+    pub fd_reserve: usize,
 }
 
 impl Config {
@@ -195,6 +229,12 @@ impl Config {
             synthetic_ids: false,
             entries: Vec::new(),
             new_trust_root: NewRootPolicy::default(),
+            max_connections_per_uid: None,
+            max_streams_per_connection: DEFAULT_MAX_STREAMS_PER_CONNECTION,
+            max_streams_per_uid: DEFAULT_MAX_STREAMS_PER_UID,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            fd_reserve: DEFAULT_FD_RESERVE,
         }
     }
 
@@ -208,7 +248,9 @@ impl Config {
         format!(
             "source={source} trust_domain={} socket={} socket_mode={:04o} admin_socket={} \
              admin_uids={:?} data_dir={} x509_svid_ttl={} jwt_svid_ttl={} ca_ttl={} \
-             log_level={} log_format={} synthetic_ids={} entries={}",
+             log_level={} log_format={} synthetic_ids={} entries={} \
+             max_connections_per_uid={} max_streams_per_connection={} max_streams_per_uid={} \
+             handshake_timeout={} idle_timeout={} fd_reserve={}",
             self.trust_domain,
             self.socket_path.display(),
             self.socket_mode,
@@ -222,6 +264,13 @@ impl Config {
             self.log_format,
             self.synthetic_ids,
             self.entries.len(),
+            self.max_connections_per_uid
+                .map_or_else(|| "auto".to_owned(), |n| n.to_string()),
+            self.max_streams_per_connection,
+            self.max_streams_per_uid,
+            humantime::format_duration(self.handshake_timeout),
+            humantime::format_duration(self.idle_timeout),
+            self.fd_reserve,
         )
     }
 }
@@ -862,5 +911,56 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
         let text = lines.join("\n");
         let cfg = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(cfg.entries.len(), 1);
+    }
+
+    #[test]
+    fn connection_limits_parse_and_are_bounded() {
+        let cfg = parse(&doc(&[TD])).unwrap();
+        assert_eq!(cfg.max_connections_per_uid, None);
+        assert_eq!(cfg.max_streams_per_connection, 100);
+        assert_eq!(cfg.max_streams_per_uid, 16_384);
+        assert_eq!(cfg.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(cfg.idle_timeout, Duration::from_secs(300));
+        assert_eq!(cfg.fd_reserve, 64);
+        assert!(
+            cfg.summary()
+                .contains("max_connections_per_uid=auto max_streams_per_connection=100"),
+            "{}",
+            cfg.summary()
+        );
+        let cfg = parse(&doc(&[
+            TD,
+            "max_connections_per_uid = 20",
+            "max_streams_per_connection = 10",
+            "max_streams_per_uid = 50",
+            "handshake_timeout = \"1s\"",
+            "idle_timeout = \"500ms\"",
+            "fd_reserve = 0",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.max_connections_per_uid, Some(20));
+        assert_eq!(cfg.max_streams_per_connection, 10);
+        assert_eq!(cfg.max_streams_per_uid, 50);
+        assert_eq!(cfg.handshake_timeout, Duration::from_secs(1));
+        assert_eq!(cfg.idle_timeout, Duration::from_millis(500));
+        assert_eq!(cfg.fd_reserve, 0);
+
+        let e = fails_at(
+            &[TD, "max_connections_per_uid = 0"],
+            2,
+            "max_connections_per_uid",
+        );
+        assert!(e.fix.contains("max_connections_per_uid = 256"), "{e}");
+        fails_at(
+            &[TD, "max_streams_per_connection = -1"],
+            2,
+            "max_streams_per_connection",
+        );
+        fails_at(&[TD, "max_streams_per_uid = 0"], 2, "max_streams_per_uid");
+        fails_at(&[TD, "fd_reserve = -5"], 2, "fd_reserve");
+        let e = fails_at(&[TD, "handshake_timeout = \"0s\""], 2, "handshake_timeout");
+        assert!(e.message.contains("shorter than 100 ms"), "{e}");
+        fails_at(&[TD, "idle_timeout = \"2d\""], 2, "idle_timeout");
+        fails_at(&[TD, "idle_timeout = \"soon\""], 2, "idle_timeout");
     }
 }

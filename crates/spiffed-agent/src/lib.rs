@@ -18,6 +18,7 @@
 mod admin;
 mod agent;
 pub mod config;
+pub mod limits;
 
 pub use admin::Reloader;
 pub use agent::{AgentError, Bound, build};

@@ -33,3 +33,12 @@ mod unix;
 
 pub use systemd::systemd_unit_from_cgroup;
 pub use unix::{UnixAttestor, exe_access_warning, peer_cred_of_pid};
+
+/// Hands heap memory that the C allocator keeps after it was freed back to the kernel
+/// (glibc's `malloc_trim`; nothing elsewhere). The agent calls it after many connections or
+/// streams have closed, so that a burst does not stay in its RSS. Blocks for as long as the
+/// allocator takes to walk its heap: call it off the async threads.
+pub fn release_free_memory() {
+    let released = sys::malloc_trim();
+    tracing::debug!(released, "returned free heap memory to the kernel");
+}

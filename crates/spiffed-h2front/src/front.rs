@@ -27,9 +27,14 @@ pin_project! {
     /// HTTP/2 client preface is passed on unchanged, so the server reports its own error for
     /// it.
     ///
-    /// A header block that cannot be decoded or is too large (see [`FrontError`]) ends the
-    /// connection: the read that meets it returns an [`io::ErrorKind::InvalidData`] error, and
-    /// so does every read after it.
+    /// A header block that cannot be decoded or is past a limit (see [`FrontError`]) ends the
+    /// connection: the client is sent a GOAWAY frame with the error's code
+    /// ([`FrontError::reason`]: COMPRESSION_ERROR, ENHANCE_YOUR_CALM or PROTOCOL_ERROR) and
+    /// the error as debug data, then the read that met the block returns an
+    /// [`io::ErrorKind::InvalidData`] error, and so does every read after it; the server's
+    /// writes fail from then on. The GOAWAY goes in between two of the server's frames; when
+    /// the server is in the middle of one (its client is not reading), or the connection
+    /// cannot take the GOAWAY at once, the connection ends without it.
     ///
     /// ```no_run
     /// # async fn demo(listener: tokio::net::UnixListener) -> std::io::Result<()> {
@@ -51,7 +56,106 @@ pin_project! {
         scratch: Box<[u8]>,
         eof: bool,
         failed: Option<FrontError>,
+        // Where the server's output is in its frames, until nothing can fail any more.
+        server: ServerFrames,
+        // The GOAWAY frame to send after a failure, and how much of it is sent.
+        goaway: Option<(Vec<u8>, usize)>,
     }
+}
+
+/// Follows the frame boundaries of the server's output, so that a GOAWAY of ours can go in
+/// between two frames.
+#[derive(Debug, Default)]
+struct ServerFrames {
+    head: [u8; 9],
+    head_len: usize,
+    /// Payload bytes of the current frame still to come.
+    remaining: usize,
+}
+
+impl ServerFrames {
+    fn advance(&mut self, mut bytes: &[u8]) {
+        while !bytes.is_empty() {
+            if self.remaining > 0 {
+                let n = self.remaining.min(bytes.len());
+                self.remaining -= n;
+                bytes = &bytes[n..];
+                continue;
+            }
+            let n = (self.head.len() - self.head_len).min(bytes.len());
+            self.head[self.head_len..self.head_len + n].copy_from_slice(&bytes[..n]);
+            self.head_len += n;
+            bytes = &bytes[n..];
+            if self.head_len == self.head.len() {
+                let [a, b, c, ..] = self.head;
+                self.remaining = (usize::from(a) << 16) | (usize::from(b) << 8) | usize::from(c);
+                self.head_len = 0;
+            }
+        }
+    }
+
+    fn advance_vectored(&mut self, bufs: &[io::IoSlice<'_>], mut n: usize) {
+        for buf in bufs {
+            let k = n.min(buf.len());
+            self.advance(&buf[..k]);
+            n -= k;
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
+    fn at_boundary(&self) -> bool {
+        self.head_len == 0 && self.remaining == 0
+    }
+}
+
+/// Longest debug data we put in a GOAWAY (the error's message, cut).
+const MAX_GOAWAY_DEBUG: usize = 128;
+
+/// A GOAWAY frame (RFC 9113 §6.8) for `err`, saying the server saw streams up to `last`.
+fn goaway_frame(last: u32, err: &FrontError) -> Vec<u8> {
+    let message = err.to_string();
+    let debug = &message.as_bytes()[..message.len().min(MAX_GOAWAY_DEBUG)];
+    let len = 8 + debug.len();
+    let [.., l2, l1, l0] = len.to_be_bytes();
+    let mut frame = vec![l2, l1, l0, 0x7, 0, 0, 0, 0, 0];
+    frame.extend_from_slice(&(last & 0x7fff_ffff).to_be_bytes());
+    frame.extend_from_slice(&err.reason().to_be_bytes());
+    frame.extend_from_slice(debug);
+    frame
+}
+
+/// Sends what is left of the GOAWAY, if any, then flushes. Gives up on it (the connection is
+/// ending anyway) when the connection fails or cannot take its first byte at once.
+fn poll_goaway<IO: AsyncWrite>(
+    mut io: Pin<&mut IO>,
+    goaway: &mut Option<(Vec<u8>, usize)>,
+    cx: &mut Context<'_>,
+) -> Poll<()> {
+    let Some((frame, sent)) = goaway.as_mut() else {
+        return Poll::Ready(());
+    };
+    while *sent < frame.len() {
+        match io.as_mut().poll_write(cx, &frame[*sent..]) {
+            Poll::Ready(Ok(n)) if n > 0 => *sent += n,
+            Poll::Pending if *sent > 0 => return Poll::Pending,
+            Poll::Ready(_) | Poll::Pending => {
+                *goaway = None;
+                return Poll::Ready(());
+            }
+        }
+    }
+    if io.as_mut().poll_flush(cx).is_pending() {
+        return Poll::Pending;
+    }
+    *goaway = None;
+    Poll::Ready(())
+}
+
+/// What the server's writes get once the connection has failed.
+fn closed(err: &FrontError) -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, err.clone())
 }
 
 impl<IO: std::fmt::Debug> std::fmt::Debug for AuthorityFront<IO> {
@@ -84,6 +188,8 @@ impl<IO> AuthorityFront<IO> {
             scratch: vec![0; READ_CHUNK].into_boxed_slice(),
             eof: false,
             failed: None,
+            server: ServerFrames::default(),
+            goaway: None,
         }
     }
 
@@ -96,7 +202,7 @@ impl<IO> AuthorityFront<IO> {
     }
 }
 
-impl<IO: AsyncRead> AsyncRead for AuthorityFront<IO> {
+impl<IO: AsyncRead + AsyncWrite> AsyncRead for AuthorityFront<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -118,6 +224,7 @@ impl<IO: AsyncRead> AsyncRead for AuthorityFront<IO> {
                 return Poll::Ready(Ok(()));
             }
             if let Some(err) = this.failed.as_ref() {
+                ready!(poll_goaway(this.io.as_mut(), this.goaway, cx));
                 return Poll::Ready(Err(io::Error::new(io::ErrorKind::InvalidData, err.clone())));
             }
             if *this.eof || buf.remaining() == 0 {
@@ -140,7 +247,11 @@ impl<IO: AsyncRead> AsyncRead for AuthorityFront<IO> {
                 continue;
             }
             if let Err(err) = this.rewriter.feed(raw, this.out) {
-                // Whatever was rewritten before the error still goes out first.
+                // Whatever was rewritten before the error still goes out first; the server's
+                // output stops here, with our GOAWAY if it is between two frames.
+                if this.server.at_boundary() {
+                    *this.goaway = Some((goaway_frame(this.rewriter.last_stream(), &err), 0));
+                }
                 *this.failed = Some(err);
             }
         }
@@ -153,7 +264,16 @@ impl<IO: AsyncWrite> AsyncWrite for AuthorityFront<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write(cx, buf)
+        let mut this = self.project();
+        if let Some(err) = this.failed.as_ref() {
+            ready!(poll_goaway(this.io.as_mut(), this.goaway, cx));
+            return Poll::Ready(Err(closed(err)));
+        }
+        let n = ready!(this.io.poll_write(cx, buf))?;
+        if !this.rewriter.is_passthrough() {
+            this.server.advance(&buf[..n]);
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn poll_write_vectored(
@@ -161,7 +281,16 @@ impl<IO: AsyncWrite> AsyncWrite for AuthorityFront<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        self.project().io.poll_write_vectored(cx, bufs)
+        let mut this = self.project();
+        if let Some(err) = this.failed.as_ref() {
+            ready!(poll_goaway(this.io.as_mut(), this.goaway, cx));
+            return Poll::Ready(Err(closed(err)));
+        }
+        let n = ready!(this.io.poll_write_vectored(cx, bufs))?;
+        if !this.rewriter.is_passthrough() {
+            this.server.advance_vectored(bufs, n);
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -473,6 +602,68 @@ mod tests {
         let o = exchange(&path, &connection(&requests), &[1, 3, 5]).await;
         assert!(served(&o[&1]) && served(&o[&5]), "{o:?}");
         assert_eq!(o[&3].reset, Some(0x1), "{o:?}");
+    }
+
+    /// Sends raw client bytes and reads the server's frames until it closes the connection;
+    /// returns the GOAWAY it sent, as (last stream id, error code, debug data), if any.
+    async fn goaway_after(path: &Path, bytes: &[u8]) -> Option<(u32, u32, String)> {
+        let mut conn = UnixStream::connect(path).await.unwrap();
+        // The server may close before it has read everything: a failed write is fine.
+        let _ = conn.write_all(bytes).await;
+        let mut got = Vec::new();
+        let read_all = async {
+            let mut chunk = [0; 4096];
+            loop {
+                match conn.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), read_all)
+            .await
+            .expect("the server closes the connection");
+        let (frames, _) = split_frames(&got);
+        frames.into_iter().find(|f| f.kind == 0x7).map(|f| {
+            let last = u32::from_be_bytes(f.payload[..4].try_into().unwrap());
+            let code = u32::from_be_bytes(f.payload[4..8].try_into().unwrap());
+            let debug = String::from_utf8_lossy(&f.payload[8..]).into_owned();
+            (last, code, debug)
+        })
+    }
+
+    #[tokio::test]
+    async fn a_bad_block_on_a_rewritten_connection_ends_it_with_goaway() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = serve(dir.path(), true).await;
+        // A socket-path authority makes the connection a rewritten one; stream 1 is served.
+        let first = health_check(1, "/tmp/x/api.sock");
+
+        // Not HPACK (index 0 into the tables): COMPRESSION_ERROR, after stream 1.
+        let bad = connection(&[first.clone(), frame(0x1, 0x4, 3, &[0x80])]);
+        let (last, code, debug) = goaway_after(&path, &bad).await.expect("a GOAWAY frame");
+        assert_eq!(code, crate::COMPRESSION_ERROR, "{debug}");
+        assert_eq!(last, 1);
+        assert!(debug.contains("hpack"), "{debug}");
+
+        // A CONTINUATION flood (empty frames never close the block): ENHANCE_YOUR_CALM long
+        // before the flood ends.
+        let mut flood = connection(&[first.clone(), frame(0x1, 0, 3, &[0x83])]);
+        for _ in 0..100_000 {
+            flood.extend(frame(0x9, 0, 3, &[]));
+        }
+        let (last, code, debug) = goaway_after(&path, &flood).await.expect("a GOAWAY frame");
+        assert_eq!(code, crate::ENHANCE_YOUR_CALM, "{debug}");
+        assert_eq!(last, 1);
+        assert!(debug.contains("continuation"), "{debug}");
+
+        // The same flood on the connection's first block.
+        let mut flood = connection(&[frame(0x1, 0, 1, &[0x83])]);
+        for _ in 0..100_000 {
+            flood.extend(frame(0x9, 0, 1, &[]));
+        }
+        let (last, code, _) = goaway_after(&path, &flood).await.expect("a GOAWAY frame");
+        assert_eq!((last, code), (0, crate::ENHANCE_YOUR_CALM));
     }
 
     #[tokio::test]

@@ -59,6 +59,6 @@ mod testutil;
 pub use front::AuthorityFront;
 pub use hpack::HpackError;
 pub use rewrite::{
-    FrontError, MAX_HEADER_BLOCK, MAX_HEADER_LIST, MAX_HUFFMAN_STRINGS, REPLACEMENT_AUTHORITY,
-    rewrite_all,
+    COMPRESSION_ERROR, ENHANCE_YOUR_CALM, FrontError, MAX_CONTINUATION_FRAMES, MAX_HEADER_BLOCK,
+    MAX_HEADER_LIST, MAX_HUFFMAN_STRINGS, PROTOCOL_ERROR, REPLACEMENT_AUTHORITY, rewrite_all,
 };

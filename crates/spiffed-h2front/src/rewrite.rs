@@ -41,6 +41,19 @@ pub const MAX_HEADER_LIST: usize = 256 * 1024;
 /// the shape of a block (thousands of one-byte strings) rather than its cost.
 pub const MAX_HUFFMAN_STRINGS: usize = 256;
 
+/// Most CONTINUATION frames we accept after a HEADERS frame, per header block. A block of
+/// [`MAX_HEADER_BLOCK`] bytes needs four full frames; h2 allows the frames its own header list
+/// limit needs plus a quarter. Without a count, empty CONTINUATION frames (which add nothing to
+/// the block's size) could keep a connection busy forever.
+pub const MAX_CONTINUATION_FRAMES: usize = 16;
+
+/// HTTP/2 error code PROTOCOL_ERROR (RFC 9113 §7), sent in the GOAWAY that ends a connection.
+pub const PROTOCOL_ERROR: u32 = 0x1;
+/// HTTP/2 error code COMPRESSION_ERROR: a header block that is not valid HPACK.
+pub const COMPRESSION_ERROR: u32 = 0x9;
+/// HTTP/2 error code ENHANCE_YOUR_CALM: a header block past one of the front's limits.
+pub const ENHANCE_YOUR_CALM: u32 = 0xb;
+
 /// Largest dynamic table a client's encoder may ask for in a size update. The server (h2)
 /// advertises 4096 unless configured otherwise; this allows more and still bounds memory.
 pub(crate) const MAX_DYNAMIC_TABLE: usize = 64 * 1024;
@@ -100,6 +113,15 @@ pub enum FrontError {
         /// The stream the frame was for.
         stream: u32,
     },
+    /// A header block spans more than [`MAX_CONTINUATION_FRAMES`] CONTINUATION frames (a
+    /// CONTINUATION flood).
+    #[error("header block on stream {stream} spans more than {limit} continuation frames")]
+    TooManyContinuations {
+        /// The stream the block was for.
+        stream: u32,
+        /// The limit, [`MAX_CONTINUATION_FRAMES`].
+        limit: usize,
+    },
     /// A header block was left open (no END_HEADERS) and the next frame is not its
     /// CONTINUATION (RFC 9113 §6.10).
     #[error(
@@ -113,6 +135,36 @@ pub enum FrontError {
         /// The stream of the frame that came instead.
         got_stream: u32,
     },
+}
+
+impl FrontError {
+    /// The HTTP/2 error code of the GOAWAY frame that ends the connection for this error:
+    /// [`COMPRESSION_ERROR`] for a block that is not valid HPACK (RFC 9113 §4.3),
+    /// [`ENHANCE_YOUR_CALM`] for a block past one of the limits, [`PROTOCOL_ERROR`] for
+    /// frames out of place.
+    pub fn reason(&self) -> u32 {
+        match self {
+            Self::Hpack { .. } => COMPRESSION_ERROR,
+            Self::HeaderBlockTooLarge { .. }
+            | Self::HeaderListTooLarge { .. }
+            | Self::TooManyHuffmanStrings { .. }
+            | Self::TooManyContinuations { .. } => ENHANCE_YOUR_CALM,
+            Self::MalformedHeaders { .. } | Self::ExpectedContinuation { .. } => PROTOCOL_ERROR,
+        }
+    }
+
+    /// The stream the offending header block was for.
+    pub fn stream(&self) -> u32 {
+        match self {
+            Self::Hpack { stream, .. }
+            | Self::HeaderBlockTooLarge { stream, .. }
+            | Self::HeaderListTooLarge { stream, .. }
+            | Self::TooManyHuffmanStrings { stream, .. }
+            | Self::TooManyContinuations { stream, .. }
+            | Self::MalformedHeaders { stream }
+            | Self::ExpectedContinuation { stream, .. } => *stream,
+        }
+    }
 }
 
 /// A frame's 9-byte header, parsed.
@@ -145,6 +197,8 @@ struct Block {
     /// END_STREAM and PRIORITY from the HEADERS frame; PADDED and END_HEADERS are ours to set.
     flags: u8,
     priority: Option<[u8; 5]>,
+    /// CONTINUATION frames received for this block so far.
+    continuations: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,6 +235,8 @@ pub(crate) struct Rewriter {
     decoder: Decoder,
     /// A re-encoded block, reused from block to block.
     encoded: Vec<u8>,
+    /// The highest stream id of a header block passed on to the server (0 before the first).
+    last_stream: u32,
 }
 
 impl std::fmt::Debug for Rewriter {
@@ -212,7 +268,14 @@ impl Rewriter {
             rewriting: false,
             decoder: new_decoder(),
             encoded: Vec::new(),
+            last_stream: 0,
         }
+    }
+
+    /// The highest stream id of a header block passed on to the server, the last stream a
+    /// GOAWAY may say the server has seen (0 before the first block).
+    pub(crate) fn last_stream(&self) -> u32 {
+        self.last_stream
     }
 
     /// True once nothing is left to rewrite (the input is not HTTP/2, or the first header block
@@ -298,6 +361,15 @@ impl Rewriter {
                 got_stream: head.stream,
             });
         }
+        if let Some(block) = &mut self.block {
+            block.continuations += 1;
+            if block.continuations > MAX_CONTINUATION_FRAMES {
+                return Err(FrontError::TooManyContinuations {
+                    stream: block.stream,
+                    limit: MAX_CONTINUATION_FRAMES,
+                });
+            }
+        }
         // A CONTINUATION with no open block is a protocol error h2 reports itself: pass it.
         let collect = head.kind == TYPE_HEADERS || self.block.is_some();
         if !collect {
@@ -359,6 +431,7 @@ impl Rewriter {
                     stream: head.stream,
                     flags: head.flags & (FLAG_END_STREAM | FLAG_PRIORITY),
                     priority,
+                    continuations: 0,
                 });
                 head.stream
             }
@@ -391,6 +464,7 @@ impl Rewriter {
                 // The server's decoder sees the client's encoder stream from the start and so
                 // stays in step with it without us; nothing more to parse.
                 emit_block(block, &self.fragment, out);
+                self.last_stream = self.last_stream.max(block.stream);
                 self.phase = Phase::Passthrough;
                 self.payload = Vec::new();
                 self.fragment = Vec::new();
@@ -410,6 +484,7 @@ impl Rewriter {
             Fields::Encode(&mut self.encoded),
         )?;
         emit_block(block, &self.encoded, out);
+        self.last_stream = self.last_stream.max(block.stream);
         for buf in [&mut self.payload, &mut self.fragment, &mut self.encoded] {
             if buf.capacity() > KEEP_CAPACITY {
                 buf.clear();
@@ -1096,6 +1171,65 @@ mod tests {
         assert!(
             matches!(err, FrontError::HeaderBlockTooLarge { .. }),
             "{err}"
+        );
+    }
+
+    #[test]
+    fn continuation_floods_are_refused() {
+        // Empty CONTINUATION frames add nothing to the block, so the byte limit never trips:
+        // the count of frames per block does, on the first block and on later rewritten ones.
+        let mut input = request(1, 0, &[0x83]);
+        for _ in 0..10_000 {
+            input.extend(frame(0x9, 0, 1, &[]));
+        }
+        let err = rewrite_all(&input).unwrap_err();
+        assert_eq!(
+            err,
+            FrontError::TooManyContinuations {
+                stream: 1,
+                limit: MAX_CONTINUATION_FRAMES
+            }
+        );
+        assert_eq!(err.reason(), ENHANCE_YOUR_CALM);
+        let mut input = request(1, 0x4, &literal(":authority", "/tmp/api.sock"));
+        input.extend(frame(0x1, 0, 3, &[0x83]));
+        for _ in 0..=MAX_CONTINUATION_FRAMES {
+            input.extend(frame(0x9, 0, 3, &[0x86]));
+        }
+        let err = rewrite_all(&input).unwrap_err();
+        assert!(
+            matches!(err, FrontError::TooManyContinuations { stream: 3, .. }),
+            "{err}"
+        );
+        // Exactly the limit, then END_HEADERS: a legal (if odd) block still goes through.
+        let mut input = request(1, 0, &[0x83]);
+        for i in 0..MAX_CONTINUATION_FRAMES {
+            let end = if i + 1 == MAX_CONTINUATION_FRAMES {
+                0x4
+            } else {
+                0
+            };
+            input.extend(frame(0x9, end, 1, &[0x86]));
+        }
+        let output = rewrite_all(&input).unwrap();
+        assert_eq!(decode_output(&output)[0].get(":method"), ["POST"]);
+    }
+
+    #[test]
+    fn every_error_names_a_goaway_reason() {
+        let hpack = FrontError::Hpack {
+            stream: 1,
+            source: HpackError::BadIndex { index: 0 },
+        };
+        assert_eq!(hpack.reason(), COMPRESSION_ERROR);
+        let big = FrontError::HeaderBlockTooLarge {
+            stream: 1,
+            limit: MAX_HEADER_BLOCK,
+        };
+        assert_eq!(big.reason(), ENHANCE_YOUR_CALM);
+        assert_eq!(
+            FrontError::MalformedHeaders { stream: 1 }.reason(),
+            PROTOCOL_ERROR
         );
     }
 

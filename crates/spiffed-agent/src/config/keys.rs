@@ -36,6 +36,15 @@ const TOP: &[(&str, &str)] = &[
         "entries",
         "[[entries]] (double brackets, one table per entry) followed by spiffe_id = \"spiffe://example.org/web\" and selectors = [\"unix:uid:1000\"]",
     ),
+    ("max_connections_per_uid", "max_connections_per_uid = 256"),
+    (
+        "max_streams_per_connection",
+        "max_streams_per_connection = 100",
+    ),
+    ("max_streams_per_uid", "max_streams_per_uid = 16384"),
+    ("handshake_timeout", "handshake_timeout = \"10s\""),
+    ("idle_timeout", "idle_timeout = \"5m\""),
+    ("fd_reserve", "fd_reserve = 64"),
 ];
 
 const ENTRY: &[(&str, &str)] = &[

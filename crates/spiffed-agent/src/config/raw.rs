@@ -28,6 +28,13 @@ pub(crate) struct RawConfig {
     pub(crate) synthetic_ids: Option<Spanned<bool>>,
     #[serde(default)]
     pub(crate) entries: Vec<Spanned<RawEntry>>,
+    // Connection and stream limits of the Workload API socket (integers checked by hand).
+    pub(crate) max_connections_per_uid: Option<Spanned<i64>>,
+    pub(crate) max_streams_per_connection: Option<Spanned<i64>>,
+    pub(crate) max_streams_per_uid: Option<Spanned<i64>>,
+    pub(crate) handshake_timeout: Option<Str>,
+    pub(crate) idle_timeout: Option<Str>,
+    pub(crate) fd_reserve: Option<Spanned<i64>>,
 }
 
 /// One `[[entries]]` table.

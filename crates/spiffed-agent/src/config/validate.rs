@@ -23,6 +23,10 @@ use super::{
     DEFAULT_SOCKET_MODE, DEFAULT_SOCKET_PATH, DEFAULT_X509_SVID_TTL, LogFormat, LogLevel,
     MAX_ENTRIES,
 };
+use super::{
+    DEFAULT_FD_RESERVE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_MAX_STREAMS_PER_UID,
+};
 
 /// Longest trust domain name, in bytes ([ID §2.3]).
 const MAX_TRUST_DOMAIN_LEN: usize = 255;
@@ -137,6 +141,43 @@ fn validate(raw: RawConfig, text: &str, file: &Path) -> Result<Config, ConfigErr
     );
     let synthetic_ids = raw.synthetic_ids.is_some_and(|s| *s.get_ref());
     let entries = cx.entries(raw.entries, trust_domain.as_ref(), ca_ok.then_some(ca_ttl));
+    let max_connections_per_uid = cx.count(
+        "max_connections_per_uid",
+        raw.max_connections_per_uid.as_ref(),
+        1..=1_000_000,
+        "connections",
+    );
+    let max_streams_per_connection = cx
+        .count(
+            "max_streams_per_connection",
+            raw.max_streams_per_connection.as_ref(),
+            1..=1_000_000,
+            "streams",
+        )
+        .and_then(|n| u32::try_from(n).ok())
+        .unwrap_or(DEFAULT_MAX_STREAMS_PER_CONNECTION);
+    let max_streams_per_uid = cx
+        .count(
+            "max_streams_per_uid",
+            raw.max_streams_per_uid.as_ref(),
+            1..=10_000_000,
+            "streams",
+        )
+        .unwrap_or(DEFAULT_MAX_STREAMS_PER_UID);
+    let handshake_timeout = cx
+        .timeout("handshake_timeout", raw.handshake_timeout.as_ref())
+        .unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT);
+    let idle_timeout = cx
+        .timeout("idle_timeout", raw.idle_timeout.as_ref())
+        .unwrap_or(DEFAULT_IDLE_TIMEOUT);
+    let fd_reserve = cx
+        .count(
+            "fd_reserve",
+            raw.fd_reserve.as_ref(),
+            0..=1_000_000,
+            "descriptors",
+        )
+        .unwrap_or(DEFAULT_FD_RESERVE);
 
     if let Some(first) = cx.errors.into_iter().min_by_key(|e| (e.line, e.column)) {
         return Err(first);
@@ -169,6 +210,12 @@ fn validate(raw: RawConfig, text: &str, file: &Path) -> Result<Config, ConfigErr
         synthetic_ids,
         entries,
         new_trust_root: NewRootPolicy::default(),
+        max_connections_per_uid,
+        max_streams_per_connection,
+        max_streams_per_uid,
+        handshake_timeout,
+        idle_timeout,
+        fd_reserve,
     })
 }
 
@@ -348,6 +395,58 @@ impl Cx<'_> {
             Ok(d) => return Some(d),
             Err(e) => (
                 format!("{leaf} {s:?} is not a duration: {e}"),
+                example.to_owned(),
+            ),
+        };
+        self.invalid(raw.span(), key, message, fix);
+        None
+    }
+
+    /// A whole number within `range`; `None` when absent or invalid (the error is recorded).
+    fn count(
+        &mut self,
+        key: &str,
+        raw: Option<&Spanned<i64>>,
+        range: std::ops::RangeInclusive<usize>,
+        what: &str,
+    ) -> Option<usize> {
+        let raw = raw?;
+        let n = *raw.get_ref();
+        match usize::try_from(n) {
+            Ok(v) if range.contains(&v) => return Some(v),
+            _ => {}
+        }
+        let default = super::keys::example(super::keys::Table::Top, key).unwrap_or(key);
+        self.invalid(
+            raw.span(),
+            key,
+            format!(
+                "{key} {n} is out of range: it counts {what}, from {} to {}",
+                range.start(),
+                range.end()
+            ),
+            format!("write a whole number in that range, e.g. {default}; leave the key out for the default"),
+        );
+        None
+    }
+
+    /// A duration from 100 ms to one day; `None` when absent or invalid (the error is recorded).
+    fn timeout(&mut self, key: &str, raw: Option<&Str>) -> Option<Duration> {
+        let raw = raw?;
+        let s = raw.get_ref();
+        let example = "write a number and a unit, e.g. \"10s\" or \"5m\"";
+        let (message, fix) = match humantime::parse_duration(s) {
+            Ok(d) if d < Duration::from_millis(100) => (
+                format!("{key} {s:?} is shorter than 100 ms"),
+                format!("{example}; clients need time to connect and send a request"),
+            ),
+            Ok(d) if d > Duration::from_secs(24 * 3600) => (
+                format!("{key} {s:?} is longer than a day"),
+                format!("{example}; a long timeout lets idle connections pile up"),
+            ),
+            Ok(d) => return Some(d),
+            Err(e) => (
+                format!("{key} {s:?} is not a duration: {e}"),
                 example.to_owned(),
             ),
         };

@@ -5,6 +5,11 @@
 //! waits until the parent has been reaped before it sends FetchX509SVID on the inherited
 //! connection; with `stay` the parent stays alive until the child is done. The child prints
 //! `OK <spiffe_id>...` (every SVID's, `svids[0]` first) or `ERR <code> <message>` on stdout.
+//!
+//! `spiffed-test-peer hold SOCKET N SECONDS`: opens up to N connections to SOCKET and sends
+//! nothing on them (a connection the socket's backlog cannot take is not counted), prints
+//! `OPEN <count>`, then every 100 ms `CLOSED <count>`: how many of them the agent has closed.
+//! Ends with `END <count>` when all are closed or SECONDS have passed.
 #![forbid(unsafe_code)]
 #![allow(
     clippy::print_stdout,
@@ -28,6 +33,7 @@ fn main() -> ExitCode {
     match args.get(1).map(String::as_str) {
         Some("inherit") => parent(&args),
         Some("child") => child(&args),
+        Some("hold") => hold(&args),
         _ => {
             eprintln!("usage: spiffed-test-peer inherit SOCKET exit|stay");
             ExitCode::from(64)
@@ -160,4 +166,64 @@ fn child(args: &[String]) -> ExitCode {
         }
         ExitCode::SUCCESS
     })
+}
+
+fn hold(args: &[String]) -> ExitCode {
+    let (Some(socket), Some(Ok(n)), Some(Ok(seconds))) = (
+        args.get(2),
+        args.get(3).map(|n| n.parse::<usize>()),
+        args.get(4).map(|s| s.parse::<u64>()),
+    ) else {
+        eprintln!("usage: spiffed-test-peer hold SOCKET N SECONDS");
+        return ExitCode::from(64);
+    };
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            println!("ERR runtime {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    // tokio connects without blocking: a full backlog is an error, not a wait.
+    let conns: Vec<std::os::unix::net::UnixStream> = rt.block_on(async {
+        let mut conns = Vec::new();
+        for _ in 0..n {
+            match tokio::net::UnixStream::connect(socket).await {
+                Ok(c) => match c.into_std() {
+                    Ok(c) => conns.push(c),
+                    Err(e) => eprintln!("into_std: {e}"),
+                },
+                Err(e) => eprintln!("connect: {e}"),
+            }
+        }
+        conns
+    });
+    println!("OPEN {}", conns.len());
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut closed = vec![false; conns.len()];
+    loop {
+        for (conn, closed) in conns.iter().zip(closed.iter_mut()) {
+            if *closed {
+                continue;
+            }
+            let mut buf = [0u8; 4096];
+            // The agent's SETTINGS frame may come first; only end of file (or an error
+            // other than "nothing yet") counts as closed.
+            *closed = match std::io::Read::read(&mut &*conn, &mut buf) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => e.kind() != std::io::ErrorKind::WouldBlock,
+            };
+        }
+        let count = closed.iter().filter(|&&c| c).count();
+        println!("CLOSED {count}");
+        if count == conns.len() || Instant::now() > deadline {
+            println!("END {count}");
+            return ExitCode::SUCCESS;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }

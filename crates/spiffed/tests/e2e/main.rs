@@ -15,6 +15,7 @@ mod cli;
 mod interop;
 mod jwt;
 mod lifecycle;
+mod limits;
 mod x509;
 
 use std::path::PathBuf;
