@@ -18,6 +18,8 @@
 mod admin;
 mod agent;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 
 pub use admin::Reloader;
 pub use agent::{AgentError, Bound, build};
