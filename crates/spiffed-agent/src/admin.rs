@@ -164,9 +164,9 @@ pub(crate) fn exe_selector_warning(
 }
 
 /// A field-level validation error.
-struct FieldError {
-    field: String,
-    message: String,
+pub(crate) struct FieldError {
+    pub(crate) field: String,
+    pub(crate) message: String,
 }
 
 fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError {
@@ -198,7 +198,7 @@ fn ttl(secs: u64, field: &str, ca_ttl: Duration) -> Result<Option<Duration>, Fie
 
 /// Checks an operator's spec: SPIFFE ID syntax and trust domain, known selectors, TTL bounds,
 /// hint length, DNS names.
-fn validate_spec(
+pub(crate) fn validate_spec(
     p: &pb::EntrySpec,
     td: &TrustDomain,
     ca_ttl: Duration,
@@ -272,7 +272,7 @@ fn secs(t: SystemTime) -> i64 {
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
 }
 
-fn spec_of(e: &Entry, admin: bool) -> pb::EntrySpec {
+pub(crate) fn spec_of(e: &Entry, admin: bool) -> pb::EntrySpec {
     pb::EntrySpec {
         spiffe_id: e.spiffe_id.to_string(),
         selectors: e.selectors.iter().map(ToString::to_string).collect(),

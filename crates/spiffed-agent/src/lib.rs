@@ -18,6 +18,8 @@
 mod admin;
 mod agent;
 pub mod config;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod limits;
 
 pub use admin::Reloader;

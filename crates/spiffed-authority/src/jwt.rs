@@ -64,6 +64,11 @@ pub(crate) fn minter<'a>(
 }
 
 /// The active JWT signing key, ready to sign.
+///
+/// Its PKCS#8 bytes stay in the [`Ca`]'s `Zeroizing` buffer, wiped on drop. ring's parsed
+/// `EcdsaKeyPair` here cannot be wiped (ring has no zeroization and does not expose the key),
+/// nor can the `pkcs8::Document` that `generate_pkcs8` returns in [`minter`] (a fixed array
+/// inside ring, copied out at once).
 pub(crate) struct JwtSigner {
     pub(crate) kid: String,
     pub(crate) pair: EcdsaKeyPair,

@@ -4,12 +4,13 @@ use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    Issuer, KeyPair, KeyUsagePurpose, PublicKeyData, SanType, SerialNumber, SignatureAlgorithm,
+    SigningKey,
 };
 use ring::rand::{SecureRandom, SystemRandom};
 use spiffed_core::{PrivateKey, SpiffeId, TrustDomain};
 use time::OffsetDateTime;
-use zeroize::Zeroizing;
+use zeroize::{Zeroize, Zeroizing};
 
 use crate::Error;
 
@@ -43,8 +44,38 @@ pub(crate) fn from_cert_time(t: OffsetDateTime) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
 }
 
-pub(crate) fn new_key() -> Result<KeyPair, Error> {
-    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| Error::Crypto(e.to_string()))
+/// A new P-256 key pair; the PKCS#8 copy rcgen keeps in it is wiped on drop.
+pub(crate) fn new_key() -> Result<Zeroizing<KeyPair>, Error> {
+    KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map(Zeroizing::new)
+        .map_err(|e| Error::Crypto(e.to_string()))
+}
+
+/// The active CA's key pair, as the [`Issuer`] holds it: the PKCS#8 copy rcgen keeps in it is
+/// wiped on drop (rcgen's `zeroize` feature). ring's parsed form of the key, inside the pair,
+/// cannot be wiped: ring has no zeroization and does not expose it.
+pub(crate) struct CaKey(KeyPair);
+
+impl Drop for CaKey {
+    fn drop(&mut self) {
+        self.0.zeroize();
+    }
+}
+
+impl PublicKeyData for CaKey {
+    fn der_bytes(&self) -> &[u8] {
+        self.0.der_bytes()
+    }
+
+    fn algorithm(&self) -> &'static SignatureAlgorithm {
+        self.0.algorithm()
+    }
+}
+
+impl SigningKey for CaKey {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        self.0.sign(msg)
+    }
 }
 
 /// A freshly minted self-signed CA certificate and its key.
@@ -91,7 +122,7 @@ pub(crate) fn mint_ca(
     p.not_before = nb;
     p.not_after = na;
     let cert = p
-        .self_signed(&key)
+        .self_signed(&*key)
         .map_err(|e| Error::Crypto(e.to_string()))?;
     Ok(MintedCa {
         cert_der: cert.der().to_vec(),
@@ -103,7 +134,7 @@ pub(crate) fn mint_ca(
 
 /// A signing CA loaded for use.
 pub(crate) struct Signer {
-    pub(crate) issuer: Issuer<'static, KeyPair>,
+    pub(crate) issuer: Issuer<'static, CaKey>,
     pub(crate) cert_der: Vec<u8>,
     pub(crate) not_before: SystemTime,
     pub(crate) not_after: SystemTime,
@@ -116,7 +147,7 @@ impl Signer {
         not_before: SystemTime,
         not_after: SystemTime,
     ) -> Result<Self, Error> {
-        let key = KeyPair::try_from(key_pkcs8).map_err(|e| Error::Crypto(e.to_string()))?;
+        let key = CaKey(KeyPair::try_from(key_pkcs8).map_err(|e| Error::Crypto(e.to_string()))?);
         let issuer = Issuer::from_ca_cert_der(&cert_der.into(), key)
             .map_err(|e| Error::Crypto(e.to_string()))?;
         Ok(Self {
@@ -198,7 +229,7 @@ pub(crate) fn mint_svid(
     }
     p.not_before = nb;
     p.not_after = na;
-    let cert = p.signed_by(&key, &signer.issuer).map_err(bad)?;
+    let cert = p.signed_by(&*key, &signer.issuer).map_err(bad)?;
     Ok(MintedSvid {
         chain_der: cert.der().to_vec(),
         key: PrivateKey::new(Zeroizing::new(key.serialize_der())),

@@ -15,13 +15,16 @@ use prost::bytes::{Buf, BufMut, Bytes};
 use prost::encoding::{DecodeContext, WireType};
 use tonic::codec::{BufferSettings, Codec};
 use tonic_prost::{ProstDecoder, ProstEncoder};
+use zeroize::Zeroizing;
 
 /// Initial size of the encode and decode buffers of each call (tonic's default is 8 KiB).
 pub const CALL_BUFFER: usize = 1024;
 /// Encoded bytes gathered before a stream yields them to the transport (tonic's default).
 const YIELD_THRESHOLD: usize = 32 * 1024;
 
-/// A message of type `T`, encoded. Cloning shares the bytes.
+/// A message of type `T`, encoded. Cloning shares the bytes, which are wiped when the last
+/// clone is dropped (an `X509SVIDResponse` carries private keys). Copies made from them by
+/// the transport (tonic's per-call encode buffer, the kernel's socket buffer) are not.
 ///
 /// It encodes as the bytes it holds. Decoding one (never needed by the server) keeps nothing:
 /// decode a `T` from [`Encoded::as_bytes`] instead.
@@ -34,7 +37,7 @@ impl<T: Message> Encoded<T> {
     /// Encodes `message`.
     pub fn new(message: &T) -> Self {
         Self {
-            bytes: Bytes::from(message.encode_to_vec()),
+            bytes: Bytes::from_owner(Zeroizing::new(message.encode_to_vec())),
             _message: PhantomData,
         }
     }

@@ -5,7 +5,12 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use base64::Engine;
+use base64::engine::general_purpose::{
+    STANDARD as B64, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD,
+};
 use spiffed_proto::workload::{X509BundlesRequest, X509svidRequest};
+
 use spiffed_test_support::{Agent, with_header, x509_stream};
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -22,6 +27,77 @@ async fn bundle(agent: &Agent) -> Vec<u8> {
     m.bundles.get("spiffe://example.org").unwrap().clone()
 }
 
+/// The private keys the agent holds: the X.509-SVID key it serves to us, and every CA and JWT
+/// signing key in `ca.json` (PKCS#8 DER each), with a name for messages.
+async fn private_keys(agent: &Agent) -> Vec<(String, Vec<u8>)> {
+    let mut c = agent.client().await;
+    let svid = x509_stream(&mut c).await.message().await.unwrap().unwrap();
+    let mut keys = vec![(
+        "the X.509-SVID key".to_owned(),
+        svid.svids[0].x509_svid_key.clone(),
+    )];
+    let ca: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(agent.data_dir.join("ca.json")).unwrap()).unwrap();
+    for (list, what) in [("authorities", "CA key"), ("jwt_keys", "JWT signing key")] {
+        for (i, k) in ca[list].as_array().unwrap().iter().enumerate() {
+            let der = B64.decode(k["key"].as_str().unwrap()).unwrap();
+            keys.push((format!("{what} {i} of ca.json"), der));
+        }
+    }
+    assert!(keys.len() >= 3, "an SVID key, a CA key and a JWT key");
+    keys
+}
+
+/// Where `log` shows `der` (a PKCS#8 P-256 key) in any encoding a careless log line would
+/// use: the raw bytes, standard and URL-safe base64 (of the whole key, padded or not, and of
+/// the secret scalar at each of the three byte alignments, which is how it shows inside the
+/// base64 of a larger buffer), the PEM body lines, lower- and upper-case hex (also
+/// colon-separated), and Rust's `Debug` of the bytes. `None` when it shows nowhere.
+fn key_in_log(log: &[u8], der: &[u8]) -> Option<String> {
+    // The secret scalar: `04 20` then 32 bytes, after the fixed PKCS#8 and ECPrivateKey headers.
+    let at = der
+        .windows(2)
+        .position(|w| w == [0x04, 0x20])
+        .expect("a PKCS#8 EC key holds an OCTET STRING of 32 bytes");
+    let secret = &der[at + 2..at + 34];
+    assert!(secret.len() >= 24, "a distinctive window");
+    if log.windows(secret.len()).any(|w| w == secret) {
+        return Some("the raw DER bytes".into());
+    }
+    let text = String::from_utf8_lossy(log);
+    let mut needles: Vec<(String, String)> = vec![];
+    for (name, engine) in [
+        ("base64", &B64),
+        ("base64 without padding", &STANDARD_NO_PAD),
+        ("base64url", &URL_SAFE),
+        ("base64url without padding", &URL_SAFE_NO_PAD),
+    ] {
+        needles.push((format!("{name} of the key"), engine.encode(der)));
+        for shift in 0..3 {
+            let sub = &secret[shift..];
+            let sub = &sub[..sub.len() / 3 * 3];
+            needles.push((format!("{name} at offset {shift}"), engine.encode(sub)));
+        }
+    }
+    for line in B64.encode(der).as_bytes().chunks(64) {
+        needles.push((
+            "a PEM body line".into(),
+            String::from_utf8(line.to_vec()).unwrap(),
+        ));
+    }
+    let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+    let colons: Vec<String> = secret.iter().map(|b| format!("{b:02x}")).collect();
+    needles.push(("upper-case hex".into(), hex.to_uppercase()));
+    needles.push(("hex".into(), hex));
+    needles.push(("colon-separated hex".into(), colons.join(":")));
+    let debug: Vec<String> = secret.iter().map(u8::to_string).collect();
+    needles.push(("the Debug of its bytes".into(), debug.join(", ")));
+    needles
+        .into_iter()
+        .find(|(_, n)| text.contains(n.as_str()))
+        .map(|(what, _)| what)
+}
+
 #[tokio::test]
 async fn restart_keeps_the_bundle_and_the_ca_key_is_private() {
     let mut agent = agent_for_me("");
@@ -31,16 +107,24 @@ async fn restart_keeps_the_bundle_and_the_ca_key_is_private() {
         std::fs::metadata(&ca).unwrap().permissions().mode() & 0o777,
         0o600
     );
+    let mut keys = private_keys(&agent).await;
     assert!(agent.stop().success());
     assert!(!agent.socket.exists(), "socket removed at shutdown");
     agent.spawn();
     assert_eq!(bundle(&agent).await, before);
-    // Key material never reaches the log.
+    keys.extend(private_keys(&agent).await);
+    // Key material never reaches the log (the agent logs at debug here), in any encoding.
     let logs = agent.logs();
     assert!(
         !logs.contains("PRIVATE KEY") && !logs.contains("\"key\""),
         "{logs}"
     );
+    let raw = std::fs::read(&agent.log).unwrap();
+    for (name, der) in &keys {
+        if let Some(how) = key_in_log(&raw, der) {
+            panic!("{name} is in the agent's log, as {how}:\n{logs}");
+        }
+    }
 }
 
 #[tokio::test]
