@@ -115,6 +115,21 @@ fn prepare_socket_path(path: &Path, dir_mode: Option<u32>) -> Result<(), AgentEr
     }
 }
 
+/// Applies the request, JWT cache and log bounds of `cfg` to the authority and the service.
+fn apply_limits(cfg: &Config, authority: &CaAuthority, api: WorkloadApi) -> WorkloadApi {
+    spiffed_core::untrusted::set_max_chars(cfg.max_logged_string_length);
+    authority.set_jwt_cache_limits(spiffed_authority::JwtCacheLimits {
+        bytes: cfg.jwt_cache_bytes,
+        entries_per_identity: cfg.jwt_cache_entries_per_identity,
+    });
+    api.with_limits(spiffed_workload_api::RequestLimits {
+        max_jwt_audiences: cfg.max_jwt_audiences,
+        max_jwt_audience_length: cfg.max_jwt_audience_length,
+        max_jwt_token_length: cfg.max_jwt_token_length,
+        denial_log_lines_per_second: cfg.denial_log_lines_per_second,
+    })
+}
+
 /// Opens the CA, indexes the entries and binds the Workload API socket.
 ///
 /// Must run inside a tokio runtime (the listener registers with it).
@@ -151,6 +166,7 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         entries.subscribe(),
         cfg.synthetic_ids,
     );
+    let api = apply_limits(&cfg, &authority, api);
 
     // An owner-only socket (mode without group/other bits) also gets an owner-only directory.
     let dir_mode = (cfg.socket_mode & 0o077 == 0).then_some(0o700);

@@ -191,6 +191,20 @@ pub struct Config {
     /// Descriptors kept free for the admin socket and the agent's own files: the Workload API
     /// socket stops accepting while fewer are free (default [`DEFAULT_FD_RESERVE`]).
     pub fd_reserve: usize,
+    /// Most audiences in one FetchJWTSVID request (default 16).
+    pub max_jwt_audiences: usize,
+    /// Longest JWT audience, in bytes (default 1024).
+    pub max_jwt_audience_length: usize,
+    /// Longest token ValidateJWTSVID accepts, in bytes (default 32768).
+    pub max_jwt_token_length: usize,
+    /// Most bytes the JWT-SVID cache holds (default 4 MiB).
+    pub jwt_cache_bytes: usize,
+    /// Most cached JWT-SVIDs (audience sets) per entry (default 64).
+    pub jwt_cache_entries_per_identity: usize,
+    /// Characters of a client-supplied string kept in log lines and errors (default 128).
+    pub max_logged_string_length: usize,
+    /// Denial log lines per second and kind; the rest are summarized (default 10).
+    pub denial_log_lines_per_second: u32,
 }
 
 impl Config {
@@ -235,6 +249,14 @@ impl Config {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
             fd_reserve: DEFAULT_FD_RESERVE,
+            max_jwt_audiences: spiffed_workload_api::DEFAULT_MAX_JWT_AUDIENCES,
+            max_jwt_audience_length: spiffed_workload_api::DEFAULT_MAX_JWT_AUDIENCE_LENGTH,
+            max_jwt_token_length: spiffed_workload_api::DEFAULT_MAX_JWT_TOKEN_LENGTH,
+            jwt_cache_bytes: spiffed_authority::DEFAULT_JWT_CACHE_BYTES,
+            jwt_cache_entries_per_identity:
+                spiffed_authority::DEFAULT_JWT_CACHE_ENTRIES_PER_IDENTITY,
+            max_logged_string_length: spiffed_core::untrusted::DEFAULT_MAX_CHARS,
+            denial_log_lines_per_second: spiffed_workload_api::DEFAULT_DENIAL_LOG_LINES_PER_SECOND,
         }
     }
 
@@ -885,6 +907,45 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
         assert!(!s.contains("internal"), "entry details stay out: {s}");
         let def = Config::with_defaults(cfg.trust_domain).summary();
         assert!(def.contains("source=defaults"), "{def}");
+    }
+
+    #[test]
+    fn request_cache_and_log_limits_are_read_and_bounded() {
+        let cfg = parse(&doc(&[TD])).unwrap();
+        assert_eq!(
+            (cfg.max_jwt_audiences, cfg.max_jwt_audience_length),
+            (16, 1024)
+        );
+        assert_eq!(cfg.max_jwt_token_length, 32 * 1024);
+        assert_eq!(cfg.jwt_cache_bytes, 4 * 1024 * 1024);
+        assert_eq!(cfg.jwt_cache_entries_per_identity, 64);
+        assert_eq!(cfg.max_logged_string_length, 128);
+        assert_eq!(cfg.denial_log_lines_per_second, 10);
+        let cfg = parse(&doc(&[
+            TD,
+            "max_jwt_audiences = 2",
+            "jwt_cache_bytes = 0",
+            "denial_log_lines_per_second = 1",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.max_jwt_audiences, 2);
+        assert_eq!(cfg.jwt_cache_bytes, 0);
+        assert_eq!(cfg.denial_log_lines_per_second, 1);
+        // One past each end.
+        for (line, key) in [
+            ("max_jwt_audiences = 0", "max_jwt_audiences"),
+            ("max_jwt_audiences = 1001", "max_jwt_audiences"),
+            ("max_jwt_token_length = 61441", "max_jwt_token_length"),
+            ("max_jwt_audience_length = -1", "max_jwt_audience_length"),
+            ("max_logged_string_length = 15", "max_logged_string_length"),
+            (
+                "denial_log_lines_per_second = 0",
+                "denial_log_lines_per_second",
+            ),
+        ] {
+            let e = fails_at(&[TD, line], 2, key);
+            assert!(e.fix.contains("(the default)"), "{e}");
+        }
     }
 
     #[test]

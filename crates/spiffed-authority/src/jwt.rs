@@ -8,6 +8,7 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use ring::rand::{SecureRandom, SystemRandom};
 use ring::signature::{self, EcdsaKeyPair, KeyPair};
 use serde_json::{Map, Value, json};
+use spiffed_core::untrusted::{MAX_LISTED, clip};
 use spiffed_core::{JwtAuthority, JwtError, SpiffeId, TrustDomain, ValidatedJwt};
 use zeroize::Zeroizing;
 
@@ -181,6 +182,9 @@ fn secs(t: SystemTime) -> f64 {
 
 /// Validates `token` for `audience` at `now`. `authorities` gives the JWT keys trusted for a
 /// trust domain (`None`: no bundle for it).
+///
+/// Every caller-supplied string an error carries (alg, typ, kid, subject, audiences) is
+/// bounded with [`clip`]: errors are logged and sent back in the status message.
 pub(crate) fn validate(
     token: &str,
     audience: &str,
@@ -204,7 +208,7 @@ pub(crate) fn validate(
         _ => return Err(JwtError::Algorithm(String::new())),
     };
     if !ALLOWED_ALGS.contains(&alg.as_str()) {
-        return Err(JwtError::Algorithm(alg));
+        return Err(JwtError::Algorithm(clip(&alg)));
     }
     if header.contains_key("crit") {
         return Err(JwtError::Header("crit is not supported".into()));
@@ -212,7 +216,12 @@ pub(crate) fn validate(
     match header.get("typ") {
         None => {}
         Some(Value::String(t)) if t == "JWT" || t == "JOSE" => {}
-        Some(t) => return Err(JwtError::Header(format!("typ {t} is not JWT or JOSE"))),
+        Some(t) => {
+            return Err(JwtError::Header(format!(
+                "typ {} is not JWT or JOSE",
+                clip(&t.to_string())
+            )));
+        }
     }
     let kid = match header.get("kid") {
         Some(Value::String(k)) if !k.is_empty() => k.clone(),
@@ -226,13 +235,13 @@ pub(crate) fn validate(
         Some(_) => return Err(JwtError::Claim("sub is not a string".into())),
         None => return Err(JwtError::Claim("sub is missing".into())),
     };
-    let spiffe_id = SpiffeId::new(&sub).map_err(|_| JwtError::Subject(sub.clone()))?;
+    let spiffe_id = SpiffeId::new(&sub).map_err(|_| JwtError::Subject(clip(&sub)))?;
     let keys = authorities(spiffe_id.trust_domain())
         .ok_or_else(|| JwtError::NoBundle(spiffe_id.trust_domain().to_string()))?;
     let key = keys
         .iter()
         .find(|k| k.kid == kid)
-        .ok_or_else(|| JwtError::UnknownKid(kid.clone()))?;
+        .ok_or_else(|| JwtError::UnknownKid(clip(&kid)))?;
     if alg != "ES256" {
         return Err(JwtError::AlgorithmMismatch {
             alg,
@@ -275,9 +284,13 @@ pub(crate) fn validate(
         None => return Err(JwtError::Claim("aud is missing".into())),
     };
     if !auds.iter().any(|a| a == audience) {
+        let mut got: Vec<String> = auds.iter().take(MAX_LISTED).map(|a| clip(a)).collect();
+        if auds.len() > MAX_LISTED {
+            got.push(format!("…{} more", auds.len() - MAX_LISTED));
+        }
         return Err(JwtError::Audience {
-            want: audience.to_owned(),
-            got: auds,
+            want: clip(audience),
+            got,
         });
     }
     Ok(ValidatedJwt {
@@ -492,6 +505,25 @@ mod tests {
             json!({"sub":"spiffe://example.org/w","aud":"a","exp":now()+60}),
         );
         assert!(f.check(&t, "a").is_ok());
+        // Caller-supplied strings in errors are bounded: a 45 KB kid, alg or audience list.
+        let big = "k".repeat(45_000);
+        let t = f.forge(
+            json!({"alg":"ES256","kid":big}),
+            json!({"sub":"spiffe://example.org/w","aud":["a"],"exp":now()+60}),
+        );
+        let e = f.check(&t, "a").unwrap_err();
+        assert!(matches!(e, JwtError::UnknownKid(_)));
+        assert!(e.to_string().len() < 400, "{} bytes", e.to_string().len());
+        let t = f.forge(json!({"alg":big,"kid":kid}), json!({}));
+        assert!(f.check(&t, "a").unwrap_err().to_string().len() < 400);
+        let many: Vec<String> = (0..5000).map(|i| format!("{i}{big}")).take(50).collect();
+        let t = f.forge(
+            json!({"alg":"ES256","kid":kid}),
+            json!({"sub":"spiffe://example.org/w","aud":many,"exp":now()+60}),
+        );
+        let e = f.check(&t, &big).unwrap_err();
+        assert!(matches!(e, JwtError::Audience { .. }));
+        assert!(e.to_string().len() < 3000, "{} bytes", e.to_string().len());
         // Structure.
         assert!(matches!(f.check("a.b", "a"), Err(JwtError::Malformed(_))));
         assert!(matches!(

@@ -36,6 +36,7 @@
 mod ca;
 mod clock;
 mod jwt;
+mod jwt_cache;
 mod x509;
 
 pub use clock::{Clock, SystemClock};
@@ -54,6 +55,10 @@ use tokio::sync::{Notify, watch};
 
 use crate::ca::{CaState, KeyFile, Material};
 use crate::jwt::JwtSigner;
+pub use crate::jwt_cache::{
+    DEFAULT_JWT_CACHE_BYTES, DEFAULT_JWT_CACHE_ENTRIES_PER_IDENTITY, JwtCacheLimits,
+};
+use crate::jwt_cache::{JwtCache, JwtSlot};
 use crate::x509::Signer;
 
 /// Errors of the authority.
@@ -169,15 +174,6 @@ pub struct AuthorityConfig {
 
 /// The entry store's file in `data_dir`: its presence shows the data dir was used before.
 const STORE_FILE: &str = "entries.sqlite";
-
-/// Most cached JWT-SVIDs (entry x audience set) kept before expired ones are swept.
-const MAX_CACHED_JWTS: usize = 10_000;
-
-struct JwtSlot {
-    entry: Arc<Entry>,
-    svid: Arc<JwtSvid>,
-    refresh_at: SystemTime,
-}
 
 /// Shortest wait before re-minting an SVID, so a tiny lifetime cannot make the task spin.
 const MIN_REFRESH: Duration = Duration::from_millis(250);
@@ -380,7 +376,8 @@ struct State {
     svids: HashMap<EntryId, Slot>,
     /// The entries of the last entry set the rotation task saw, by id.
     registered: HashMap<EntryId, Arc<Entry>>,
-    jwts: HashMap<(EntryId, Vec<String>), JwtSlot>,
+    /// JWT-SVIDs by (entry, audience set), bounded ([`JwtCacheLimits`]).
+    jwts: JwtCache,
     generation: u64,
     /// Failing CA rotation steps: backoff and their log lines.
     rotation: Rotation,
@@ -408,7 +405,7 @@ impl State {
             jwt_bundle,
             svids: HashMap::new(),
             registered: HashMap::new(),
-            jwts: HashMap::new(),
+            jwts: JwtCache::default(),
             generation: 0,
             rotation: Rotation::default(),
             no_ca: Alarm::default(),
@@ -711,6 +708,17 @@ impl CaAuthority {
             );
         }
         Ok(signer)
+    }
+
+    /// Bounds the JWT-SVID cache (default [`JwtCacheLimits::default`]); what no longer fits
+    /// is evicted at once, and minted again when asked for.
+    pub fn set_jwt_cache_limits(&self, limits: JwtCacheLimits) {
+        self.lock().jwts.set_limits(limits);
+    }
+
+    /// How many JWT-SVIDs are cached.
+    pub fn cached_jwt_svids(&self) -> usize {
+        self.lock().jwts.len()
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -1324,12 +1332,6 @@ impl Authority for CaAuthority {
         aud.sort();
         aud.dedup();
         let mut st = self.lock();
-        if st.jwts.len() >= MAX_CACHED_JWTS {
-            st.jwts.retain(|_, j| j.refresh_at > now);
-            if st.jwts.len() >= MAX_CACHED_JWTS {
-                st.jwts.clear();
-            }
-        }
         let mut out = Vec::with_capacity(entries.len());
         for e in entries {
             let key = (e.id.clone(), aud.clone());
@@ -1359,11 +1361,7 @@ impl Authority for CaAuthority {
             tracing::debug!(spiffe_id = %e.spiffe_id, entry = %e.id, kid = %st.jwt_signer.kid, "minted JWT-SVID");
             st.jwts.insert(
                 key,
-                JwtSlot {
-                    entry: e.clone(),
-                    svid: svid.clone(),
-                    refresh_at: issued_at + life / 2,
-                },
+                JwtSlot::new(e.clone(), svid.clone(), issued_at + life / 2),
             );
             out.push(svid);
         }
@@ -1428,6 +1426,38 @@ mod tests {
         drop(a);
         let again = CaAuthority::open(cfg(dir.path())).unwrap();
         assert_eq!(again.x509_bundle().authorities, bundle.authorities);
+    }
+
+    #[test]
+    fn one_caller_cannot_flood_the_jwt_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = CaAuthority::open(cfg(dir.path())).unwrap();
+        let (web, db) = (entry("1", "web", None), entry("2", "db", None));
+        let db_aud = vec!["db-client".to_owned()];
+        let db_token = a.jwt_svids(std::slice::from_ref(&db), &db_aud).unwrap();
+        // One identity asks for 300 distinct audience sets of 4 KiB each.
+        for i in 0..300 {
+            let aud = vec![format!("{i:04}{}", "x".repeat(4096))];
+            a.jwt_svids(std::slice::from_ref(&web), &aud).unwrap();
+        }
+        let held = a.lock().jwts.len();
+        assert!(
+            held <= DEFAULT_JWT_CACHE_ENTRIES_PER_IDENTITY + 1,
+            "{held} JWT-SVIDs cached"
+        );
+        // The other identity's token was not pushed out: the same token comes back.
+        let again = a.jwt_svids(std::slice::from_ref(&db), &db_aud).unwrap();
+        assert!(Arc::ptr_eq(&db_token[0], &again[0]));
+        // A byte budget smaller than what is held evicts at once; later tokens still mint.
+        a.set_jwt_cache_limits(JwtCacheLimits {
+            bytes: 32 * 1024,
+            entries_per_identity: 8,
+        });
+        assert!(a.cached_jwt_svids() <= 6, "{}", a.cached_jwt_svids());
+        let aud = vec!["z".repeat(4096)];
+        let fresh = a.jwt_svids(std::slice::from_ref(&web), &aud).unwrap();
+        assert_eq!(fresh.len(), 1);
+        assert!(a.cached_jwt_svids() <= 6);
     }
 
     #[test]

@@ -13,6 +13,7 @@ mod entry;
 mod identity;
 mod peer;
 mod selector;
+pub mod untrusted;
 
 pub use entry::{Entry, EntryError, EntryId, EntrySet, MAX_HINT_LEN};
 pub use identity::{

@@ -22,8 +22,13 @@
 #![forbid(unsafe_code)]
 
 mod jwt;
+mod limits;
 mod service;
 mod status;
 
+pub use limits::{
+    DEFAULT_DENIAL_LOG_LINES_PER_SECOND, DEFAULT_MAX_JWT_AUDIENCE_LENGTH,
+    DEFAULT_MAX_JWT_AUDIENCES, DEFAULT_MAX_JWT_TOKEN_LENGTH, RequestLimits,
+};
 pub use service::{WorkloadApi, synthetic_entry, x509_svid_response};
 pub use status::ApiError;

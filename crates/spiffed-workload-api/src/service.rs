@@ -24,6 +24,8 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroize as _;
 
 use crate::ApiError;
+use crate::limits::{Denial, RequestLimits, Throttle};
+use spiffed_core::untrusted::{Untrusted, UntrustedList};
 
 /// The security header every Workload API request must carry ([WEP §3]).
 const SECURITY_HEADER: &str = "workload.spiffe.io";
@@ -38,6 +40,10 @@ struct Shared {
     entries: watch::Receiver<Arc<EntrySet>>,
     synthetic_ids: bool,
     responses: Responses,
+    /// What one request may carry.
+    limits: RequestLimits,
+    /// Denial lines per kind per second.
+    throttle: Throttle,
 }
 
 /// Most X.509-SVID responses kept; the cache starts afresh when full.
@@ -174,7 +180,9 @@ impl Shared {
             }
         };
         result.map_err(|e| {
-            tracing::info!(pid = ?cred.pid, uid = cred.uid, error = %e, "attestation failed");
+            if self.throttle.allow(Denial::Attestation) {
+                tracing::info!(pid = ?cred.pid, uid = cred.uid, error = %e, "attestation failed");
+            }
             e.into()
         })
     }
@@ -362,6 +370,24 @@ impl WorkloadApi {
                 entries,
                 synthetic_ids,
                 responses: Responses::default(),
+                limits: RequestLimits::default(),
+                throttle: Throttle::new(RequestLimits::default().denial_log_lines_per_second),
+            }),
+        }
+    }
+
+    /// The same service with other request limits (default [`RequestLimits::default`]).
+    pub fn with_limits(self, limits: RequestLimits) -> Self {
+        let s = &self.shared;
+        Self {
+            shared: Arc::new(Shared {
+                attestor: s.attestor.clone(),
+                authority: s.authority.clone(),
+                entries: s.entries.clone(),
+                synthetic_ids: s.synthetic_ids,
+                responses: Responses::default(),
+                limits,
+                throttle: Throttle::new(limits.denial_log_lines_per_second),
             }),
         }
     }
@@ -379,7 +405,7 @@ impl WorkloadApi {
         let caller = shared.caller(request).await?;
         let set = shared.entries.borrow().clone();
         if shared.entitled(&caller, &set).is_empty() {
-            log_denied(&caller);
+            shared.log_denied(&caller);
             return Err(ApiError::NoIdentity.into());
         }
         Ok(Watch::new(shared, caller))
@@ -413,7 +439,7 @@ fn bundle_stream<T: PartialEq + Clone + Send + 'static>(
                 }
                 let entries = w.shared.entries.borrow().clone();
                 if w.shared.entitled(&w.caller, &entries).is_empty() {
-                    log_denied(&w.caller);
+                    w.shared.log_denied(&w.caller);
                     let e: Status = ApiError::NoIdentity.into();
                     return Some((Err(e), (w, last, None, true)));
                 }
@@ -428,19 +454,33 @@ fn bundle_stream<T: PartialEq + Clone + Send + 'static>(
     ))
 }
 
-fn log_denied(caller: &Caller) {
-    let selectors: Vec<String> = caller
-        .attested
-        .selectors
-        .iter()
-        .map(ToString::to_string)
-        .collect();
-    tracing::info!(
-        pid = ?caller.cred.pid,
-        uid = caller.cred.uid,
-        selectors = ?selectors,
-        "no identity issued: no registration entry matches the caller"
-    );
+impl Shared {
+    /// Logs (throttled) that `caller` matches no entry, with its selectors: a selector holds
+    /// caller-controlled text (the executable's path), so each is bounded.
+    fn log_denied(&self, caller: &Caller) {
+        if !self.throttle.allow(Denial::NoIdentity) {
+            return;
+        }
+        let selectors: Vec<String> = caller
+            .attested
+            .selectors
+            .iter()
+            .map(|s| Untrusted(&s.to_string()).to_string())
+            .collect();
+        tracing::info!(
+            pid = ?caller.cred.pid,
+            uid = caller.cred.uid,
+            selectors = %UntrustedList(&selectors),
+            "no identity issued: no registration entry matches the caller"
+        );
+    }
+
+    /// Logs (throttled) a refused request, with the reason.
+    fn log_bad_request(&self, caller: &Caller, e: &ApiError) {
+        if self.throttle.allow(Denial::BadRequest) {
+            tracing::info!(pid = ?caller.cred.pid, uid = caller.cred.uid, reason = %e, "request refused");
+        }
+    }
 }
 
 fn log_issued(caller: &Caller, ids: &[Identity], what: &str) {
@@ -477,7 +517,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let watch = Watch::new(shared, caller);
         let (ids, lease) = shared.identities(&watch.caller).inspect_err(|e| {
             if matches!(e, ApiError::NoIdentity) {
-                log_denied(&watch.caller);
+                shared.log_denied(&watch.caller);
             }
         })?;
         log_issued(&watch.caller, &ids, "X.509-SVID");
@@ -520,7 +560,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                             // Losing every identity ends the stream with PermissionDenied
                             // (CONFORMANCE item 27), never an empty message.
                             if matches!(e, ApiError::NoIdentity) {
-                                log_denied(&w.caller);
+                                w.shared.log_denied(&w.caller);
                             }
                             return Some((Err(e.into()), (w, last, lease, None, true)));
                         }
@@ -549,27 +589,34 @@ impl SpiffeWorkloadApi for WorkloadApi {
         let shared = &self.shared;
         let caller = shared.caller(&request).await?;
         let req = request.into_inner();
-        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
-            return Err(ApiError::BadRequest("audience must be specified".into()).into());
+        if let Err(e) = shared.limits.check_fetch_audiences(&req.audience) {
+            shared.log_bad_request(&caller, &e);
+            return Err(e.into());
         }
-        let wanted =
-            if req.spiffe_id.is_empty() {
-                None
-            } else {
-                Some(SpiffeId::new(&req.spiffe_id).map_err(|e| {
-                    ApiError::BadRequest(format!("invalid requested SPIFFE ID: {e}"))
-                })?)
-            };
+        let wanted = if req.spiffe_id.is_empty() {
+            None
+        } else {
+            match SpiffeId::new(&req.spiffe_id) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    let e = ApiError::BadRequest(format!("invalid requested SPIFFE ID: {e}"));
+                    shared.log_bad_request(&caller, &e);
+                    return Err(e.into());
+                }
+            }
+        };
         let set = shared.entries.borrow().clone();
         let mut entries = shared.entitled(&caller, &set);
         if entries.is_empty() {
-            log_denied(&caller);
+            shared.log_denied(&caller);
             return Err(ApiError::NoIdentity.into());
         }
         if let Some(id) = &wanted {
             entries.retain(|e| &e.spiffe_id == id);
             if entries.is_empty() {
-                tracing::info!(pid = ?caller.cred.pid, uid = caller.cred.uid, requested = %id, "JWT-SVID denied: not entitled");
+                if shared.throttle.allow(Denial::NotEntitled) {
+                    tracing::info!(pid = ?caller.cred.pid, uid = caller.cred.uid, requested = %Untrusted(&id.to_string()), "JWT-SVID denied: not entitled");
+                }
                 return Err(ApiError::NotEntitled(id.to_string()).into());
             }
         }
@@ -578,7 +625,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
             .jwt_svids(&entries, &req.audience)
             .map_err(ApiError::from)?;
         for e in &entries {
-            tracing::info!(spiffe_id = %e.spiffe_id, entry = %e.id, pid = ?caller.cred.pid, uid = caller.cred.uid, audience = ?req.audience, "issued JWT-SVID");
+            tracing::info!(spiffe_id = %e.spiffe_id, entry = %e.id, pid = ?caller.cred.pid, uid = caller.cred.uid, audience = %UntrustedList(&req.audience), "issued JWT-SVID");
         }
         Ok(Response::new(JwtsvidResponse {
             svids: entries
@@ -612,17 +659,26 @@ impl SpiffeWorkloadApi for WorkloadApi {
         // Any attested caller may validate, with or without an identity (as SPIRE does).
         let caller = shared.caller(&request).await?;
         let req = request.into_inner();
-        if req.audience.is_empty() {
-            return Err(ApiError::BadRequest("audience must be specified".into()).into());
-        }
-        if req.svid.is_empty() {
-            return Err(ApiError::BadRequest("svid must be specified".into()).into());
+        let checked = if req.audience.is_empty() {
+            Err(ApiError::BadRequest("audience must be specified".into()))
+        } else if req.svid.is_empty() {
+            Err(ApiError::BadRequest("svid must be specified".into()))
+        } else {
+            shared.limits.check_validate(&req.svid, &req.audience)
+        };
+        if let Err(e) = checked {
+            shared.log_bad_request(&caller, &e);
+            return Err(e.into());
         }
         let v = shared
             .authority
             .validate_jwt(&req.svid, &req.audience)
             .inspect_err(|e| {
-                tracing::info!(pid = ?caller.cred.pid, uid = caller.cred.uid, reason = %e, "JWT-SVID rejected");
+                // The error holds caller-supplied text (kid, alg, audiences), bounded where
+                // the authority builds it; the line itself is throttled.
+                if shared.throttle.allow(Denial::JwtRejected) {
+                    tracing::info!(pid = ?caller.cred.pid, uid = caller.cred.uid, reason = %e, "JWT-SVID rejected");
+                }
             })
             .map_err(ApiError::from)?;
         let Ok(serde_json::Value::Object(claims)) =

@@ -11,16 +11,12 @@
 //! fetches JWT-SVIDs and asks the agent to validate tokens; [`files`] writes PEM files
 //! atomically; [`watch`] streams, reconnecting with backoff; [`health`] asks the standard gRPC
 //! health service.
-#![allow(
-    clippy::print_stdout,
-    clippy::print_stderr,
-    reason = "the CLI's output"
-)]
 
 mod address;
 mod files;
 mod health;
 mod jwt;
+mod output;
 mod report;
 mod watch;
 
@@ -179,10 +175,27 @@ pub(crate) struct WatchArgs {
     /// atomically. Files of SVIDs that are gone are removed.
     #[arg(long, value_name = "DIR")]
     pub(crate) write: Option<PathBuf>,
-    /// After every update (and after the files are written, with --write), run `sh -c CMD`.
-    /// Its exit status is logged; a failing command does not stop the watch.
+    /// After every update (and after the files are written, with --write), run `sh -c CMD`
+    /// in its own process group. Its exit status is logged; a failing command does not stop
+    /// the watch. The watch never waits for it: a command still running when the next update
+    /// arrives is killed (with its process group, logged) and the command runs again for the
+    /// new update. If writing the files fails, the previous files are kept and the command is
+    /// not run for that update.
     #[arg(long, value_name = "CMD")]
     pub(crate) exec: Option<String>,
+    /// Kill the --exec command (and its process group) if it runs longer than this, e.g.
+    /// 30s or 2m.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_exec_timeout)]
+    pub(crate) exec_timeout: Duration,
+}
+
+/// A positive `--exec-timeout`.
+fn parse_exec_timeout(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Err("must be greater than zero, e.g. 30s".to_owned()),
+        Ok(d) => Ok(d),
+        Err(e) => Err(format!("{e}; write a duration such as 30s or 2m")),
+    }
 }
 
 /// Why a client command failed. Each message names the thing that failed and, where there is
@@ -369,13 +382,19 @@ pub(crate) enum ClientError {
     /// Writing `--write` files failed.
     #[error(transparent)]
     Write(#[from] files::WriteError),
+
+    /// Standard output could not be written (a closed pipe, a full disk).
+    #[error(transparent)]
+    Stdout(#[from] output::StdoutError),
 }
 
 impl ClientError {
-    /// The process exit code for this error: 64 for usage errors, 1 otherwise.
+    /// The process exit code for this error: 64 for usage errors, 141 when standard output
+    /// was closed, 74 when it could not be written otherwise, 1 for everything else.
     pub(crate) fn exit_code(&self) -> ExitCode {
         match self {
             Self::Address(_) | Self::NoToken => ExitCode::from(EX_USAGE),
+            Self::Stdout(e) => e.exit_code(),
             _ => ExitCode::FAILURE,
         }
     }
@@ -385,7 +404,10 @@ impl ClientError {
     pub(crate) fn is_retryable(&self) -> bool {
         !matches!(
             self,
-            Self::Rejected { .. } | Self::InvalidRequest { .. } | Self::Address(_)
+            Self::Rejected { .. }
+                | Self::InvalidRequest { .. }
+                | Self::Address(_)
+                | Self::Stdout(_)
         )
     }
 
@@ -431,9 +453,14 @@ fn find_io_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a s
     None
 }
 
-/// Prints an error the way every spiffed command does and returns its exit code.
+/// Prints an error the way every spiffed command does and returns its exit code. A closed
+/// standard output ends the command quietly, as it does other command-line tools.
 fn fail(err: &ClientError) -> ExitCode {
-    eprintln!("spiffed: error: {err}");
+    match err {
+        ClientError::Stdout(e) if e.is_broken_pipe() => {}
+        ClientError::Stdout(e) => output::err(format_args!("spiffed: {e}")),
+        _ => output::err(format_args!("spiffed: error: {err}")),
+    }
     err.exit_code()
 }
 
@@ -512,12 +539,12 @@ async fn fetch_bundles(addr: &SocketAddress) -> Result<BundlesReport, ClientErro
         Err(WorkloadApiError::Transport(TransportError::Status(status)))
             if status.code() == GrpcStatusCode::Unimplemented =>
         {
-            eprintln!(
+            output::err(format_args!(
                 "spiffed: the Workload API at {} does not serve JWT bundles ({}): showing X.509 \
                  authorities only",
                 addr.path.display(),
                 status.message()
-            );
+            ));
             None
         }
         Err(e) => return Err(ClientError::from_api(&addr.path, e)),
@@ -534,11 +561,16 @@ pub(crate) async fn fetch_x509_report(socket: &str) -> anyhow::Result<X509Report
 }
 
 /// Prints a report as text or as one JSON object on one line.
-fn print_report(output: OutputFormat, text: &str, json: &serde_json::Value) {
-    match output {
-        OutputFormat::Text => println!("{text}"),
-        OutputFormat::Json => println!("{json}"),
+fn print_report(
+    format: OutputFormat,
+    text: &str,
+    json: &serde_json::Value,
+) -> Result<(), ClientError> {
+    match format {
+        OutputFormat::Text => output::out(text)?,
+        OutputFormat::Json => output::out(json)?,
     }
+    Ok(())
 }
 
 /// `spiffed api ...`.
@@ -555,9 +587,9 @@ pub(crate) async fn run_api(endpoint: &EndpointArgs, cmd: ApiCommand) -> anyhow:
             what: FetchCommand::Bundles,
         }) => within(&addr, endpoint.timeout, fetch_bundles(&addr))
             .await
-            .map(|report| {
-                print_report(endpoint.output, &report.render_text(), &report.to_json());
-                ExitCode::SUCCESS
+            .and_then(|report| {
+                print_report(endpoint.output, &report.render_text(), &report.to_json())?;
+                Ok(ExitCode::SUCCESS)
             }),
         ApiCommand::Fetch(FetchArgs {
             what: FetchCommand::Jwt(args),
@@ -567,9 +599,9 @@ pub(crate) async fn run_api(endpoint: &EndpointArgs, cmd: ApiCommand) -> anyhow:
             jwt::fetch(&addr, &args.audience, args.spiffe_id.as_ref()),
         )
         .await
-        .map(|report| {
-            print_report(endpoint.output, &report.render_text(), &report.to_json());
-            ExitCode::SUCCESS
+        .and_then(|report| {
+            print_report(endpoint.output, &report.render_text(), &report.to_json())?;
+            Ok(ExitCode::SUCCESS)
         }),
         ApiCommand::Watch(args) => {
             watch::run(&addr, &args, endpoint.output, endpoint.timeout).await
@@ -590,13 +622,13 @@ async fn run_fetch_x509(
     let (context, report) = within(addr, endpoint.timeout, fetch_x509(addr)).await?;
     if let Some(dir) = &args.write {
         let written = files::write_x509_context(dir, &context)?;
-        eprintln!(
+        output::err(format_args!(
             "spiffed: wrote {} file(s) to {}",
             written.len(),
             dir.display()
-        );
+        ));
     }
-    print_report(endpoint.output, &report.render_text(), &report.to_json());
+    print_report(endpoint.output, &report.render_text(), &report.to_json())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -616,12 +648,12 @@ async fn run_validate_jwt(
     )
     .await?;
     match (endpoint.output, verdict.is_valid()) {
-        (OutputFormat::Text, true) => println!("{}", verdict.render_text()),
-        (OutputFormat::Text, false) => eprintln!("{}", verdict.render_text()),
+        (OutputFormat::Text, true) => output::out(verdict.render_text())?,
+        (OutputFormat::Text, false) => output::err(verdict.render_text()),
         (OutputFormat::Json, valid) => {
-            println!("{}", verdict.to_json());
+            output::out(verdict.to_json())?;
             if !valid {
-                eprintln!("{}", verdict.render_text());
+                output::err(verdict.render_text());
             }
         }
     }
@@ -641,18 +673,27 @@ pub(crate) async fn run_healthcheck(endpoint: &EndpointArgs) -> anyhow::Result<E
     let outcome = match within(&addr, endpoint.timeout, health::check(&addr)).await {
         Ok(outcome) => outcome,
         Err(e) => {
-            if endpoint.output == OutputFormat::Json {
-                println!("{}", health::failure_json(&addr, &e));
+            if endpoint.output == OutputFormat::Json
+                && let Err(out) = output::out(health::failure_json(&addr, &e))
+            {
+                return Ok(fail(&out.into()));
             }
             return Ok(fail(&e));
         }
     };
-    match endpoint.output {
-        OutputFormat::Json => println!("{}", outcome.to_json(&addr)),
-        OutputFormat::Text if outcome.is_serving() => {
-            println!("spiffed is serving on {}", addr.path.display());
+    let printed = match endpoint.output {
+        OutputFormat::Json => output::out(outcome.to_json(&addr)),
+        OutputFormat::Text if outcome.is_serving() => output::out(format_args!(
+            "spiffed is serving on {}",
+            addr.path.display()
+        )),
+        OutputFormat::Text => {
+            output::err(format_args!("spiffed: {}", outcome.describe(&addr)));
+            Ok(())
         }
-        OutputFormat::Text => eprintln!("spiffed: {}", outcome.describe(&addr)),
+    };
+    if let Err(e) = printed {
+        return Ok(fail(&e.into()));
     }
     Ok(if outcome.is_serving() {
         ExitCode::SUCCESS

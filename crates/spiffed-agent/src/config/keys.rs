@@ -45,6 +45,25 @@ const TOP: &[(&str, &str)] = &[
     ("handshake_timeout", "handshake_timeout = \"10s\""),
     ("idle_timeout", "idle_timeout = \"5m\""),
     ("fd_reserve", "fd_reserve = 64"),
+    ("max_jwt_audiences", "max_jwt_audiences = 16"),
+    (
+        "max_jwt_audience_length",
+        "max_jwt_audience_length = 1024 (bytes)",
+    ),
+    (
+        "max_jwt_token_length",
+        "max_jwt_token_length = 32768 (bytes)",
+    ),
+    ("jwt_cache_bytes", "jwt_cache_bytes = 4194304"),
+    (
+        "jwt_cache_entries_per_identity",
+        "jwt_cache_entries_per_identity = 64",
+    ),
+    ("max_logged_string_length", "max_logged_string_length = 128"),
+    (
+        "denial_log_lines_per_second",
+        "denial_log_lines_per_second = 10",
+    ),
 ];
 
 const ENTRY: &[(&str, &str)] = &[

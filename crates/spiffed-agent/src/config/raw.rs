@@ -35,6 +35,14 @@ pub(crate) struct RawConfig {
     pub(crate) handshake_timeout: Option<Str>,
     pub(crate) idle_timeout: Option<Str>,
     pub(crate) fd_reserve: Option<Spanned<i64>>,
+    // Request, JWT cache and log bounds (integers are checked by hand, as admin_uids).
+    pub(crate) max_jwt_audiences: Option<Spanned<i64>>,
+    pub(crate) max_jwt_audience_length: Option<Spanned<i64>>,
+    pub(crate) max_jwt_token_length: Option<Spanned<i64>>,
+    pub(crate) jwt_cache_bytes: Option<Spanned<i64>>,
+    pub(crate) jwt_cache_entries_per_identity: Option<Spanned<i64>>,
+    pub(crate) max_logged_string_length: Option<Spanned<i64>>,
+    pub(crate) denial_log_lines_per_second: Option<Spanned<i64>>,
 }
 
 /// One `[[entries]]` table.

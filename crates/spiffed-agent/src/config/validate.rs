@@ -50,6 +50,8 @@ fn validate(raw: RawConfig, text: &str, file: &Path) -> Result<Config, ConfigErr
         file,
         errors: Vec::new(),
     };
+    // Read first: later steps move fields out of `raw`.
+    let limits = cx.limits(&raw);
     let trust_domain = cx.trust_domain(raw.trust_domain);
     let socket_path = cx.path(
         "socket_path",
@@ -216,7 +218,119 @@ fn validate(raw: RawConfig, text: &str, file: &Path) -> Result<Config, ConfigErr
         handshake_timeout,
         idle_timeout,
         fd_reserve,
+        max_jwt_audiences: limits.max_jwt_audiences,
+        max_jwt_audience_length: limits.max_jwt_audience_length,
+        max_jwt_token_length: limits.max_jwt_token_length,
+        jwt_cache_bytes: limits.jwt_cache_bytes,
+        jwt_cache_entries_per_identity: limits.jwt_cache_entries_per_identity,
+        max_logged_string_length: limits.max_logged_string_length,
+        denial_log_lines_per_second: limits.denial_log_lines_per_second,
     })
+}
+
+/// The request, JWT cache and log bounds of a file.
+struct Limits {
+    max_jwt_audiences: usize,
+    max_jwt_audience_length: usize,
+    max_jwt_token_length: usize,
+    jwt_cache_bytes: usize,
+    jwt_cache_entries_per_identity: usize,
+    max_logged_string_length: usize,
+    denial_log_lines_per_second: u32,
+}
+
+/// What `max_jwt_token_length` may be: a token must fit a Workload API request (64 KiB).
+const TOKEN_LENGTH_RANGE: (i64, i64) = (1024, 60 * 1024);
+
+impl Cx<'_> {
+    /// Reads the request, JWT cache and log bounds, each within its range.
+    fn limits(&mut self, raw: &RawConfig) -> Limits {
+        use spiffed_authority::{DEFAULT_JWT_CACHE_BYTES, DEFAULT_JWT_CACHE_ENTRIES_PER_IDENTITY};
+        use spiffed_core::untrusted::{DEFAULT_MAX_CHARS, MIN_MAX_CHARS};
+        use spiffed_workload_api::{
+            DEFAULT_DENIAL_LOG_LINES_PER_SECOND, DEFAULT_MAX_JWT_AUDIENCE_LENGTH,
+            DEFAULT_MAX_JWT_AUDIENCES, DEFAULT_MAX_JWT_TOKEN_LENGTH,
+        };
+        Limits {
+            max_jwt_audiences: self.bounded(
+                "max_jwt_audiences",
+                raw.max_jwt_audiences.as_ref(),
+                (1, 1000),
+                DEFAULT_MAX_JWT_AUDIENCES,
+                "the most audiences one FetchJWTSVID request may name",
+            ),
+            max_jwt_audience_length: self.bounded(
+                "max_jwt_audience_length",
+                raw.max_jwt_audience_length.as_ref(),
+                (1, 16 * 1024),
+                DEFAULT_MAX_JWT_AUDIENCE_LENGTH,
+                "the longest audience in bytes",
+            ),
+            max_jwt_token_length: self.bounded(
+                "max_jwt_token_length",
+                raw.max_jwt_token_length.as_ref(),
+                TOKEN_LENGTH_RANGE,
+                DEFAULT_MAX_JWT_TOKEN_LENGTH,
+                "the longest token ValidateJWTSVID accepts, in bytes",
+            ),
+            jwt_cache_bytes: self.bounded(
+                "jwt_cache_bytes",
+                raw.jwt_cache_bytes.as_ref(),
+                (0, 1 << 30),
+                DEFAULT_JWT_CACHE_BYTES,
+                "the bytes the JWT-SVID cache may hold (0 turns caching off)",
+            ),
+            jwt_cache_entries_per_identity: self.bounded(
+                "jwt_cache_entries_per_identity",
+                raw.jwt_cache_entries_per_identity.as_ref(),
+                (0, 100_000),
+                DEFAULT_JWT_CACHE_ENTRIES_PER_IDENTITY,
+                "the cached JWT-SVIDs (audience sets) per identity (0 turns caching off)",
+            ),
+            max_logged_string_length: self.bounded(
+                "max_logged_string_length",
+                raw.max_logged_string_length.as_ref(),
+                (i64::try_from(MIN_MAX_CHARS).unwrap_or(16), 64 * 1024),
+                DEFAULT_MAX_CHARS,
+                "the characters of a client-supplied string kept in log lines",
+            ),
+            denial_log_lines_per_second: self.bounded(
+                "denial_log_lines_per_second",
+                raw.denial_log_lines_per_second.as_ref(),
+                (1, 1_000_000),
+                DEFAULT_DENIAL_LOG_LINES_PER_SECOND,
+                "the denial lines of each kind logged per second",
+            ),
+        }
+    }
+
+    /// A whole number within `range` (inclusive), or `default` when absent or invalid (the
+    /// error is recorded).
+    fn bounded<T: TryFrom<i64> + std::fmt::Display + Copy>(
+        &mut self,
+        key: &str,
+        raw: Option<&Spanned<i64>>,
+        (min, max): (i64, i64),
+        default: T,
+        what: &str,
+    ) -> T {
+        let Some(raw) = raw else {
+            return default;
+        };
+        let n = *raw.get_ref();
+        if (min..=max).contains(&n)
+            && let Ok(v) = T::try_from(n)
+        {
+            return v;
+        }
+        self.invalid(
+            raw.span(),
+            key,
+            format!("{key} = {n} is outside {min}..={max}"),
+            format!("{key} is {what}: write a whole number from {min} to {max}, e.g. {key} = {default} (the default)"),
+        );
+        default
+    }
 }
 
 /// Validation context: where the text came from, and the problems found so far.

@@ -1,9 +1,13 @@
 //! `--write DIR`: SVIDs, keys and bundles as PEM files, for programs that cannot speak the API.
 //!
-//! Every file is written atomically ([`write_atomic`]): a temp file in the same directory gets
+//! Every file is written atomically: a temp file in the same directory gets
 //! its mode first (0600 for keys, 0644 otherwise), then its content, is fsynced, renamed over
 //! the target, and the directory is fsynced. A reader sees the old file or the new one, never a
 //! half-written one, and the mode is re-applied on every write.
+//!
+//! [`write_x509_context`] writes all of an update's files to temp files first and renames them
+//! only when every one is safely on disk: when the disk is full, the previous set (a key and
+//! the certificate that goes with it) stays in place, never half of a new one.
 
 use std::fs::{File, Permissions};
 use std::io::Write as _;
@@ -90,13 +94,41 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<(), WriteError> {
 
 /// Atomically replaces `dir/name` with `contents` at `mode`: temp file in `dir`, mode set before
 /// any content, fsync, rename over the target, fsync of `dir`. On failure the temp file is
-/// removed and the old target is left as it was.
+/// removed and the old target is left as it was. (One file at a time, as the tests use it;
+/// [`write_x509_context`] stages a whole update first.)
+#[cfg(test)]
 pub(crate) fn write_atomic(
     dir: &Path,
     name: &str,
     contents: &[u8],
     mode: u32,
 ) -> Result<PathBuf, WriteError> {
+    let staged = stage(dir, name, contents, mode)?;
+    let target = staged.commit()?;
+    sync_dir(dir)?;
+    Ok(target)
+}
+
+/// A file written to a temp file in its directory and fsynced, not yet renamed over its
+/// target. Dropped uncommitted, the temp file is removed.
+struct Staged {
+    tmp: tempfile::NamedTempFile,
+    target: PathBuf,
+}
+
+impl Staged {
+    /// Renames the temp file over the target (the caller fsyncs the directory).
+    fn commit(self) -> Result<PathBuf, WriteError> {
+        let target = self.target;
+        self.tmp
+            .persist(&target)
+            .map_err(|e| io_err("rename a temp file over", &target)(e.error))?;
+        Ok(target)
+    }
+}
+
+/// Writes `contents` at `mode` to a temp file in `dir` and fsyncs it, for `dir/name`.
+fn stage(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<Staged, WriteError> {
     let target = dir.join(name);
     let mut tmp = tempfile::Builder::new()
         .prefix(".spiffed-")
@@ -111,10 +143,7 @@ pub(crate) fn write_atomic(
     tmp.as_file()
         .sync_all()
         .map_err(io_err("fsync", tmp.path()))?;
-    tmp.persist(&target)
-        .map_err(|e| io_err("rename a temp file over", &target)(e.error))?;
-    sync_dir(dir)?;
-    Ok(target)
+    Ok(Staged { tmp, target })
 }
 
 /// Fsyncs a directory, so renames in it survive a crash.
@@ -153,12 +182,15 @@ pub(crate) fn pem_encode<'a>(
 /// Writes `svid.N.pem` (chain, leaf first), `svid.N.key` (PKCS#8, 0600) and `bundle.N.pem` (the
 /// SVID's trust domain bundle) for every SVID N, then removes those files of indexes the
 /// context no longer has. Returns the paths written.
+///
+/// Every file is staged (written and fsynced to a temp file) before any is renamed, so a
+/// failure to write (a full disk) leaves the previous files untouched.
 pub(crate) fn write_x509_context(
     dir: &Path,
     context: &X509Context,
 ) -> Result<Vec<PathBuf>, WriteError> {
     ensure_dir(dir)?;
-    let mut written = Vec::new();
+    let mut staged = Vec::new();
     for (index, svid) in context.svids().iter().enumerate() {
         let trust_domain = svid.spiffe_id().trust_domain();
         let bundle =
@@ -175,14 +207,14 @@ pub(crate) fn write_x509_context(
             "CERTIFICATE",
             bundle.authorities().iter().map(|c| c.as_bytes()),
         );
-        written.push(write_atomic(
+        staged.push(stage(
             dir,
             &format!("bundle.{index}.pem"),
             bundle_pem.as_bytes(),
             PUBLIC_MODE,
         )?);
         let key_pem = pem_encode("PRIVATE KEY", [svid.private_key().as_bytes()]);
-        written.push(write_atomic(
+        staged.push(stage(
             dir,
             &format!("svid.{index}.key"),
             key_pem.as_bytes(),
@@ -192,13 +224,18 @@ pub(crate) fn write_x509_context(
             "CERTIFICATE",
             svid.cert_chain().iter().map(|c| c.as_bytes()),
         );
-        written.push(write_atomic(
+        staged.push(stage(
             dir,
             &format!("svid.{index}.pem"),
             chain_pem.as_bytes(),
             PUBLIC_MODE,
         )?);
     }
+    let written = staged
+        .into_iter()
+        .map(Staged::commit)
+        .collect::<Result<Vec<_>, _>>()?;
+    sync_dir(dir)?;
     remove_stale(dir, context.svids().len())?;
     Ok(written)
 }
@@ -353,6 +390,11 @@ mod tests {
 
     /// A CA and an SVID for `spiffe://example.org/web`, as the agent would send them.
     fn context() -> (X509Context, Vec<u8>, Vec<u8>, Vec<u8>) {
+        context_for("spiffe://example.org/web")
+    }
+
+    /// A CA and an SVID for `id`, with the bundle of its trust domain.
+    fn context_for(id: &str) -> (X509Context, Vec<u8>, Vec<u8>, Vec<u8>) {
         use rcgen::{
             BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
         };
@@ -365,8 +407,7 @@ mod tests {
 
         let leaf_key = KeyPair::generate().unwrap();
         let mut leaf_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        leaf_params.subject_alt_names =
-            vec![SanType::URI("spiffe://example.org/web".try_into().unwrap())];
+        leaf_params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
         leaf_params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         leaf_params.is_ca = IsCa::ExplicitNoCa;
         let leaf = leaf_params.signed_by(&leaf_key, &issuer).unwrap();
@@ -378,7 +419,7 @@ mod tests {
             Some(Arc::from("internal")),
         )
         .unwrap();
-        let td = spiffe::TrustDomain::new("example.org").unwrap();
+        let td = spiffe::SpiffeId::new(id).unwrap().trust_domain().clone();
         let bundle = spiffe::X509Bundle::parse_from_der(td, ca.der()).unwrap();
         let set: spiffe::X509BundleSet = [bundle].into_iter().collect();
         let context = X509Context::new([Arc::new(svid)], set);
@@ -418,6 +459,37 @@ mod tests {
         let bundle = std::fs::read_to_string(out.join("bundle.0.pem")).unwrap();
         assert_eq!(pem_body(&bundle), ca);
         assert_eq!(mode(&out.join("bundle.0.pem")), 0o644);
+    }
+
+    #[test]
+    fn a_failed_update_keeps_every_previous_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("certs");
+        write_x509_context(&out, &context().0).unwrap();
+        let read_all = || {
+            names(&out)
+                .into_iter()
+                .map(|n| {
+                    let content = std::fs::read(out.join(&n)).unwrap();
+                    (n, content)
+                })
+                .collect::<Vec<_>>()
+        };
+        let before = read_all();
+        // A new SVID (new key) for the first identity, and a second SVID whose files cannot
+        // be written (here: its trust domain has no bundle; a full disk fails the same way).
+        let (renewed, _, _, _) = context();
+        let (other, _, _, _) = context_for("spiffe://other.org/x");
+        let update = X509Context::new(
+            [renewed.svids()[0].clone(), other.svids()[0].clone()],
+            renewed.bundle_set().clone(),
+        );
+        assert!(write_x509_context(&out, &update).is_err());
+        assert_eq!(
+            read_all(),
+            before,
+            "the previous key, certificate and bundle stay, and no temp file is left"
+        );
     }
 
     #[test]

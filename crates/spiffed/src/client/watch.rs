@@ -5,6 +5,14 @@
 //! ending, a missing socket) reconnects after an exponential backoff with jitter, 200 ms
 //! doubling to 30 s, reset by every message received. Each message replaces the state (item
 //! 112). Ctrl-C or SIGTERM ends the watch with exit 0.
+//!
+//! Nothing an update does may stop the next one: a failed file write (a full disk) is logged,
+//! the previous files stay as they were, and the next update writes again; the `--exec`
+//! command runs in its own process group beside the watch, is killed (the whole group) after
+//! `--exec-timeout`, and is killed too if it is still running when the next update arrives, so
+//! that the command always reloads the newest files. When standard output fails, a watch
+//! that only prints ends (quietly on a closed pipe, exit 141); one that writes files or runs a
+//! command says so once and goes on without printing.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher as _;
@@ -16,6 +24,7 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use spiffe::X509Context;
 
+use super::output::{err, out};
 use super::{
     ClientError, OutputFormat, SocketAddress, WatchArgs, X509Report, connect, files, report, within,
 };
@@ -85,7 +94,7 @@ pub(crate) async fn run(
     tokio::select! {
         result = watch_loop(addr, args, output, timeout) => result,
         () = shutdown_signal() => {
-            eprintln!("spiffed: watch: stopped");
+            err("spiffed: watch: stopped");
             Ok(ExitCode::SUCCESS)
         }
     }
@@ -120,17 +129,23 @@ async fn watch_loop(
     timeout: Duration,
 ) -> Result<ExitCode, ClientError> {
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
-    let mut updates: u64 = 0;
+    let mut watcher = Watcher {
+        args,
+        output,
+        printing: true,
+        exec: None,
+        updates: 0,
+    };
     loop {
-        let err = stream_once(addr, args, output, timeout, &mut backoff, &mut updates).await;
-        if !err.is_retryable() {
-            return Err(err);
+        let e = stream_once(addr, timeout, &mut backoff, &mut watcher).await;
+        if !e.is_retryable() {
+            return Err(e);
         }
         let delay = backoff.next_delay();
-        eprintln!(
-            "spiffed: watch: {err}; reconnecting in {}",
+        err(format_args!(
+            "spiffed: watch: {e}; reconnecting in {}",
             humantime::format_duration(round_ms(delay))
-        );
+        ));
         tokio::time::sleep(delay).await;
     }
 }
@@ -144,11 +159,9 @@ fn round_ms(d: Duration) -> Duration {
 /// messages until the stream fails or ends. Returns why it stopped.
 async fn stream_once(
     addr: &SocketAddress,
-    args: &WatchArgs,
-    output: OutputFormat,
     timeout: Duration,
     backoff: &mut Backoff,
-    updates: &mut u64,
+    watcher: &mut Watcher<'_>,
 ) -> ClientError {
     let started = tokio::time::Instant::now();
     let api = |e| ClientError::from_api(&addr.path, e);
@@ -168,8 +181,9 @@ async fn stream_once(
         match next {
             Some(Ok(context)) => {
                 backoff.reset();
-                *updates += 1;
-                handle_update(&context, args, output, *updates, elapsed.take()).await;
+                if let Err(e) = watcher.update(&context, elapsed.take()).await {
+                    return e;
+                }
             }
             Some(Err(e)) => return api(e),
             None => {
@@ -182,20 +196,85 @@ async fn stream_once(
     }
 }
 
-/// Prints one update, writes the files, and runs the command. Failures here are logged and
-/// the watch goes on: the next update may succeed.
-async fn handle_update(
-    context: &X509Context,
-    args: &WatchArgs,
+/// What the watch carries from one update to the next.
+struct Watcher<'a> {
+    args: &'a WatchArgs,
     output: OutputFormat,
-    number: u64,
-    elapsed: Option<Duration>,
-) {
-    let now = report::rfc3339(time::OffsetDateTime::now_utc());
-    match X509Report::from_context(context, elapsed) {
-        Ok(report) => match output {
+    /// False once standard output failed (and the watch went on for its files or command).
+    printing: bool,
+    /// The `--exec` command of an earlier update, maybe still running.
+    exec: Option<Exec>,
+    /// Updates received so far.
+    updates: u64,
+}
+
+impl Watcher<'_> {
+    /// Prints one update, writes the files, and starts the command. Only a failure of
+    /// standard output in a watch that does nothing else ends the watch; everything else is
+    /// logged, and the next update may succeed.
+    async fn update(
+        &mut self,
+        context: &X509Context,
+        elapsed: Option<Duration>,
+    ) -> Result<(), ClientError> {
+        self.updates += 1;
+        let number = self.updates;
+        if self.printing
+            && let Err(e) = self.print(context, number, elapsed)
+        {
+            if self.args.write.is_none() && self.args.exec.is_none() {
+                return Err(e);
+            }
+            self.printing = false;
+            err(format_args!(
+                "spiffed: watch: {e}; no longer printing updates (files and --exec go on)"
+            ));
+        }
+        if let Some(dir) = &self.args.write
+            && let Err(e) = write_files(dir, context).await
+        {
+            err(format_args!(
+                "spiffed: watch: update #{number}: {e}; the previous files are kept, and the next \
+                 update writes them again; not running --exec"
+            ));
+            return Ok(());
+        }
+        if let Some(cmd) = &self.args.exec {
+            if let Some(previous) = self.exec.take()
+                && previous.is_running()
+            {
+                err(format_args!(
+                    "spiffed: watch: update #{number}: the --exec command of update #{} is still \
+                     running; killing it to run the command for this update",
+                    previous.number
+                ));
+            }
+            self.exec = Some(Exec::start(cmd, number, self.args.exec_timeout));
+        }
+        Ok(())
+    }
+
+    /// Prints one update on standard output.
+    fn print(
+        &self,
+        context: &X509Context,
+        number: u64,
+        elapsed: Option<Duration>,
+    ) -> Result<(), ClientError> {
+        let now = report::rfc3339(time::OffsetDateTime::now_utc());
+        let report = match X509Report::from_context(context, elapsed) {
+            Ok(report) => report,
+            Err(e) => {
+                err(format_args!("spiffed: watch: update #{number}: {e}"));
+                return Ok(());
+            }
+        };
+        match self.output {
             OutputFormat::Text => {
-                println!("[{now}] update #{number}\n{}\n", report.render_text());
+                out(format_args!(
+                    "[{now}] update #{number}\n{}\n",
+                    report.render_text()
+                ))?;
             }
             OutputFormat::Json => {
                 let mut json = report.to_json();
@@ -203,19 +282,10 @@ async fn handle_update(
                     obj.insert("time".into(), now.into());
                     obj.insert("update".into(), number.into());
                 }
-                println!("{json}");
+                out(json)?;
             }
-        },
-        Err(e) => eprintln!("spiffed: watch: update #{number}: {e}"),
-    }
-    if let Some(dir) = &args.write
-        && let Err(e) = write_files(dir, context).await
-    {
-        eprintln!("spiffed: watch: update #{number}: {e}; not running --exec");
-        return;
-    }
-    if let Some(cmd) = &args.exec {
-        run_exec(cmd, number).await;
+        }
+        Ok(())
     }
 }
 
@@ -229,23 +299,98 @@ async fn write_files(dir: &Path, context: &X509Context) -> Result<(), ClientErro
     }
 }
 
-/// Runs `sh -c CMD` and logs how it ended.
-async fn run_exec(cmd: &str, number: u64) {
-    let mut command = tokio::process::Command::new("sh");
-    command.arg("-c").arg(cmd).kill_on_drop(true);
-    // The command's output goes to stderr, so it never mixes into our stdout (JSON lines).
-    if let Ok(stderr) = std::io::stderr().as_fd().try_clone_to_owned() {
-        command.stdout(std::process::Stdio::from(stderr));
+/// One run of the `--exec` command: `sh -c CMD` in its own process group, waited for (and
+/// killed after its timeout) by a task of its own. Dropping it kills the whole group if it is
+/// still running, so no command outlives the watch or the next update.
+struct Exec {
+    /// The update it was started for.
+    number: u64,
+    /// Its process group (the shell's pid), `None` if it could not be started.
+    group: Option<rustix::process::Pid>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Exec {
+    fn start(cmd: &str, number: u64, timeout: Duration) -> Self {
+        let mut command = tokio::process::Command::new("sh");
+        command
+            .arg("-c")
+            .arg(cmd)
+            .kill_on_drop(true)
+            .process_group(0);
+        // The command's output goes to stderr, so it never mixes into our stdout (JSON lines).
+        if let Ok(stderr) = std::io::stderr().as_fd().try_clone_to_owned() {
+            command.stdout(std::process::Stdio::from(stderr));
+        }
+        let mut child = match command.spawn() {
+            Ok(child) => child,
+            Err(e) => {
+                err(format_args!(
+                    "spiffed: watch: update #{number}: cannot run sh -c {cmd:?}: {e}"
+                ));
+                return Self {
+                    number,
+                    group: None,
+                    task: None,
+                };
+            }
+        };
+        let group = child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .and_then(rustix::process::Pid::from_raw);
+        let task = tokio::spawn(async move {
+            match tokio::time::timeout(timeout, child.wait()).await {
+                Ok(Ok(status)) if status.success() => {
+                    err(format_args!(
+                        "spiffed: watch: update #{number}: --exec command succeeded"
+                    ));
+                }
+                Ok(Ok(status)) => err(format_args!(
+                    "spiffed: watch: update #{number}: --exec command failed ({status})"
+                )),
+                Ok(Err(e)) => err(format_args!(
+                    "spiffed: watch: update #{number}: cannot wait for the --exec command: {e}"
+                )),
+                Err(_elapsed) => {
+                    kill_group(group);
+                    let _ = child.wait().await;
+                    err(format_args!(
+                        "spiffed: watch: update #{number}: --exec command still running after \
+                         {} (--exec-timeout); killed it and its process group",
+                        humantime::format_duration(timeout)
+                    ));
+                }
+            }
+        });
+        Self {
+            number,
+            group,
+            task: Some(task),
+        }
     }
-    let status = command.status().await;
-    match status {
-        Ok(status) if status.success() => {
-            eprintln!("spiffed: watch: update #{number}: --exec command succeeded");
+
+    fn is_running(&self) -> bool {
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
+    }
+}
+
+impl Drop for Exec {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take()
+            && !task.is_finished()
+        {
+            // Stop the waiter first, so that the kill is not reported as a failed command.
+            task.abort();
+            kill_group(self.group);
         }
-        Ok(status) => {
-            eprintln!("spiffed: watch: update #{number}: --exec command failed ({status})");
-        }
-        Err(e) => eprintln!("spiffed: watch: update #{number}: cannot run sh -c {cmd:?}: {e}"),
+    }
+}
+
+/// SIGKILL to a command's process group (the shell and everything it started).
+fn kill_group(group: Option<rustix::process::Pid>) {
+    if let Some(pgid) = group {
+        let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
     }
 }
 
@@ -411,6 +556,7 @@ mod tests {
         WatchArgs {
             write: None,
             exec: None,
+            exec_timeout: Duration::from_secs(30),
         }
     }
 

@@ -341,3 +341,251 @@ fn fetch_bundles_lists_jwt_authorities_beside_x509_ones() {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
 }
+
+/// Runs `spiffed api ARGS --socket SOCKET` with standard output going to `stdout`.
+fn api_to(agent: &Agent, args: &[&str], stdout: Stdio) -> Output {
+    Command::new(bin())
+        .arg("api")
+        .args(args)
+        .arg("--socket")
+        .arg(&agent.socket)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
+        .wait_with_output()
+        .unwrap()
+}
+
+/// The write end of a pipe whose reader is already gone (`| head -c0`).
+fn closed_pipe() -> Stdio {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    Stdio::from(writer)
+}
+
+fn dev_full() -> Stdio {
+    Stdio::from(
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap(),
+    )
+}
+
+/// Issue 10 item 15: `spiffed api fetch x509 | head -c1` and `> /dev/full` panicked (exit 101).
+#[test]
+fn a_closed_or_full_stdout_ends_commands_without_a_panic() {
+    let agent = agent_for_me("");
+    let commands: &[&[&str]] = &[
+        &["fetch", "x509"],
+        &["fetch", "x509", "--output", "json"],
+        &["fetch", "bundles"],
+        &["fetch", "jwt", "--audience", "a"],
+        &["watch"],
+    ];
+    for args in commands {
+        let out = api_to(&agent, args, dev_full());
+        let err = fails_with(&out, 74);
+        assert_eq!(
+            err, "spiffed: cannot write to stdout: No space left on device\n",
+            "{args:?}"
+        );
+        let out = api_to(&agent, args, closed_pipe());
+        let err = fails_with(&out, 141);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}
+
+/// `spiffed entry create` for `spiffe_id`, granted to the test's uid.
+fn grant_me(agent: &Agent, spiffe_id: &str) {
+    let uid = spiffed_test_support::my_uid();
+    let out = Command::new(bin())
+        .args(["entry", "create", "--spiffe-id", spiffe_id, "--selector"])
+        .arg(format!("unix:uid:{uid}"))
+        .arg("--admin-socket")
+        .arg(&agent.admin_socket)
+        .output()
+        .unwrap();
+    ok(&out);
+}
+
+/// Waits up to 20 s for `path` to exist.
+fn wait_for_file(
+    path: &std::path::Path,
+    watch: &mut std::process::Child,
+    stderr: &std::path::Path,
+) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !path.exists() {
+        if let Some(status) = watch.try_wait().unwrap() {
+            panic!(
+                "the watch exited ({status}) before writing {}:\n{}",
+                path.display(),
+                std::fs::read_to_string(stderr).unwrap_or_default()
+            );
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} not written within 20 s:\n{}",
+            path.display(),
+            std::fs::read_to_string(stderr).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A running `spiffed api watch`, ended with SIGTERM (as a service manager does) on drop.
+struct Watch {
+    child: std::process::Child,
+    stderr: std::path::PathBuf,
+}
+
+impl Watch {
+    fn start(agent: &Agent, args: &[&str], stdout: Stdio) -> Self {
+        let stderr = agent.dir.path().join(format!("watch-{}.err", args.len()));
+        let child = Command::new(bin())
+            .args(["api", "watch"])
+            .args(args)
+            .arg("--socket")
+            .arg(&agent.socket)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .unwrap();
+        Self { child, stderr }
+    }
+
+    fn wait_for(&mut self, path: &std::path::Path) {
+        wait_for_file(path, &mut self.child, &self.stderr);
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// SIGTERM, then the exit status.
+    fn stop(&mut self) -> std::process::ExitStatus {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the watch ignored SIGTERM"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.stop();
+        }
+    }
+}
+
+/// Whether a process runs with exactly this command line.
+fn running(cmdline: &str) -> bool {
+    std::fs::read_dir("/proc").unwrap().flatten().any(|p| {
+        std::fs::read(p.path().join("cmdline")).is_ok_and(|c| {
+            c.split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .collect::<Vec<_>>()
+                == cmdline.split(' ').map(str::as_bytes).collect::<Vec<_>>()
+        })
+    })
+}
+
+/// Whether no process runs `cmdline` within 10 s (a killed process may take a moment to go).
+fn gone(cmdline: &str) -> bool {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while running(cmdline) {
+        if std::time::Instant::now() > deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    true
+}
+
+/// Issue 10 item 15: a helper daemon (`api watch --write`) died when its stdout was closed.
+#[test]
+fn a_watch_writing_files_outlives_its_closed_stdout() {
+    let agent = agent_for_me("");
+    let out = agent.dir.path().join("out");
+    let mut watch = Watch::start(&agent, &["--write", out.to_str().unwrap()], closed_pipe());
+    watch.wait_for(&out.join("svid.0.pem"));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(
+        watch.child.try_wait().unwrap().is_none(),
+        "{}",
+        watch.stderr()
+    );
+    assert!(
+        watch.stderr().contains("no longer printing"),
+        "{}",
+        watch.stderr()
+    );
+    assert!(watch.stop().success(), "{}", watch.stderr());
+    assert!(!watch.stderr().contains("panicked"), "{}", watch.stderr());
+}
+
+/// Issue 10 item 15: `api watch --exec` with a hanging command stopped every later update.
+#[test]
+fn a_hanging_exec_command_does_not_stop_later_updates() {
+    let agent = Agent::start(&bin(), "");
+    grant_me(&agent, "spiffe://example.org/one");
+    let out = agent.dir.path().join("out");
+    let hang = "sleep 987651";
+    let mut watch = Watch::start(
+        &agent,
+        &["--write", out.to_str().unwrap(), "--exec", hang],
+        Stdio::null(),
+    );
+    watch.wait_for(&out.join("svid.0.pem"));
+    // A second identity: the agent pushes an update while the command still hangs.
+    grant_me(&agent, "spiffe://example.org/two");
+    watch.wait_for(&out.join("svid.1.pem"));
+    assert!(
+        watch.stderr().contains("is still running; killing it"),
+        "{}",
+        watch.stderr()
+    );
+    assert!(watch.stop().success(), "{}", watch.stderr());
+    assert!(gone(hang), "the command outlived the watch");
+
+    // --exec-timeout: the command is killed with its process group, and logged.
+    let out2 = agent.dir.path().join("out2");
+    let hang = "sleep 987652";
+    let mut watch = Watch::start(
+        &agent,
+        &[
+            "--write",
+            out2.to_str().unwrap(),
+            "--exec",
+            hang,
+            "--exec-timeout",
+            "1s",
+        ],
+        Stdio::null(),
+    );
+    watch.wait_for(&out2.join("svid.1.pem"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !watch.stderr().contains("--exec-timeout") {
+        assert!(std::time::Instant::now() < deadline, "{}", watch.stderr());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(gone(hang), "the timed-out command is still running");
+    assert!(watch.stop().success(), "{}", watch.stderr());
+}

@@ -315,3 +315,125 @@ async fn tokens_validate_until_expiry_through_key_rotations() {
     );
     assert!(tokens.len() >= 6, "only {} distinct tokens", tokens.len());
 }
+
+async fn fetch_jwt(agent: &Agent, audience: Vec<String>) -> Result<String, tonic::Status> {
+    let mut c = agent.client().await;
+    c.fetch_jwtsvid(with_header(JwtsvidRequest {
+        audience,
+        spiffe_id: String::new(),
+    }))
+    .await
+    .map(|r| r.into_inner().svids[0].svid.clone())
+}
+
+/// Issue 10 item 6: 64 KiB audiences were accepted, logged verbatim and cached without bound.
+#[tokio::test]
+async fn audiences_are_bounded_and_cannot_grow_the_cache_or_the_log() {
+    let agent = agent_for_me("");
+    // Too many, too long, and the 60 KiB audience of the report: InvalidArgument naming the
+    // setting.
+    for (audience, limit) in [
+        (vec!["a".to_owned(); 17], "max_jwt_audiences"),
+        (vec!["a".repeat(1025)], "max_jwt_audience_length"),
+        (vec!["a".repeat(60 * 1024)], "max_jwt_audience_length"),
+    ] {
+        let e = fetch_jwt(&agent, audience).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(limit), "{}", e.message());
+    }
+    // The largest accepted request still works.
+    fetch_jwt(&agent, vec!["b".repeat(1024); 16]).await.unwrap();
+
+    // One caller asks for 150 distinct audience sets of 1000 bytes each.
+    let first = fetch_jwt(&agent, vec![format!("0000{}", "x".repeat(996))])
+        .await
+        .unwrap();
+    let before = agent.logs().len();
+    let mut c = agent.client().await;
+    for i in 1..150 {
+        c.fetch_jwtsvid(with_header(JwtsvidRequest {
+            audience: vec![format!("{i:04}{}", "x".repeat(996))],
+            spiffe_id: String::new(),
+        }))
+        .await
+        .unwrap();
+    }
+    let grown = agent.logs().len() - before;
+    // The audiences alone are 149,000 bytes; each line shows a bounded digest instead.
+    assert!(
+        grown < 149 * 1000,
+        "{grown} bytes of log for 149 requests:\n{}",
+        &agent.logs()[before..before + 2000.min(grown)]
+    );
+    // The cache did not keep them all: the first audience set, pushed out by the caller's own
+    // later ones, gets a freshly minted token.
+    let again = fetch_jwt(&agent, vec![format!("0000{}", "x".repeat(996))])
+        .await
+        .unwrap();
+    assert_ne!(
+        again, first,
+        "the first token is still cached after 149 others"
+    );
+    // A token still cached comes back unchanged.
+    let recent = vec![format!("{:04}{}", 149, "x".repeat(996))];
+    assert_eq!(
+        fetch_jwt(&agent, recent.clone()).await.unwrap(),
+        fetch_jwt(&agent, recent).await.unwrap()
+    );
+}
+
+/// Issue 10 item 6: a caller with no identity sent a 45 KB `kid` and wrote 45 MB of log in
+/// 17 s.
+#[tokio::test]
+async fn huge_kids_from_a_caller_without_identity_cost_little_log() {
+    let agent = Agent::start(&crate::bin(), "");
+    let claims = json!({"sub": "spiffe://example.org/w", "aud": ["a"], "exp": now() + 60});
+    let token = |kid: &str| {
+        format!(
+            "{}.{}.{}",
+            B64URL.encode(json!({"alg": "ES256", "kid": kid, "typ": "JWT"}).to_string()),
+            B64URL.encode(claims.to_string()),
+            B64URL.encode([7u8; 64])
+        )
+    };
+    // The 45 KB kid of the report: the token is refused by size, before it is parsed.
+    let e = validate(&agent, &token(&"k".repeat(45_000)), "a")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().contains("max_jwt_token_length"),
+        "{}",
+        e.message()
+    );
+
+    // A 20 KB kid fits the token limit: it is refused as unknown, and neither the answer nor
+    // the log carries it whole, however often it is sent.
+    let big = token(&"q".repeat(20_000));
+    let before = agent.logs().len();
+    let mut c = agent.client().await;
+    for _ in 0..200 {
+        let e = c
+            .validate_jwtsvid(with_header(ValidateJwtsvidRequest {
+                audience: "a".into(),
+                svid: big.clone(),
+            }))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument);
+        assert!(e.message().contains("key id"), "{}", e.message());
+        assert!(e.message().len() < 1024, "{} bytes", e.message().len());
+    }
+    // A new second: the suppressed lines are summarized.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    validate(&agent, &big, "a").await.unwrap_err();
+    let logs = agent.logs();
+    let grown = logs.len() - before;
+    assert!(grown < 50_000, "{grown} bytes of log for 201 requests");
+    assert!(!logs.contains(&"q".repeat(1000)), "the kid is logged whole");
+    assert!(
+        logs.contains("suppressed"),
+        "no summary line:\n{}",
+        &logs[before..]
+    );
+}
