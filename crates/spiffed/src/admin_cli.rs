@@ -39,6 +39,7 @@ use spiffed_proto::admin::{
 use tonic::transport::{Channel, Endpoint};
 
 use crate::EX_USAGE;
+use crate::client::output::{StdoutError, out};
 use spec::SpecChanges;
 
 /// How long to wait for the admin socket to accept a connection.
@@ -300,6 +301,10 @@ enum AdminError {
     /// Some entries of a batch (or the one entry) failed; the details are printed already.
     #[error("{0}")]
     Failed(String),
+
+    /// Standard output could not be written (a closed pipe, a full disk).
+    #[error(transparent)]
+    Stdout(#[from] StdoutError),
 }
 
 impl AdminError {
@@ -307,6 +312,7 @@ impl AdminError {
     fn exit_code(&self) -> ExitCode {
         match self {
             Self::Config(_) | Self::Usage(_) => ExitCode::from(EX_USAGE),
+            Self::Stdout(e) => e.exit_code(),
             _ => ExitCode::FAILURE,
         }
     }
@@ -344,6 +350,10 @@ fn fail(err: &AdminError) -> ExitCode {
     match err {
         // As `spiffed run` prints it.
         AdminError::Config(e) => eprintln!("spiffed: invalid configuration\n{e}"),
+        // The reader went away (`spiffed entry list | head`): nothing to tell anyone.
+        AdminError::Stdout(e) if e.is_broken_pipe() => {}
+        // As the `api` commands print it.
+        AdminError::Stdout(e) => eprintln!("spiffed: {e}"),
         _ => eprintln!("spiffed: error: {err}"),
     }
     err.exit_code()
@@ -469,10 +479,10 @@ impl Admin {
 }
 
 /// Prints `text` or `json` (on one line), as `output` says.
-fn print(output: OutputFormat, text: &str, json: &Value) {
+fn print(output: OutputFormat, text: &str, json: &Value) -> Result<(), StdoutError> {
     match output {
-        OutputFormat::Text => println!("{text}"),
-        OutputFormat::Json => println!("{json}"),
+        OutputFormat::Text => out(text),
+        OutputFormat::Json => out(json),
     }
 }
 
@@ -556,7 +566,7 @@ async fn run_create(args: &AdminArgs, create: CreateArgs) -> Result<ExitCode, Ad
                     args.output,
                     &render::entry_text(&entry),
                     &render::entry_json(&entry),
-                );
+                )?;
                 Ok(ExitCode::SUCCESS)
             }
             (None, None) => Err(admin.malformed("neither an entry nor an error")),
@@ -569,12 +579,12 @@ async fn run_create(args: &AdminArgs, create: CreateArgs) -> Result<ExitCode, Ad
     match args.output {
         OutputFormat::Text => {
             for (i, result) in results.iter().enumerate() {
-                println!("{}", render::create_result_line(i, specs.get(i), result));
+                out(render::create_result_line(i, specs.get(i), result))?;
             }
         }
         OutputFormat::Json => {
             let all: Vec<Value> = results.iter().map(render::create_result_json).collect();
-            println!("{}", Value::Array(all));
+            out(Value::Array(all))?;
         }
     }
     if failed > 0 {
@@ -608,7 +618,7 @@ async fn run_list(args: &AdminArgs, list: ListArgs) -> Result<ExitCode, AdminErr
                 args.output,
                 &render::list_table(&entries),
                 &render::entries_json(&entries),
-            );
+            )?;
             return Ok(ExitCode::SUCCESS);
         }
         if page.next_page_token == page_token {
@@ -627,7 +637,7 @@ async fn run_show(args: &AdminArgs, id: &str) -> Result<ExitCode, AdminError> {
         args.output,
         &render::entry_text(&entry),
         &render::entry_json(&entry),
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -669,7 +679,7 @@ async fn run_update(args: &AdminArgs, update: UpdateArgs) -> Result<ExitCode, Ad
         args.output,
         &render::entry_text(&entry),
         &render::entry_json(&entry),
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -691,12 +701,12 @@ async fn run_delete(args: &AdminArgs, ids: Vec<String>) -> Result<ExitCode, Admi
     match args.output {
         OutputFormat::Text => {
             for result in &results {
-                println!("{}", render::delete_result_line(result));
+                out(render::delete_result_line(result))?;
             }
         }
         OutputFormat::Json => {
             let all: Vec<Value> = results.iter().map(render::delete_result_json).collect();
-            println!("{}", Value::Array(all));
+            out(Value::Array(all))?;
         }
     }
     let failed = results.iter().filter(|r| r.error.is_some()).count();
@@ -724,7 +734,7 @@ pub(crate) async fn run_explain(
             args.output,
             &render::explain_text(&response),
             &render::explain_json(&response),
-        );
+        )?;
         Ok(ExitCode::SUCCESS)
     }
     .await;

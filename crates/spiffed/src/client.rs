@@ -16,7 +16,7 @@ mod address;
 mod files;
 mod health;
 mod jwt;
-mod output;
+pub(crate) mod output;
 mod report;
 mod watch;
 

@@ -398,6 +398,58 @@ fn a_closed_or_full_stdout_ends_commands_without_a_panic() {
     }
 }
 
+/// Issue 10 item 15: the admin commands (`spiffed entry list | head`, `> /dev/full`) panicked
+/// (exit 101) the same way.
+#[test]
+fn a_closed_or_full_stdout_ends_admin_commands_without_a_panic() {
+    let agent = agent_for_me("");
+    grant_me(&agent, "spiffe://example.org/listed");
+    let run = |args: &[String], stdout: Stdio| {
+        Command::new(bin())
+            .args(args)
+            .arg("--admin-socket")
+            .arg(&agent.admin_socket)
+            .stdin(Stdio::null())
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap()
+    };
+    // Each create names a new uid, so that every attempt creates (and prints) an entry.
+    let mut uid = 4242;
+    let mut commands = move || -> Vec<Vec<String>> {
+        uid += 1;
+        vec![
+            vec!["entry".into(), "list".into()],
+            vec![
+                "entry".into(),
+                "list".into(),
+                "--output".into(),
+                "json".into(),
+            ],
+            vec![
+                "entry".into(),
+                "create".into(),
+                "--spiffe-id".into(),
+                "spiffe://example.org/x".into(),
+                "--selector".into(),
+                format!("unix:uid:{uid}"),
+            ],
+        ]
+    };
+    for args in commands() {
+        let err = fails_with(&run(&args, dev_full()), 74);
+        assert_eq!(
+            err, "spiffed: cannot write to stdout: No space left on device\n",
+            "{args:?}"
+        );
+    }
+    for args in commands() {
+        let err = fails_with(&run(&args, closed_pipe()), 141);
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+}
+
 /// `spiffed entry create` for `spiffe_id`, granted to the test's uid.
 fn grant_me(agent: &Agent, spiffe_id: &str) {
     let uid = spiffed_test_support::my_uid();
