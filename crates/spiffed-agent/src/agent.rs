@@ -188,6 +188,11 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         current: entries.subscribe(),
         synthetic_ids: cfg.synthetic_ids,
         config_file: cfg.source.as_ref().map(|p| p.display().to_string()),
+        limits: crate::admin::EntryLimits {
+            max_selectors: cfg.max_selectors_per_entry,
+            max_dns_names: cfg.max_dns_names_per_entry,
+            min_svid_ttl: cfg.min_svid_ttl,
+        },
     };
     Ok(Bound {
         cfg,

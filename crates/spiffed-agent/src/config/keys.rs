@@ -36,6 +36,10 @@ const TOP: &[(&str, &str)] = &[
         "entries",
         "[[entries]] (double brackets, one table per entry) followed by spiffe_id = \"spiffe://example.org/web\" and selectors = [\"unix:uid:1000\"]",
     ),
+    ("max_selectors_per_entry", "max_selectors_per_entry = 64"),
+    ("max_dns_names_per_entry", "max_dns_names_per_entry = 64"),
+    ("min_svid_ttl", "min_svid_ttl = \"10s\""),
+    ("min_ca_ttl", "min_ca_ttl = \"1m\""),
 ];
 
 const ENTRY: &[(&str, &str)] = &[

@@ -28,6 +28,11 @@ pub(crate) struct RawConfig {
     pub(crate) synthetic_ids: Option<Spanned<bool>>,
     #[serde(default)]
     pub(crate) entries: Vec<Spanned<RawEntry>>,
+    // Bounds on entries and lifetimes (issue 10, item 14).
+    pub(crate) max_selectors_per_entry: Option<Spanned<i64>>,
+    pub(crate) max_dns_names_per_entry: Option<Spanned<i64>>,
+    pub(crate) min_svid_ttl: Option<Str>,
+    pub(crate) min_ca_ttl: Option<Str>,
 }
 
 /// One `[[entries]]` table.
