@@ -18,6 +18,8 @@
 mod admin;
 mod agent;
 pub mod config;
+mod files;
 
 pub use admin::Reloader;
 pub use agent::{AgentError, Bound, build};
+pub use files::FilesError;

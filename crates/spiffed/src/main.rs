@@ -32,6 +32,10 @@ enum Command {
         /// The TOML configuration file (see the README for every key).
         #[arg(long, short = 'c', value_name = "FILE")]
         config: PathBuf,
+        /// Start with an empty entry store although data_dir holds a CA and its entries.sqlite
+        /// is missing or empty (without it, the agent refuses to start: stored entries are lost).
+        #[arg(long)]
+        new_entry_store: bool,
     },
     /// Run the agent with no configuration: an embedded CA for trust domain dev.local, an
     /// owner-only socket, and a synthetic identity spiffe://dev.local/uid-UID/EXE_NAME for every
@@ -88,7 +92,10 @@ fn main() -> ExitCode {
     };
     runtime.block_on(async move {
         let result = match cli.command {
-            Command::Run { config } => serve::run(&config).await,
+            Command::Run {
+                config,
+                new_entry_store,
+            } => serve::run(&config, new_entry_store).await,
             Command::Dev(args) => serve::dev(args).await,
             Command::Api { endpoint, command } => client::run_api(&endpoint, command).await,
             Command::Healthcheck { endpoint } => client::run_healthcheck(&endpoint).await,

@@ -12,6 +12,7 @@
 mod admin;
 mod attest;
 mod cli;
+mod files;
 mod interop;
 mod jwt;
 mod lifecycle;
