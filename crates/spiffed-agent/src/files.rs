@@ -347,3 +347,101 @@ pub(crate) fn check_data_files(data_dir: &Path, new_entry_store: bool) -> Result
     }
     Err(FilesError::StoreLost { store, ca, state })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
+    use super::*;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn created_directories_get_the_exact_mode_and_existing_ones_keep_theirs() {
+        let tmp = tempfile::tempdir().unwrap();
+        // 0775 would be 0755 under the usual umask 022 if the umask applied.
+        let dir = tmp.path().join("a").join("b");
+        assert!(prepare_dir("socket directory", &dir, 0o775).unwrap());
+        assert_eq!((mode(&dir), mode(&tmp.path().join("a"))), (0o775, 0o755));
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o750)).unwrap();
+        assert!(!prepare_dir("socket directory", &dir, 0o700).unwrap());
+        assert_eq!(mode(&dir), 0o750);
+    }
+
+    #[test]
+    fn shared_and_symlinked_directories_are_refused_untouched() {
+        let tmp = tempfile::tempdir().unwrap();
+        let shared = tmp.path().join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let e = prepare_dir("admin socket directory", &shared, 0o700).unwrap_err();
+        assert!(
+            matches!(e, FilesError::Writable { mode: 0o1777, .. }),
+            "{e}"
+        );
+        assert!(e.to_string().contains("shared directory"), "{e}");
+        assert_eq!(mode(&shared), 0o1777);
+        let link = tmp.path().join("link");
+        std::os::unix::fs::symlink(&shared, &link).unwrap();
+        let e = prepare_dir("data_dir", &link, 0o700).unwrap_err();
+        assert!(matches!(e, FilesError::Symlink { .. }), "{e}");
+    }
+
+    #[test]
+    fn data_files_must_be_ours_regular_and_closed() {
+        let tmp = tempfile::tempdir().unwrap();
+        let f = tmp.path().join(CA_FILE);
+        assert_eq!(check_data_file(&f).unwrap(), None);
+        std::fs::write(&f, b"{}").unwrap();
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(check_data_file(&f).unwrap(), Some(2));
+        std::fs::set_permissions(&f, std::fs::Permissions::from_mode(0o660)).unwrap();
+        let e = check_data_file(&f).unwrap_err();
+        assert!(e.to_string().contains("chmod go-w"), "{e}");
+        let link = tmp.path().join("link.json");
+        std::os::unix::fs::symlink(&f, &link).unwrap();
+        assert!(matches!(
+            check_data_file(&link),
+            Err(FilesError::Symlink { .. })
+        ));
+    }
+
+    #[test]
+    fn a_lost_store_next_to_a_ca_is_refused_unless_asked_for() {
+        let tmp = tempfile::tempdir().unwrap();
+        // A fresh data dir is fine.
+        check_data_files(tmp.path(), false).unwrap();
+        std::fs::write(tmp.path().join(CA_FILE), b"{}").unwrap();
+        let e = check_data_files(tmp.path(), false).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                FilesError::StoreLost {
+                    state: "missing",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+        std::fs::write(tmp.path().join(STORE_FILE), b"").unwrap();
+        let e = check_data_files(tmp.path(), false).unwrap_err();
+        assert!(e.to_string().contains("--new-entry-store"), "{e}");
+        check_data_files(tmp.path(), true).unwrap();
+        std::fs::write(tmp.path().join(STORE_FILE), b"SQLite format 3\0").unwrap();
+        check_data_files(tmp.path(), false).unwrap();
+    }
+
+    #[test]
+    fn the_lock_is_exclusive_and_names_the_holder() {
+        let tmp = tempfile::tempdir().unwrap();
+        let held = lock_data_dir(tmp.path()).unwrap();
+        match lock_data_dir(tmp.path()) {
+            Err(FilesError::Locked { pid, .. }) => assert_eq!(pid, Some(std::process::id())),
+            other => panic!("expected Locked, got {other:?}"),
+        }
+        drop(held);
+        lock_data_dir(tmp.path()).unwrap();
+    }
+}
