@@ -192,6 +192,7 @@ admin_socket_path = "$WORK/admin/admin.sock"
 data_dir = "$WORK/data"
 x509_svid_ttl = "6s"
 jwt_svid_ttl = "6s"
+min_svid_ttl = "1s"
 ca_ttl = "60s"
 [[entries]]
 spiffe_id = "$SPIFFE_ID"

@@ -55,7 +55,7 @@ impl Directory {
         }
     }
 
-    /// The merged entries: config-file ones first (ids `config-NNNN`), then stored ones.
+    /// The merged entries: config-file ones first (ids `config-HEX`), then stored ones.
     pub(crate) fn merged(&self) -> Result<Vec<Entry>, StoreError> {
         let mut all = lock(&self.config).clone();
         all.extend(self.store.list()?.into_iter().map(|s| s.entry));
@@ -117,6 +117,16 @@ pub(crate) struct AdminService {
     pub(crate) current: watch::Receiver<Arc<EntrySet>>,
     pub(crate) synthetic_ids: bool,
     pub(crate) config_file: Option<String>,
+    pub(crate) limits: EntryLimits,
+}
+
+/// Bounds an entry created or updated through the admin API must keep (the config file's
+/// `max_selectors_per_entry`, `max_dns_names_per_entry` and `min_svid_ttl`).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct EntryLimits {
+    pub(crate) max_selectors: usize,
+    pub(crate) max_dns_names: usize,
+    pub(crate) min_svid_ttl: Duration,
 }
 
 impl AdminService {
@@ -176,7 +186,12 @@ fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError
     }
 }
 
-fn ttl(secs: u64, field: &str, ca_ttl: Duration) -> Result<Option<Duration>, FieldError> {
+fn ttl(
+    secs: u64,
+    field: &str,
+    ca_ttl: Duration,
+    min: Duration,
+) -> Result<Option<Duration>, FieldError> {
     if secs == 0 {
         return Ok(None);
     }
@@ -184,11 +199,23 @@ fn ttl(secs: u64, field: &str, ca_ttl: Duration) -> Result<Option<Duration>, Fie
     if d > MAX_TTL {
         return Err(field_err(field, "is longer than 10 years; use e.g. 1h"));
     }
-    if field == "x509_svid_ttl" && d > ca_ttl {
+    if d < min {
         return Err(field_err(
             field,
             format!(
-                "is longer than the CA lifetime ({}s): an SVID never outlives its CA",
+                "is shorter than the agent's min_svid_ttl ({}s): SVIDs are re-minted at half \
+                 their lifetime; use at least {}s",
+                min.as_secs(),
+                min.as_secs()
+            ),
+        ));
+    }
+    if d > ca_ttl {
+        return Err(field_err(
+            field,
+            format!(
+                "is longer than the CA lifetime ({}s): an SVID never outlives its CA (or, for \
+                 JWT-SVIDs, its signing key)",
                 ca_ttl.as_secs()
             ),
         ));
@@ -202,6 +229,7 @@ pub(crate) fn validate_spec(
     p: &pb::EntrySpec,
     td: &TrustDomain,
     ca_ttl: Duration,
+    limits: &EntryLimits,
 ) -> Result<EntrySpec, FieldError> {
     if p.spiffe_id.is_empty() {
         return Err(field_err("spiffe_id", "is required, e.g. spiffe://TD/web"));
@@ -216,6 +244,26 @@ pub(crate) fn validate_spec(
         return Err(field_err(
             "selectors",
             "at least one selector is required, e.g. unix:uid:1000",
+        ));
+    }
+    if p.selectors.len() > limits.max_selectors {
+        return Err(field_err(
+            "selectors",
+            format!(
+                "has {} items; the agent's limit is {} (max_selectors_per_entry)",
+                p.selectors.len(),
+                limits.max_selectors
+            ),
+        ));
+    }
+    if p.dns_names.len() > limits.max_dns_names {
+        return Err(field_err(
+            "dns_names",
+            format!(
+                "has {} items; the agent's limit is {} (max_dns_names_per_entry)",
+                p.dns_names.len(),
+                limits.max_dns_names
+            ),
         ));
     }
     let mut selectors = Vec::with_capacity(p.selectors.len());
@@ -236,8 +284,18 @@ pub(crate) fn validate_spec(
     let spec = EntrySpec {
         spiffe_id,
         selectors,
-        x509_svid_ttl: ttl(p.x509_svid_ttl_seconds, "x509_svid_ttl", ca_ttl)?,
-        jwt_svid_ttl: ttl(p.jwt_svid_ttl_seconds, "jwt_svid_ttl", ca_ttl)?,
+        x509_svid_ttl: ttl(
+            p.x509_svid_ttl_seconds,
+            "x509_svid_ttl",
+            ca_ttl,
+            limits.min_svid_ttl,
+        )?,
+        jwt_svid_ttl: ttl(
+            p.jwt_svid_ttl_seconds,
+            "jwt_svid_ttl",
+            ca_ttl,
+            limits.min_svid_ttl,
+        )?,
         hint: (!p.hint.is_empty()).then(|| p.hint.clone()),
         dns_names: p.dns_names.clone(),
         admin: false,
@@ -257,7 +315,9 @@ pub(crate) fn validate_spec(
     probe.validate(td).map_err(|e| {
         let field = match &e {
             spiffed_core::EntryError::DnsName(_) => "dns_names",
-            spiffed_core::EntryError::HintTooLong(_) => "hint",
+            spiffed_core::EntryError::HintTooLong(_) | spiffed_core::EntryError::HintControl(_) => {
+                "hint"
+            }
             spiffed_core::EntryError::NoSelectors => "selectors",
             spiffed_core::EntryError::ZeroTtl(f) => f,
             _ => "spiffe_id",
@@ -355,7 +415,7 @@ impl EntryAdmin for AdminService {
                 "at most {MAX_BATCH} entries per call"
             )));
         }
-        let (td, ca_ttl) = (self.td.clone(), self.ca_ttl);
+        let (td, ca_ttl, limits) = (self.td.clone(), self.ca_ttl, self.limits);
         let results = self
             .blocking(move |dir| {
                 let _w = lock(&dir.write);
@@ -364,7 +424,7 @@ impl EntryAdmin for AdminService {
                 let mut slots: Vec<Result<EntrySpec, pb::EntryError>> = specs
                     .iter()
                     .map(|p| {
-                        let spec = validate_spec(p, &td, ca_ttl).map_err(|e| pb::EntryError {
+                        let spec = validate_spec(p, &td, ca_ttl, &limits).map_err(|e| pb::EntryError {
                             field: e.field,
                             message: e.message,
                         })?;
@@ -506,7 +566,7 @@ impl EntryAdmin for AdminService {
         let spec = req
             .spec
             .ok_or_else(|| Status::invalid_argument("spec is required"))?;
-        let spec = validate_spec(&spec, &self.td, self.ca_ttl)
+        let spec = validate_spec(&spec, &self.td, self.ca_ttl, &self.limits)
             .map_err(|e| Status::invalid_argument(format!("{}: {}", e.field, e.message)))?;
         let file = self.config_file.clone();
         let id = req.id.clone();
@@ -673,6 +733,12 @@ fn config_or_stored(e: &Entry) -> pb::Entry {
 mod tests {
     use super::*;
 
+    const LIMITS: EntryLimits = EntryLimits {
+        max_selectors: 64,
+        max_dns_names: 64,
+        min_svid_ttl: Duration::from_secs(10),
+    };
+
     fn spec(id: &str, sels: &[&str]) -> pb::EntrySpec {
         pb::EntrySpec {
             spiffe_id: id.into(),
@@ -685,9 +751,18 @@ mod tests {
     fn validation_names_the_field() {
         let td = TrustDomain::new("example.org").unwrap();
         let ca = Duration::from_secs(3600);
-        assert!(validate_spec(&spec("spiffe://example.org/web", &["unix:uid:1"]), &td, ca).is_ok());
+        let limits = LIMITS;
+        assert!(
+            validate_spec(
+                &spec("spiffe://example.org/web", &["unix:uid:1"]),
+                &td,
+                ca,
+                &limits
+            )
+            .is_ok()
+        );
         let f = |p: pb::EntrySpec| {
-            validate_spec(&p, &td, ca)
+            validate_spec(&p, &td, ca, &limits)
                 .err()
                 .map(|e| e.field)
                 .unwrap_or_default()
@@ -721,5 +796,55 @@ mod tests {
         let mut admin = spec("spiffe://example.org/web", &["unix:uid:1"]);
         admin.admin = true;
         assert_eq!(f(admin), "admin");
+    }
+
+    #[test]
+    fn bounds_on_selectors_dns_names_ttls_and_hints() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let ca = Duration::from_secs(3600);
+        let check = |p: pb::EntrySpec| validate_spec(&p, &td, ca, &LIMITS).err();
+        let base = || spec("spiffe://example.org/web", &["unix:uid:1"]);
+        // 100,000 selectors (all valid and distinct) are refused, 64 are fine.
+        let mut many = base();
+        many.selectors = (0..100_000).map(|i| format!("unix:gid:{i}")).collect();
+        let e = check(many).unwrap();
+        assert_eq!(e.field, "selectors");
+        assert!(
+            e.message.contains("max_selectors_per_entry"),
+            "{}",
+            e.message
+        );
+        let mut ok = base();
+        ok.selectors = (0..64).map(|i| format!("unix:gid:{i}")).collect();
+        assert!(check(ok).is_none());
+        let mut dns = base();
+        dns.dns_names = (0..100_000).map(|i| format!("h{i}.internal")).collect();
+        let e = check(dns).unwrap();
+        assert_eq!(e.field, "dns_names");
+        assert!(
+            e.message.contains("max_dns_names_per_entry"),
+            "{}",
+            e.message
+        );
+        // Hints with control characters.
+        for bad in ["a\nb", "\u{1b}[31mred", "tab\there"] {
+            let mut h = base();
+            h.hint = bad.into();
+            assert_eq!(
+                check(h).map(|e| e.field).as_deref(),
+                Some("hint"),
+                "{bad:?}"
+            );
+        }
+        // TTLs: below min_svid_ttl, and a JWT-SVID outliving the CA.
+        let mut short = base();
+        short.x509_svid_ttl_seconds = 1;
+        assert_eq!(check(short).unwrap().field, "x509_svid_ttl");
+        let mut short = base();
+        short.jwt_svid_ttl_seconds = 1;
+        assert_eq!(check(short).unwrap().field, "jwt_svid_ttl");
+        let mut long = base();
+        long.jwt_svid_ttl_seconds = 7200;
+        assert_eq!(check(long).unwrap().field, "jwt_svid_ttl");
     }
 }

@@ -59,6 +59,10 @@ pub enum AgentError {
     /// The gRPC server failed.
     #[error("the gRPC server failed: {0}")]
     Serve(String),
+    /// A directory or file of the agent is unsafe, the data dir is locked by another agent, or
+    /// the entry store is lost.
+    #[error(transparent)]
+    Files(#[from] crate::files::FilesError),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> AgentError + 'a {
@@ -78,6 +82,8 @@ pub struct Bound {
     entries: EntrySource,
     api: WorkloadApi,
     admin: AdminService,
+    /// `data_dir/agent.lock`, flocked while this agent lives.
+    data_dir_lock: fs::File,
 }
 
 impl std::fmt::Debug for Bound {
@@ -88,18 +94,13 @@ impl std::fmt::Debug for Bound {
     }
 }
 
-/// Creates the socket's directory, refuses a path held by a live agent, and replaces a stale
-/// socket file left by one that died.
-fn prepare_socket_path(path: &Path, dir_mode: Option<u32>) -> Result<(), AgentError> {
-    if let Some(dir) = path.parent() {
-        let existed = dir.exists();
-        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-        if let Some(mode) = dir_mode
-            && !existed
-        {
-            fs::set_permissions(dir, fs::Permissions::from_mode(mode))
-                .map_err(io_err("chmod", dir))?;
-        }
+/// Creates the socket's directory with `dir_mode` (or checks the existing one, which is never
+/// chmodded: see `files.rs`), refuses a path held by a live agent, and replaces a stale socket
+/// file left by one that died. Returns whether the directory was created.
+fn prepare_socket_path(path: &Path, what: &'static str, dir_mode: u32) -> Result<bool, AgentError> {
+    let mut created = false;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        created = crate::files::prepare_dir(what, dir, dir_mode)?;
     }
     match fs::symlink_metadata(path) {
         Ok(meta) if !meta.file_type().is_socket() => Err(AgentError::NotASocket(path.to_owned())),
@@ -107,10 +108,11 @@ fn prepare_socket_path(path: &Path, dir_mode: Option<u32>) -> Result<(), AgentEr
             Ok(_) => Err(AgentError::SocketInUse(path.to_owned())),
             Err(_) => {
                 tracing::info!(path = %path.display(), "replacing a stale socket file");
-                fs::remove_file(path).map_err(io_err("remove stale socket", path))
+                fs::remove_file(path).map_err(io_err("remove stale socket", path))?;
+                Ok(created)
             }
         },
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(created),
         Err(e) => Err(io_err("inspect", path)(e)),
     }
 }
@@ -134,9 +136,11 @@ fn apply_limits(cfg: &Config, authority: &CaAuthority, api: WorkloadApi) -> Work
 ///
 /// Must run inside a tokio runtime (the listener registers with it).
 pub fn build(cfg: Config) -> Result<Bound, AgentError> {
-    fs::create_dir_all(&cfg.data_dir).map_err(io_err("create data_dir", &cfg.data_dir))?;
-    fs::set_permissions(&cfg.data_dir, fs::Permissions::from_mode(0o700))
-        .map_err(io_err("chmod data_dir", &cfg.data_dir))?;
+    // The data dir is ours and private, locked before anything in it is read; its files are
+    // checked, and a store lost next to an existing CA stops the start.
+    crate::files::prepare_dir("data_dir", &cfg.data_dir, 0o700)?;
+    let data_dir_lock = crate::files::lock_data_dir(&cfg.data_dir)?;
+    crate::files::check_data_files(&cfg.data_dir, cfg.new_entry_store)?;
     let authority = CaAuthority::open(AuthorityConfig {
         trust_domain: cfg.trust_domain.clone(),
         data_dir: cfg.data_dir.clone(),
@@ -169,8 +173,12 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
     let api = apply_limits(&cfg, &authority, api);
 
     // An owner-only socket (mode without group/other bits) also gets an owner-only directory.
-    let dir_mode = (cfg.socket_mode & 0o077 == 0).then_some(0o700);
-    prepare_socket_path(&cfg.socket_path, dir_mode)?;
+    let dir_mode = if cfg.socket_mode & 0o077 == 0 {
+        0o700
+    } else {
+        0o755
+    };
+    prepare_socket_path(&cfg.socket_path, "socket directory", dir_mode)?;
     let listener =
         UnixListener::bind(&cfg.socket_path).map_err(io_err("bind", &cfg.socket_path))?;
     fs::set_permissions(
@@ -188,10 +196,22 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
     } else {
         (0o700, 0o600)
     };
-    prepare_socket_path(&cfg.admin_socket_path, Some(admin_dir_mode))?;
-    if let Some(parent) = cfg.admin_socket_path.parent() {
-        fs::set_permissions(parent, fs::Permissions::from_mode(admin_dir_mode))
-            .map_err(io_err("chmod", parent))?;
+    let created = prepare_socket_path(
+        &cfg.admin_socket_path,
+        "admin socket directory",
+        admin_dir_mode,
+    )?;
+    if let Some(parent) = cfg.admin_socket_path.parent()
+        && !created
+        && others
+        && fs::metadata(parent).is_ok_and(|m| m.permissions().mode() & 0o001 == 0)
+    {
+        tracing::warn!(
+            dir = %parent.display(),
+            "admin_uids names other users, but they cannot enter the existing admin socket \
+             directory; the agent does not change the mode of a directory it did not create: \
+             `chmod 0711` it"
+        );
     }
     let admin_listener = UnixListener::bind(&cfg.admin_socket_path)
         .map_err(io_err("bind", &cfg.admin_socket_path))?;
@@ -209,6 +229,11 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         current: entries.subscribe(),
         synthetic_ids: cfg.synthetic_ids,
         config_file: cfg.source.as_ref().map(|p| p.display().to_string()),
+        limits: crate::admin::EntryLimits {
+            max_selectors: cfg.max_selectors_per_entry,
+            max_dns_names: cfg.max_dns_names_per_entry,
+            min_svid_ttl: cfg.min_svid_ttl,
+        },
     };
     Ok(Bound {
         cfg,
@@ -218,6 +243,7 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         entries,
         api,
         admin,
+        data_dir_lock,
     })
 }
 
@@ -248,6 +274,7 @@ impl Bound {
             entries,
             api,
             admin,
+            data_dir_lock,
         } = self;
         // Connections and streams one uid may hold, and the descriptors they may use.
         let fds = limits::raise_fd_limit();
@@ -346,6 +373,7 @@ impl Bound {
         admin_task.abort();
         rotation.abort();
         tracing::info!("stopped");
+        drop(data_dir_lock);
         result
     }
 }
@@ -361,19 +389,19 @@ mod tests {
         // A socket nobody listens on any more.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         assert!(path.exists());
-        prepare_socket_path(&path, None).unwrap();
+        prepare_socket_path(&path, "socket directory", 0o700).unwrap();
         assert!(!path.exists());
         // A live listener.
         let _live = std::os::unix::net::UnixListener::bind(&path).unwrap();
         assert!(matches!(
-            prepare_socket_path(&path, None),
+            prepare_socket_path(&path, "socket directory", 0o700),
             Err(AgentError::SocketInUse(_))
         ));
         // A regular file.
         let file = dir.path().join("file");
         fs::write(&file, b"x").unwrap();
         assert!(matches!(
-            prepare_socket_path(&file, None),
+            prepare_socket_path(&file, "socket directory", 0o700),
             Err(AgentError::NotASocket(_))
         ));
     }

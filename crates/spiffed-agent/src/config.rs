@@ -55,9 +55,18 @@ pub const DEFAULT_X509_SVID_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_JWT_SVID_TTL: Duration = Duration::from_secs(300);
 /// Default CA certificate lifetime.
 pub const DEFAULT_CA_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Most `[[entries]]` a file may hold. Entry ids are `config-0000` to `config-9999`, so that
-/// sorting by id keeps file order.
+/// Most `[[entries]]` a file may hold (larger sets belong in the entry store).
 pub const MAX_ENTRIES: usize = 10_000;
+/// Default of `max_selectors_per_entry`: most selectors one entry may have (file and admin API).
+pub const DEFAULT_MAX_SELECTORS_PER_ENTRY: usize = 64;
+/// Default of `max_dns_names_per_entry`: most DNS names one entry may put in its X.509-SVID.
+pub const DEFAULT_MAX_DNS_NAMES_PER_ENTRY: usize = 64;
+/// Default of `min_svid_ttl`: the shortest `x509_svid_ttl` or `jwt_svid_ttl` accepted. SVIDs
+/// are re-minted at half their lifetime, for every entry.
+pub const DEFAULT_MIN_SVID_TTL: Duration = Duration::from_secs(10);
+/// Default of `min_ca_ttl`: the shortest `ca_ttl` accepted. Every CA rotation rewrites
+/// `ca.json` (fsynced) about three times per `ca_ttl`.
+pub const DEFAULT_MIN_CA_TTL: Duration = Duration::from_secs(60);
 
 /// The bounds of the automatic `max_connections_per_uid` (a sixteenth of the descriptor
 /// limit): at least the load generator's 100 fan-out connections with room to spare, at most
@@ -166,8 +175,9 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Whether callers that match no entry get `spiffe://TD/uid-UID/EXE_NAME` (default false).
     pub synthetic_ids: bool,
-    /// The file's `[[entries]]`, validated, in file order, with ids `config-0000`,
-    /// `config-0001`, ...
+    /// The file's `[[entries]]`, validated, in file order. Their ids are `config-` and 16 hex
+    /// digits of a SHA-256 over the SPIFFE ID and the sorted selectors, so an id keeps its
+    /// meaning when entries are added, removed or reordered around it.
     pub entries: Vec<Entry>,
     /// When a new CA may replace the trust root of a data dir that held one before. Not a key
     /// of the file: `spiffed run --new-trust-root` sets [`NewRootPolicy::AtStart`] for one
@@ -205,6 +215,20 @@ pub struct Config {
     pub max_logged_string_length: usize,
     /// Denial log lines per second and kind; the rest are summarized (default 10).
     pub denial_log_lines_per_second: u32,
+    /// Most selectors one entry may have, in the file and through the admin API (default
+    /// [`DEFAULT_MAX_SELECTORS_PER_ENTRY`]).
+    pub max_selectors_per_entry: usize,
+    /// Most DNS names one entry may have (default [`DEFAULT_MAX_DNS_NAMES_PER_ENTRY`]).
+    pub max_dns_names_per_entry: usize,
+    /// Shortest X.509-SVID or JWT-SVID lifetime accepted anywhere (default
+    /// [`DEFAULT_MIN_SVID_TTL`]).
+    pub min_svid_ttl: Duration,
+    /// Shortest `ca_ttl` accepted (default [`DEFAULT_MIN_CA_TTL`]).
+    pub min_ca_ttl: Duration,
+    /// Start with an empty entry store even though `data_dir` has a CA and its store is missing
+    /// or empty (`spiffed run --new-entry-store`; never set by the file). Default false: such a
+    /// data dir is refused as damaged.
+    pub new_entry_store: bool,
 }
 
 impl Config {
@@ -257,7 +281,128 @@ impl Config {
                 spiffed_authority::DEFAULT_JWT_CACHE_ENTRIES_PER_IDENTITY,
             max_logged_string_length: spiffed_core::untrusted::DEFAULT_MAX_CHARS,
             denial_log_lines_per_second: spiffed_workload_api::DEFAULT_DENIAL_LOG_LINES_PER_SECOND,
+            max_selectors_per_entry: DEFAULT_MAX_SELECTORS_PER_ENTRY,
+            max_dns_names_per_entry: DEFAULT_MAX_DNS_NAMES_PER_ENTRY,
+            min_svid_ttl: DEFAULT_MIN_SVID_TTL,
+            min_ca_ttl: DEFAULT_MIN_CA_TTL,
+            new_entry_store: false,
         }
+    }
+
+    /// The settings of `new` that differ from `self` and that a running agent cannot apply, by
+    /// key name, for the SIGHUP reload to warn about. Entries and `log_level` are applied on
+    /// reload, so they are never listed.
+    pub fn changes_needing_restart(&self, new: &Config) -> Vec<&'static str> {
+        // Destructured without `..`: a new field must be sorted here, or this does not compile.
+        let Config {
+            source: _,
+            trust_domain,
+            socket_path,
+            socket_mode,
+            admin_socket_path,
+            admin_uids,
+            data_dir,
+            x509_svid_ttl,
+            jwt_svid_ttl,
+            ca_ttl,
+            log_level: _,
+            log_format,
+            synthetic_ids,
+            entries: _,
+            max_selectors_per_entry,
+            max_dns_names_per_entry,
+            min_svid_ttl,
+            min_ca_ttl,
+            new_entry_store: _,
+            new_trust_root: _,
+            max_connections_per_uid,
+            max_streams_per_connection,
+            max_streams_per_uid,
+            handshake_timeout,
+            idle_timeout,
+            fd_reserve,
+            max_jwt_audiences,
+            max_jwt_audience_length,
+            max_jwt_token_length,
+            jwt_cache_bytes,
+            jwt_cache_entries_per_identity,
+            max_logged_string_length,
+            denial_log_lines_per_second,
+        } = self;
+        let mut changed = Vec::new();
+        let mut check = |key: &'static str, differs: bool| {
+            if differs {
+                changed.push(key);
+            }
+        };
+        check("trust_domain", *trust_domain != new.trust_domain);
+        check("socket_path", *socket_path != new.socket_path);
+        check("socket_mode", *socket_mode != new.socket_mode);
+        check(
+            "admin_socket_path",
+            *admin_socket_path != new.admin_socket_path,
+        );
+        check("admin_uids", *admin_uids != new.admin_uids);
+        check("data_dir", *data_dir != new.data_dir);
+        check("x509_svid_ttl", *x509_svid_ttl != new.x509_svid_ttl);
+        check("jwt_svid_ttl", *jwt_svid_ttl != new.jwt_svid_ttl);
+        check("ca_ttl", *ca_ttl != new.ca_ttl);
+        check("log_format", *log_format != new.log_format);
+        check("synthetic_ids", *synthetic_ids != new.synthetic_ids);
+        check(
+            "max_selectors_per_entry",
+            *max_selectors_per_entry != new.max_selectors_per_entry,
+        );
+        check(
+            "max_dns_names_per_entry",
+            *max_dns_names_per_entry != new.max_dns_names_per_entry,
+        );
+        check("min_svid_ttl", *min_svid_ttl != new.min_svid_ttl);
+        check("min_ca_ttl", *min_ca_ttl != new.min_ca_ttl);
+        check(
+            "max_connections_per_uid",
+            *max_connections_per_uid != new.max_connections_per_uid,
+        );
+        check(
+            "max_streams_per_connection",
+            *max_streams_per_connection != new.max_streams_per_connection,
+        );
+        check(
+            "max_streams_per_uid",
+            *max_streams_per_uid != new.max_streams_per_uid,
+        );
+        check(
+            "handshake_timeout",
+            *handshake_timeout != new.handshake_timeout,
+        );
+        check("idle_timeout", *idle_timeout != new.idle_timeout);
+        check("fd_reserve", *fd_reserve != new.fd_reserve);
+        check(
+            "max_jwt_audiences",
+            *max_jwt_audiences != new.max_jwt_audiences,
+        );
+        check(
+            "max_jwt_audience_length",
+            *max_jwt_audience_length != new.max_jwt_audience_length,
+        );
+        check(
+            "max_jwt_token_length",
+            *max_jwt_token_length != new.max_jwt_token_length,
+        );
+        check("jwt_cache_bytes", *jwt_cache_bytes != new.jwt_cache_bytes);
+        check(
+            "jwt_cache_entries_per_identity",
+            *jwt_cache_entries_per_identity != new.jwt_cache_entries_per_identity,
+        );
+        check(
+            "max_logged_string_length",
+            *max_logged_string_length != new.max_logged_string_length,
+        );
+        check(
+            "denial_log_lines_per_second",
+            *denial_log_lines_per_second != new.denial_log_lines_per_second,
+        );
+        changed
     }
 
     /// A one-line summary for the start-up log: trust domain, sockets, data dir, TTLs and the
@@ -300,7 +445,7 @@ impl Config {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spiffed_core::{EntryId, Selector};
+    use spiffed_core::Selector;
 
     /// Joins lines, so that line N of the file is `lines[N - 1]`.
     fn doc(lines: &[&str]) -> String {
@@ -384,7 +529,8 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
         assert!(!cfg.synthetic_ids);
         assert_eq!(cfg.entries.len(), 1);
         let e = &cfg.entries[0];
-        assert_eq!(e.id, EntryId::new("config-0000"));
+        assert!(e.id.as_str().starts_with("config-"), "{}", e.id);
+        assert_eq!(e.id.as_str().len(), "config-".len() + 16, "{}", e.id);
         assert_eq!(e.spiffe_id.to_string(), "spiffe://example.org/web");
         let sels: Vec<String> = e.selectors.iter().map(ToString::to_string).collect();
         assert_eq!(sels, ["unix:path:/usr/bin/web", "unix:uid:1000"]);
@@ -446,7 +592,8 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
         assert_eq!(cfg.log_format, LogFormat::Json);
         assert!(cfg.synthetic_ids);
         let ids: Vec<&str> = cfg.entries.iter().map(|e| e.id.as_str()).collect();
-        assert_eq!(ids, ["config-0000", "config-0001"]);
+        assert!(ids.iter().all(|id| id.starts_with("config-")), "{ids:?}");
+        assert_ne!(ids[0], ids[1]);
         let a = &cfg.entries[0];
         let want: Vec<Selector> =
             vec!["unix:gid:2".parse().unwrap(), "unix:uid:1".parse().unwrap()];
@@ -946,6 +1093,200 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
             let e = fails_at(&[TD, line], 2, key);
             assert!(e.fix.contains("(the default)"), "{e}");
         }
+    }
+
+    #[test]
+    fn config_entry_ids_survive_inserting_an_entry_above() {
+        let web = entry(
+            "spiffe://example.org/web",
+            "[\"unix:uid:1\", \"unix:gid:2\"]",
+        );
+        let db = entry("spiffe://example.org/db", "[\"unix:uid:5432\"]");
+        let alone = parse(&doc(&with_entry(&web, &[]))).unwrap();
+        let mut lines = with_entry(&db, &[]);
+        lines.extend(web.iter().map(String::as_str));
+        let both = parse(&doc(&lines)).unwrap();
+        let web_id = |cfg: &Config| {
+            cfg.entries
+                .iter()
+                .find(|e| e.spiffe_id.to_string() == "spiffe://example.org/web")
+                .map(|e| e.id.clone())
+                .unwrap()
+        };
+        assert_eq!(web_id(&alone), web_id(&both));
+        // Selector order in the file does not matter; a different selector set is another id.
+        let swapped = entry(
+            "spiffe://example.org/web",
+            "[\"unix:gid:2\", \"unix:uid:1\"]",
+        );
+        let other = entry("spiffe://example.org/web", "[\"unix:uid:1\"]");
+        let id = |e: &[String; 3]| {
+            parse(&doc(&with_entry(e, &[]))).unwrap().entries[0]
+                .id
+                .clone()
+        };
+        assert_eq!(id(&swapped), web_id(&alone));
+        assert_ne!(id(&other), web_id(&alone));
+    }
+
+    #[test]
+    fn too_many_selectors_or_dns_names() {
+        let many: Vec<String> = (0..100_000).map(|i| format!("\"unix:gid:{i}\"")).collect();
+        let e = entry("spiffe://example.org/a", &format!("[{}]", many.join(", ")));
+        let err = fails_at(&with_entry(&e, &[]), 5, "entries[0].selectors");
+        assert!(
+            err.message.contains("100000 items; the limit is 64"),
+            "{err}"
+        );
+        assert!(err.fix.contains("max_selectors_per_entry"), "{err}");
+        let names: Vec<String> = (0..100_000).map(|i| format!("\"h{i}.internal\"")).collect();
+        let dns = format!("dns_names = [{}]", names.join(", "));
+        let e = entry("spiffe://example.org/a", "[\"unix:uid:1\"]");
+        let err = fails_at(&with_entry(&e, &[&dns]), 6, "entries[0].dns_names");
+        assert!(err.message.contains("the limit is 64"), "{err}");
+        // The limits are settings.
+        let few: Vec<String> = (0..3).map(|i| format!("\"unix:gid:{i}\"")).collect();
+        let e = entry("spiffe://example.org/a", &format!("[{}]", few.join(", ")));
+        let mut lines = with_entry(&e, &[]);
+        lines.insert(1, "max_selectors_per_entry = 2");
+        fails_at(&lines, 6, "entries[0].selectors");
+        lines[1] = "max_selectors_per_entry = 3";
+        assert_eq!(parse(&doc(&lines)).unwrap().max_selectors_per_entry, 3);
+        fails_at(
+            &[TD, "max_selectors_per_entry = 0"],
+            2,
+            "max_selectors_per_entry",
+        );
+        fails_at(
+            &[TD, "max_dns_names_per_entry = 100000"],
+            2,
+            "max_dns_names_per_entry",
+        );
+        let cfg = parse(&doc(&[TD])).unwrap();
+        assert_eq!(
+            (cfg.max_selectors_per_entry, cfg.max_dns_names_per_entry),
+            (64, 64)
+        );
+    }
+
+    #[test]
+    fn hints_with_control_characters() {
+        let e = entry("spiffe://example.org/a", "[\"unix:uid:1\"]");
+        for hint in [
+            "hint = \"a\\nb\"",
+            "hint = \"\\u001b[31mred\"",
+            "hint = \"a\\tb\"",
+        ] {
+            let err = fails_at(&with_entry(&e, &[hint]), 6, "entries[0].hint");
+            assert!(err.message.contains("control character"), "{err}");
+        }
+    }
+
+    #[test]
+    fn sockets_inside_data_dir() {
+        let e = fails_at(
+            &[
+                TD,
+                "data_dir = \"/var/lib/spiffed\"",
+                "socket_path = \"/var/lib/spiffed/api.sock\"",
+            ],
+            3,
+            "socket_path",
+        );
+        assert!(e.message.contains("inside data_dir"), "{e}");
+        fails_at(
+            &[
+                TD,
+                "admin_socket_path = \"/srv/s/admin/admin.sock\"",
+                "data_dir = \"/srv/s\"",
+            ],
+            2,
+            "admin_socket_path",
+        );
+        // The default socket with a data_dir around it: the error sits on data_dir.
+        fails_at(&[TD, "data_dir = \"/run/spiffed\""], 2, "data_dir");
+        // A sibling whose name only starts the same is fine.
+        assert!(parse(&doc(&[TD, "data_dir = \"/run/spiffed-data\""])).is_ok());
+    }
+
+    #[test]
+    fn lifetimes_too_short_or_jwt_outliving_the_ca() {
+        let e = fails_at(&[TD, "ca_ttl = \"1s\""], 2, "ca_ttl");
+        assert!(e.message.contains("min_ca_ttl"), "{e}");
+        let e = fails_at(&[TD, "x509_svid_ttl = \"1s\""], 2, "x509_svid_ttl");
+        assert!(e.message.contains("shorter than min_svid_ttl (10s)"), "{e}");
+        fails_at(&[TD, "jwt_svid_ttl = \"9s\""], 2, "jwt_svid_ttl");
+        let en = entry("spiffe://example.org/a", "[\"unix:uid:1\"]");
+        fails_at(
+            &with_entry(&en, &["x509_svid_ttl = \"1s\""]),
+            6,
+            "entries[0].x509_svid_ttl",
+        );
+        fails_at(
+            &with_entry(&en, &["jwt_svid_ttl = \"1s\""]),
+            6,
+            "entries[0].jwt_svid_ttl",
+        );
+        // jwt_svid_ttl longer than ca_ttl: an error naming both keys, not a silent cap.
+        let e = fails_at(
+            &[
+                TD,
+                "ca_ttl = \"1h\"",
+                "x509_svid_ttl = \"10m\"",
+                "jwt_svid_ttl = \"2h\"",
+            ],
+            4,
+            "jwt_svid_ttl",
+        );
+        assert!(
+            e.message.contains("ca_ttl") && e.fix.contains("ca_ttl"),
+            "{e}"
+        );
+        fails_at(
+            &[TD, "ca_ttl = \"2m\"", "x509_svid_ttl = \"1m\""],
+            2,
+            "ca_ttl",
+        );
+        fails_at(
+            &with_entry(&en, &["jwt_svid_ttl = \"48h\""]),
+            6,
+            "entries[0].jwt_svid_ttl",
+        );
+        // Lower floors are an explicit choice (tests watching rotations).
+        let cfg = parse(&doc(&[
+            TD,
+            "min_svid_ttl = \"1s\"",
+            "min_ca_ttl = \"1s\"",
+            "x509_svid_ttl = \"2s\"",
+            "jwt_svid_ttl = \"2s\"",
+            "ca_ttl = \"4s\"",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.ca_ttl, Duration::from_secs(4));
+        assert_eq!(cfg.min_svid_ttl, Duration::from_secs(1));
+        fails_at(&[TD, "min_svid_ttl = \"1h\""], 2, "min_svid_ttl");
+        fails_at(&[TD, "min_ca_ttl = \"48h\""], 2, "min_ca_ttl");
+        let cfg = parse(&doc(&[TD])).unwrap();
+        assert_eq!(cfg.min_svid_ttl, DEFAULT_MIN_SVID_TTL);
+        assert_eq!(cfg.min_ca_ttl, DEFAULT_MIN_CA_TTL);
+    }
+
+    #[test]
+    fn changes_needing_restart_name_each_key() {
+        let a = parse(&doc(&[TD])).unwrap();
+        let b = parse(&doc(&[
+            TD,
+            "socket_mode = \"0770\"",
+            "ca_ttl = \"48h\"",
+            "log_level = \"debug\"",
+            "max_dns_names_per_entry = 3",
+        ]))
+        .unwrap();
+        assert_eq!(
+            a.changes_needing_restart(&b),
+            ["socket_mode", "ca_ttl", "max_dns_names_per_entry"]
+        );
+        assert!(a.changes_needing_restart(&a.clone()).is_empty());
     }
 
     #[test]

@@ -14,7 +14,13 @@ pub fn validate_admin_spec(
     td: &TrustDomain,
     ca_ttl: Duration,
 ) -> Result<EntrySpec, (String, String)> {
-    crate::admin::validate_spec(spec, td, ca_ttl).map_err(|e| (e.field, e.message))
+    // The limits of a config file that leaves them at their defaults.
+    let limits = crate::admin::EntryLimits {
+        max_selectors: crate::config::DEFAULT_MAX_SELECTORS_PER_ENTRY,
+        max_dns_names: crate::config::DEFAULT_MAX_DNS_NAMES_PER_ENTRY,
+        min_svid_ttl: crate::config::DEFAULT_MIN_SVID_TTL,
+    };
+    crate::admin::validate_spec(spec, td, ca_ttl, &limits).map_err(|e| (e.field, e.message))
 }
 
 /// The spec that `ListEntries` and `GetEntry` report for `entry`.

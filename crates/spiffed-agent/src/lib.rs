@@ -18,9 +18,11 @@
 mod admin;
 mod agent;
 pub mod config;
+mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod limits;
 
 pub use admin::Reloader;
 pub use agent::{AgentError, Bound, build};
+pub use files::FilesError;

@@ -90,6 +90,10 @@ pub enum EntryError {
          bytes, an optional leading '*.')"
     )]
     DnsName(String),
+    /// The hint holds a control character (a newline, an escape, ...), which would reach
+    /// clients, terminals and log lines as is.
+    #[error("hint contains the control character {0:?}; use printable text, e.g. \"internal\"")]
+    HintControl(char),
 }
 
 impl Entry {
@@ -115,6 +119,13 @@ impl Entry {
             && h.len() > MAX_HINT_LEN
         {
             return Err(EntryError::HintTooLong(h.len()));
+        }
+        if let Some(c) = self
+            .hint
+            .as_deref()
+            .and_then(|h| h.chars().find(|c| c.is_control()))
+        {
+            return Err(EntryError::HintControl(c));
         }
         if self.x509_svid_ttl == Some(Duration::ZERO) {
             return Err(EntryError::ZeroTtl("x509_svid_ttl"));

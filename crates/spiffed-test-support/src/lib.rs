@@ -89,6 +89,11 @@ impl Agent {
 
     /// Starts the process again (after [`Agent::stop`] or a kill) on the same directory.
     pub fn spawn(&mut self) {
+        self.spawn_with_args(&[]);
+    }
+
+    /// [`Agent::spawn`] with extra arguments after `run --config FILE`.
+    pub fn spawn_with_args(&mut self, args: &[&str]) {
         if let Some(mut old) = self.child.take() {
             let _ = old.kill();
             let _ = old.wait();
@@ -113,6 +118,7 @@ impl Agent {
             .arg("run")
             .arg("--config")
             .arg(&self.config)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

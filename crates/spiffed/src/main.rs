@@ -37,6 +37,10 @@ enum Command {
         /// must then fetch the new bundle. Without it, start-up refuses and says why.
         #[arg(long)]
         new_trust_root: bool,
+        /// Start with an empty entry store although data_dir holds a CA and its entries.sqlite
+        /// is missing or empty (without it, the agent refuses to start: stored entries are lost).
+        #[arg(long)]
+        new_entry_store: bool,
     },
     /// Run the agent with no configuration: an embedded CA for trust domain dev.local, an
     /// owner-only socket, and a synthetic identity spiffe://dev.local/uid-UID/EXE_NAME for every
@@ -96,7 +100,8 @@ fn main() -> ExitCode {
             Command::Run {
                 config,
                 new_trust_root,
-            } => serve::run(&config, new_trust_root).await,
+                new_entry_store,
+            } => serve::run(&config, new_trust_root, new_entry_store).await,
             Command::Dev(args) => serve::dev(args).await,
             Command::Api { endpoint, command } => client::run_api(&endpoint, command).await,
             Command::Healthcheck { endpoint } => client::run_healthcheck(&endpoint).await,

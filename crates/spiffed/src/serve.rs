@@ -35,7 +35,7 @@ pub(crate) struct DevArgs {
     #[arg(long, value_name = "DIR")]
     data_dir: Option<PathBuf>,
     /// Lifetime of X.509-SVIDs (they are re-sent at half of it).
-    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_duration)]
+    #[arg(long, value_name = "DURATION", default_value = "1h", value_parser = parse_svid_ttl)]
     x509_svid_ttl: Duration,
     /// Log format on stderr.
     #[arg(long, value_enum, default_value = "text")]
@@ -59,30 +59,65 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// An SVID lifetime for dev mode: at least the default `min_svid_ttl` (10s).
+fn parse_svid_ttl(s: &str) -> Result<Duration, String> {
+    let d = parse_duration(s)?;
+    let min = spiffed_agent::config::DEFAULT_MIN_SVID_TTL;
+    if d < min {
+        return Err(format!(
+            "must be at least {} (SVIDs are re-minted at half their lifetime), e.g. 1m",
+            humantime::format_duration(min)
+        ));
+    }
+    Ok(d)
+}
+
 fn humantime_parse(s: &str) -> Result<Duration, String> {
     s.parse::<humantime::Duration>()
         .map(Into::into)
         .map_err(|e| format!("{e}; write e.g. 90s, 10m or 1h"))
 }
 
-fn init_logging(level: LogLevel, format: LogFormat) {
+fn log_filter(level: LogLevel) -> tracing_subscriber::EnvFilter {
     let level = level.as_str();
-    let filter = tracing_subscriber::EnvFilter::new(format!(
+    tracing_subscriber::EnvFilter::new(format!(
         "warn,spiffed={level},spiffed_agent={level},spiffed_attest={level},\
          spiffed_authority={level},spiffed_entries={level},spiffed_workload_api={level}"
-    ));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(std::io::stderr);
-    let _ = match format {
-        LogFormat::Json => builder.json().try_init(),
-        LogFormat::Text => builder.try_init(),
-    };
+    ))
 }
 
-/// `spiffed run --config FILE [--new-trust-root]`.
-pub(crate) async fn run(path: &Path, new_trust_root: bool) -> anyhow::Result<ExitCode> {
+/// Changes the log level of the running agent (SIGHUP).
+type LogLevelHandle = Box<dyn Fn(LogLevel) -> Result<(), String> + Send + Sync>;
+
+fn init_logging(level: LogLevel, format: LogFormat) -> Option<LogLevelHandle> {
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(log_filter(level))
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    // The reload handle's type depends on the whole builder, hence one branch per format.
+    let (ok, set): (bool, LogLevelHandle) = match format {
+        LogFormat::Json => {
+            let b = builder.json().with_filter_reloading();
+            let handle = b.reload_handle();
+            let set = move |l| handle.reload(log_filter(l)).map_err(|e| e.to_string());
+            (b.try_init().is_ok(), Box::new(set))
+        }
+        LogFormat::Text => {
+            let b = builder.with_filter_reloading();
+            let handle = b.reload_handle();
+            let set = move |l| handle.reload(log_filter(l)).map_err(|e| e.to_string());
+            (b.try_init().is_ok(), Box::new(set))
+        }
+    };
+    ok.then_some(set)
+}
+
+/// `spiffed run --config FILE [--new-trust-root] [--new-entry-store]`.
+pub(crate) async fn run(
+    path: &Path,
+    new_trust_root: bool,
+    new_entry_store: bool,
+) -> anyhow::Result<ExitCode> {
     let mut cfg = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -93,8 +128,9 @@ pub(crate) async fn run(path: &Path, new_trust_root: bool) -> anyhow::Result<Exi
     if new_trust_root {
         cfg.new_trust_root = NewRootPolicy::AtStart;
     }
-    init_logging(cfg.log_level, cfg.log_format);
-    serve(cfg, Some(path.to_owned()), None, false).await
+    cfg.new_entry_store = new_entry_store;
+    let log_level = init_logging(cfg.log_level, cfg.log_format);
+    serve(cfg, Some((path.to_owned(), log_level)), None, false).await
 }
 
 /// Dev mode's self-check: what to do once the socket serves.
@@ -102,7 +138,7 @@ type OnReady = Box<dyn FnOnce(PathBuf) -> tokio::task::JoinHandle<bool> + Send>;
 
 async fn serve(
     cfg: Config,
-    reload_from: Option<PathBuf>,
+    reload_from: Option<(PathBuf, Option<LogLevelHandle>)>,
     on_ready: Option<OnReady>,
     once: bool,
 ) -> anyhow::Result<ExitCode> {
@@ -116,7 +152,7 @@ async fn serve(
     };
     let socket = bound.socket_path().to_owned();
     let reloader = bound.reloader();
-    let old = bound.config().clone();
+    let mut old = bound.config().clone();
 
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
@@ -124,18 +160,32 @@ async fn serve(
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
 
     // SIGHUP: reload the file's entries; a bad file keeps the running config.
-    if let Some(path) = reload_from {
+    if let Some((path, log_level)) = reload_from {
         tokio::spawn(async move {
             while hup.recv().await.is_some() {
                 match Config::load(&path) {
                     Ok(new) => {
-                        if new.trust_domain != old.trust_domain
-                            || new.socket_path != old.socket_path
-                            || new.data_dir != old.data_dir
-                        {
+                        // Every changed setting is applied or named; none is ignored silently.
+                        for key in old.changes_needing_restart(&new) {
                             tracing::warn!(
-                                "trust_domain, socket_path and data_dir changes need a restart; reloading entries only"
+                                key,
+                                file = %path.display(),
+                                "changed {key} requires a restart; the running agent keeps the old value"
                             );
+                        }
+                        if new.log_level != old.log_level {
+                            match log_level.as_ref().map(|set| set(new.log_level)) {
+                                Some(Ok(())) => {
+                                    tracing::info!(log_level = %new.log_level, "log level changed");
+                                    old.log_level = new.log_level;
+                                }
+                                Some(Err(e)) => {
+                                    tracing::warn!(error = %e, "cannot change the log level")
+                                }
+                                None => tracing::warn!(
+                                    "changed log_level requires a restart; the running agent keeps the old value"
+                                ),
+                            }
                         }
                         let n = new.entries.len();
                         match reloader.reload_config_entries(new.entries) {
@@ -260,7 +310,7 @@ pub(crate) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     if cfg.x509_svid_ttl > cfg.ca_ttl {
         cfg.ca_ttl = cfg.x509_svid_ttl * 2;
     }
-    init_logging(
+    let _ = init_logging(
         LogLevel::Info,
         match args.log_format {
             DevLogFormat::Json => LogFormat::Json,

@@ -143,6 +143,7 @@ socket_mode = "0777"
 admin_socket_path = "{admin}"
 data_dir = "{data}"
 x509_svid_ttl = "4s"
+min_svid_ttl = "1s"
 ca_ttl = "1h"
 log_level = "debug"
 

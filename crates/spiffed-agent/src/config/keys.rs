@@ -64,6 +64,10 @@ const TOP: &[(&str, &str)] = &[
         "denial_log_lines_per_second",
         "denial_log_lines_per_second = 10",
     ),
+    ("max_selectors_per_entry", "max_selectors_per_entry = 64"),
+    ("max_dns_names_per_entry", "max_dns_names_per_entry = 64"),
+    ("min_svid_ttl", "min_svid_ttl = \"10s\""),
+    ("min_ca_ttl", "min_ca_ttl = \"1m\""),
 ];
 
 const ENTRY: &[(&str, &str)] = &[

@@ -20,8 +20,9 @@ use super::error::{ConfigError, ConfigErrorKind, line_column};
 use super::raw::{RawConfig, RawEntry, Str, StrList};
 use super::{
     Config, DEFAULT_ADMIN_SOCKET_PATH, DEFAULT_CA_TTL, DEFAULT_DATA_DIR, DEFAULT_JWT_SVID_TTL,
-    DEFAULT_SOCKET_MODE, DEFAULT_SOCKET_PATH, DEFAULT_X509_SVID_TTL, LogFormat, LogLevel,
-    MAX_ENTRIES,
+    DEFAULT_MAX_DNS_NAMES_PER_ENTRY, DEFAULT_MAX_SELECTORS_PER_ENTRY, DEFAULT_MIN_CA_TTL,
+    DEFAULT_MIN_SVID_TTL, DEFAULT_SOCKET_MODE, DEFAULT_SOCKET_PATH, DEFAULT_X509_SVID_TTL,
+    LogFormat, LogLevel, MAX_ENTRIES,
 };
 use super::{
     DEFAULT_FD_RESERVE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
@@ -34,6 +35,21 @@ const MAX_TRUST_DOMAIN_LEN: usize = 255;
 const MAX_SOCKET_PATH_LEN: usize = 107;
 /// Longest TTL accepted for anything: ten years.
 const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Largest value of `max_selectors_per_entry` and `max_dns_names_per_entry`.
+const MAX_PER_ENTRY_LIMIT: i64 = 1024;
+/// Largest value of `min_svid_ttl` (the default `jwt_svid_ttl`).
+const MAX_MIN_SVID_TTL: Duration = DEFAULT_JWT_SVID_TTL;
+/// Largest value of `min_ca_ttl` (the default `ca_ttl`).
+const MAX_MIN_CA_TTL: Duration = DEFAULT_CA_TTL;
+
+/// Bounds every entry and lifetime must keep (`max_selectors_per_entry`,
+/// `max_dns_names_per_entry`, `min_svid_ttl`).
+#[derive(Clone, Copy, Debug)]
+struct Limits {
+    max_selectors: usize,
+    max_dns_names: usize,
+    min_svid_ttl: Duration,
+}
 
 /// Parses and validates `text`, read from `file`.
 pub(crate) fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
@@ -44,15 +60,20 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
 }
 
 /// Builds the typed config from the raw one, or returns the problem that comes first in the file.
-fn validate(raw: RawConfig, text: &str, file: &Path) -> Result<Config, ConfigError> {
+fn validate(mut raw: RawConfig, text: &str, file: &Path) -> Result<Config, ConfigError> {
     let mut cx = Cx {
         text,
         file,
         errors: Vec::new(),
+        limits: Limits {
+            max_selectors: DEFAULT_MAX_SELECTORS_PER_ENTRY,
+            max_dns_names: DEFAULT_MAX_DNS_NAMES_PER_ENTRY,
+            min_svid_ttl: DEFAULT_MIN_SVID_TTL,
+        },
     };
     // Read first: later steps move fields out of `raw`.
-    let limits = cx.limits(&raw);
-    let trust_domain = cx.trust_domain(raw.trust_domain);
+    let caller = cx.caller_limits(&raw);
+    let trust_domain = cx.trust_domain(raw.trust_domain.take());
     let socket_path = cx.path(
         "socket_path",
         raw.socket_path.as_ref(),
@@ -97,11 +118,42 @@ fn validate(raw: RawConfig, text: &str, file: &Path) -> Result<Config, ConfigErr
             );
         }
     }
-    let admin_uids = cx.admin_uids(raw.admin_uids);
+    let admin_uids = cx.admin_uids(raw.admin_uids.take());
     let data_dir = cx.path("data_dir", raw.data_dir.as_ref(), DEFAULT_DATA_DIR, false);
-    let x509 = cx.ttl("x509_svid_ttl", "x509_svid_ttl", raw.x509_svid_ttl.as_ref());
-    let jwt = cx.ttl("jwt_svid_ttl", "jwt_svid_ttl", raw.jwt_svid_ttl.as_ref());
-    let ca = cx.ttl("ca_ttl", "ca_ttl", raw.ca_ttl.as_ref());
+    cx.sockets_outside_data_dir(&raw, &data_dir, [&socket_path, &admin_socket_path]);
+    cx.limits = cx.limits(&raw);
+    let min_ca_ttl = cx
+        .ttl("min_ca_ttl", "min_ca_ttl", raw.min_ca_ttl.as_ref())
+        .filter(|_| {
+            raw.min_ca_ttl
+                .as_ref()
+                .is_none_or(|r| cx.at_most(r, "min_ca_ttl", MAX_MIN_CA_TTL))
+        })
+        .unwrap_or(DEFAULT_MIN_CA_TTL);
+    let x509 = cx.svid_ttl("x509_svid_ttl", "x509_svid_ttl", raw.x509_svid_ttl.as_ref());
+    let jwt = cx.svid_ttl("jwt_svid_ttl", "jwt_svid_ttl", raw.jwt_svid_ttl.as_ref());
+    let ca = cx
+        .ttl("ca_ttl", "ca_ttl", raw.ca_ttl.as_ref())
+        .filter(|&d| {
+            let Some(r) = raw.ca_ttl.as_ref().filter(|_| d < min_ca_ttl) else {
+                return true;
+            };
+            cx.invalid(
+            r.span(),
+            "ca_ttl",
+            format!(
+                "ca_ttl {:?} is shorter than min_ca_ttl ({})",
+                r.get_ref(),
+                humantime::format_duration(min_ca_ttl)
+            ),
+            format!(
+                "use at least ca_ttl = \"{}\": every CA rotation rewrites ca.json (fsynced) and \
+                 re-signs every SVID; the default is \"24h\" (for tests only, lower min_ca_ttl)",
+                humantime::format_duration(min_ca_ttl)
+            ),
+        );
+            false
+        });
     let x509_svid_ttl = x509.unwrap_or(DEFAULT_X509_SVID_TTL);
     let ca_ttl = ca.unwrap_or(DEFAULT_CA_TTL);
     let x509_ok = raw.x509_svid_ttl.is_none() || x509.is_some();
@@ -121,6 +173,26 @@ fn validate(raw: RawConfig, text: &str, file: &Path) -> Result<Config, ConfigErr
                 humantime::format_duration(ca_ttl)
             ),
             "an SVID never outlives its CA: raise ca_ttl or lower x509_svid_ttl",
+        );
+    }
+    let jwt_svid_ttl = jwt.unwrap_or(DEFAULT_JWT_SVID_TTL);
+    let jwt_ok = raw.jwt_svid_ttl.is_none() || jwt.is_some();
+    if jwt_ok && ca_ok && jwt_svid_ttl > ca_ttl {
+        let (key, span) = match (&raw.jwt_svid_ttl, &raw.ca_ttl) {
+            (Some(j), _) => ("jwt_svid_ttl", j.span()),
+            (None, Some(c)) => ("ca_ttl", c.span()),
+            (None, None) => ("jwt_svid_ttl", 0..0),
+        };
+        cx.invalid(
+            span,
+            key,
+            format!(
+                "jwt_svid_ttl ({}) is longer than ca_ttl ({})",
+                humantime::format_duration(jwt_svid_ttl),
+                humantime::format_duration(ca_ttl)
+            ),
+            "a JWT-SVID never outlives its signing key, which lives as long as the CA: raise \
+             ca_ttl or lower jwt_svid_ttl",
         );
     }
     let log_level = cx.choice(
@@ -205,7 +277,7 @@ fn validate(raw: RawConfig, text: &str, file: &Path) -> Result<Config, ConfigErr
         admin_uids,
         data_dir,
         x509_svid_ttl,
-        jwt_svid_ttl: jwt.unwrap_or(DEFAULT_JWT_SVID_TTL),
+        jwt_svid_ttl,
         ca_ttl,
         log_level,
         log_format,
@@ -218,18 +290,23 @@ fn validate(raw: RawConfig, text: &str, file: &Path) -> Result<Config, ConfigErr
         handshake_timeout,
         idle_timeout,
         fd_reserve,
-        max_jwt_audiences: limits.max_jwt_audiences,
-        max_jwt_audience_length: limits.max_jwt_audience_length,
-        max_jwt_token_length: limits.max_jwt_token_length,
-        jwt_cache_bytes: limits.jwt_cache_bytes,
-        jwt_cache_entries_per_identity: limits.jwt_cache_entries_per_identity,
-        max_logged_string_length: limits.max_logged_string_length,
-        denial_log_lines_per_second: limits.denial_log_lines_per_second,
+        max_jwt_audiences: caller.max_jwt_audiences,
+        max_jwt_audience_length: caller.max_jwt_audience_length,
+        max_jwt_token_length: caller.max_jwt_token_length,
+        jwt_cache_bytes: caller.jwt_cache_bytes,
+        jwt_cache_entries_per_identity: caller.jwt_cache_entries_per_identity,
+        max_logged_string_length: caller.max_logged_string_length,
+        denial_log_lines_per_second: caller.denial_log_lines_per_second,
+        max_selectors_per_entry: cx.limits.max_selectors,
+        max_dns_names_per_entry: cx.limits.max_dns_names,
+        min_svid_ttl: cx.limits.min_svid_ttl,
+        min_ca_ttl,
+        new_entry_store: false,
     })
 }
 
 /// The request, JWT cache and log bounds of a file.
-struct Limits {
+struct CallerLimits {
     max_jwt_audiences: usize,
     max_jwt_audience_length: usize,
     max_jwt_token_length: usize,
@@ -244,14 +321,14 @@ const TOKEN_LENGTH_RANGE: (i64, i64) = (1024, 60 * 1024);
 
 impl Cx<'_> {
     /// Reads the request, JWT cache and log bounds, each within its range.
-    fn limits(&mut self, raw: &RawConfig) -> Limits {
+    fn caller_limits(&mut self, raw: &RawConfig) -> CallerLimits {
         use spiffed_authority::{DEFAULT_JWT_CACHE_BYTES, DEFAULT_JWT_CACHE_ENTRIES_PER_IDENTITY};
         use spiffed_core::untrusted::{DEFAULT_MAX_CHARS, MIN_MAX_CHARS};
         use spiffed_workload_api::{
             DEFAULT_DENIAL_LOG_LINES_PER_SECOND, DEFAULT_MAX_JWT_AUDIENCE_LENGTH,
             DEFAULT_MAX_JWT_AUDIENCES, DEFAULT_MAX_JWT_TOKEN_LENGTH,
         };
-        Limits {
+        CallerLimits {
             max_jwt_audiences: self.bounded(
                 "max_jwt_audiences",
                 raw.max_jwt_audiences.as_ref(),
@@ -338,6 +415,7 @@ struct Cx<'a> {
     text: &'a str,
     file: &'a Path,
     errors: Vec<ConfigError>,
+    limits: Limits,
 }
 
 impl Cx<'_> {
@@ -568,6 +646,137 @@ impl Cx<'_> {
         None
     }
 
+    /// An SVID lifetime: a duration of at least `min_svid_ttl`.
+    fn svid_ttl(&mut self, key: &str, leaf: &str, raw: Option<&Str>) -> Option<Duration> {
+        let d = self.ttl(key, leaf, raw)?;
+        let min = self.limits.min_svid_ttl;
+        if d < min {
+            let min = humantime::format_duration(min);
+            self.invalid(
+                raw.map_or(0..0, Spanned::span),
+                key,
+                format!(
+                    "{leaf} ({}) is shorter than min_svid_ttl ({min})",
+                    humantime::format_duration(d)
+                ),
+                format!(
+                    "use at least {leaf} = \"{min}\": SVIDs are re-minted at half their \
+                     lifetime, for every entry, so very short ones cost CPU and log lines all \
+                     the time (for tests only, lower min_svid_ttl)"
+                ),
+            );
+            return None;
+        }
+        Some(d)
+    }
+
+    /// Whether the duration in `raw` is at most `max`; records an error when it is not.
+    fn at_most(&mut self, raw: &Str, key: &str, max: Duration) -> bool {
+        match humantime::parse_duration(raw.get_ref()) {
+            Ok(d) if d > max => {
+                let max = humantime::format_duration(max);
+                self.invalid(
+                    raw.span(),
+                    key,
+                    format!("{key} {:?} is longer than {max}", raw.get_ref()),
+                    format!("{key} is a floor for lifetimes whose defaults are {max} or more; use at most \"{max}\""),
+                );
+                false
+            }
+            _ => true,
+        }
+    }
+
+    /// `max_selectors_per_entry`, `max_dns_names_per_entry` and `min_svid_ttl`.
+    fn limits(&mut self, raw: &RawConfig) -> Limits {
+        let mut count = |key: &str, raw: Option<&Spanned<i64>>, default: usize, min: i64| {
+            let Some(raw) = raw else {
+                return default;
+            };
+            let n = *raw.get_ref();
+            match usize::try_from(n) {
+                Ok(v) if (min..=MAX_PER_ENTRY_LIMIT).contains(&n) => v,
+                _ => {
+                    self.invalid(
+                        raw.span(),
+                        key,
+                        format!("{key} {n} is out of range"),
+                        format!(
+                            "use a whole number from {min} to {MAX_PER_ENTRY_LIMIT}, e.g. \
+                             {key} = {default} (the default)"
+                        ),
+                    );
+                    default
+                }
+            }
+        };
+        let max_selectors = count(
+            "max_selectors_per_entry",
+            raw.max_selectors_per_entry.as_ref(),
+            DEFAULT_MAX_SELECTORS_PER_ENTRY,
+            1,
+        );
+        let max_dns_names = count(
+            "max_dns_names_per_entry",
+            raw.max_dns_names_per_entry.as_ref(),
+            DEFAULT_MAX_DNS_NAMES_PER_ENTRY,
+            0,
+        );
+        let min_svid_ttl = self
+            .ttl("min_svid_ttl", "min_svid_ttl", raw.min_svid_ttl.as_ref())
+            .filter(|_| {
+                raw.min_svid_ttl
+                    .as_ref()
+                    .is_none_or(|r| self.at_most(r, "min_svid_ttl", MAX_MIN_SVID_TTL))
+            })
+            .unwrap_or(DEFAULT_MIN_SVID_TTL);
+        Limits {
+            max_selectors,
+            max_dns_names,
+            min_svid_ttl,
+        }
+    }
+
+    /// Refuses a socket inside `data_dir`: the data dir is private (0700) and holds the CA key.
+    fn sockets_outside_data_dir(
+        &mut self,
+        raw: &RawConfig,
+        data_dir: &Path,
+        sockets: [&PathBuf; 2],
+    ) {
+        for (key, path, raw_path) in [
+            ("socket_path", sockets[0], &raw.socket_path),
+            ("admin_socket_path", sockets[1], &raw.admin_socket_path),
+        ] {
+            if !path.starts_with(data_dir) {
+                continue;
+            }
+            let (blame, span) = match (raw_path, &raw.data_dir) {
+                (Some(p), _) => (key, p.span()),
+                (None, Some(d)) => ("data_dir", d.span()),
+                (None, None) => (key, 0..0),
+            };
+            self.invalid(
+                span,
+                blame,
+                format!(
+                    "{key} {} is inside data_dir {}",
+                    path.display(),
+                    data_dir.display()
+                ),
+                format!(
+                    "keep sockets out of data_dir, which holds the CA key and is private to the \
+                     agent: e.g. {key} = \"{}\" and data_dir = \"{DEFAULT_DATA_DIR}\"",
+                    if key == "socket_path" {
+                        DEFAULT_SOCKET_PATH
+                    } else {
+                        DEFAULT_ADMIN_SOCKET_PATH
+                    }
+                ),
+            );
+        }
+    }
+
     fn choice<T: Copy>(
         &mut self,
         key: &str,
@@ -607,6 +816,7 @@ impl Cx<'_> {
         let mut entries = Vec::new();
         // (SPIFFE ID, selectors) -> (index, line) of the first entry with them.
         let mut seen: HashMap<(String, Vec<Selector>), (usize, usize)> = HashMap::new();
+        let mut ids: HashMap<EntryId, (usize, usize)> = HashMap::new();
         for (i, raw) in raw.into_iter().enumerate() {
             if i >= MAX_ENTRIES {
                 self.invalid(
@@ -636,6 +846,20 @@ impl Cx<'_> {
                 );
                 continue;
             }
+            if let Some(&(j, first_line)) = ids.get(&entry.id) {
+                // Two different entries whose ids collide in 64 bits: never expected.
+                self.invalid(
+                    id_span,
+                    format!("entries[{i}].spiffe_id"),
+                    format!(
+                        "entries[{i}] gets the same id {} as entries[{j}] (line {first_line})",
+                        entry.id
+                    ),
+                    "change either entry slightly (e.g. add a selector) and report this",
+                );
+                continue;
+            }
+            ids.insert(entry.id.clone(), (i, line));
             seen.insert(key, (i, line));
             entries.push(entry);
         }
@@ -679,12 +903,12 @@ impl Cx<'_> {
         let x509_svid_ttl = raw
             .x509_svid_ttl
             .as_ref()
-            .and_then(|t| self.ttl(&key("x509_svid_ttl"), "x509_svid_ttl", Some(t)));
+            .and_then(|t| self.svid_ttl(&key("x509_svid_ttl"), "x509_svid_ttl", Some(t)));
         ok &= raw.x509_svid_ttl.is_none() || x509_svid_ttl.is_some();
         let jwt_svid_ttl = raw
             .jwt_svid_ttl
             .as_ref()
-            .and_then(|t| self.ttl(&key("jwt_svid_ttl"), "jwt_svid_ttl", Some(t)));
+            .and_then(|t| self.svid_ttl(&key("jwt_svid_ttl"), "jwt_svid_ttl", Some(t)));
         ok &= raw.jwt_svid_ttl.is_none() || jwt_svid_ttl.is_some();
         if let (Some(t), Some(raw_t), Some(ca)) = (x509_svid_ttl, &raw.x509_svid_ttl, ca_ttl)
             && t > ca
@@ -701,6 +925,40 @@ impl Cx<'_> {
             );
             ok = false;
         }
+        if let (Some(t), Some(raw_t), Some(ca)) = (jwt_svid_ttl, &raw.jwt_svid_ttl, ca_ttl)
+            && t > ca
+        {
+            self.invalid(
+                raw_t.span(),
+                key("jwt_svid_ttl"),
+                format!(
+                    "jwt_svid_ttl ({}) is longer than ca_ttl ({})",
+                    humantime::format_duration(t),
+                    humantime::format_duration(ca)
+                ),
+                "a JWT-SVID never outlives its signing key, which lives as long as the CA: raise \
+                 ca_ttl or lower this entry's jwt_svid_ttl",
+            );
+            ok = false;
+        }
+        if let Some(list) = &raw.dns_names
+            && list.get_ref().len() > self.limits.max_dns_names
+        {
+            let max = self.limits.max_dns_names;
+            self.invalid(
+                list.span(),
+                key("dns_names"),
+                format!(
+                    "dns_names has {} items; the limit is {max}",
+                    list.get_ref().len()
+                ),
+                format!(
+                    "keep at most {max} DNS names per entry (each goes into every X.509-SVID of \
+                     the entry), or raise max_dns_names_per_entry"
+                ),
+            );
+            ok = false;
+        }
 
         let (Some(spiffe_id), Some(selectors), Some(td), true) = (spiffe_id, selectors, td, ok)
         else {
@@ -708,7 +966,7 @@ impl Cx<'_> {
         };
         let id_span = raw.spiffe_id.as_ref().map_or(span.clone(), Spanned::span);
         let entry = Entry {
-            id: EntryId::new(format!("config-{i:04}")),
+            id: config_entry_id(&spiffe_id, &selectors),
             spiffe_id,
             selectors,
             x509_svid_ttl,
@@ -757,6 +1015,22 @@ impl Cx<'_> {
             );
             return None;
         }
+        let max = self.limits.max_selectors;
+        if raw.get_ref().len() > max {
+            self.invalid(
+                raw.span(),
+                format!("entries[{i}].selectors"),
+                format!(
+                    "selectors has {} items; the limit is {max}",
+                    raw.get_ref().len()
+                ),
+                format!(
+                    "an entry needs a few selectors (all must match the caller); keep at most \
+                     {max}, or raise max_selectors_per_entry"
+                ),
+            );
+            return None;
+        }
         let mut out = Vec::new();
         let mut ok = true;
         for (j, s) in raw.get_ref().iter().enumerate() {
@@ -778,6 +1052,26 @@ impl Cx<'_> {
         out.dedup();
         ok.then_some(out)
     }
+}
+
+/// The id of a config-file entry: `config-` and 16 hex digits of SHA-256 over its SPIFFE ID and
+/// its sorted selectors, so that it does not change when other entries are added or moved.
+/// (Two entries with the same SPIFFE ID and selectors are refused as duplicates.)
+pub(crate) fn config_entry_id(spiffe_id: &SpiffeId, selectors: &[Selector]) -> EntryId {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    ctx.update(spiffe_id.to_string().as_bytes());
+    for s in selectors {
+        ctx.update(b"\n");
+        ctx.update(s.to_string().as_bytes());
+    }
+    let digest = ctx.finish();
+    let hex: String = digest
+        .as_ref()
+        .iter()
+        .take(8)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    EntryId::new(format!("config-{hex}"))
 }
 
 /// Checks a trust domain name; on failure, the message and the fix.
@@ -982,6 +1276,13 @@ fn entry_problem(
                 "shorten the hint to at most {MAX_HINT_LEN} bytes (the Workload API's limit); a \
                  short label such as \"internal\" is enough"
             ),
+        ),
+        EntryError::HintControl(c) => (
+            span_of(&raw.hint),
+            key("hint"),
+            format!("hint contains the control character {c:?}"),
+            "use printable text without newlines, tabs or escapes, e.g. hint = \"internal\""
+                .to_owned(),
         ),
         EntryError::ZeroTtl(which) => {
             let raw_ttl = if *which == "jwt_svid_ttl" {

@@ -36,8 +36,7 @@ async fn rust_spiffe_sources_see_rotations() {
     use std::collections::HashSet;
     use std::time::Duration;
 
-    let agent =
-        crate::agent_for_me("x509_svid_ttl = \"2s\"\njwt_svid_ttl = \"2s\"\nca_ttl = \"4s\"\n");
+    let agent = crate::agent_for_me(crate::SHORT_TTLS);
     let endpoint = format!("unix://{}", agent.socket.display());
     let x509 = spiffe::X509Source::builder()
         .endpoint(&endpoint)

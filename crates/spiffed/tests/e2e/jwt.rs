@@ -268,7 +268,8 @@ async fn validate_rejects_every_bad_token_with_a_reason() {
 async fn tokens_validate_until_expiry_through_key_rotations() {
     // Keys live 4s (prepared at 2s, signing at ~3.3s); tokens 2s. Over ~9s at least two
     // signing-key rotations happen, and every token must validate while it is unexpired.
-    let agent = agent_for_me("x509_svid_ttl = \"2s\"\njwt_svid_ttl = \"2s\"\nca_ttl = \"4s\"\n");
+    // Lifetimes this short need the floors lowered (min_svid_ttl, min_ca_ttl).
+    let agent = agent_for_me(crate::SHORT_TTLS);
     let mut c = agent.client().await;
     let mut tokens: Vec<(String, u64)> = vec![];
     let mut kids = HashSet::new();

@@ -147,10 +147,20 @@ async fn sigterm_ends_open_streams_and_removes_the_socket() {
 #[tokio::test]
 async fn stale_socket_is_replaced_and_a_live_one_is_refused() {
     let mut agent = agent_for_me("");
-    // A second agent on the same socket is refused while the first lives.
+    // A second agent on the same socket (with its own data dir, which is locked) is refused
+    // while the first lives.
+    let second = agent.dir.path().join("second.toml");
+    let text = std::fs::read_to_string(&agent.config).unwrap();
+    let text = text
+        .replace(
+            &format!("\"{}\"", agent.data_dir.display()),
+            &format!("\"{}\"", agent.dir.path().join("data2").display()),
+        )
+        .replace("/admin/admin.sock", "/admin2/admin.sock");
+    std::fs::write(&second, text).unwrap();
     let out = Command::new(bin())
         .args(["run", "--config"])
-        .arg(&agent.config)
+        .arg(&second)
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

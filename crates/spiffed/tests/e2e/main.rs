@@ -12,6 +12,7 @@
 mod admin;
 mod attest;
 mod cli;
+mod files;
 mod interop;
 mod jwt;
 mod lifecycle;
@@ -32,6 +33,10 @@ fn bin() -> PathBuf {
 fn peer_bin() -> PathBuf {
     PathBuf::from(env!("CARGO_BIN_EXE_spiffed-test-peer"))
 }
+
+/// Lifetimes short enough to watch SVID, JWT key and CA rotations within seconds: SVIDs and
+/// tokens of 2s, a CA of 4s, with the floors (`min_svid_ttl`, `min_ca_ttl`) lowered for tests.
+const SHORT_TTLS: &str = "x509_svid_ttl = \"2s\"\njwt_svid_ttl = \"2s\"\nca_ttl = \"4s\"\nmin_svid_ttl = \"1s\"\nmin_ca_ttl = \"1s\"\n";
 
 /// Starts an agent whose entries grant the test's own uid `spiffe://example.org/web`.
 fn agent_for_me(extra: &str) -> Agent {

@@ -25,8 +25,9 @@ async fn raw_client_gets_svids_per_entry_and_matching_bundle() {
     let mut client = agent.client().await;
     let mut stream = x509_stream(&mut client).await;
     let msg = stream.message().await.unwrap().unwrap();
-    // Two matching entries in file order; the third is for another uid.
-    let ids: Vec<_> = msg.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+    // Two matching entries (ordered by entry id); the third is for another uid.
+    let mut ids: Vec<_> = msg.svids.iter().map(|s| s.spiffe_id.as_str()).collect();
+    ids.sort_unstable();
     assert_eq!(ids, ["spiffe://example.org/db", "spiffe://example.org/web"]);
     assert!(msg.federated_bundles.is_empty());
     for svid in &msg.svids {
@@ -38,7 +39,11 @@ async fn raw_client_gets_svids_per_entry_and_matching_bundle() {
         assert_eq!(parsed.spiffe_id().to_string(), svid.spiffe_id);
         verify_chain(&svid.x509_svid, &svid.bundle);
     }
-    let web = &msg.svids[1];
+    let web = msg
+        .svids
+        .iter()
+        .find(|s| s.spiffe_id == "spiffe://example.org/web")
+        .unwrap();
     assert_eq!(web.hint, "internal");
     let web_certs = split_der(&web.x509_svid);
     let (_, leaf) = X509Certificate::from_der(&web_certs[0]).unwrap();
@@ -223,7 +228,9 @@ async fn caller_without_entry_gets_permission_denied() {
 async fn stream_lives_through_svid_and_ca_rotations() {
     // SVIDs of 2s (re-minted every ~1s), a CA of 6s: within 8s the stream must see several
     // SVID rotations and the CA handover, every SVID verifying against the bundle sent with it.
-    let agent = agent_for_me("x509_svid_ttl = \"2s\"\nca_ttl = \"6s\"\n");
+    let agent = agent_for_me(
+        "x509_svid_ttl = \"2s\"\njwt_svid_ttl = \"2s\"\nca_ttl = \"6s\"\nmin_svid_ttl = \"1s\"\nmin_ca_ttl = \"1s\"\n",
+    );
     let mut c = agent.client().await;
     let mut stream = x509_stream(&mut c).await;
     // A bundle stream on the side must be told about the CA changes too.
