@@ -417,7 +417,11 @@ impl Config {
              admin_uids={:?} data_dir={} x509_svid_ttl={} jwt_svid_ttl={} ca_ttl={} \
              log_level={} log_format={} synthetic_ids={} entries={} \
              max_connections_per_uid={} max_streams_per_connection={} max_streams_per_uid={} \
-             handshake_timeout={} idle_timeout={} fd_reserve={}",
+             handshake_timeout={} idle_timeout={} fd_reserve={} max_jwt_audiences={} \
+             max_jwt_audience_length={} max_jwt_token_length={} jwt_cache_bytes={} \
+             jwt_cache_entries_per_identity={} max_logged_string_length={} \
+             denial_log_lines_per_second={} max_selectors_per_entry={} \
+             max_dns_names_per_entry={} min_svid_ttl={} min_ca_ttl={}",
             self.trust_domain,
             self.socket_path.display(),
             self.socket_mode,
@@ -438,6 +442,17 @@ impl Config {
             humantime::format_duration(self.handshake_timeout),
             humantime::format_duration(self.idle_timeout),
             self.fd_reserve,
+            self.max_jwt_audiences,
+            self.max_jwt_audience_length,
+            self.max_jwt_token_length,
+            self.jwt_cache_bytes,
+            self.jwt_cache_entries_per_identity,
+            self.max_logged_string_length,
+            self.denial_log_lines_per_second,
+            self.max_selectors_per_entry,
+            self.max_dns_names_per_entry,
+            humantime::format_duration(self.min_svid_ttl),
+            humantime::format_duration(self.min_ca_ttl),
         )
     }
 }
@@ -1048,6 +1063,12 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
             "x509_svid_ttl=1h",
             "jwt_svid_ttl=5m",
             "entries=1",
+            "max_connections_per_uid=auto",
+            "max_jwt_audiences=16",
+            "jwt_cache_bytes=4194304",
+            "max_selectors_per_entry=64",
+            "min_svid_ttl=10s",
+            "min_ca_ttl=1m",
         ] {
             assert!(s.contains(part), "{part} missing from {s}");
         }
