@@ -21,7 +21,7 @@ use std::time::Duration;
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use libfuzzer_sys::fuzz_target;
-use spiffed_authority::{AuthorityConfig, CaAuthority};
+use spiffed_authority::{AuthorityConfig, CaAuthority, NewRootPolicy};
 use spiffed_core::{Authority, Entry, EntryId, JwtError, Selector, ValidatedJwt};
 
 struct Fixture {
@@ -41,6 +41,7 @@ fn fixture() -> &'static Fixture {
             ca_ttl: Duration::from_secs(24 * 3600),
             x509_svid_ttl: Duration::from_secs(3600),
             jwt_svid_ttl: Duration::from_secs(300),
+            new_root: NewRootPolicy::Refuse,
         })
         .unwrap();
         let entry = Arc::new(Entry {
