@@ -22,6 +22,22 @@ pub(crate) fn fatal(msg: &str) {
     eprintln!("spiffed: error: {msg}");
 }
 
+/// Prints dev mode's banner or self-check report; false if stdout could not take it. A closed
+/// or full stdout (`spiffed dev | head -1`) must not stop an agent that serves: it is logged
+/// once and the agent goes on (`--once` then exits non-zero: its report went nowhere).
+fn say(text: &str) -> bool {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    match crate::client::output::out(text) {
+        Ok(()) => true,
+        Err(e) => {
+            if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                tracing::warn!(error = %e, "cannot print to stdout (dev goes on serving; with --once it exits 1)");
+            }
+            false
+        }
+    }
+}
+
 /// Options of `spiffed dev`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct DevArgs {
@@ -322,16 +338,15 @@ pub(crate) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
     let admin_socket = cfg.admin_socket_path.clone();
     let on_ready: OnReady = Box::new(move |socket: PathBuf| {
         tokio::spawn(async move {
-            println!("spiffed dev: serving the SPIFFE Workload API (trust domain {td})");
-            println!("  socket:   {}", socket.display());
-            println!("  data dir: {}", data_dir.display());
-            println!(
-                "  admin:    {} (spiffed entry ... --admin-socket PATH)",
-                admin_socket.display()
-            );
-            println!();
-            println!("export SPIFFE_ENDPOINT_SOCKET=unix://{}", socket.display());
-            println!();
+            let banner = say(&format!(
+                "spiffed dev: serving the SPIFFE Workload API (trust domain {td})\n  socket:   {}\n  \
+                 data dir: {}\n  admin:    {} (spiffed entry ... --admin-socket PATH)\n\n\
+                 export SPIFFE_ENDPOINT_SOCKET=unix://{}\n",
+                socket.display(),
+                data_dir.display(),
+                admin_socket.display(),
+                socket.display()
+            ));
             let endpoint = format!("unix://{}", socket.display());
             match tokio::time::timeout(
                 Duration::from_secs(10),
@@ -340,14 +355,13 @@ pub(crate) async fn dev(args: DevArgs) -> anyhow::Result<ExitCode> {
             .await
             {
                 Ok(Ok(report)) => {
-                    println!(
-                        "Self-check: fetched an X.509-SVID through the socket. A workload of uid {uid} receives:"
-                    );
-                    println!("{}", report.render_text());
-                    if !once {
-                        println!("Serving. Ctrl-C stops.");
-                    }
-                    true
+                    let serving = if once { "" } else { "\nServing. Ctrl-C stops." };
+                    let report = say(&format!(
+                        "Self-check: fetched an X.509-SVID through the socket. A workload of uid \
+                         {uid} receives:\n{}{serving}",
+                        report.render_text()
+                    ));
+                    (banner && report) || !once
                 }
                 Ok(Err(e)) => {
                     fatal(&format!(

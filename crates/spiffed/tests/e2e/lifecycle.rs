@@ -314,6 +314,70 @@ fn dev_mode_needs_no_config_and_proves_its_socket() {
     assert!(!socket.exists(), "--once removes the socket when it stops");
 }
 
+/// Issue 10 item 15: `spiffed dev | head -1` panicked in its banner task, and the agent stopped
+/// serving. A dev agent whose stdout is gone keeps serving; `--once` (whose report went
+/// nowhere) exits 1; neither panics.
+#[test]
+fn dev_mode_outlives_a_closed_stdout() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("run").join("dev.sock");
+    let dev = |extra: &[&str], stdout: std::process::Stdio| {
+        Command::new(bin())
+            .arg("dev")
+            .args(extra)
+            .arg("--socket")
+            .arg(&socket)
+            .arg("--data-dir")
+            .arg(dir.path().join("state"))
+            .stdout(stdout)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let full = || {
+        std::process::Stdio::from(
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open("/dev/full")
+                .unwrap(),
+        )
+    };
+    let once = dev(&["--once"], full()).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&once.stderr);
+    assert_eq!(once.status.code(), Some(1), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(err.contains("cannot print to stdout"), "{err}");
+
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut agent = dev(&[], std::process::Stdio::from(writer));
+    let mut fetched = None;
+    for _ in 0..100 {
+        std::thread::sleep(Duration::from_millis(100));
+        if let Some(status) = agent.try_wait().unwrap() {
+            panic!("the dev agent stopped ({status}) when its stdout closed");
+        }
+        let out = Command::new(bin())
+            .args(["api", "fetch", "x509", "--socket"])
+            .arg(&socket)
+            .output()
+            .unwrap();
+        if out.status.success() {
+            fetched = Some(out);
+            break;
+        }
+    }
+    // A second look: the agent was still serving after its banner and self-check.
+    std::thread::sleep(Duration::from_millis(300));
+    let still = agent.try_wait().unwrap();
+    let _ = Command::new("kill").arg(agent.id().to_string()).status();
+    let out = agent.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(fetched.is_some(), "no SVID from the dev agent:\n{err}");
+    assert!(still.is_none(), "the dev agent stopped:\n{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
 /// SHA-256 of a DER certificate as `openssl x509 -noout -fingerprint -sha256` writes it.
 fn fingerprint(der: &[u8]) -> String {
     let d = ring::digest::digest(&ring::digest::SHA256, der);
