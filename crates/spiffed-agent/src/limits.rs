@@ -443,6 +443,7 @@ pin_project_lite::pin_project! {
     /// handshake timeout, or has had no open stream for the idle timeout: its reads then
     /// report end of file, so the HTTP/2 server ends the connection, and its writes fail.
     /// Holds the guard that counts it against its uid and the descriptor reserve.
+    #[project = TrackedProj]
     pub struct Tracked<IO> {
         #[pin]
         io: IO,
@@ -531,24 +532,28 @@ fn poll_deadline(
     }
 }
 
+/// Whether the connection of `this` is past its deadline (see [`poll_deadline`]).
+fn past_deadline<IO>(this: &mut TrackedProj<'_, IO>, cx: &mut Context<'_>) -> bool {
+    poll_deadline(
+        this.info,
+        *this.accepted,
+        *this.handshake_timeout,
+        *this.idle_timeout,
+        this.timer,
+        this.expired,
+        cx,
+    )
+    .is_ready()
+}
+
 impl<IO: AsyncRead> AsyncRead for Tracked<IO> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = self.project();
-        if poll_deadline(
-            this.info,
-            *this.accepted,
-            *this.handshake_timeout,
-            *this.idle_timeout,
-            this.timer,
-            this.expired,
-            cx,
-        )
-        .is_ready()
-        {
+        let mut this = self.project();
+        if past_deadline(&mut this, cx) {
             // End of file: the server closes the connection.
             return Poll::Ready(Ok(()));
         }
@@ -569,21 +574,11 @@ impl<IO: AsyncWrite> AsyncWrite for Tracked<IO> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        match this.io.poll_write(cx, buf) {
+        let mut this = self.project();
+        match this.io.as_mut().poll_write(cx, buf) {
             Poll::Pending => {
                 // A client that does not read must not keep the connection past its deadline.
-                if poll_deadline(
-                    this.info,
-                    *this.accepted,
-                    *this.handshake_timeout,
-                    *this.idle_timeout,
-                    this.timer,
-                    this.expired,
-                    cx,
-                )
-                .is_ready()
-                {
+                if past_deadline(&mut this, cx) {
                     return Poll::Ready(Err(timed_out()));
                 }
                 Poll::Pending
@@ -597,20 +592,10 @@ impl<IO: AsyncWrite> AsyncWrite for Tracked<IO> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let this = self.project();
-        match this.io.poll_write_vectored(cx, bufs) {
+        let mut this = self.project();
+        match this.io.as_mut().poll_write_vectored(cx, bufs) {
             Poll::Pending => {
-                if poll_deadline(
-                    this.info,
-                    *this.accepted,
-                    *this.handshake_timeout,
-                    *this.idle_timeout,
-                    this.timer,
-                    this.expired,
-                    cx,
-                )
-                .is_ready()
-                {
+                if past_deadline(&mut this, cx) {
                     return Poll::Ready(Err(timed_out()));
                 }
                 Poll::Pending
