@@ -23,14 +23,14 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use spiffed_attest::listen::PeerStream;
-use spiffed_core::PeerCred;
+use spiffed_core::{LogGate, PeerCred};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 use tokio_stream::Stream;
@@ -147,24 +147,20 @@ impl Limits {
     }
 }
 
-/// Lets a line through at most once per [`LOG_EVERY`], counting the ones held back.
-#[derive(Debug, Default)]
-struct Throttle {
-    next: Mutex<Option<Instant>>,
-    held_back: AtomicU64,
+/// A refusal line let through at most once per [`LOG_EVERY`], counting the ones held back.
+#[derive(Debug)]
+struct Throttle(LogGate);
+
+impl Default for Throttle {
+    fn default() -> Self {
+        Self(LogGate::new(LOG_EVERY))
+    }
 }
 
 impl Throttle {
     /// `Some(lines held back since the last one)` when this line may be logged.
     fn allow(&self) -> Option<u64> {
-        let now = Instant::now();
-        let mut next = self.next.lock().unwrap_or_else(PoisonError::into_inner);
-        if next.is_some_and(|t| now < t) {
-            self.held_back.fetch_add(1, Ordering::Relaxed);
-            return None;
-        }
-        *next = Some(now + LOG_EVERY);
-        Some(self.held_back.swap(0, Ordering::Relaxed))
+        self.0.admit(Instant::now().into_std())
     }
 }
 

@@ -23,7 +23,6 @@
 #![deny(unsafe_code)]
 
 pub mod listen;
-mod log_gate;
 mod procfs;
 mod sha256_cache;
 #[allow(unsafe_code)]

@@ -14,9 +14,9 @@ use spiffed_core::{
     AttestError, Attested, Attestor, Facts, LeftOut, PeerCred, Selector, SelectorError, Selectors,
 };
 
-use crate::log_gate::LogGate;
 use crate::sha256_cache::Sha256Cache;
 use crate::{procfs, sys, systemd};
+use spiffed_core::LogGate;
 
 /// The [`Attestor`] for local callers on Linux.
 ///

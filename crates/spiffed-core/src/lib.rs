@@ -11,6 +11,7 @@
 
 mod entry;
 mod identity;
+mod log_gate;
 mod peer;
 mod selector;
 pub mod untrusted;
@@ -20,6 +21,7 @@ pub use identity::{
     Authority, AuthorityError, Identity, JwtAuthority, JwtBundle, JwtError, JwtSvid, Lease,
     PrivateKey, ValidatedJwt, X509Bundle, X509Svid,
 };
+pub use log_gate::{LOG_INTERVAL, LogGate};
 pub use peer::{AttestError, Attested, Attestor, Facts, LeftOut, PeerCred};
 pub use selector::{Selector, SelectorError, Selectors};
 pub use spiffe::{SpiffeId, TrustDomain};

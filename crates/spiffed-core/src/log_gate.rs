@@ -1,15 +1,16 @@
 //! One log line per burst: an event that repeats within an interval is counted, not logged, so
-//! callers who trigger it on every request cannot flood the log.
+//! callers who trigger it on every request cannot flood the log. Shared by the attestor (why a
+//! selector was left out) and the agent's connection limits (why a connection was refused).
 
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-/// How long a [`LogGate`] stays shut after it let a line through.
-pub(crate) const LOG_INTERVAL: Duration = Duration::from_secs(60);
+/// How long a [`LogGate`] made with `default()` stays shut after it let a line through.
+pub const LOG_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Lets one occurrence of an event be logged per interval and counts the rest.
 #[derive(Debug)]
-pub(crate) struct LogGate {
+pub struct LogGate {
     interval: Duration,
     state: Mutex<State>,
 }
@@ -28,7 +29,7 @@ impl Default for LogGate {
 
 impl LogGate {
     /// A gate that opens at most once per `interval`.
-    pub(crate) fn new(interval: Duration) -> Self {
+    pub fn new(interval: Duration) -> Self {
         Self {
             interval,
             state: Mutex::new(State::default()),
@@ -37,7 +38,7 @@ impl LogGate {
 
     /// `Some(n)` when this occurrence (at `now`) is to be logged, `n` being how many were held
     /// back since the last logged one; `None` when it is to be counted only.
-    pub(crate) fn admit(&self, now: Instant) -> Option<u64> {
+    pub fn admit(&self, now: Instant) -> Option<u64> {
         // The state is two plain values, valid after a panic anywhere.
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let open = state
