@@ -747,13 +747,7 @@ impl CaAuthority {
             now,
             &self.inner.rng,
         )
-        .map_err(|e| match e {
-            Error::NoValidCa(reason) => AuthorityError::Unavailable(reason),
-            e => AuthorityError::Mint {
-                spiffe_id: entry.spiffe_id.to_string(),
-                reason: e.to_string(),
-            },
-        })?;
+        .map_err(|e| mint_error(&entry.spiffe_id, e))?;
         let life = m.not_after.duration_since(now).unwrap_or(Duration::ZERO);
         let svid = Arc::new(X509Svid {
             spiffe_id: entry.spiffe_id.clone(),
@@ -1231,6 +1225,18 @@ async fn entries_changed(
     }
 }
 
+/// A signing failure as callers see it: no key valid at the moment is Unavailable (the reason
+/// says why; it passes when the clock or the operator acts), anything else a minting error.
+fn mint_error(spiffe_id: &spiffed_core::SpiffeId, e: Error) -> AuthorityError {
+    match e {
+        Error::NoValidCa(reason) => AuthorityError::Unavailable(reason),
+        e => AuthorityError::Mint {
+            spiffe_id: spiffe_id.to_string(),
+            reason: e.to_string(),
+        },
+    }
+}
+
 /// A signer for every X.509 CA of `keys`, with its role.
 fn make_signers(keys: &KeyFile) -> Result<Vec<(CaState, Arc<Signer>)>, Error> {
     keys.x509
@@ -1327,7 +1333,7 @@ impl Authority for CaAuthority {
         entries: &[Arc<Entry>],
         audience: &[String],
     ) -> Result<Vec<Arc<JwtSvid>>, AuthorityError> {
-        let now = SystemTime::now();
+        let now = self.now();
         let mut aud: Vec<String> = audience.to_vec();
         aud.sort();
         aud.dedup();
@@ -1337,6 +1343,7 @@ impl Authority for CaAuthority {
             let key = (e.id.clone(), aud.clone());
             if let Some(j) = st.jwts.get(&key)
                 && j.refresh_at > now
+                && j.svid.issued_at <= now
                 && j.entry.spiffe_id == e.spiffe_id
                 && j.entry.jwt_svid_ttl == e.jwt_svid_ttl
             {
@@ -1347,10 +1354,7 @@ impl Authority for CaAuthority {
             let (token, issued_at, expiry) = st
                 .jwt_signer
                 .sign(&e.spiffe_id, &aud, ttl, now, &self.inner.rng)
-                .map_err(|err| AuthorityError::Mint {
-                    spiffe_id: e.spiffe_id.to_string(),
-                    reason: err.to_string(),
-                })?;
+                .map_err(|err| mint_error(&e.spiffe_id, err))?;
             let life = expiry.duration_since(issued_at).unwrap_or(Duration::ZERO);
             let svid = Arc::new(JwtSvid {
                 spiffe_id: e.spiffe_id.clone(),
@@ -1370,7 +1374,7 @@ impl Authority for CaAuthority {
 
     fn validate_jwt(&self, token: &str, audience: &str) -> Result<ValidatedJwt, JwtError> {
         let bundle = self.jwt_bundle();
-        jwt::validate(token, audience, SystemTime::now(), |td| {
+        jwt::validate(token, audience, self.now(), |td| {
             (td == &bundle.trust_domain).then(|| bundle.keys.clone())
         })
     }
@@ -1936,6 +1940,34 @@ mod tests {
         clock.set(t0 + Duration::from_secs(1));
         let (ids, _) = a.identities(std::slice::from_ref(&web)).unwrap();
         all_valid_at(&ids, t0 + Duration::from_secs(1));
+    }
+
+    /// JWT-SVIDs follow the injected clock too: a clock behind the JWT key's notBefore gets
+    /// Unavailable (not a Mint error), and a token cached before the clock stepped back is not
+    /// handed out while its `iat` is in the future.
+    #[test]
+    fn jwt_svids_follow_the_injected_clock() {
+        let ttl = Duration::from_secs(3600);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let dir = tempfile::tempdir().unwrap();
+        let web = entry("1", "web", None);
+        let aud = vec!["a".to_owned()];
+        let (a, clock) = clocked(dir.path(), ttl, NewRootPolicy::Refuse, t0);
+        let first = a.jwt_svids(std::slice::from_ref(&web), &aud).unwrap();
+        assert_eq!(first[0].issued_at, t0);
+        clock.set(t0 - Duration::from_secs(3600));
+        match a.jwt_svids(std::slice::from_ref(&web), &aud) {
+            Err(AuthorityError::Unavailable(_)) => {}
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+        clock.set(t0 + Duration::from_secs(60));
+        let again = a.jwt_svids(std::slice::from_ref(&web), &aud).unwrap();
+        assert_eq!(again[0].token, first[0].token, "still cached");
+        let claims = a.validate_jwt(&again[0].token, "a").unwrap();
+        assert_eq!(claims.spiffe_id, web.spiffe_id);
+        // Validation uses the same clock: far past the token's expiry it is refused.
+        clock.set(t0 + Duration::from_secs(86_000));
+        assert!(a.validate_jwt(&again[0].token, "a").is_err());
     }
 
     #[test]
