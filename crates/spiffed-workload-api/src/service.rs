@@ -465,7 +465,7 @@ impl Shared {
             .attested
             .selectors
             .iter()
-            .map(|s| Untrusted(&s.to_string()).to_string())
+            .map(ToString::to_string)
             .collect();
         tracing::info!(
             pid = ?caller.cred.pid,
