@@ -1190,6 +1190,54 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
         );
     }
 
+    /// Each entry and lifetime bound at its default: the value at the limit is accepted, one
+    /// past it is refused.
+    #[test]
+    fn entry_and_lifetime_bounds_hold_exactly_at_their_defaults() {
+        let list =
+            |n: usize, f: &dyn Fn(usize) -> String| (0..n).map(f).collect::<Vec<_>>().join(", ");
+        let gid = |i: usize| format!("\"unix:gid:{i}\"");
+        let e = entry("spiffe://example.org/a", &format!("[{}]", list(64, &gid)));
+        parse(&doc(&with_entry(&e, &[]))).unwrap();
+        let e = entry("spiffe://example.org/a", &format!("[{}]", list(65, &gid)));
+        fails_at(&with_entry(&e, &[]), 5, "entries[0].selectors");
+
+        let host = |i: usize| format!("\"h{i}.internal\"");
+        let e = entry("spiffe://example.org/a", "[\"unix:uid:1\"]");
+        let dns = format!("dns_names = [{}]", list(64, &host));
+        parse(&doc(&with_entry(&e, &[&dns]))).unwrap();
+        let dns = format!("dns_names = [{}]", list(65, &host));
+        fails_at(&with_entry(&e, &[&dns]), 6, "entries[0].dns_names");
+
+        let cfg = parse(&doc(&[
+            TD,
+            "x509_svid_ttl = \"10s\"",
+            "jwt_svid_ttl = \"10s\"",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.x509_svid_ttl, Duration::from_secs(10));
+        fails_at(&[TD, "x509_svid_ttl = \"9s\""], 2, "x509_svid_ttl");
+
+        let cfg = parse(&doc(&[
+            TD,
+            "ca_ttl = \"1m\"",
+            "x509_svid_ttl = \"10s\"",
+            "jwt_svid_ttl = \"10s\"",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.ca_ttl, Duration::from_secs(60));
+        fails_at(
+            &[
+                TD,
+                "ca_ttl = \"59s\"",
+                "x509_svid_ttl = \"10s\"",
+                "jwt_svid_ttl = \"10s\"",
+            ],
+            2,
+            "ca_ttl",
+        );
+    }
+
     #[test]
     fn hints_with_control_characters() {
         let e = entry("spiffe://example.org/a", "[\"unix:uid:1\"]");
