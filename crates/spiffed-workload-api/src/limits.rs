@@ -242,7 +242,9 @@ mod tests {
         let quotes = vec!["\"".repeat(DEFAULT_MAX_JWT_AUDIENCE_LENGTH); 16];
         let e = l.check_fetch_audiences(&quotes).unwrap_err();
         assert!(e.to_string().contains("max_jwt_token_length"), "{e}");
-        let e = l.check_validate(&"t".repeat(40_000), "a").unwrap_err();
+        let at_limit = "t".repeat(DEFAULT_MAX_JWT_TOKEN_LENGTH);
+        assert!(l.check_validate(&at_limit, "a").is_ok());
+        let e = l.check_validate(&format!("{at_limit}t"), "a").unwrap_err();
         assert!(
             e.to_string().contains("max_jwt_token_length = 32768"),
             "{e}"
