@@ -363,28 +363,41 @@ impl WorkloadApi {
         entries: watch::Receiver<Arc<EntrySet>>,
         synthetic_ids: bool,
     ) -> Self {
+        Self::build(
+            attestor,
+            authority,
+            entries,
+            synthetic_ids,
+            RequestLimits::default(),
+        )
+    }
+
+    /// The same service with other request limits (default [`RequestLimits::default`]).
+    pub fn with_limits(self, limits: RequestLimits) -> Self {
+        let s = &self.shared;
+        Self::build(
+            s.attestor.clone(),
+            s.authority.clone(),
+            s.entries.clone(),
+            s.synthetic_ids,
+            limits,
+        )
+    }
+
+    /// The one place the shared state is made, so a new field is set once.
+    fn build(
+        attestor: Arc<dyn Attestor>,
+        authority: Arc<dyn Authority>,
+        entries: watch::Receiver<Arc<EntrySet>>,
+        synthetic_ids: bool,
+        limits: RequestLimits,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 attestor,
                 authority,
                 entries,
                 synthetic_ids,
-                responses: Responses::default(),
-                limits: RequestLimits::default(),
-                throttle: Throttle::new(RequestLimits::default().denial_log_lines_per_second),
-            }),
-        }
-    }
-
-    /// The same service with other request limits (default [`RequestLimits::default`]).
-    pub fn with_limits(self, limits: RequestLimits) -> Self {
-        let s = &self.shared;
-        Self {
-            shared: Arc::new(Shared {
-                attestor: s.attestor.clone(),
-                authority: s.authority.clone(),
-                entries: s.entries.clone(),
-                synthetic_ids: s.synthetic_ids,
                 responses: Responses::default(),
                 limits,
                 throttle: Throttle::new(limits.denial_log_lines_per_second),
