@@ -46,6 +46,9 @@ const RESERVE_BACKOFF: Duration = Duration::from_millis(50);
 /// Streams and connections closed since the last trim after which freed heap is handed back
 /// to the kernel.
 const TRIM_AFTER: usize = 1000;
+/// How long a trim waits once due, so that a burst of closes (a 10,000-stream fan-out ending)
+/// is trimmed once, not once per [`TRIM_AFTER`] closes while it is still going on.
+const TRIM_DELAY: Duration = Duration::from_secs(1);
 
 /// The soft and hard descriptor limits, before and after [`raise_fd_limit`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -178,6 +181,8 @@ pub struct Shared {
     streams: Mutex<HashMap<u32, usize>>,
     /// Streams and connections closed since the heap was last trimmed.
     released: AtomicUsize,
+    /// A trim is due and waiting [`TRIM_DELAY`]; shared with the task that runs it.
+    trim_scheduled: Arc<AtomicBool>,
     refused_connection: Throttle,
     refused_stream: Throttle,
     short_of_fds: Throttle,
@@ -199,6 +204,7 @@ impl Shared {
             connections: Mutex::new(HashMap::new()),
             streams: Mutex::new(HashMap::new()),
             released: AtomicUsize::new(0),
+            trim_scheduled: Arc::new(AtomicBool::new(false)),
             refused_connection: Throttle::default(),
             refused_stream: Throttle::default(),
             short_of_fds: Throttle::default(),
@@ -283,10 +289,22 @@ impl Shared {
         if self.released.fetch_add(1, Ordering::Relaxed) + 1 < TRIM_AFTER {
             return;
         }
-        self.released.store(0, Ordering::Relaxed);
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            drop(handle.spawn_blocking(spiffed_attest::release_free_memory));
+        // One trim at a time: whoever sets the flag schedules it; closes meanwhile only count.
+        if self.trim_scheduled.swap(true, Ordering::AcqRel) {
+            return;
         }
+        self.released.store(0, Ordering::Relaxed);
+        let Ok(handle) = tokio::runtime::Handle::try_current() else {
+            self.trim_scheduled.store(false, Ordering::Release);
+            return;
+        };
+        let scheduled = self.trim_scheduled.clone();
+        drop(handle.spawn(async move {
+            tokio::time::sleep(TRIM_DELAY).await;
+            // Cleared first: closes during the trim schedule the next one.
+            scheduled.store(false, Ordering::Release);
+            let _ = tokio::task::spawn_blocking(spiffed_attest::release_free_memory).await;
+        }));
     }
 }
 
