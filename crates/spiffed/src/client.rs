@@ -185,17 +185,8 @@ pub(crate) struct WatchArgs {
     pub(crate) exec: Option<String>,
     /// Kill the --exec command (and its process group) if it runs longer than this, e.g.
     /// 30s or 2m.
-    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = parse_exec_timeout)]
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = crate::serve::parse_duration)]
     pub(crate) exec_timeout: Duration,
-}
-
-/// A positive `--exec-timeout`.
-fn parse_exec_timeout(s: &str) -> Result<Duration, String> {
-    match humantime::parse_duration(s) {
-        Ok(d) if d.is_zero() => Err("must be greater than zero, e.g. 30s".to_owned()),
-        Ok(d) => Ok(d),
-        Err(e) => Err(format!("{e}; write a duration such as 30s or 2m")),
-    }
 }
 
 /// Why a client command failed. Each message names the thing that failed and, where there is

@@ -67,7 +67,8 @@ enum DevLogFormat {
     Json,
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+/// A positive duration flag (`--x509-svid-ttl`, `api watch --exec-timeout`).
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let d = humantime_parse(s)?;
     if d.is_zero() {
         return Err("must be greater than zero, e.g. 10m".into());
