@@ -348,34 +348,59 @@ fn dev_mode_outlives_a_closed_stdout() {
     assert!(!err.contains("panicked"), "{err}");
     assert!(err.contains("cannot print to stdout"), "{err}");
 
+    // Serving, with stdout a closed pipe and stderr in a file we can watch.
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
-    let mut agent = dev(&[], std::process::Stdio::from(writer));
-    let mut fetched = None;
-    for _ in 0..100 {
-        std::thread::sleep(Duration::from_millis(100));
+    let log = dir.path().join("dev.stderr");
+    let mut agent = Command::new(bin())
+        .arg("dev")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--data-dir")
+        .arg(dir.path().join("state"))
+        .stdout(std::process::Stdio::from(writer))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let err = || std::fs::read_to_string(&log).unwrap_or_default();
+    // First the failed print (the banner), so what follows is checked after it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !err().contains("cannot print to stdout") {
         if let Some(status) = agent.try_wait().unwrap() {
-            panic!("the dev agent stopped ({status}) when its stdout closed");
+            panic!(
+                "the dev agent stopped ({status}) when its stdout closed:\n{}",
+                err()
+            );
         }
-        let out = Command::new(bin())
-            .args(["api", "fetch", "x509", "--socket"])
-            .arg(&socket)
-            .output()
-            .unwrap();
-        if out.status.success() {
-            fetched = Some(out);
-            break;
-        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no failed print within 10 s:\n{}",
+            err()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
-    // A second look: the agent was still serving after its banner and self-check.
-    std::thread::sleep(Duration::from_millis(300));
-    let still = agent.try_wait().unwrap();
+    let out = Command::new(bin())
+        .args(["api", "fetch", "x509", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "no SVID after the failed print:\n{}",
+        err()
+    );
+    // The self-check's verdict comes right after its (failed) report: still serving after it.
+    for _ in 0..10 {
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(
+            agent.try_wait().unwrap().is_none(),
+            "the dev agent stopped:\n{}",
+            err()
+        );
+    }
     let _ = Command::new("kill").arg(agent.id().to_string()).status();
-    let out = agent.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(fetched.is_some(), "no SVID from the dev agent:\n{err}");
-    assert!(still.is_none(), "the dev agent stopped:\n{err}");
-    assert!(!err.contains("panicked"), "{err}");
+    let _ = agent.wait();
+    assert!(!err().contains("panicked"), "{}", err());
 }
 
 /// SHA-256 of a DER certificate as `openssl x509 -noout -fingerprint -sha256` writes it.
