@@ -518,6 +518,19 @@ impl Watch {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Waits up to 20 s for the watch to write `text` on stderr.
+    fn wait_for_stderr(&self, text: &str) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !self.stderr().contains(text) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{text:?} not written within 20 s:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
     /// SIGTERM, then the exit status.
     fn stop(&mut self) -> std::process::ExitStatus {
         Command::new("kill")
@@ -578,17 +591,10 @@ fn a_watch_writing_files_outlives_its_closed_stdout() {
     let out = agent.dir.path().join("out");
     let mut watch = Watch::start(&agent, &["--write", out.to_str().unwrap()], closed_pipe());
     watch.wait_for(&out.join("svid.0.pem"));
-    std::thread::sleep(std::time::Duration::from_millis(300));
-    assert!(
-        watch.child.try_wait().unwrap().is_none(),
-        "{}",
-        watch.stderr()
-    );
-    assert!(
-        watch.stderr().contains("no longer printing"),
-        "{}",
-        watch.stderr()
-    );
+    watch.wait_for_stderr("no longer printing");
+    // It goes on: the next update, after stdout failed, still reaches the files.
+    grant_me(&agent, "spiffe://example.org/two");
+    watch.wait_for(&out.join("svid.1.pem"));
     assert!(watch.stop().success(), "{}", watch.stderr());
     assert!(!watch.stderr().contains("panicked"), "{}", watch.stderr());
 }
@@ -609,11 +615,8 @@ fn a_hanging_exec_command_does_not_stop_later_updates() {
     // A second identity: the agent pushes an update while the command still hangs.
     grant_me(&agent, "spiffe://example.org/two");
     watch.wait_for(&out.join("svid.1.pem"));
-    assert!(
-        watch.stderr().contains("is still running; killing it"),
-        "{}",
-        watch.stderr()
-    );
+    // Logged after the new files are renamed into place, so wait for it too.
+    watch.wait_for_stderr("is still running; killing it");
     assert!(watch.stop().success(), "{}", watch.stderr());
     assert!(gone(hang), "the command outlived the watch");
 
@@ -633,11 +636,7 @@ fn a_hanging_exec_command_does_not_stop_later_updates() {
         Stdio::null(),
     );
     watch.wait_for(&out2.join("svid.1.pem"));
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !watch.stderr().contains("--exec-timeout") {
-        assert!(std::time::Instant::now() < deadline, "{}", watch.stderr());
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    watch.wait_for_stderr("--exec-timeout");
     assert!(gone(hang), "the timed-out command is still running");
     assert!(watch.stop().success(), "{}", watch.stderr());
 }
