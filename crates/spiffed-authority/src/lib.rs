@@ -294,7 +294,6 @@ impl Alarm {
         self.count += 1;
         if self.since.is_none() {
             self.since = Some(now);
-            self.count = 1;
             self.logged = Some(now);
             return Report::First;
         }
@@ -323,9 +322,8 @@ impl Alarm {
 /// [`ROTATION_BACKOFF_MAX`], so a full disk costs a line and an attempt a minute, not a spin.
 #[derive(Debug, Default)]
 struct Rotation {
+    /// The burst of failures in a row; its count drives the backoff.
     alarm: Alarm,
-    /// Failures in a row.
-    failures: u32,
     /// No attempt before this.
     retry_at: Option<SystemTime>,
 }
@@ -338,20 +336,19 @@ impl Rotation {
             .filter(|&r| r > now && r <= now + ROTATION_BACKOFF_MAX)
     }
 
-    /// Counts a failure at `now`; returns the wait before the next attempt.
-    fn failed(&mut self, now: SystemTime) -> Duration {
-        self.failures = self.failures.saturating_add(1);
-        let doublings = self.failures.saturating_sub(1).min(16);
+    /// Counts a failure at `now`; returns the wait before the next attempt and what to log.
+    fn failed(&mut self, now: SystemTime) -> (Duration, Report) {
+        let report = self.alarm.raise(now);
+        let doublings = u32::try_from(self.alarm.count.saturating_sub(1).min(16)).unwrap_or(16);
         let wait = ROTATION_BACKOFF_MIN
             .saturating_mul(1 << doublings)
             .min(ROTATION_BACKOFF_MAX);
         self.retry_at = Some(now + wait);
-        wait
+        (wait, report)
     }
 
     /// A step succeeded (or had nothing to do): the burst, if any, ends.
     fn succeeded(&mut self) -> Option<(SystemTime, u64)> {
-        self.failures = 0;
         self.retry_at = None;
         self.alarm.clear()
     }
@@ -898,17 +895,17 @@ impl CaAuthority {
                     }
                 }
                 Err(e) => {
-                    let wait = st.rotation.failed(now);
+                    let (wait, report) = st.rotation.failed(now);
                     next = next.min(now + wait);
                     let retry_in = humantime::format_duration(wait).to_string();
-                    match st.rotation.alarm.raise(now) {
+                    match report {
                         Report::First => tracing::error!(
                             error = %e, %retry_in,
                             "CA rotation failed; retrying with backoff (logged again every 5 \
                              minutes while it fails)"
                         ),
                         Report::Repeat => tracing::error!(
-                            error = %e, %retry_in, failures = st.rotation.failures,
+                            error = %e, %retry_in, failures = st.rotation.alarm.count,
                             since = %ca::rfc3339(st.rotation.alarm.since.unwrap_or(now)),
                             "CA rotation still failing"
                         ),
@@ -1856,7 +1853,7 @@ mod tests {
                 end.duration_since(t0).unwrap()
             );
         });
-        let attempts = a.lock().rotation.failures;
+        let attempts = a.lock().rotation.alarm.count;
         assert!(
             (5..=40).contains(&attempts),
             "{attempts} rotation attempts in {:?}",
