@@ -333,8 +333,20 @@ async fn streams_are_limited_per_connection_and_per_uid() {
     );
     // The agent stays responsive, and a closed stream makes room again.
     open.pop();
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let mut s = x509_stream(&mut other).await;
+    // The count drops when the agent sees the stream end: retry until then, within 10 s.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut s = loop {
+        match other
+            .fetch_x509svid(with_header(spiffed_proto::workload::X509svidRequest {}))
+            .await
+        {
+            Ok(r) => break r.into_inner(),
+            Err(e) if e.code() == tonic::Code::ResourceExhausted && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("no room after a stream closed: {e:?}"),
+        }
+    };
     assert!(s.message().await.unwrap().is_some());
 }
 
