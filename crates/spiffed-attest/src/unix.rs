@@ -50,17 +50,6 @@ impl UnixAttestor {
         Self::default()
     }
 
-    /// An attestor that logs why it left a selector out at most once per `interval` for each
-    /// kind of reason (a path that is not the running file; a file the agent may not read),
-    /// counting the lines it holds back; the default is one minute.
-    pub fn with_log_interval(interval: std::time::Duration) -> Self {
-        Self {
-            path_log: LogGate::new(interval),
-            denied_log: LogGate::new(interval),
-            ..Self::default()
-        }
-    }
-
     /// Number of executables whose SHA-256 is cached.
     pub fn sha256_cache_len(&self) -> usize {
         self.sha256.len()

@@ -152,19 +152,6 @@ impl FrontError {
             Self::MalformedHeaders { .. } | Self::ExpectedContinuation { .. } => PROTOCOL_ERROR,
         }
     }
-
-    /// The stream the offending header block was for.
-    pub fn stream(&self) -> u32 {
-        match self {
-            Self::Hpack { stream, .. }
-            | Self::HeaderBlockTooLarge { stream, .. }
-            | Self::HeaderListTooLarge { stream, .. }
-            | Self::TooManyHuffmanStrings { stream, .. }
-            | Self::TooManyContinuations { stream, .. }
-            | Self::MalformedHeaders { stream }
-            | Self::ExpectedContinuation { stream, .. } => *stream,
-        }
-    }
 }
 
 /// A frame's 9-byte header, parsed.
