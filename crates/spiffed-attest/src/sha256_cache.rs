@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::fs::File;
+use std::fs::{File, Metadata};
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -46,11 +46,12 @@ pub(crate) struct Sha256Cache {
 }
 
 impl Sha256Cache {
-    /// The SHA-256 of the open file `file`, from the cache when its identity is known.
+    /// The SHA-256 of the open file `file` (whose fstat the caller already has, as `meta`),
+    /// from the cache when its identity is known.
     ///
     /// Hashes outside the lock, so one large binary does not hold up other callers' lookups.
-    pub(crate) fn sha256(&self, mut file: File) -> io::Result<String> {
-        let key = FileKey::of(&file.metadata()?);
+    pub(crate) fn sha256(&self, mut file: File, meta: &Metadata) -> io::Result<String> {
+        let key = FileKey::of(meta);
         if let Some(hex) = self.lock().get(&key) {
             return Ok(hex.clone());
         }
@@ -67,10 +68,10 @@ impl Sha256Cache {
         Ok(hex)
     }
 
-    /// The cached SHA-256 of the open file `file`, or `None` when it would have to be computed.
-    pub(crate) fn cached(&self, file: &File) -> io::Result<Option<String>> {
-        let key = FileKey::of(&file.metadata()?);
-        Ok(self.lock().get(&key).cloned())
+    /// The cached SHA-256 of the file whose fstat is `meta`, or `None` when it would have to
+    /// be computed.
+    pub(crate) fn cached(&self, meta: &Metadata) -> Option<String> {
+        self.lock().get(&FileKey::of(meta)).cloned()
     }
 
     /// Number of cached hashes.
@@ -115,14 +116,21 @@ mod tests {
 
     use super::*;
 
+    /// Opens `path` and asks the cache, as attestation does with the running file.
+    fn sha(cache: &Sha256Cache, path: &std::path::Path) -> io::Result<String> {
+        let file = File::open(path)?;
+        let meta = file.metadata()?;
+        cache.sha256(file, &meta)
+    }
+
     #[test]
     fn hashes_known_content_once() {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"abc").unwrap();
         let cache = Sha256Cache::default();
         let want = "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad";
-        assert_eq!(cache.sha256(File::open(f.path()).unwrap()).unwrap(), want);
-        assert_eq!(cache.sha256(File::open(f.path()).unwrap()).unwrap(), want);
+        assert_eq!(sha(&cache, f.path()).unwrap(), want);
+        assert_eq!(sha(&cache, f.path()).unwrap(), want);
         assert_eq!(cache.computed(), 1);
         assert_eq!(cache.len(), 1);
     }
@@ -132,11 +140,11 @@ mod tests {
         let mut f = tempfile::NamedTempFile::new().unwrap();
         f.write_all(b"abc").unwrap();
         let cache = Sha256Cache::default();
-        cache.sha256(File::open(f.path()).unwrap()).unwrap();
+        sha(&cache, f.path()).unwrap();
         f.write_all(b"def").unwrap();
         f.flush().unwrap();
         let want = "bef57ec7f53a6d40beb640a780a639c83bc29ac8a9816f1fc6c5c6dcd93c4721";
-        assert_eq!(cache.sha256(File::open(f.path()).unwrap()).unwrap(), want);
+        assert_eq!(sha(&cache, f.path()).unwrap(), want);
         assert_eq!(cache.computed(), 2);
     }
 
@@ -151,7 +159,7 @@ mod tests {
             .map(|b| format!("{b:02x}"))
             .collect();
         let cache = Sha256Cache::default();
-        assert_eq!(cache.sha256(File::open(f.path()).unwrap()).unwrap(), want);
+        assert_eq!(sha(&cache, f.path()).unwrap(), want);
     }
 
     #[test]
@@ -171,7 +179,7 @@ mod tests {
             }
         }
         let f = tempfile::NamedTempFile::new().unwrap();
-        cache.sha256(File::open(f.path()).unwrap()).unwrap();
+        sha(&cache, f.path()).unwrap();
         assert_eq!(cache.len(), MAX_ENTRIES);
     }
 }

@@ -178,10 +178,11 @@ impl UnixAttestor {
             if facts.contains(Facts::SHA256) {
                 // Hashes the open file, so the digest is of what runs, and caches it by the
                 // open file's identity (fstat), never by a path.
+                // `running` is the fstat taken above: the cache key needs no second one.
                 let sha256 = if may_hash {
-                    Some(self.sha256.sha256(file))
+                    Some(self.sha256.sha256(file, &running))
                 } else {
-                    self.sha256.cached(&file).transpose()
+                    self.sha256.cached(&running).map(Ok)
                 };
                 let Some(sha256) = sha256 else {
                     return Ok(None);
