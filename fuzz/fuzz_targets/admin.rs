@@ -5,9 +5,10 @@
 //! - decoding never panics, and a decoded message re-encodes to bytes that decode to the same
 //!   message (prost round trip);
 //! - every `EntrySpec` of `CreateEntries` and `UpdateEntry` goes through the service's
-//!   `validate_spec` (see `common::check_spec` for what an accepted or refused spec promises);
-//! - the `ListEntries` selector filter is accepted exactly when it parses as a selector, and
-//!   then displays as it was sent.
+//!   `validate_spec` (see `common::check_spec` for what an accepted or refused spec promises).
+//!
+//! The other requests (Get, Delete, Explain, the List filter) carry only ids and a selector
+//! string; decoding them would fuzz prost, and selector strings have their own target.
 #![no_main]
 
 #[path = "common.rs"]
@@ -15,7 +16,6 @@ mod common;
 
 use libfuzzer_sys::fuzz_target;
 use prost::Message;
-use spiffed_core::Selector;
 use spiffed_proto::admin as pb;
 
 /// Most specs checked per input (the service takes up to 1000 per call; each costs the same).
@@ -33,37 +33,15 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let td = common::td();
-    match kind % 6 {
-        0 => {
-            if let Some(req) = round_trip::<pb::CreateEntriesRequest>(bytes) {
-                for spec in req.entries.iter().take(MAX_SPECS) {
-                    common::check_spec(spec, &td);
-                }
-            }
-        }
-        1 => {
-            if let Some(req) = round_trip::<pb::UpdateEntryRequest>(bytes)
-                && let Some(spec) = &req.spec
-            {
+    if kind % 2 == 0 {
+        if let Some(req) = round_trip::<pb::CreateEntriesRequest>(bytes) {
+            for spec in req.entries.iter().take(MAX_SPECS) {
                 common::check_spec(spec, &td);
             }
         }
-        2 => {
-            if let Some(req) = round_trip::<pb::ListEntriesRequest>(bytes)
-                && !req.selector.is_empty()
-                && let Ok(s) = req.selector.parse::<Selector>()
-            {
-                assert_eq!(s.to_string(), req.selector);
-            }
-        }
-        3 => {
-            round_trip::<pb::GetEntryRequest>(bytes);
-        }
-        4 => {
-            round_trip::<pb::DeleteEntriesRequest>(bytes);
-        }
-        _ => {
-            round_trip::<pb::ExplainRequest>(bytes);
-        }
+    } else if let Some(req) = round_trip::<pb::UpdateEntryRequest>(bytes)
+        && let Some(spec) = &req.spec
+    {
+        common::check_spec(spec, &td);
     }
 });
