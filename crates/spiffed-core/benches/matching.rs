@@ -7,10 +7,10 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use spiffed_core::{Entry, EntryId, EntrySet, Selectors};
+use spiffed_core::{Entry, EntryId, EntryIndex, Selectors};
 
-fn set(n: u32) -> EntrySet {
-    let entries = (0..n)
+fn set(n: u32) -> EntryIndex {
+    let entries: Vec<Arc<Entry>> = (0..n)
         .map(|i| {
             // Realistic shape: every entry keys on a uid (1,000 distinct) and half add a path.
             let mut selectors = vec![format!("unix:uid:{}", 1000 + i % 1000).parse().unwrap()];
@@ -29,7 +29,11 @@ fn set(n: u32) -> EntrySet {
             })
         })
         .collect();
-    EntrySet::new(entries, 1)
+    let mut index = EntryIndex::new();
+    for e in entries {
+        index.upsert(e);
+    }
+    index
 }
 
 fn caller(uid: u32, path: &str) -> Selectors {
@@ -56,8 +60,19 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(set.matching(black_box(&miss))));
     });
     c.bench_function("index_10k_entries", |b| {
-        let entries: Vec<_> = set.entries().to_vec();
-        b.iter(|| black_box(EntrySet::new(entries.clone(), 2)));
+        let entries: Vec<_> = set.iter().cloned().collect();
+        b.iter(|| {
+            let mut index = EntryIndex::new();
+            for e in &entries {
+                index.upsert(e.clone());
+            }
+            black_box(index)
+        });
+    });
+    c.bench_function("update_one_of_10k_entries", |b| {
+        let mut index = self::set(10_000);
+        let e = index.iter().next().cloned().unwrap();
+        b.iter(|| black_box(index.upsert(e.clone())));
     });
 }
 

@@ -1,13 +1,13 @@
 //! Registration entries and the matching index over a set of them.
 
-use std::collections::{HashMap, HashSet};
 use std::fmt;
-use std::sync::Arc;
 use std::time::Duration;
 
 use spiffe::{SpiffeId, TrustDomain};
 
-use crate::{Facts, Selector, Selectors};
+use crate::{Selector, SelectorCheck, SelectorError};
+#[cfg(test)]
+use std::sync::Arc;
 
 /// Longest hint accepted, in bytes (the Workload API spec's SHOULD NOT, as SPIRE enforces).
 pub const MAX_HINT_LEN: usize = 1024;
@@ -94,11 +94,157 @@ pub enum EntryError {
     /// clients, terminals and log lines as is.
     #[error("hint contains the control character {0:?}; use printable text, e.g. \"internal\"")]
     HintControl(char),
+    /// A selector that no configured attestor accepts.
+    #[error(transparent)]
+    Selector(#[from] SelectorError),
+    /// More selectors than `max_selectors_per_entry`.
+    #[error("the entry has {count} selectors; the limit is {max} (max_selectors_per_entry)")]
+    TooManySelectors {
+        /// Selectors in the entry.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// More DNS names than `max_dns_names_per_entry`.
+    #[error("the entry has {count} dns names; the limit is {max} (max_dns_names_per_entry)")]
+    TooManyDnsNames {
+        /// DNS names in the entry.
+        count: usize,
+        /// The limit.
+        max: usize,
+    },
+    /// A TTL below `min_svid_ttl`.
+    #[error(
+        "{field} is shorter than the agent's min_svid_ttl ({}s): SVIDs are re-minted at half \
+         their lifetime; use at least {}s", .min.as_secs(), .min.as_secs()
+    )]
+    TtlTooShort {
+        /// `x509_svid_ttl` or `jwt_svid_ttl`.
+        field: &'static str,
+        /// The limit.
+        min: Duration,
+    },
+    /// A TTL above the longest allowed (10 years, and never longer than the CA's lifetime).
+    #[error("{field} is longer than {}s; {why}", .max.as_secs())]
+    TtlTooLong {
+        /// `x509_svid_ttl` or `jwt_svid_ttl`.
+        field: &'static str,
+        /// The limit.
+        max: Duration,
+        /// Where the limit comes from.
+        why: &'static str,
+    },
+}
+
+/// Longest TTL an entry may ask for: 10 years.
+pub const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Bounds every entry must keep, from the agent's configuration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EntryLimits {
+    /// `max_selectors_per_entry`.
+    pub max_selectors: usize,
+    /// `max_dns_names_per_entry`.
+    pub max_dns_names: usize,
+    /// `min_svid_ttl`: shortest per-entry TTL.
+    pub min_svid_ttl: Duration,
+    /// The CA's lifetime (`ca_ttl`): no SVID outlives its CA.
+    pub ca_ttl: Duration,
+}
+
+impl Default for EntryLimits {
+    fn default() -> Self {
+        Self {
+            max_selectors: 64,
+            max_dns_names: 64,
+            min_svid_ttl: Duration::from_secs(10),
+            ca_ttl: MAX_TTL,
+        }
+    }
+}
+
+/// Everything an entry is checked against: the trust domain, the limits, and the attestors that
+/// own the selector types.
+#[derive(Clone, Copy)]
+pub struct EntryRules<'a> {
+    /// The agent's trust domain.
+    pub trust_domain: &'a TrustDomain,
+    /// The limits.
+    pub limits: EntryLimits,
+    /// Checks selectors by type (the configured attestor plugins).
+    pub selectors: &'a dyn SelectorCheck,
+}
+
+impl fmt::Debug for EntryRules<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EntryRules")
+            .field("trust_domain", &self.trust_domain)
+            .field("limits", &self.limits)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Entry {
-    /// Checks the rules that every entry must meet for trust domain `td`.
-    pub fn validate(&self, td: &TrustDomain) -> Result<(), EntryError> {
+    /// The one validating constructor: sorts and de-duplicates the selectors of `self`, then
+    /// checks every rule an entry must meet (the config file, the admin API and every other
+    /// entry source build entries through it).
+    pub fn checked(mut self, rules: &EntryRules<'_>) -> Result<Self, EntryError> {
+        self.selectors.sort();
+        self.selectors.dedup();
+        self.check(rules)?;
+        Ok(self)
+    }
+
+    /// Checks every rule an entry must meet under `rules`.
+    pub fn check(&self, rules: &EntryRules<'_>) -> Result<(), EntryError> {
+        self.validate(rules.trust_domain)?;
+        let l = &rules.limits;
+        if self.selectors.len() > l.max_selectors {
+            return Err(EntryError::TooManySelectors {
+                count: self.selectors.len(),
+                max: l.max_selectors,
+            });
+        }
+        for sel in &self.selectors {
+            rules.selectors.check(sel)?;
+        }
+        if self.dns_names.len() > l.max_dns_names {
+            return Err(EntryError::TooManyDnsNames {
+                count: self.dns_names.len(),
+                max: l.max_dns_names,
+            });
+        }
+        for (field, ttl) in [
+            ("x509_svid_ttl", self.x509_svid_ttl),
+            ("jwt_svid_ttl", self.jwt_svid_ttl),
+        ] {
+            let Some(ttl) = ttl else { continue };
+            if ttl > MAX_TTL {
+                return Err(EntryError::TtlTooLong {
+                    field,
+                    max: MAX_TTL,
+                    why: "use e.g. 1h",
+                });
+            }
+            if ttl < l.min_svid_ttl {
+                return Err(EntryError::TtlTooShort {
+                    field,
+                    min: l.min_svid_ttl,
+                });
+            }
+            if ttl > l.ca_ttl {
+                return Err(EntryError::TtlTooLong {
+                    field,
+                    max: l.ca_ttl,
+                    why: "an SVID never outlives its CA (or, for JWT-SVIDs, its signing key)",
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the rules that need only the trust domain.
+    fn validate(&self, td: &TrustDomain) -> Result<(), EntryError> {
         let id = self.spiffe_id.to_string();
         if id.len() > MAX_SPIFFE_ID_LEN {
             return Err(EntryError::IdTooLong(id.len()));
@@ -157,97 +303,6 @@ fn valid_dns_name(name: &str) -> bool {
         })
 }
 
-/// An immutable snapshot of all entries, indexed for "all selectors present" matching.
-///
-/// Matching walks only the entries that share at least one selector with the caller, so its cost
-/// grows with the caller's selectors and their posting lists, not with the number of entries.
-#[derive(Debug, Default)]
-pub struct EntrySet {
-    entries: Vec<Arc<Entry>>,
-    by_selector: HashMap<Selector, Vec<usize>>,
-    kind_keys: HashSet<String>,
-    facts: Facts,
-    revision: u64,
-}
-
-impl EntrySet {
-    /// Builds the index. Entries are ordered by id, so the default identity (`svids[0]`) is
-    /// stable across calls.
-    pub fn new(mut entries: Vec<Arc<Entry>>, revision: u64) -> Self {
-        entries.sort_by(|a, b| a.id.cmp(&b.id));
-        let mut by_selector: HashMap<Selector, Vec<usize>> = HashMap::new();
-        let mut kind_keys = HashSet::new();
-        for (i, e) in entries.iter().enumerate() {
-            for s in &e.selectors {
-                by_selector.entry(s.clone()).or_default().push(i);
-                kind_keys.insert(s.kind_key());
-            }
-        }
-        let facts = kind_keys
-            .iter()
-            .fold(Facts::NONE, |f, k| f | Facts::for_kind_key(k));
-        Self {
-            entries,
-            by_selector,
-            kind_keys,
-            facts,
-            revision,
-        }
-    }
-
-    /// All entries, ordered by id.
-    pub fn entries(&self) -> &[Arc<Entry>] {
-        &self.entries
-    }
-
-    /// A number that grows with every change to the set.
-    pub fn revision(&self) -> u64 {
-        self.revision
-    }
-
-    /// Whether any entry uses a selector of this `type:key` (e.g. `unix:sha256`), so attestors
-    /// can skip facts nobody asks for.
-    pub fn uses_kind_key(&self, kind_key: &str) -> bool {
-        self.kind_keys.contains(kind_key)
-    }
-
-    /// The facts attestation must gather so that every entry can be matched.
-    pub fn facts(&self) -> Facts {
-        self.facts
-    }
-
-    /// Every entry whose selectors are all among `selectors`, ordered by entry id, with duplicate
-    /// non-empty hints removed (the first entry by id keeps its hint's identity).
-    pub fn matching(&self, selectors: &Selectors) -> Vec<Arc<Entry>> {
-        let mut hits: HashMap<usize, usize> = HashMap::new();
-        for s in selectors.iter() {
-            if let Some(idxs) = self.by_selector.get(s) {
-                for &i in idxs {
-                    *hits.entry(i).or_default() += 1;
-                }
-            }
-        }
-        let mut matched: Vec<usize> = hits
-            .into_iter()
-            .filter(|&(i, n)| {
-                // An entry's selectors are unique, so n counts distinct matches.
-                self.entries.get(i).is_some_and(|e| e.selectors.len() == n)
-            })
-            .map(|(i, _)| i)
-            .collect();
-        matched.sort_unstable();
-        let mut seen_hints = HashSet::new();
-        matched
-            .into_iter()
-            .filter_map(|i| self.entries.get(i).cloned())
-            .filter(|e| match e.hint.as_deref() {
-                Some(h) if !h.is_empty() => seen_hints.insert(h.to_owned()),
-                _ => true,
-            })
-            .collect()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,74 +322,80 @@ mod tests {
         })
     }
 
-    fn sels(s: &[&str]) -> Selectors {
-        s.iter().map(|s| s.parse().unwrap()).collect()
+    struct AnySelector;
+    impl SelectorCheck for AnySelector {
+        fn check(&self, _: &Selector) -> Result<(), SelectorError> {
+            Ok(())
+        }
+    }
+
+    fn rules(td: &TrustDomain) -> EntryRules<'_> {
+        EntryRules {
+            trust_domain: td,
+            limits: EntryLimits::default(),
+            selectors: &AnySelector,
+        }
     }
 
     #[test]
-    fn matches_subsets_in_id_order() {
-        let set = EntrySet::new(
-            vec![
-                entry("b", "spiffe://td/b", &["unix:uid:1", "unix:gid:1"], None),
-                entry("a", "spiffe://td/a", &["unix:uid:1"], None),
-                entry("c", "spiffe://td/c", &["unix:uid:2"], None),
-            ],
-            1,
+    fn limits_are_checked_in_one_place() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut r = rules(&td);
+        r.limits.max_selectors = 1;
+        let two = entry(
+            "1",
+            "spiffe://example.org/w",
+            &["unix:uid:1", "unix:gid:1"],
+            None,
         );
-        let got: Vec<_> = set
-            .matching(&sels(&["unix:uid:1", "unix:gid:1"]))
-            .iter()
-            .map(|e| e.id.to_string())
-            .collect();
-        assert_eq!(got, ["a", "b"]);
-        let got: Vec<_> = set
-            .matching(&sels(&["unix:uid:1", "unix:gid:2"]))
-            .iter()
-            .map(|e| e.id.to_string())
-            .collect();
-        assert_eq!(got, ["a"]);
-        assert!(set.matching(&sels(&["unix:uid:3"])).is_empty());
-        assert!(set.uses_kind_key("unix:gid"));
-        assert!(!set.uses_kind_key("unix:sha256"));
-        assert_eq!(set.facts(), Facts::NONE);
-    }
-
-    #[test]
-    fn duplicate_hints_keep_first_by_id() {
-        let set = EntrySet::new(
-            vec![
-                entry("2", "spiffe://td/two", &["unix:uid:1"], Some("internal")),
-                entry("1", "spiffe://td/one", &["unix:uid:1"], Some("internal")),
-                entry("3", "spiffe://td/three", &["unix:uid:1"], Some("")),
-                entry("4", "spiffe://td/four", &["unix:uid:1"], Some("")),
-            ],
-            1,
-        );
-        let got: Vec<_> = set
-            .matching(&sels(&["unix:uid:1"]))
-            .iter()
-            .map(|e| e.spiffe_id.to_string())
-            .collect();
         assert_eq!(
-            got,
-            ["spiffe://td/one", "spiffe://td/three", "spiffe://td/four"]
+            (*two).clone().checked(&r),
+            Err(EntryError::TooManySelectors { count: 2, max: 1 })
         );
+        let mut short = (*entry("1", "spiffe://example.org/w", &["unix:uid:1"], None)).clone();
+        short.x509_svid_ttl = Some(Duration::from_secs(1));
+        assert!(matches!(
+            short.check(&rules(&td)),
+            Err(EntryError::TtlTooShort {
+                field: "x509_svid_ttl",
+                ..
+            })
+        ));
+        short.x509_svid_ttl = None;
+        short.jwt_svid_ttl = Some(MAX_TTL + Duration::from_secs(1));
+        assert!(matches!(
+            short.check(&rules(&td)),
+            Err(EntryError::TtlTooLong {
+                field: "jwt_svid_ttl",
+                ..
+            })
+        ));
+        let mut r = rules(&td);
+        r.limits.ca_ttl = Duration::from_secs(3600);
+        short.jwt_svid_ttl = Some(Duration::from_secs(7200));
+        assert!(matches!(
+            short.check(&r),
+            Err(EntryError::TtlTooLong { .. })
+        ));
     }
 
     #[test]
     fn validation_names_the_problem() {
         let td = TrustDomain::new("example.org").unwrap();
         let ok = entry("1", "spiffe://example.org/web", &["unix:uid:1"], None);
-        assert_eq!(ok.validate(&td), Ok(()));
+        assert_eq!(ok.check(&rules(&td)), Ok(()));
         let other = entry("1", "spiffe://other.org/web", &["unix:uid:1"], None);
         assert!(matches!(
-            other.validate(&td),
+            other.check(&rules(&td)),
             Err(EntryError::OutsideTrustDomain { .. })
         ));
         let root = entry("1", "spiffe://example.org", &["unix:uid:1"], None);
-        assert!(matches!(root.validate(&td), Err(EntryError::NoPath(_))));
+        assert!(matches!(
+            root.check(&rules(&td)),
+            Err(EntryError::NoPath(_))
+        ));
         let none = entry("1", "spiffe://example.org/web", &[], None);
-        assert_eq!(none.validate(&td), Err(EntryError::NoSelectors));
+        assert_eq!(none.check(&rules(&td)), Err(EntryError::NoSelectors));
         let long_hint = "h".repeat(1025);
         let hint = entry(
             "1",
@@ -342,11 +403,14 @@ mod tests {
             &["unix:uid:1"],
             Some(&long_hint),
         );
-        assert_eq!(hint.validate(&td), Err(EntryError::HintTooLong(1025)));
+        assert_eq!(hint.check(&rules(&td)), Err(EntryError::HintTooLong(1025)));
         let mut dns = (*ok).clone();
         dns.dns_names = vec!["bad_name".into()];
-        assert!(matches!(dns.validate(&td), Err(EntryError::DnsName(_))));
+        assert!(matches!(
+            dns.check(&rules(&td)),
+            Err(EntryError::DnsName(_))
+        ));
         dns.dns_names = vec!["web.internal".into(), "*.svc.local".into()];
-        assert_eq!(dns.validate(&td), Ok(()));
+        assert_eq!(dns.check(&rules(&td)), Ok(()));
     }
 }

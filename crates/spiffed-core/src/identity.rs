@@ -1,5 +1,6 @@
 //! What the authority hands out (SVIDs and bundles) and the authority seam.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -186,12 +187,134 @@ pub struct Identity {
     pub x509: Arc<X509Svid>,
 }
 
-/// Keeps SVIDs of on-demand entries (synthetic identities) alive while held.
+/// A subscription to one entry's X.509-SVID: the current SVID now, and a wake-up whenever the
+/// issuer replaces it (rotation, a changed entry). Only the streams holding that entry wake.
 ///
-/// Streams hold the lease for as long as they serve those identities; once every lease is
-/// dropped the authority may stop rotating them.
-#[derive(Debug, Clone, Default)]
-pub struct Lease(pub Vec<Arc<dyn std::any::Any + Send + Sync>>);
+/// Holding it keeps the SVID alive and rotated (the issuer counts the receivers); once every
+/// watch on an entry that is not registered any more is dropped, the issuer may forget it.
+#[derive(Debug, Clone)]
+pub struct SvidWatch {
+    rx: watch::Receiver<Arc<X509Svid>>,
+}
+
+impl SvidWatch {
+    /// Wraps a receiver of the entry's SVIDs (the issuer keeps the sender).
+    pub fn new(rx: watch::Receiver<Arc<X509Svid>>) -> Self {
+        Self { rx }
+    }
+
+    /// The current SVID, marking it seen.
+    pub fn current(&mut self) -> Arc<X509Svid> {
+        self.rx.borrow_and_update().clone()
+    }
+
+    /// The current SVID, without marking it seen.
+    pub fn peek(&self) -> Arc<X509Svid> {
+        self.rx.borrow().clone()
+    }
+
+    /// Waits until the SVID is replaced; false when the issuer dropped the entry (stopping).
+    pub async fn changed(&mut self) -> bool {
+        self.rx.changed().await.is_ok()
+    }
+
+    /// Whether a replacement arrived that [`current`](Self::current) has not returned yet.
+    pub fn has_changed(&self) -> bool {
+        self.rx.has_changed().unwrap_or(false)
+    }
+}
+
+/// The bundles of one trust domain: its X.509 authorities and its JWT authorities.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustBundle {
+    /// The X.509 authorities.
+    pub x509: Arc<X509Bundle>,
+    /// The JWT authorities.
+    pub jwt: Arc<JwtBundle>,
+}
+
+impl TrustBundle {
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.x509.trust_domain
+    }
+}
+
+/// Every trust bundle the agent hands out: its own trust domain's, plus federated ones, keyed by
+/// trust domain. Published on a watch; `sequence` grows whenever any bundle changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleSet {
+    own: TrustDomain,
+    bundles: BTreeMap<TrustDomain, TrustBundle>,
+    sequence: u64,
+}
+
+impl BundleSet {
+    /// A set with the own trust domain's bundle only.
+    pub fn new(own: TrustBundle, sequence: u64) -> Self {
+        let td = own.trust_domain().clone();
+        Self {
+            bundles: BTreeMap::from([(td.clone(), own)]),
+            own: td,
+            sequence,
+        }
+    }
+
+    /// The same set with `bundle` added or replaced (a federated trust domain), and `sequence`.
+    /// The own trust domain's bundle is replaced the same way.
+    #[must_use]
+    pub fn with(mut self, bundle: TrustBundle, sequence: u64) -> Self {
+        self.bundles.insert(bundle.trust_domain().clone(), bundle);
+        self.sequence = sequence;
+        self
+    }
+
+    /// The same set without a federated trust domain (the own one stays).
+    #[must_use]
+    pub fn without(mut self, td: &TrustDomain, sequence: u64) -> Self {
+        if td != &self.own {
+            self.bundles.remove(td);
+        }
+        self.sequence = sequence;
+        self
+    }
+
+    /// The own trust domain.
+    pub fn own_trust_domain(&self) -> &TrustDomain {
+        &self.own
+    }
+
+    /// The own trust domain's bundle.
+    pub fn own(&self) -> &TrustBundle {
+        // `new` puts it in and `without` never takes it out.
+        self.bundles
+            .get(&self.own)
+            .unwrap_or_else(|| unreachable!("the own bundle is always in the set"))
+    }
+
+    /// The bundle of `td`, own or federated.
+    pub fn get(&self, td: &TrustDomain) -> Option<&TrustBundle> {
+        self.bundles.get(td)
+    }
+
+    /// Every bundle, the own one included, ordered by trust domain.
+    pub fn all(&self) -> impl Iterator<Item = &TrustBundle> {
+        self.bundles.values()
+    }
+
+    /// The federated bundles (every one but the own), ordered by trust domain.
+    pub fn federated(&self) -> impl Iterator<Item = &TrustBundle> {
+        self.bundles
+            .iter()
+            .filter(|(td, _)| **td != self.own)
+            .map(|(_, b)| b)
+    }
+
+    /// Grows whenever any bundle in the set changes.
+    pub fn sequence(&self) -> u64 {
+        self.sequence
+    }
+}
 
 /// Why the authority could not produce an identity.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -210,32 +333,30 @@ pub enum AuthorityError {
     Unavailable(String),
 }
 
-/// Mints and caches SVIDs per entry and publishes the trust bundle.
-pub trait Authority: Send + Sync + 'static {
-    /// The trust domain this authority signs for.
+/// Where SVIDs and bundles come from: the embedded CA today, a SPIRE Server next.
+///
+/// Async, so that an implementation may call a server. Signing, key generation and file I/O
+/// must never run under a lock that these calls take on the request path.
+#[async_trait::async_trait]
+pub trait Issuer: Send + Sync + 'static {
+    /// The trust domain SVIDs are issued in.
     fn trust_domain(&self) -> &TrustDomain;
 
-    /// A receiver whose value changes whenever any SVID is re-minted or the bundle changes.
-    /// Streams wait on it and then recompute what their caller should see.
-    fn changes(&self) -> watch::Receiver<u64>;
+    /// The bundle set (own and federated trust domains), published whenever it changes.
+    fn bundles(&self) -> watch::Receiver<Arc<BundleSet>>;
 
-    /// The current X.509 bundle of the trust domain.
-    fn x509_bundle(&self) -> Arc<X509Bundle>;
+    /// The entry's current X.509-SVID and a subscription to its replacements, minting (or
+    /// fetching) one if there is none yet. An SVID handed out is valid at the moment.
+    async fn x509_svid(&self, entry: &Arc<Entry>) -> Result<SvidWatch, AuthorityError>;
 
-    /// The current identity for each entry, in the given order, minting what is missing.
-    fn identities(&self, entries: &[Arc<Entry>]) -> Result<(Vec<Identity>, Lease), AuthorityError>;
-
-    /// The current JWT bundle of the trust domain.
-    fn jwt_bundle(&self) -> Arc<JwtBundle>;
-
-    /// A JWT-SVID for each entry with the given audiences (cached per entry and audience set,
-    /// re-minted at half its lifetime).
-    fn jwt_svids(
+    /// A JWT-SVID for the entry with these audiences (cached behind the seam per entry and
+    /// audience set, renewed before it expires).
+    async fn jwt_svid(
         &self,
-        entries: &[Arc<Entry>],
+        entry: &Arc<Entry>,
         audience: &[String],
-    ) -> Result<Vec<Arc<JwtSvid>>, AuthorityError>;
+    ) -> Result<Arc<JwtSvid>, AuthorityError>;
 
-    /// Validates a JWT-SVID for `audience` against the JWT authorities the agent trusts.
+    /// Validates a JWT-SVID for `audience` against the JWT authorities of the bundle set.
     fn validate_jwt(&self, token: &str, audience: &str) -> Result<ValidatedJwt, JwtError>;
 }

@@ -4,7 +4,9 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use crate::Selectors;
+use std::collections::BTreeSet;
+
+use crate::{Selector, SelectorError, Selectors};
 
 /// Kernel facts about the process at the other end of an accepted Unix connection.
 ///
@@ -23,83 +25,89 @@ pub struct PeerCred {
     pub pidfd: Option<Arc<OwnedFd>>,
 }
 
-/// Which facts beyond the kernel's credentials attestation gathers: the selector types that some
-/// registration entry uses, so that a caller is not put through `/proc` reads, name-service
-/// lookups or hashing that no entry can match on.
+/// Which selector types (`type:key`, e.g. `unix:path`) attestation must gather for a caller:
+/// those that some registration entry uses, so that a caller is not put through `/proc` reads,
+/// name-service lookups, hashing or container runtime calls that no entry can match on.
 ///
-/// `unix:uid` and `unix:gid` come from `SO_PEERCRED` and are always there.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
-pub struct Facts(u8);
+/// An open set: attestor plugins define their own types. `unix:uid` and `unix:gid` come from
+/// `SO_PEERCRED` and are always gathered.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Needs {
+    /// Everything every plugin knows how to find out (`explain`).
+    everything: bool,
+    kind_keys: BTreeSet<String>,
+}
 
-impl Facts {
-    /// Only `unix:uid` and `unix:gid`.
-    pub const NONE: Self = Self(0);
-    /// `unix:user` and `unix:group` (name-service lookups of the uid and gid).
-    pub const NAMES: Self = Self(1);
-    /// `unix:supplementary_gid` (`/proc/PID/status`).
-    pub const SUPPLEMENTARY_GIDS: Self = Self(1 << 1);
-    /// `unix:supplementary_group` (`/proc/PID/status` and a lookup per group).
-    pub const SUPPLEMENTARY_GROUPS: Self = Self(1 << 2);
-    /// `unix:path` (`/proc/PID/exe`); also what dev mode's synthetic IDs are named after.
-    pub const PATH: Self = Self(1 << 3);
-    /// `unix:sha256` (the executable's content, hashed once per file version).
-    pub const SHA256: Self = Self(1 << 4);
-    /// `systemd:id` (`/proc/PID/cgroup`).
-    pub const SYSTEMD: Self = Self(1 << 5);
-    /// Everything the attestor knows how to find out (for `explain`).
-    pub const ALL: Self = Self((1 << 6) - 1);
+impl Needs {
+    /// Nothing beyond the kernel's credentials.
+    pub fn none() -> Self {
+        Self::default()
+    }
 
-    /// The facts a selector of `kind_key` (as [`Selector::kind_key`](crate::Selector::kind_key),
-    /// e.g. `unix:path`) is matched against; [`Facts::NONE`] for the credential selectors and for
-    /// types no attestor here produces.
-    pub fn for_kind_key(kind_key: &str) -> Self {
-        match kind_key {
-            "unix:user" | "unix:group" => Self::NAMES,
-            "unix:supplementary_gid" => Self::SUPPLEMENTARY_GIDS,
-            "unix:supplementary_group" => Self::SUPPLEMENTARY_GROUPS,
-            "unix:path" => Self::PATH,
-            "unix:sha256" => Self::SHA256,
-            "systemd:id" => Self::SYSTEMD,
-            _ => Self::NONE,
+    /// Everything every plugin can gather (for `explain`).
+    pub fn everything() -> Self {
+        Self {
+            everything: true,
+            kind_keys: BTreeSet::new(),
         }
     }
 
-    /// Both sets of facts (`|` in a `const`).
-    pub const fn union(self, other: Self) -> Self {
-        Self(self.0 | other.0)
+    /// Adds a `type:key` (e.g. `unix:path`).
+    pub fn insert(&mut self, kind_key: impl Into<String>) {
+        if !self.everything {
+            self.kind_keys.insert(kind_key.into());
+        }
     }
 
-    /// Whether every fact in `other` is also in `self`.
-    pub fn contains(self, other: Self) -> bool {
-        self.0 & other.0 == other.0
+    /// Whether selectors of `kind_key` must be gathered.
+    pub fn wants(&self, kind_key: &str) -> bool {
+        self.everything || self.kind_keys.contains(kind_key)
     }
 
-    /// Whether `self` and `other` share at least one fact.
-    pub fn intersects(self, other: Self) -> bool {
-        self.0 & other.0 != 0
+    /// Whether any `type:key` of selector type `kind` (e.g. `systemd`) must be gathered.
+    pub fn wants_type(&self, kind: &str) -> bool {
+        self.everything
+            || self
+                .kind_keys
+                .iter()
+                .any(|k| k.split_once(':').is_some_and(|(t, _)| t == kind))
     }
 
-    /// Whether nothing beyond the credentials is asked for.
-    pub fn is_empty(self) -> bool {
-        self.0 == 0
+    /// Whether everything `other` asks for is asked for here too.
+    pub fn covers(&self, other: &Self) -> bool {
+        self.everything
+            || (!other.everything && other.kind_keys.iter().all(|k| self.kind_keys.contains(k)))
     }
 
-    /// Whether attestation must read `/proc/PID` for these facts.
-    pub fn need_proc(self) -> bool {
-        self.0 & !Self::NAMES.0 != 0
+    /// Both sets.
+    #[must_use]
+    pub fn union(&self, other: &Self) -> Self {
+        if self.everything || other.everything {
+            return Self::everything();
+        }
+        Self {
+            everything: false,
+            kind_keys: self.kind_keys.union(&other.kind_keys).cloned().collect(),
+        }
+    }
+
+    /// Whether this is [`Needs::everything`].
+    pub fn is_everything(&self) -> bool {
+        self.everything
+    }
+
+    /// The `type:key`s asked for, in order (empty for [`Needs::everything`]).
+    pub fn kind_keys(&self) -> impl Iterator<Item = &str> {
+        self.kind_keys.iter().map(String::as_str)
     }
 }
 
-impl std::ops::BitOr for Facts {
-    type Output = Self;
-    fn bitor(self, rhs: Self) -> Self {
-        Self(self.0 | rhs.0)
-    }
-}
-
-impl std::ops::BitOrAssign for Facts {
-    fn bitor_assign(&mut self, rhs: Self) {
-        self.0 |= rhs.0;
+impl<S: Into<String>> FromIterator<S> for Needs {
+    fn from_iter<T: IntoIterator<Item = S>>(iter: T) -> Self {
+        Self {
+            everything: false,
+            kind_keys: iter.into_iter().map(Into::into).collect(),
+        }
     }
 }
 
@@ -112,10 +120,10 @@ pub struct Attested {
     pub uid: u32,
     /// The caller's executable, when `/proc` was read for it.
     pub exe: Option<PathBuf>,
-    /// Which facts were gathered; selectors of other types were not looked for, so an entry that
-    /// needs them must not be judged against these selectors (attest again with more facts).
-    pub facts: Facts,
-    /// Selector types among [`facts`](Self::facts) that attestation looked for but could not
+    /// Which selector types were gathered; selectors of other types were not looked for, so an
+    /// entry that needs them must not be judged against these selectors (attest again).
+    pub gathered: Needs,
+    /// Selector types among [`gathered`](Self::gathered) that attestation looked for but could not
     /// vouch for, and why: those selectors are absent, so entries that need them do not match,
     /// while the caller keeps every identity its other selectors earn.
     pub left_out: Vec<LeftOut>,
@@ -126,7 +134,7 @@ pub struct Attested {
 pub struct LeftOut {
     /// The selector type, as [`Selector::kind_key`](crate::Selector::kind_key) gives it
     /// (`unix:path`).
-    pub kind_key: &'static str,
+    pub kind_key: String,
     /// Why, in a short sentence that names the fix when there is one.
     pub reason: String,
 }
@@ -149,6 +157,14 @@ pub enum AttestError {
         /// The pid that `SO_PEERCRED` reported.
         pid: u32,
     },
+    /// An attestor plugin failed for this caller (its selectors are left out).
+    #[error("the {plugin} attestor failed: {reason}")]
+    Plugin {
+        /// The plugin's name.
+        plugin: &'static str,
+        /// What failed.
+        reason: String,
+    },
     /// `/proc/PID` could not be read.
     #[error("cannot read /proc/{pid}/{what}: {source}")]
     Proc {
@@ -161,21 +177,49 @@ pub enum AttestError {
     },
 }
 
-/// Turns kernel facts about a caller into selectors.
-pub trait Attestor: Send + Sync + 'static {
-    /// Attests the caller described by `peer`, gathering at least `facts`.
-    ///
-    /// May block (hashing an executable reads the whole file): async callers try
-    /// [`attest_quick`](Self::attest_quick) first and run this off the executor.
-    fn attest(&self, peer: &PeerCred, facts: Facts) -> Result<Attested, AttestError>;
-
-    /// Attests like [`attest`](Self::attest) when that needs only quick system calls (reads of
-    /// `/proc`, answers from caches), so it may run on an async worker; `None` when it would
-    /// block on real work. The default always says `None`.
-    fn attest_quick(&self, peer: &PeerCred, facts: Facts) -> Option<Result<Attested, AttestError>> {
-        let _ = (peer, facts);
-        None
+impl AttestError {
+    /// Whether the whole attestation must fail: the caller that connected is gone, so nothing
+    /// read about it can be trusted. Other failures only cost the failing plugin's selectors.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, Self::ProcessGone { .. })
     }
+}
+
+/// What one attestor plugin learned about a caller.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PluginAttested {
+    /// Selectors of the plugin's own types.
+    pub selectors: Vec<Selector>,
+    /// The caller's executable, if the plugin read it (dev mode names synthetic IDs after it).
+    pub exe: Option<PathBuf>,
+    /// Types the plugin looked for but could not vouch for, and why.
+    pub left_out: Vec<LeftOut>,
+}
+
+/// One source of selectors (`unix`, `systemd`; later `docker`, `k8s`): it owns its selector
+/// types, checks selectors of those types, and attests callers for them.
+#[async_trait::async_trait]
+pub trait AttestorPlugin: Send + Sync + 'static {
+    /// The plugin's name, for logs (`unix`).
+    fn name(&self) -> &'static str;
+
+    /// The selector types it derives (`["unix"]`).
+    fn selector_types(&self) -> &'static [&'static str];
+
+    /// Checks a selector of one of its types: the key is known and the value fits it.
+    fn check(&self, selector: &Selector) -> Result<(), SelectorError>;
+
+    /// Gathers the caller's selectors of the `type:key`s in `needs` that are its own. May do
+    /// slow work (hashing an executable) but must not block the async executor doing it.
+    async fn attest(&self, peer: &PeerCred, needs: &Needs) -> Result<PluginAttested, AttestError>;
+}
+
+/// Turns kernel facts about a caller into selectors (in the agent: the composite of the
+/// configured [`AttestorPlugin`]s).
+#[async_trait::async_trait]
+pub trait Attestor: Send + Sync + 'static {
+    /// Attests the caller described by `peer`, gathering at least `needs`.
+    async fn attest(&self, peer: &PeerCred, needs: &Needs) -> Result<Attested, AttestError>;
 }
 
 #[cfg(test)]
@@ -183,28 +227,20 @@ mod tests {
     use super::*;
 
     #[test]
-    fn facts_follow_the_selector_types() {
-        let mut f = Facts::NONE;
-        for key in ["unix:uid", "unix:gid", "k8s:ns"] {
-            f |= Facts::for_kind_key(key);
-        }
-        assert!(f.is_empty());
-        assert!(!f.need_proc());
-        f |= Facts::for_kind_key("unix:user");
-        assert!(f.contains(Facts::NAMES) && !f.need_proc());
-        f |= Facts::for_kind_key("unix:sha256");
-        assert!(f.need_proc() && f.contains(Facts::SHA256 | Facts::NAMES));
-        assert!(!f.contains(Facts::PATH));
-        assert!(f.intersects(Facts::PATH | Facts::SHA256));
-        assert!(!f.intersects(Facts::PATH | Facts::SYSTEMD));
-        assert!(Facts::ALL.contains(f | Facts::SYSTEMD | Facts::PATH));
-        for key in [
-            "unix:supplementary_gid",
-            "unix:supplementary_group",
-            "unix:path",
-            "systemd:id",
-        ] {
-            assert!(Facts::for_kind_key(key).need_proc(), "{key}");
-        }
+    fn needs_is_an_open_set_of_type_keys() {
+        let mut n = Needs::none();
+        assert!(!n.wants("unix:path"));
+        n.insert("unix:path");
+        n.insert("k8s:ns");
+        assert!(n.wants("unix:path") && n.wants("k8s:ns") && !n.wants("unix:sha256"));
+        assert!(n.wants_type("k8s") && !n.wants_type("systemd"));
+        let small: Needs = ["unix:path"].into_iter().collect();
+        assert!(n.covers(&small) && !small.covers(&n));
+        assert!(Needs::everything().covers(&n) && !n.covers(&Needs::everything()));
+        assert!(n.union(&Needs::everything()).is_everything());
+        assert_eq!(
+            small.union(&["systemd:id"].into_iter().collect()),
+            ["systemd:id", "unix:path"].into_iter().collect()
+        );
     }
 }
