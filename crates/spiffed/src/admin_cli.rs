@@ -14,12 +14,6 @@
 //!
 //! Exit codes: 0 on success, 1 when the agent refuses or any entry of a batch fails, 64 for a
 //! bad command line, configuration file or `--from-file`.
-#![allow(
-    clippy::print_stdout,
-    clippy::print_stderr,
-    reason = "the CLI's output"
-)]
-
 mod render;
 mod spec;
 
@@ -38,8 +32,9 @@ use spiffed_proto::admin::{
 };
 use tonic::transport::{Channel, Endpoint};
 
-use crate::EX_USAGE;
-use crate::client::output::{StdoutError, out};
+use crate::cli_common::output::{OutputFormat, StdoutError, err, out, output_format_parser, print};
+use crate::cli_common::socket::{Api, SocketError, check_socket_file};
+use crate::cli_common::{Failure, fail};
 use spec::SpecChanges;
 
 /// How long to wait for the admin socket to accept a connection.
@@ -50,18 +45,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(30);
 const PAGE_SIZE: u32 = 100;
 /// A bound on pages, so a server that never ends a listing cannot loop the CLI forever.
 const MAX_PAGES: usize = 100_000;
-
-/// How the admin commands print their results.
-///
-/// Its own type rather than the `api` commands' format, whose help text describes `fetch` and
-/// `watch`.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum OutputFormat {
-    /// Readable text and tables.
-    Text,
-    /// JSON: one value on one line (an object for one entry, an array for lists and batches).
-    Json,
-}
 
 /// Where the admin socket is and how to print: shared by `spiffed entry ...` and
 /// `spiffed explain`.
@@ -75,7 +58,16 @@ pub(crate) struct AdminArgs {
     #[arg(long, global = true, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Output format.
-    #[arg(long, value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        default_value = "text",
+        global = true,
+        value_parser = output_format_parser(
+            "Readable text and tables",
+            "JSON: one value on one line (an object for one entry, an array for lists and \
+             batches)",
+        )
+    )]
     output: OutputFormat,
 }
 
@@ -211,56 +203,9 @@ enum AdminError {
     #[error("{0}")]
     Usage(String),
 
-    /// Nothing exists at the socket path.
-    #[error(
-        "no admin socket at {}: is spiffed running? (see admin_socket_path in its config)",
-        path.display()
-    )]
-    NoSocket {
-        /// The socket path.
-        path: PathBuf,
-    },
-
-    /// Something other than a socket exists at the socket path.
-    #[error(
-        "{} is not a socket: pass the agent's admin socket with --admin-socket",
-        path.display()
-    )]
-    NotASocket {
-        /// The path.
-        path: PathBuf,
-    },
-
-    /// The socket (or a directory on its path) does not let this user in.
-    #[error(
-        "permission denied connecting to {}: the admin socket is for the agent's uid and \
-         admin_uids",
-        path.display()
-    )]
-    AccessDenied {
-        /// The socket path.
-        path: PathBuf,
-    },
-
-    /// The socket exists but nothing accepts connections on it.
-    #[error(
-        "nothing accepts connections on {} (a stale socket file?): is spiffed running?",
-        path.display()
-    )]
-    NotListening {
-        /// The socket path.
-        path: PathBuf,
-    },
-
-    /// Connecting failed for another reason.
-    #[error("cannot connect to the admin socket at {}: {source}", path.display())]
-    Connect {
-        /// The socket path.
-        path: PathBuf,
-        /// What the transport said.
-        #[source]
-        source: tonic::transport::Error,
-    },
+    /// The admin socket cannot be reached.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
 
     /// The agent refused the call with a message meant for people (permission denied, no such
     /// entry, stale revision, invalid request).
@@ -307,16 +252,26 @@ enum AdminError {
     Stdout(#[from] StdoutError),
 }
 
-impl AdminError {
-    /// The exit code: 64 for usage and configuration errors, 1 otherwise.
-    fn exit_code(&self) -> ExitCode {
+/// Exit status 64 for usage and configuration errors; an invalid configuration is printed as
+/// `spiffed run` prints it.
+impl Failure for AdminError {
+    fn is_usage(&self) -> bool {
+        matches!(self, Self::Config(_) | Self::Usage(_))
+    }
+
+    fn stdout_error(&self) -> Option<&StdoutError> {
         match self {
-            Self::Config(_) | Self::Usage(_) => ExitCode::from(EX_USAGE),
-            Self::Stdout(e) => e.exit_code(),
-            _ => ExitCode::FAILURE,
+            Self::Stdout(e) => Some(e),
+            _ => None,
         }
     }
 
+    fn unlabelled(&self) -> bool {
+        matches!(self, Self::Config(_))
+    }
+}
+
+impl AdminError {
     /// Classifies a failed call on `path`.
     fn from_status(path: &Path, status: &tonic::Status) -> Self {
         use tonic::Code;
@@ -345,20 +300,6 @@ impl AdminError {
     }
 }
 
-/// Prints an error the way every spiffed command does and returns its exit code.
-fn fail(err: &AdminError) -> ExitCode {
-    match err {
-        // As `spiffed run` prints it.
-        AdminError::Config(e) => eprintln!("spiffed: invalid configuration\n{e}"),
-        // The reader went away (`spiffed entry list | head`): nothing to tell anyone.
-        AdminError::Stdout(e) if e.is_broken_pipe() => {}
-        // As the `api` commands print it.
-        AdminError::Stdout(e) => eprintln!("spiffed: {e}"),
-        _ => eprintln!("spiffed: error: {err}"),
-    }
-    err.exit_code()
-}
-
 /// The admin socket: `--admin-socket`, else `admin_socket_path` of `--config`, else the
 /// default. The file is read only when no `--admin-socket` is given.
 fn socket_path(args: &AdminArgs) -> Result<PathBuf, AdminError> {
@@ -371,51 +312,12 @@ fn socket_path(args: &AdminArgs) -> Result<PathBuf, AdminError> {
     Ok(PathBuf::from(DEFAULT_ADMIN_SOCKET_PATH))
 }
 
-/// The first `std::io::Error` in an error's source chain, if any.
-fn find_io_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
-    let mut current = Some(err);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return Some(io);
-        }
-        current = e.source();
-    }
-    None
-}
-
-/// Classifies an I/O error of reaching the socket at `path`; `None` for other kinds.
-fn classify_io(path: &Path, err: &std::io::Error) -> Option<AdminError> {
-    let path = path.to_path_buf();
-    match err.kind() {
-        std::io::ErrorKind::NotFound => Some(AdminError::NoSocket { path }),
-        std::io::ErrorKind::PermissionDenied => Some(AdminError::AccessDenied { path }),
-        std::io::ErrorKind::ConnectionRefused => Some(AdminError::NotListening { path }),
-        _ => None,
-    }
-}
-
 /// Connects an admin client to the socket at `path`.
 async fn connect(path: &Path) -> Result<EntryAdminClient<Channel>, AdminError> {
-    use std::os::unix::fs::FileTypeExt as _;
-    match std::fs::metadata(path) {
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(AdminError::NotASocket {
-                path: path.to_path_buf(),
-            });
-        }
-        Err(e) => {
-            if let Some(err) = classify_io(path, &e) {
-                return Err(err);
-            }
-        }
-        Ok(_) => {}
-    }
+    check_socket_file(Api::Admin, path)?;
     let target = path.to_path_buf();
-    let endpoint =
-        Endpoint::try_from("http://localhost").map_err(|source| AdminError::Connect {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let endpoint = Endpoint::try_from("http://localhost")
+        .map_err(|e| SocketError::from_connect(Api::Admin, path, e))?;
     let channel = endpoint
         .connect_timeout(CONNECT_TIMEOUT)
         .timeout(CALL_TIMEOUT)
@@ -428,14 +330,7 @@ async fn connect(path: &Path) -> Result<EntryAdminClient<Channel>, AdminError> {
             }
         }))
         .await
-        .map_err(|source| {
-            find_io_error(&source)
-                .and_then(|io| classify_io(path, io))
-                .unwrap_or_else(|| AdminError::Connect {
-                    path: path.to_path_buf(),
-                    source,
-                })
-        })?;
+        .map_err(|e| SocketError::from_connect(Api::Admin, path, e))?;
     Ok(EntryAdminClient::new(channel))
 }
 
@@ -475,14 +370,6 @@ impl Admin {
             Ok(response) => Ok(response.into_inner()),
             Err(status) => Err(self.status(&status)),
         }
-    }
-}
-
-/// Prints `text` or `json` (on one line), as `output` says.
-fn print(output: OutputFormat, text: &str, json: &Value) -> Result<(), StdoutError> {
-    match output {
-        OutputFormat::Text => out(text),
-        OutputFormat::Json => out(json),
     }
 }
 
@@ -543,7 +430,7 @@ async fn run_create(args: &AdminArgs, create: CreateArgs) -> Result<ExitCode, Ad
         Err(status) => return Err(admin.status(&status)),
     };
     for warning in &warnings {
-        eprintln!("spiffed: warning: {}", render::clean(warning));
+        err(format_args!("spiffed: warning: {}", render::clean(warning)));
     }
     if results.len() != specs.len() {
         return Err(admin.malformed(&format!(

@@ -16,7 +16,6 @@ mod address;
 mod files;
 mod health;
 mod jwt;
-pub(crate) mod output;
 mod report;
 mod watch;
 
@@ -30,20 +29,12 @@ use spiffe::{SpiffeId, WorkloadApiClient, WorkloadApiError};
 pub(crate) use address::{AddressError, SocketAddress};
 pub(crate) use report::{BundlesReport, X509Report};
 
-/// Exit code for a usage error, such as an invalid socket address (sysexits `EX_USAGE`).
-const EX_USAGE: u8 = 64;
+use crate::cli_common::output::{self, OutputFormat, StdoutError, output_format_parser, print};
+use crate::cli_common::socket::{self, Api, SocketError, my_uid};
+use crate::cli_common::{Failure, fail};
 
 /// How long a one-shot command waits for the agent by default.
 const DEFAULT_TIMEOUT: &str = "5s";
-
-/// How the client commands print what they received.
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum OutputFormat {
-    /// Readable text.
-    Text,
-    /// JSON: one object for `fetch`, one object per line for `watch`.
-    Json,
-}
 
 /// Where the Workload API is and how to print: shared by `spiffed api ...` and
 /// `spiffed healthcheck`.
@@ -54,7 +45,15 @@ pub(crate) struct EndpointArgs {
     #[arg(long, global = true, value_name = "SOCKET")]
     pub(crate) socket: Option<String>,
     /// Output format.
-    #[arg(long, value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        default_value = "text",
+        global = true,
+        value_parser = output_format_parser(
+            "Readable text",
+            "JSON: one object for `fetch`, one object per line for `watch`",
+        )
+    )]
     pub(crate) output: OutputFormat,
     /// How long to wait for the agent: to connect and receive the first answer (for `watch`,
     /// on each connection attempt).
@@ -197,56 +196,9 @@ pub(crate) enum ClientError {
     #[error(transparent)]
     Address(#[from] AddressError),
 
-    /// Nothing exists at the socket path.
-    #[error(
-        "no Workload API socket at {}: is spiffed running? (`spiffed dev` prints the socket to \
-         export)",
-        path.display()
-    )]
-    NoSocket {
-        /// The socket path.
-        path: PathBuf,
-    },
-
-    /// Something other than a socket exists at the socket path.
-    #[error("{} is not a socket: pass the agent's socket with --socket", path.display())]
-    NotASocket {
-        /// The socket path.
-        path: PathBuf,
-    },
-
-    /// The socket exists but nothing accepts connections on it.
-    #[error(
-        "nothing accepts connections on {} (a stale socket file?): is spiffed running?",
-        path.display()
-    )]
-    NotListening {
-        /// The socket path.
-        path: PathBuf,
-    },
-
-    /// The socket (or a directory on its path) does not let this user connect.
-    #[error(
-        "permission denied connecting to {} as uid {uid}: the socket's mode or its directory \
-         does not let this user in (see socket_mode in the agent's config)",
-        path.display()
-    )]
-    SocketAccessDenied {
-        /// The socket path.
-        path: PathBuf,
-        /// This process's uid.
-        uid: u32,
-    },
-
-    /// Connecting failed for another reason.
-    #[error("cannot connect to the Workload API at {}: {source}", path.display())]
-    Connect {
-        /// The socket path.
-        path: PathBuf,
-        /// What the transport said.
-        #[source]
-        source: WorkloadApiError,
-    },
+    /// The Workload API socket cannot be reached, or the agent did not answer in time.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
 
     /// The agent answered, but issues no identity to this process.
     #[error(
@@ -352,20 +304,6 @@ pub(crate) enum ClientError {
         path: PathBuf,
     },
 
-    /// No answer within `--timeout`.
-    #[error(
-        "no answer from the Workload API at {} within {}: raise --timeout or check the agent's \
-         logs",
-        path.display(),
-        humantime::format_duration(*after)
-    )]
-    Timeout {
-        /// The socket path.
-        path: PathBuf,
-        /// The timeout that passed.
-        after: Duration,
-    },
-
     /// A certificate the agent sent could not be read for display.
     #[error("cannot read a certificate from the agent: {0}")]
     Certificate(String),
@@ -376,20 +314,24 @@ pub(crate) enum ClientError {
 
     /// Standard output could not be written (a closed pipe, a full disk).
     #[error(transparent)]
-    Stdout(#[from] output::StdoutError),
+    Stdout(#[from] StdoutError),
+}
+
+/// Exit status 64 for a bad socket address or an empty token.
+impl Failure for ClientError {
+    fn is_usage(&self) -> bool {
+        matches!(self, Self::Address(_) | Self::NoToken)
+    }
+
+    fn stdout_error(&self) -> Option<&StdoutError> {
+        match self {
+            Self::Stdout(e) => Some(e),
+            _ => None,
+        }
+    }
 }
 
 impl ClientError {
-    /// The process exit code for this error: 64 for usage errors, 141 when standard output
-    /// was closed, 74 when it could not be written otherwise, 1 for everything else.
-    pub(crate) fn exit_code(&self) -> ExitCode {
-        match self {
-            Self::Address(_) | Self::NoToken => ExitCode::from(EX_USAGE),
-            Self::Stdout(e) => e.exit_code(),
-            _ => ExitCode::FAILURE,
-        }
-    }
-
     /// Whether `api watch` should reconnect after this error. `InvalidArgument` is final
     /// (CONFORMANCE item 22), and so is a bad address; everything else may heal.
     pub(crate) fn is_retryable(&self) -> bool {
@@ -412,47 +354,11 @@ impl ClientError {
             WorkloadApiError::NoIdentityIssued => Self::NoIdentityIssued { uid: my_uid() },
             WorkloadApiError::PermissionDenied(message) => Self::PermissionDenied { path, message },
             err @ WorkloadApiError::Transport(TransportError::Connect(_)) => {
-                match find_io_error(&err).map(std::io::Error::kind) {
-                    Some(std::io::ErrorKind::NotFound) => Self::NoSocket { path },
-                    Some(std::io::ErrorKind::ConnectionRefused) => Self::NotListening { path },
-                    Some(std::io::ErrorKind::PermissionDenied) => Self::SocketAccessDenied {
-                        path,
-                        uid: my_uid(),
-                    },
-                    _ => Self::Connect { path, source: err },
-                }
+                SocketError::from_connect(Api::Workload, &path, err).into()
             }
             err => Self::Api { path, source: err },
         }
     }
-}
-
-/// The real uid of this process, for messages.
-fn my_uid() -> u32 {
-    rustix::process::getuid().as_raw()
-}
-
-/// The first `std::io::Error` in an error's source chain, if any.
-fn find_io_error<'a>(err: &'a (dyn std::error::Error + 'static)) -> Option<&'a std::io::Error> {
-    let mut current = Some(err);
-    while let Some(e) = current {
-        if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            return Some(io);
-        }
-        current = e.source();
-    }
-    None
-}
-
-/// Prints an error the way every spiffed command does and returns its exit code. A closed
-/// standard output ends the command quietly, as it does other command-line tools.
-fn fail(err: &ClientError) -> ExitCode {
-    match err {
-        ClientError::Stdout(e) if e.is_broken_pipe() => {}
-        ClientError::Stdout(e) => output::err(format_args!("spiffed: {e}")),
-        _ => output::err(format_args!("spiffed: error: {err}")),
-    }
-    err.exit_code()
 }
 
 /// Reads `SPIFFE_ENDPOINT_SOCKET` and resolves the socket from the flag, that, or the default.
@@ -464,30 +370,35 @@ fn resolve_endpoint(endpoint: &EndpointArgs) -> Result<SocketAddress, ClientErro
     )?)
 }
 
-/// Checks the socket path before connecting, so a missing agent gets a clear message.
-fn check_socket_file(path: &Path) -> Result<(), ClientError> {
-    use std::os::unix::fs::FileTypeExt as _;
-    match std::fs::metadata(path) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(ClientError::NoSocket {
-            path: path.to_path_buf(),
-        }),
-        Ok(meta) if !meta.file_type().is_socket() => Err(ClientError::NotASocket {
-            path: path.to_path_buf(),
-        }),
-        // Permission problems on the way are reported by connect, with the same kind.
-        _ => Ok(()),
-    }
-}
-
 /// Connects a Workload API client to the socket.
 pub(crate) async fn connect(addr: &SocketAddress) -> Result<WorkloadApiClient, ClientError> {
-    check_socket_file(&addr.path)?;
+    socket::check_socket_file(Api::Workload, &addr.path)?;
     WorkloadApiClient::connect(Endpoint::Unix(addr.path.clone()))
         .await
         .map_err(|e| ClientError::from_api(&addr.path, e))
 }
 
-/// Runs `fut` within `timeout`, turning a timeout into [`ClientError::Timeout`].
+/// Opens a gRPC channel to the socket, for the calls made with generated clients (the health
+/// check, `ValidateJWTSVID`). Send each request through [`api_request`].
+async fn connect_channel(addr: &SocketAddress) -> Result<tonic::transport::Channel, ClientError> {
+    socket::check_socket_file(Api::Workload, &addr.path)?;
+    spiffe::transport::connect(&Endpoint::Unix(addr.path.clone()))
+        .await
+        .map_err(|e| ClientError::from_api(&addr.path, e.into()))
+}
+
+/// A request with the Workload API header, which every call to the socket carries
+/// (CONFORMANCE item 110).
+fn api_request<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "workload.spiffe.io",
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
+    request
+}
+
+/// Runs `fut` within `timeout`, turning a timeout into [`SocketError::Timeout`].
 async fn within<T>(
     addr: &SocketAddress,
     timeout: Duration,
@@ -496,10 +407,12 @@ async fn within<T>(
     tokio::time::timeout(timeout, fut)
         .await
         .unwrap_or_else(|_elapsed| {
-            Err(ClientError::Timeout {
+            Err(SocketError::Timeout {
+                api: Api::Workload,
                 path: addr.path.clone(),
                 after: timeout,
-            })
+            }
+            .into())
         })
 }
 
@@ -551,19 +464,6 @@ pub(crate) async fn fetch_x509_report(socket: &str) -> anyhow::Result<X509Report
     Ok(report)
 }
 
-/// Prints a report as text or as one JSON object on one line.
-fn print_report(
-    format: OutputFormat,
-    text: &str,
-    json: &serde_json::Value,
-) -> Result<(), ClientError> {
-    match format {
-        OutputFormat::Text => output::out(text)?,
-        OutputFormat::Json => output::out(json)?,
-    }
-    Ok(())
-}
-
 /// `spiffed api ...`.
 pub(crate) async fn run_api(endpoint: &EndpointArgs, cmd: ApiCommand) -> anyhow::Result<ExitCode> {
     let addr = match resolve_endpoint(endpoint) {
@@ -579,7 +479,7 @@ pub(crate) async fn run_api(endpoint: &EndpointArgs, cmd: ApiCommand) -> anyhow:
         }) => within(&addr, endpoint.timeout, fetch_bundles(&addr))
             .await
             .and_then(|report| {
-                print_report(endpoint.output, &report.render_text(), &report.to_json())?;
+                print(endpoint.output, &report.render_text(), &report.to_json())?;
                 Ok(ExitCode::SUCCESS)
             }),
         ApiCommand::Fetch(FetchArgs {
@@ -591,7 +491,7 @@ pub(crate) async fn run_api(endpoint: &EndpointArgs, cmd: ApiCommand) -> anyhow:
         )
         .await
         .and_then(|report| {
-            print_report(endpoint.output, &report.render_text(), &report.to_json())?;
+            print(endpoint.output, &report.render_text(), &report.to_json())?;
             Ok(ExitCode::SUCCESS)
         }),
         ApiCommand::Watch(args) => {
@@ -619,7 +519,7 @@ async fn run_fetch_x509(
             dir.display()
         ));
     }
-    print_report(endpoint.output, &report.render_text(), &report.to_json())?;
+    print(endpoint.output, &report.render_text(), &report.to_json())?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -667,7 +567,7 @@ pub(crate) async fn run_healthcheck(endpoint: &EndpointArgs) -> anyhow::Result<E
             if endpoint.output == OutputFormat::Json
                 && let Err(out) = output::out(health::failure_json(&addr, &e))
             {
-                return Ok(fail(&out.into()));
+                return Ok(fail(&out));
             }
             return Ok(fail(&e));
         }
@@ -684,7 +584,7 @@ pub(crate) async fn run_healthcheck(endpoint: &EndpointArgs) -> anyhow::Result<E
         }
     };
     if let Err(e) = printed {
-        return Ok(fail(&e.into()));
+        return Ok(fail(&e));
     }
     Ok(if outcome.is_serving() {
         ExitCode::SUCCESS

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod admin_cli;
+mod cli_common;
 mod client;
 mod serve;
 
@@ -13,8 +14,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-/// Exit code for a usage or configuration error (sysexits EX_USAGE).
-pub(crate) const EX_USAGE: u8 = 64;
+use cli_common::EX_USAGE;
 
 /// spiffed gives every process on this host a SPIFFE identity, attested from kernel facts,
 /// over the standard SPIFFE Workload API.

@@ -15,7 +15,7 @@ use spiffed_agent::config::{Config, LogFormat, LogLevel, NewRootPolicy};
 use spiffed_core::TrustDomain;
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::EX_USAGE;
+use crate::cli_common::EX_USAGE;
 
 /// Prints a fatal error for a person.
 pub(crate) fn fatal(msg: &str) {
@@ -27,7 +27,7 @@ pub(crate) fn fatal(msg: &str) {
 /// once and the agent goes on (`--once` then exits non-zero: its report went nowhere).
 fn say(text: &str) -> bool {
     static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    match crate::client::output::out(text) {
+    match crate::cli_common::output::out(text) {
         Ok(()) => true,
         Err(e) => {
             if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {

@@ -4,13 +4,11 @@
 //! The check attests nothing and fetches no identity, so it leaves no "no identity issued" in
 //! the agent's logs.
 
-use spiffe::transport::Endpoint;
-use tonic::metadata::MetadataValue;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use super::{ClientError, SocketAddress, check_socket_file};
+use super::{ClientError, SocketAddress, api_request, connect_channel};
 
 /// What the health service said.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -73,18 +71,10 @@ pub(crate) fn failure_json(addr: &SocketAddress, err: &ClientError) -> serde_jso
 /// Calls `grpc.health.v1.Health/Check` for the whole server on the socket. The caller bounds
 /// the time it takes.
 pub(crate) async fn check(addr: &SocketAddress) -> Result<HealthOutcome, ClientError> {
-    check_socket_file(&addr.path)?;
-    let channel = spiffe::transport::connect(&Endpoint::Unix(addr.path.clone()))
-        .await
-        .map_err(|e| ClientError::from_api(&addr.path, e.into()))?;
-    let mut client = HealthClient::new(channel);
-    let mut request = tonic::Request::new(HealthCheckRequest {
+    let mut client = HealthClient::new(connect_channel(addr).await?);
+    let request = api_request(HealthCheckRequest {
         service: String::new(),
     });
-    // The Workload API header on every call to the socket (CONFORMANCE item 110).
-    request
-        .metadata_mut()
-        .insert("workload.spiffe.io", MetadataValue::from_static("true"));
     match client.check(request).await {
         Ok(response) => Ok(
             match ServingStatus::try_from(response.into_inner().status) {

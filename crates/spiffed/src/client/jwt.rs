@@ -16,15 +16,14 @@ use std::time::Duration;
 
 use prost_types::value::Kind;
 use serde_json::{Map, Number, Value};
-use spiffe::transport::{Endpoint, GrpcStatusCode, TransportError};
+use spiffe::transport::{GrpcStatusCode, TransportError};
 use spiffe::{JwtSvid, SpiffeId, WorkloadApiError};
 use spiffed_proto::workload::ValidateJwtsvidRequest;
 use spiffed_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
-use tonic::metadata::MetadataValue;
 use zeroize::Zeroizing;
 
 use super::report::{duration_ms, received_line, rfc3339};
-use super::{ClientError, SocketAddress, check_socket_file, connect, my_uid};
+use super::{ClientError, SocketAddress, api_request, connect, connect_channel, my_uid};
 
 /// What `api fetch jwt` received: the agent's JWT-SVIDs, in its order (the first is the
 /// default). [`JwtSvid`]'s `Debug` shows the token's length, not the token.
@@ -185,19 +184,11 @@ pub(crate) async fn validate(
     audience: &str,
     token: &str,
 ) -> Result<Validation, ClientError> {
-    check_socket_file(&addr.path)?;
-    let channel = spiffe::transport::connect(&Endpoint::Unix(addr.path.clone()))
-        .await
-        .map_err(|e| ClientError::from_api(&addr.path, e.into()))?;
-    let mut client = SpiffeWorkloadApiClient::new(channel);
-    let mut request = tonic::Request::new(ValidateJwtsvidRequest {
+    let mut client = SpiffeWorkloadApiClient::new(connect_channel(addr).await?);
+    let request = api_request(ValidateJwtsvidRequest {
         audience: audience.to_owned(),
         svid: token.to_owned(),
     });
-    // The Workload API header on every call to the socket (CONFORMANCE item 110).
-    request
-        .metadata_mut()
-        .insert("workload.spiffe.io", MetadataValue::from_static("true"));
     match client.validate_jwtsvid(request).await {
         Ok(response) => {
             let response = response.into_inner();

@@ -24,10 +24,8 @@ use std::time::Duration;
 use futures::StreamExt as _;
 use spiffe::X509Context;
 
-use super::output::{err, out};
-use super::{
-    ClientError, OutputFormat, SocketAddress, WatchArgs, X509Report, connect, files, report, within,
-};
+use super::{ClientError, SocketAddress, WatchArgs, X509Report, connect, files, report, within};
+use crate::cli_common::output::{OutputFormat, err, out};
 
 /// The first reconnect delay.
 const MIN_BACKOFF: Duration = Duration::from_millis(200);
@@ -397,6 +395,7 @@ fn kill_group(group: Option<rustix::process::Pid>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cli_common::Failure as _;
 
     #[test]
     fn backoff_doubles_to_the_cap_and_resets() {
@@ -429,7 +428,11 @@ mod tests {
     #[test]
     fn only_invalid_argument_and_bad_addresses_are_final() {
         let path = std::path::PathBuf::from("/x.sock");
-        assert!(ClientError::NoSocket { path: path.clone() }.is_retryable());
+        let no_socket = crate::cli_common::socket::SocketError::NoSocket {
+            api: crate::cli_common::socket::Api::Workload,
+            path: path.clone(),
+        };
+        assert!(ClientError::from(no_socket).is_retryable());
         assert!(ClientError::NoIdentityIssued { uid: 1 }.is_retryable());
         assert!(ClientError::StreamEnded { path: path.clone() }.is_retryable());
         let rejected = ClientError::from_api(
