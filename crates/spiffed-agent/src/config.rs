@@ -83,6 +83,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default `fd_reserve`.
 pub const DEFAULT_FD_RESERVE: usize = 64;
+/// Default `premint_entries`: registered entries whose X.509-SVIDs are minted ahead of use.
+pub const DEFAULT_PREMINT_ENTRIES: usize = 1000;
 
 /// How much the agent logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -215,6 +217,9 @@ pub struct Config {
     pub max_logged_string_length: usize,
     /// Denial log lines per second and kind; the rest are summarized (default 10).
     pub denial_log_lines_per_second: u32,
+    /// Registered entries whose X.509-SVIDs are minted before any workload asks (default
+    /// [`DEFAULT_PREMINT_ENTRIES`]); the others are minted on first use and dropped when unused.
+    pub premint_entries: usize,
     /// Most selectors one entry may have, in the file and through the admin API (default
     /// [`DEFAULT_MAX_SELECTORS_PER_ENTRY`]).
     pub max_selectors_per_entry: usize,
@@ -281,6 +286,7 @@ impl Config {
                 spiffed_authority::DEFAULT_JWT_CACHE_ENTRIES_PER_IDENTITY,
             max_logged_string_length: spiffed_core::untrusted::DEFAULT_MAX_CHARS,
             denial_log_lines_per_second: spiffed_workload_api::DEFAULT_DENIAL_LOG_LINES_PER_SECOND,
+            premint_entries: DEFAULT_PREMINT_ENTRIES,
             max_selectors_per_entry: DEFAULT_MAX_SELECTORS_PER_ENTRY,
             max_dns_names_per_entry: DEFAULT_MAX_DNS_NAMES_PER_ENTRY,
             min_svid_ttl: DEFAULT_MIN_SVID_TTL,
@@ -328,6 +334,7 @@ impl Config {
             jwt_cache_entries_per_identity,
             max_logged_string_length,
             denial_log_lines_per_second,
+            premint_entries,
         } = self;
         let mut changed = Vec::new();
         let mut check = |key: &'static str, differs: bool| {
@@ -402,6 +409,7 @@ impl Config {
             "denial_log_lines_per_second",
             *denial_log_lines_per_second != new.denial_log_lines_per_second,
         );
+        check("premint_entries", *premint_entries != new.premint_entries);
         changed
     }
 
@@ -421,7 +429,7 @@ impl Config {
              max_jwt_audience_length={} max_jwt_token_length={} jwt_cache_bytes={} \
              jwt_cache_entries_per_identity={} max_logged_string_length={} \
              denial_log_lines_per_second={} max_selectors_per_entry={} \
-             max_dns_names_per_entry={} min_svid_ttl={} min_ca_ttl={}",
+             max_dns_names_per_entry={} min_svid_ttl={} min_ca_ttl={} premint_entries={}",
             self.trust_domain,
             self.socket_path.display(),
             self.socket_mode,
@@ -453,6 +461,7 @@ impl Config {
             self.max_dns_names_per_entry,
             humantime::format_duration(self.min_svid_ttl),
             humantime::format_duration(self.min_ca_ttl),
+            self.premint_entries,
         )
     }
 }

@@ -60,6 +60,7 @@ const TOP: &[(&str, &str)] = &[
         "jwt_cache_entries_per_identity = 64",
     ),
     ("max_logged_string_length", "max_logged_string_length = 128"),
+    ("premint_entries", "premint_entries = 1000"),
     (
         "denial_log_lines_per_second",
         "denial_log_lines_per_second = 10",

@@ -297,6 +297,7 @@ fn validate(mut raw: RawConfig, text: &str, file: &Path) -> Result<Config, Confi
         jwt_cache_entries_per_identity: caller.jwt_cache_entries_per_identity,
         max_logged_string_length: caller.max_logged_string_length,
         denial_log_lines_per_second: caller.denial_log_lines_per_second,
+        premint_entries: caller.premint_entries,
         max_selectors_per_entry: cx.limits.max_selectors,
         max_dns_names_per_entry: cx.limits.max_dns_names,
         min_svid_ttl: cx.limits.min_svid_ttl,
@@ -314,6 +315,7 @@ struct CallerLimits {
     jwt_cache_entries_per_identity: usize,
     max_logged_string_length: usize,
     denial_log_lines_per_second: u32,
+    premint_entries: usize,
 }
 
 /// What `max_jwt_token_length` may be: a token must fit a Workload API request (64 KiB).
@@ -377,6 +379,14 @@ impl Cx<'_> {
                 (1, 1_000_000),
                 DEFAULT_DENIAL_LOG_LINES_PER_SECOND,
                 "the denial lines of each kind logged per second",
+            ),
+            premint_entries: self.bounded(
+                "premint_entries",
+                raw.premint_entries.as_ref(),
+                (0, 10_000_000),
+                crate::config::DEFAULT_PREMINT_ENTRIES,
+                "how many registered entries get an X.509-SVID before any workload asks (0: mint \
+                 every SVID on first use)",
             ),
         }
     }
