@@ -13,9 +13,10 @@
 )]
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Instant;
 
-use spiffed_core::{Entry, EntryId, EntryPublisher};
+use spiffed_core::{Entry, EntryId, EntryIndex, EntryPublisher};
 
 const N: u32 = 100_000;
 
@@ -44,17 +45,39 @@ fn rss() -> usize {
 }
 
 fn main() {
+    // What the agent holds: a publisher (index + entries) built from owned entries, as the
+    // entry sources build it. Measured first, on a fresh heap.
     let before = rss();
     let start = Instant::now();
     let publisher = EntryPublisher::new((0..N).map(entry));
     let built = start.elapsed();
-    let after = rss();
-    let grown = after.saturating_sub(before);
+    let grown = rss().saturating_sub(before);
     println!(
-        "{N} entries: RSS grew by {:.1} MiB ({} bytes per entry), built in {built:?}",
+        "{N} entries in an EntryPublisher: RSS grew by {:.1} MiB ({} bytes per entry), built \
+         in {built:?}",
         grown as f64 / (1024.0 * 1024.0),
         grown / N as usize
     );
+
+    // The same split into the entries alone (not interned) and the index over them.
+    let before = rss();
+    let entries: Vec<Arc<Entry>> = (0..N).map(|i| Arc::new(entry(i))).collect();
+    let alone = rss().saturating_sub(before);
+    let mut index = EntryIndex::new();
+    let before_index = rss();
+    for e in &entries {
+        index.upsert(e.clone());
+    }
+    let index_only = rss().saturating_sub(before_index);
+    println!(
+        "split: the entries alone (selectors not shared) {} bytes per entry; the index over \
+         them {} bytes per entry",
+        alone / N as usize,
+        index_only / N as usize
+    );
+    drop(index);
+    drop(entries);
+
     // One upsert and one removal at 100,000 entries, averaged.
     let rounds = 10_000u32;
     let start = Instant::now();
@@ -68,7 +91,8 @@ fn main() {
     }
     let remove = start.elapsed() / rounds;
     println!(
-        "apply one upsert: {upsert:?}; apply one removal: {remove:?} (each includes parsing one entry)"
+        "apply one upsert: {upsert:?}; apply one removal: {remove:?} (each includes parsing one \
+         entry)"
     );
     black_box(publisher);
 }

@@ -161,6 +161,16 @@ impl EntryIndex {
         Some(entry)
     }
 
+    /// Makes `entry`'s selectors share the text of equal selectors already indexed, so that
+    /// 100,000 entries keyed on a few hundred uids hold a few hundred selector strings.
+    pub fn intern(&self, entry: &mut Entry) {
+        for s in &mut entry.selectors {
+            if let Some((shared, _)) = self.by_selector.get_key_value(s) {
+                *s = shared.clone();
+            }
+        }
+    }
+
     /// Counts one more use of the selector's `type:key`, allocating its key only the first time.
     fn count_kind_key(&mut self, s: &Selector) {
         match self.kind_key_count(s) {
@@ -286,7 +296,8 @@ impl EntryPublisher {
     /// Starts with `entries` (already checked) at revision 1.
     pub fn new(entries: impl IntoIterator<Item = Entry>) -> Self {
         let mut index = EntryIndex::new();
-        for e in entries {
+        for mut e in entries {
+            index.intern(&mut e);
             index.upsert(Arc::new(e));
         }
         index.revision = 1;
@@ -320,10 +331,11 @@ impl EntryPublisher {
                 });
             }
         }
-        for e in upserts {
+        for mut e in upserts {
             if index.get(&e.id).is_some_and(|old| **old == e) {
                 continue;
             }
+            index.intern(&mut e);
             let new = Arc::new(e);
             let old = index.upsert(new.clone());
             changes.push(EntryChange {
