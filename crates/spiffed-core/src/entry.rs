@@ -444,6 +444,48 @@ mod tests {
     }
 
     #[test]
+    fn errors_name_their_field_and_item_for_front_ends() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut r = rules(&td);
+        r.limits.max_selectors = 1;
+        r.limits.ca_ttl = Duration::from_secs(3600);
+        let base = (*entry("1", "spiffe://example.org/w", &["unix:uid:1"], None)).clone();
+        let err = |e: Entry| e.checked(&r).unwrap_err();
+
+        let mut two = base.clone();
+        two.selectors.push("unix:gid:1".parse().unwrap());
+        let e = err(two);
+        assert_eq!(e.field(), "selectors");
+        assert_eq!(
+            e.message(),
+            "has 2 items; the agent's limit is 1 (max_selectors_per_entry)"
+        );
+        let mut ttl = base.clone();
+        ttl.jwt_svid_ttl = Some(Duration::from_secs(7200));
+        let e = err(ttl.clone());
+        assert_eq!(e.field(), "jwt_svid_ttl");
+        assert_eq!(
+            e.message(),
+            "is longer than the CA lifetime (3600s): an SVID never outlives its CA (or, for \
+             JWT-SVIDs, its signing key)"
+        );
+        ttl.jwt_svid_ttl = Some(MAX_TTL + Duration::from_secs(1));
+        assert_eq!(err(ttl).message(), "is longer than 10 years; use e.g. 1h");
+        let mut dns = base.clone();
+        dns.dns_names = vec!["ok.internal".into(), "bad name".into()];
+        let e = err(dns);
+        assert_eq!((e.field(), e.item()), ("dns_names", Some("bad name")));
+        let mut hint = base.clone();
+        hint.hint = Some("a\nb".into());
+        assert_eq!(err(hint).field(), "hint");
+        let mut outside = base;
+        outside.spiffe_id = "spiffe://other.org/w".parse().unwrap();
+        let e = err(outside);
+        assert_eq!(e.field(), "spiffe_id");
+        assert_eq!(e.message(), e.to_string());
+    }
+
+    #[test]
     fn validation_names_the_problem() {
         let td = TrustDomain::new("example.org").unwrap();
         let ok = entry("1", "spiffe://example.org/web", &["unix:uid:1"], None);

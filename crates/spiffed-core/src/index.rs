@@ -531,6 +531,24 @@ mod tests {
     }
 
     #[test]
+    fn equal_selectors_share_one_text() {
+        let p = EntryPublisher::new([
+            entry("a", "spiffe://td/a", &["unix:uid:1", "unix:path:/a"], None),
+            entry("b", "spiffe://td/b", &["unix:uid:1", "unix:path:/b"], None),
+        ]);
+        p.apply([entry("c", "spiffe://td/c", &["unix:uid:1"], None)], []);
+        let f = p.feed();
+        let index = f.read();
+        let uid = |id: &str| {
+            let e = index.get(&EntryId::new(id)).unwrap();
+            let s = e.selectors.iter().find(|s| s.key() == "uid").unwrap();
+            s.as_str().as_ptr()
+        };
+        assert_eq!(uid("a"), uid("b"));
+        assert_eq!(uid("a"), uid("c"));
+    }
+
+    #[test]
     fn a_change_concerns_only_callers_that_matched_before_or_after() {
         let p = EntryPublisher::new([entry("a", "spiffe://td/a", &["unix:uid:1"], None)]);
         let ev = p

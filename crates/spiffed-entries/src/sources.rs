@@ -1261,3 +1261,25 @@ mod tests {
         ));
     }
 }
+
+#[cfg(test)]
+mod id_tests {
+    use super::*;
+
+    /// Config entry ids are what spiffed 0.1 gave them (moved here from the agent's config
+    /// validation unchanged): running agents' SVID caches and operators' notes name them.
+    #[test]
+    fn config_entry_ids_are_stable() {
+        let spiffe_id = "spiffe://example.org/web".parse().unwrap();
+        let selectors: Vec<spiffed_core::Selector> = vec![
+            "unix:path:/usr/bin/web".parse().unwrap(),
+            "unix:uid:1000".parse().unwrap(),
+        ];
+        let id = config_entry_id(&spiffe_id, &selectors);
+        assert_eq!(id.as_str(), PINNED);
+        assert!(Owner::CONFIG.owns(&id) && !Owner::STORE.owns(&id));
+    }
+
+    /// SHA-256 of "spiffe://example.org/web\nunix:path:/usr/bin/web\nunix:uid:1000", 8 bytes.
+    const PINNED: &str = "config-9e76d69b3993669e";
+}
