@@ -318,7 +318,8 @@ impl Store {
         &self.path
     }
 
-    /// Every entry, ordered by id.
+    /// Every entry, ordered by id, in one vector: for tests and tools. The agent loads with
+    /// [`scan`](Self::scan) and lists with [`page`](Self::page), which never hold every entry.
     pub fn list(&self) -> Result<Vec<StoredEntry>, StoreError> {
         let conn = self.lock();
         let op = "list entries";
