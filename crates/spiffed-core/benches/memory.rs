@@ -77,6 +77,14 @@ fn main() {
     );
     drop(index);
     drop(entries);
+    println!(
+        "size_of: Entry {} bytes (SpiffeId {}, Option<Duration> {}, Selector {}, EntryId {})",
+        std::mem::size_of::<Entry>(),
+        std::mem::size_of::<spiffed_core::SpiffeId>(),
+        std::mem::size_of::<Option<std::time::Duration>>(),
+        std::mem::size_of::<spiffed_core::Selector>(),
+        std::mem::size_of::<EntryId>()
+    );
 
     // One upsert and one removal at 100,000 entries, averaged.
     let rounds = 10_000u32;
