@@ -1,4 +1,4 @@
-//! Selector matching over 10,000 entries.
+//! Selector matching over 10,000 entries, and one published change at 100,000.
 //!
 //! `cargo bench -p spiffed-core --bench matching`
 #![allow(missing_docs, clippy::unwrap_used, reason = "benchmark")]
@@ -7,7 +7,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use spiffed_core::{Entry, EntryId, EntryIndex, Selectors};
+use spiffed_core::{Entry, EntryId, EntryIndex, EntryPublisher, Selectors};
 
 fn set(n: u32) -> EntryIndex {
     let entries: Vec<Arc<Entry>> = (0..n)
@@ -76,5 +76,29 @@ fn bench(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, bench);
+/// `EntryPublisher::apply` of one entry (an admin create, then its delete) with 100,000 entries
+/// live: must cost microseconds, not a rebuild.
+fn apply_at_100k(c: &mut Criterion) {
+    let publisher = EntryPublisher::new(set(100_000).iter().map(|e| (**e).clone()));
+    let extra = Entry {
+        id: EntryId::new("entry-ffffffffffffffffffffffffffffffff"),
+        spiffe_id: "spiffe://example.org/extra".parse().unwrap(),
+        selectors: vec![
+            "unix:path:/usr/bin/extra".parse().unwrap(),
+            "unix:uid:1004".parse().unwrap(),
+        ],
+        x509_svid_ttl: None,
+        jwt_svid_ttl: None,
+        hint: None,
+        dns_names: vec![],
+    };
+    c.bench_function("apply_create_then_delete_one_at_100k_entries", |b| {
+        b.iter(|| {
+            black_box(publisher.apply([extra.clone()], []));
+            black_box(publisher.apply([], [extra.id.clone()]));
+        });
+    });
+}
+
+criterion_group!(benches, bench, apply_at_100k);
 criterion_main!(benches);

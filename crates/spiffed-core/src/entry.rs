@@ -1,13 +1,12 @@
 //! Registration entries and the matching index over a set of them.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
 
 use spiffe::{SpiffeId, TrustDomain};
 
 use crate::{Selector, SelectorCheck, SelectorError};
-#[cfg(test)]
-use std::sync::Arc;
 
 /// Longest hint accepted, in bytes (the Workload API spec's SHOULD NOT, as SPIRE enforces).
 pub const MAX_HINT_LEN: usize = 1024;
@@ -15,13 +14,16 @@ pub const MAX_HINT_LEN: usize = 1024;
 const MAX_SPIFFE_ID_LEN: usize = 2048;
 
 /// The stable id of a registration entry.
+///
+/// Shared, not copied: the index keys its id map with the entry's own id, and every event and
+/// feed that names an entry holds the same allocation.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EntryId(String);
+pub struct EntryId(Arc<str>);
 
 impl EntryId {
     /// Wraps an id string.
     pub fn new(id: impl Into<String>) -> Self {
-        Self(id.into())
+        Self(Arc::from(id.into()))
     }
 
     /// The id as text.
@@ -134,6 +136,68 @@ pub enum EntryError {
         /// Where the limit comes from.
         why: &'static str,
     },
+}
+
+impl EntryError {
+    /// The entry field the problem is in: `spiffe_id`, `selectors`, `hint`, `dns_names`,
+    /// `x509_svid_ttl` or `jwt_svid_ttl` (front ends point at it: the admin API's
+    /// `EntryError.field`, the config file's `entries[i].FIELD` key and line).
+    pub fn field(&self) -> &'static str {
+        match self {
+            Self::OutsideTrustDomain { .. } | Self::NoPath(_) | Self::IdTooLong(_) => "spiffe_id",
+            Self::NoSelectors | Self::Selector(_) | Self::TooManySelectors { .. } => "selectors",
+            Self::HintTooLong(_) | Self::HintControl(_) => "hint",
+            Self::DnsName(_) | Self::TooManyDnsNames { .. } => "dns_names",
+            Self::ZeroTtl(field)
+            | Self::TtlTooShort { field, .. }
+            | Self::TtlTooLong { field, .. } => field,
+        }
+    }
+
+    /// The list item at fault, as written, when the problem is one selector or one DNS name:
+    /// a front end finds its position in what the user submitted (`selectors[1]`,
+    /// `dns_names[0]`), since the entry's own selectors are sorted.
+    pub fn item(&self) -> Option<&str> {
+        match self {
+            Self::DnsName(name) => Some(name),
+            Self::Selector(
+                SelectorError::Shape(selector)
+                | SelectorError::UnknownType { selector, .. }
+                | SelectorError::UnknownKey { selector, .. }
+                | SelectorError::Value { selector, .. },
+            ) => Some(selector),
+            _ => None,
+        }
+    }
+
+    /// The message for a front end that shows [`field`](Self::field) next to it (the admin
+    /// API's `{field, message}`): the limits read relative to the field ("has 65 items; the
+    /// agent's limit is 64 (max_selectors_per_entry)"); every other problem is its full text.
+    pub fn message(&self) -> String {
+        match self {
+            Self::TooManySelectors { count, max } => {
+                format!("has {count} items; the agent's limit is {max} (max_selectors_per_entry)")
+            }
+            Self::TooManyDnsNames { count, max } => {
+                format!("has {count} items; the agent's limit is {max} (max_dns_names_per_entry)")
+            }
+            Self::NoSelectors => "at least one selector is required, e.g. unix:uid:1000".to_owned(),
+            Self::HintTooLong(_) => format!("is longer than {MAX_HINT_LEN} bytes"),
+            Self::TtlTooShort { min, .. } => format!(
+                "is shorter than the agent's min_svid_ttl ({}s): SVIDs are re-minted at half \
+                 their lifetime; use at least {}s",
+                min.as_secs(),
+                min.as_secs()
+            ),
+            Self::TtlTooLong { max, .. } if *max == MAX_TTL => {
+                "is longer than 10 years; use e.g. 1h".to_owned()
+            }
+            Self::TtlTooLong { max, why, .. } => {
+                format!("is longer than the CA lifetime ({}s): {why}", max.as_secs())
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 /// Longest TTL an entry may ask for: 10 years.
@@ -377,6 +441,48 @@ mod tests {
             short.check(&r),
             Err(EntryError::TtlTooLong { .. })
         ));
+    }
+
+    #[test]
+    fn errors_name_their_field_and_item_for_front_ends() {
+        let td = TrustDomain::new("example.org").unwrap();
+        let mut r = rules(&td);
+        r.limits.max_selectors = 1;
+        r.limits.ca_ttl = Duration::from_secs(3600);
+        let base = (*entry("1", "spiffe://example.org/w", &["unix:uid:1"], None)).clone();
+        let err = |e: Entry| e.checked(&r).unwrap_err();
+
+        let mut two = base.clone();
+        two.selectors.push("unix:gid:1".parse().unwrap());
+        let e = err(two);
+        assert_eq!(e.field(), "selectors");
+        assert_eq!(
+            e.message(),
+            "has 2 items; the agent's limit is 1 (max_selectors_per_entry)"
+        );
+        let mut ttl = base.clone();
+        ttl.jwt_svid_ttl = Some(Duration::from_secs(7200));
+        let e = err(ttl.clone());
+        assert_eq!(e.field(), "jwt_svid_ttl");
+        assert_eq!(
+            e.message(),
+            "is longer than the CA lifetime (3600s): an SVID never outlives its CA (or, for \
+             JWT-SVIDs, its signing key)"
+        );
+        ttl.jwt_svid_ttl = Some(MAX_TTL + Duration::from_secs(1));
+        assert_eq!(err(ttl).message(), "is longer than 10 years; use e.g. 1h");
+        let mut dns = base.clone();
+        dns.dns_names = vec!["ok.internal".into(), "bad name".into()];
+        let e = err(dns);
+        assert_eq!((e.field(), e.item()), ("dns_names", Some("bad name")));
+        let mut hint = base.clone();
+        hint.hint = Some("a\nb".into());
+        assert_eq!(err(hint).field(), "hint");
+        let mut outside = base;
+        outside.spiffe_id = "spiffe://other.org/w".parse().unwrap();
+        let e = err(outside);
+        assert_eq!(e.field(), "spiffe_id");
+        assert_eq!(e.message(), e.to_string());
     }
 
     #[test]

@@ -22,11 +22,56 @@ pub struct EntryIndex {
     /// Entries by slot; `None` slots are free (listed in `free`).
     slots: Vec<Option<Arc<Entry>>>,
     free: Vec<u32>,
+    /// Keyed by the entry's own id (an `Arc<str>` clone: no second copy of the text).
     by_id: HashMap<EntryId, u32>,
-    by_selector: HashMap<Selector, Vec<u32>>,
+    /// The slots of the entries holding each selector. Most selectors (a path, a unit) belong
+    /// to one entry, which needs no list of its own.
+    by_selector: HashMap<Selector, Posting>,
     /// How many entries use each `type:key`.
     kind_keys: HashMap<String, usize>,
     revision: u64,
+}
+
+/// The slots of the entries that hold one selector.
+#[derive(Debug)]
+enum Posting {
+    One(u32),
+    /// Boxed so that the common `One` keeps the map's values at 16 bytes, not 32: with
+    /// 100,000 entries most selectors are in this map once, shared ones are few.
+    #[allow(clippy::box_collection, reason = "keeps the common variant small")]
+    Many(Box<Vec<u32>>),
+}
+
+impl Posting {
+    fn slots(&self) -> &[u32] {
+        match self {
+            Self::One(slot) => std::slice::from_ref(slot),
+            Self::Many(slots) => slots,
+        }
+    }
+
+    fn push(&mut self, slot: u32) {
+        match self {
+            Self::One(first) => *self = Self::Many(Box::new(vec![*first, slot])),
+            Self::Many(slots) => slots.push(slot),
+        }
+    }
+
+    /// Removes `slot`; returns whether the list is now empty.
+    fn remove(&mut self, slot: u32) -> bool {
+        match self {
+            Self::One(only) => *only == slot,
+            Self::Many(slots) => {
+                if let Some(pos) = slots.iter().position(|&x| x == slot) {
+                    slots.swap_remove(pos);
+                }
+                if let [last] = slots.as_slice() {
+                    *self = Self::One(*last);
+                }
+                false
+            }
+        }
+    }
 }
 
 impl EntryIndex {
@@ -82,8 +127,13 @@ impl EntryIndex {
             }
         };
         for s in &entry.selectors {
-            self.by_selector.entry(s.clone()).or_default().push(slot);
-            *self.kind_keys.entry(s.kind_key()).or_default() += 1;
+            match self.by_selector.get_mut(s) {
+                Some(posting) => posting.push(slot),
+                None => {
+                    self.by_selector.insert(s.clone(), Posting::One(slot));
+                }
+            }
+            self.count_kind_key(s);
         }
         self.by_id.insert(entry.id.clone(), slot);
         if let Some(place) = self.slots.get_mut(slot as usize) {
@@ -97,19 +147,13 @@ impl EntryIndex {
         let slot = self.by_id.remove(id)?;
         let entry = self.slots.get_mut(slot as usize)?.take()?;
         for s in &entry.selectors {
-            if let Some(list) = self.by_selector.get_mut(s) {
-                if let Some(pos) = list.iter().position(|&x| x == slot) {
-                    list.swap_remove(pos);
-                }
-                if list.is_empty() {
-                    self.by_selector.remove(s);
-                }
+            if self.by_selector.get_mut(s).is_some_and(|p| p.remove(slot)) {
+                self.by_selector.remove(s);
             }
-            let key = s.kind_key();
-            if let Some(n) = self.kind_keys.get_mut(&key) {
+            if let Some(n) = self.kind_key_count(s) {
                 *n -= 1;
                 if *n == 0 {
-                    self.kind_keys.remove(&key);
+                    self.kind_keys.remove(&s.kind_key());
                 }
             }
         }
@@ -117,13 +161,49 @@ impl EntryIndex {
         Some(entry)
     }
 
+    /// Makes `entry`'s selectors share the text of equal selectors already indexed, so that
+    /// 100,000 entries keyed on a few hundred uids hold a few hundred selector strings.
+    pub fn intern(&self, entry: &mut Entry) {
+        for s in &mut entry.selectors {
+            if let Some((shared, _)) = self.by_selector.get_key_value(s) {
+                *s = shared.clone();
+            }
+        }
+    }
+
+    /// Counts one more use of the selector's `type:key`, allocating its key only the first time.
+    fn count_kind_key(&mut self, s: &Selector) {
+        match self.kind_key_count(s) {
+            Some(n) => *n += 1,
+            None => {
+                self.kind_keys.insert(s.kind_key(), 1);
+            }
+        }
+    }
+
+    /// The use count of the selector's `type:key`, found without building the key: there are
+    /// only a handful (one per selector kind the entries use), and this runs per selector of
+    /// every upsert and removal.
+    fn kind_key_count(&mut self, s: &Selector) -> Option<&mut usize> {
+        let (kind, key) = (s.kind(), s.key());
+        self.kind_keys
+            .iter_mut()
+            .find(|(k, _)| {
+                k.len() == kind.len() + 1 + key.len()
+                    && k.starts_with(kind)
+                    && k.ends_with(key)
+                    && k.as_bytes().get(kind.len()) == Some(&b':')
+            })
+            .map(|(_, n)| n)
+    }
+
     /// Every entry whose selectors are all among `selectors`, ordered by entry id, with duplicate
     /// non-empty hints removed (the first entry by id keeps its hint's identity).
     pub fn matching(&self, selectors: &Selectors) -> Vec<Arc<Entry>> {
         let mut hits: HashMap<u32, usize> = HashMap::new();
         for s in selectors.iter() {
-            if let Some(slots) = self.by_selector.get(s) {
-                for &i in slots {
+            if let Some(posting) = self.by_selector.get(s) {
+                for &i in posting.slots() {
                     *hits.entry(i).or_default() += 1;
                 }
             }
@@ -216,7 +296,8 @@ impl EntryPublisher {
     /// Starts with `entries` (already checked) at revision 1.
     pub fn new(entries: impl IntoIterator<Item = Entry>) -> Self {
         let mut index = EntryIndex::new();
-        for e in entries {
+        for mut e in entries {
+            index.intern(&mut e);
             index.upsert(Arc::new(e));
         }
         index.revision = 1;
@@ -250,10 +331,11 @@ impl EntryPublisher {
                 });
             }
         }
-        for e in upserts {
+        for mut e in upserts {
             if index.get(&e.id).is_some_and(|old| **old == e) {
                 continue;
             }
+            index.intern(&mut e);
             let new = Arc::new(e);
             let old = index.upsert(new.clone());
             changes.push(EntryChange {
@@ -446,6 +528,24 @@ mod tests {
         p.apply([entry("c", "spiffe://td/c", &["unix:uid:1"], None)], []);
         assert_eq!(f.read().len(), 2);
         assert_eq!(ids(&f.matching(&sels(&["unix:uid:1"]))), ["c"]);
+    }
+
+    #[test]
+    fn equal_selectors_share_one_text() {
+        let p = EntryPublisher::new([
+            entry("a", "spiffe://td/a", &["unix:uid:1", "unix:path:/a"], None),
+            entry("b", "spiffe://td/b", &["unix:uid:1", "unix:path:/b"], None),
+        ]);
+        p.apply([entry("c", "spiffe://td/c", &["unix:uid:1"], None)], []);
+        let f = p.feed();
+        let index = f.read();
+        let uid = |id: &str| {
+            let e = index.get(&EntryId::new(id)).unwrap();
+            let s = e.selectors.iter().find(|s| s.key() == "uid").unwrap();
+            s.as_str().as_ptr()
+        };
+        assert_eq!(uid("a"), uid("b"));
+        assert_eq!(uid("a"), uid("c"));
     }
 
     #[test]

@@ -3,16 +3,19 @@
 use std::collections::BTreeSet;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 
 /// One selector, such as `unix:uid:1000` (type `unix`, value `uid:1000`).
 ///
 /// Core checks only the shape every selector shares (`TYPE:KEY:VALUE`, bounded, printable); what a
 /// type's keys and values mean is checked by the attestor plugin that owns the type, through
-/// [`SelectorCheck`]. Stored as one string, so an index of 100,000 entries stays small.
+/// [`SelectorCheck`]. Stored as one shared string, so an index of 100,000 entries stays small:
+/// the index keys on the same text its entries hold, and entries that share a selector (a uid)
+/// share its text (see `EntryIndex`).
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Selector {
     /// `TYPE:VALUE`.
-    text: Box<str>,
+    text: Arc<str>,
     /// Where the `:` after the type is.
     split: u32,
 }
@@ -109,7 +112,7 @@ impl Selector {
         }
         let split = u32::try_from(kind.len()).map_err(|_| SelectorError::Shape(whole.clone()))?;
         Ok(Self {
-            text: whole.into_boxed_str(),
+            text: Arc::from(whole),
             split,
         })
     }

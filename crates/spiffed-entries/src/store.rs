@@ -7,7 +7,9 @@
 //!
 //! Every call is synchronous and takes a lock on the one connection; async callers should use
 //! `spawn_blocking`. The store checks only what it must to store an entry faithfully: callers
-//! validate entries (e.g. with [`Entry::validate`]) before they submit them.
+//! check entries first ([`EntrySources`](crate::EntrySources) runs every spec through
+//! [`Entry::checked`]). Listing pages by key ([`Store::page`]), through an index for each
+//! filter, so one page costs the same with 100 entries or 100,000.
 //!
 //! ```
 //! use spiffed_entries::store::{EntrySpec, Store};
@@ -51,6 +53,37 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The columns of `entries`, in the order [`decode`] reads them.
 const COLUMNS: &str = "id, spiffe_id, selectors, x509_svid_ttl_ms, jwt_svid_ttl_ms, hint, \
                        dns_names, admin, created_at_ms, updated_at_ms, revision";
+
+/// [`COLUMNS`] of the table aliased `e`.
+fn e_columns() -> String {
+    COLUMNS
+        .split(", ")
+        .map(|c| format!("e.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Which entries a [`Store::page`] returns (every entry when empty).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Filter {
+    /// Only entries granting this SPIFFE ID.
+    pub spiffe_id: Option<SpiffeId>,
+    /// Only entries with this selector among theirs.
+    pub selector: Option<Selector>,
+}
+
+impl Filter {
+    /// Whether `entry` passes (the same test the store's queries make).
+    pub fn accepts(&self, entry: &Entry) -> bool {
+        self.spiffe_id
+            .as_ref()
+            .is_none_or(|id| *id == entry.spiffe_id)
+            && self
+                .selector
+                .as_ref()
+                .is_none_or(|s| entry.selectors.contains(s))
+    }
+}
 
 /// One stored entry with its bookkeeping.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -285,7 +318,8 @@ impl Store {
         &self.path
     }
 
-    /// Every entry, ordered by id.
+    /// Every entry, ordered by id, in one vector: for tests and tools. The agent loads with
+    /// [`scan`](Self::scan) and lists with [`page`](Self::page), which never hold every entry.
     pub fn list(&self) -> Result<Vec<StoredEntry>, StoreError> {
         let conn = self.lock();
         let op = "list entries";
@@ -304,6 +338,69 @@ impl Store {
     pub fn get(&self, id: &EntryId) -> Result<Option<StoredEntry>, StoreError> {
         let conn = self.lock();
         self.get_in(&conn, id, "read an entry")
+    }
+
+    /// Up to `limit` entries with ids after `after` (from the first when `None`), in id order,
+    /// that pass `filter`. Pages through an index whatever the filter, so one page costs
+    /// O(`limit`) rows read, not O(entries): callers list everything by passing the last id of
+    /// each page as the next `after`.
+    pub fn page(
+        &self,
+        after: Option<&EntryId>,
+        limit: usize,
+        filter: &Filter,
+    ) -> Result<Vec<StoredEntry>, StoreError> {
+        let op = "list entries";
+        let after = after.map_or("", EntryId::as_str);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let spiffe_id = filter.spiffe_id.as_ref().map(ToString::to_string);
+        let selector = filter.selector.as_ref().map(Selector::as_str);
+        let conn = self.lock();
+        let cols = e_columns();
+        let (sql, params): (String, Vec<&dyn rusqlite::ToSql>) = match (&selector, &spiffe_id) {
+            (Some(sel), _) => (
+                format!(
+                    "SELECT {cols} FROM entry_selectors s JOIN entries e ON e.id = s.entry_id \
+                     WHERE s.selector = ?1 AND s.entry_id > ?2 AND (?3 IS NULL OR e.spiffe_id = ?3) \
+                     ORDER BY s.entry_id LIMIT ?4"
+                ),
+                vec![sel, &after, &spiffe_id, &limit],
+            ),
+            (None, Some(id)) => (
+                format!(
+                    "SELECT {cols} FROM entries e INDEXED BY entries_by_spiffe_id \
+                     WHERE e.spiffe_id = ?1 AND e.id > ?2 ORDER BY e.id LIMIT ?3"
+                ),
+                vec![id, &after, &limit],
+            ),
+            (None, None) => (
+                format!("SELECT {cols} FROM entries e WHERE e.id > ?1 ORDER BY e.id LIMIT ?2"),
+                vec![&after, &limit],
+            ),
+        };
+        let mut stmt = conn.prepare_cached(&sql).map_err(|e| self.db(op, e))?;
+        let mut rows = stmt.query(params.as_slice()).map_err(|e| self.db(op, e))?;
+        let mut out = Vec::new();
+        while let Some(row) = rows.next().map_err(|e| self.db(op, e))? {
+            out.push(self.decode(row)?);
+        }
+        Ok(out)
+    }
+
+    /// Calls `f` with every entry in id order, one row at a time (start-up loads the store
+    /// through this without holding a second copy of every entry). Holds the connection for
+    /// the whole scan.
+    pub fn scan(&self, mut f: impl FnMut(StoredEntry)) -> Result<(), StoreError> {
+        let op = "read entries";
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(&format!("SELECT {COLUMNS} FROM entries ORDER BY id"))
+            .map_err(|e| self.db(op, e))?;
+        let mut rows = stmt.query([]).map_err(|e| self.db(op, e))?;
+        while let Some(row) = rows.next().map_err(|e| self.db(op, e))? {
+            f(self.decode(row)?);
+        }
+        Ok(())
     }
 
     /// Creates one entry per spec, each in its own transaction, and returns one result per
@@ -378,6 +475,7 @@ impl Store {
             ])
         })
         .map_err(|e| self.db(op, e))?;
+        self.write_selectors(&tx, id, &row, op)?;
         // Read back inside the transaction: what we return is what the file holds.
         let stored = self
             .get_in(&tx, id, op)?
@@ -438,11 +536,35 @@ impl Store {
             ])
         })
         .map_err(|e| self.db(op, e))?;
+        self.write_selectors(&tx, &id, &row, op)?;
         let stored = self
             .get_in(&tx, &id, op)?
             .ok_or_else(|| StoreError::NotFound(id.clone()))?;
         tx.commit().map_err(|e| self.db(op, e))?;
         Ok(stored)
+    }
+
+    /// Makes the `entry_selectors` rows of `id` its selectors in `row` (inside the caller's
+    /// transaction).
+    fn write_selectors(
+        &self,
+        conn: &Connection,
+        id: &EntryId,
+        row: &Encoded,
+        op: &'static str,
+    ) -> Result<(), StoreError> {
+        conn.prepare_cached("DELETE FROM entry_selectors WHERE entry_id = ?1")
+            .and_then(|mut s| s.execute([id.as_str()]))
+            .map_err(|e| self.db(op, e))?;
+        let mut insert = conn
+            .prepare_cached("INSERT INTO entry_selectors (selector, entry_id) VALUES (?1, ?2)")
+            .map_err(|e| self.db(op, e))?;
+        for selector in &row.selector_list {
+            insert
+                .execute([selector.as_str(), id.as_str()])
+                .map_err(|e| self.db(op, e))?;
+        }
+        Ok(())
     }
 
     /// Refuses `spec` if another entry (other than `except`) has its SPIFFE ID and selectors.
@@ -627,6 +749,8 @@ fn migrate(conn: &mut Connection, path: &Path) -> Result<(), StoreError> {
 /// The columns of a spec that need encoding.
 struct Encoded {
     spiffe_id: String,
+    /// Canonical: sorted, without duplicates.
+    selector_list: Vec<String>,
     selectors: String,
     x509_svid_ttl_ms: Option<i64>,
     jwt_svid_ttl_ms: Option<i64>,
@@ -649,6 +773,7 @@ impl Encoded {
         Ok(Self {
             spiffe_id: spec.spiffe_id.to_string(),
             selectors: selectors.join("\n"),
+            selector_list: selectors,
             x509_svid_ttl_ms: ttl_ms(spec.x509_svid_ttl, "x509_svid_ttl")?,
             jwt_svid_ttl_ms: ttl_ms(spec.jwt_svid_ttl, "jwt_svid_ttl")?,
             dns_names: spec.dns_names.join("\n"),
@@ -1076,7 +1201,7 @@ mod tests {
         }
         let err = Store::open(&path).unwrap_err();
         assert!(
-            matches!(&err, StoreError::TooNew { path: p, found: 99, known: 1 } if *p == path),
+            matches!(&err, StoreError::TooNew { path: p, found: 99, known: 2 } if *p == path),
             "{err:?}"
         );
         assert!(err.to_string().contains("newer spiffed"));
@@ -1100,7 +1225,9 @@ mod tests {
             ),
             (
                 "selectors",
-                rusqlite::types::Value::Text("unix:pid:1".into()),
+                // Not of the TYPE:KEY:VALUE shape. (A well-shaped selector of a type no attestor
+                // serves reads back fine: `EntrySources` refuses it when it loads.)
+                rusqlite::types::Value::Text("uid:1".into()),
             ),
             ("selectors", rusqlite::types::Value::Blob(vec![0xff, 0xfe])),
             ("hint", rusqlite::types::Value::Blob(vec![0xff])),
@@ -1170,6 +1297,126 @@ mod tests {
         let a = created(&store, spec("spiffe://td/a", &["unix:uid:1"]));
         assert!(EntryId::new("config-0000") < a.entry.id);
         assert!(EntryId::new("config-9999") < a.entry.id);
+    }
+
+    /// A file written by the first release (schema version 1) opens, gains the selector table
+    /// for its existing entries, and pages by selector and SPIFFE ID.
+    #[test]
+    fn version_1_file_is_migrated_and_pages_by_selector() {
+        let (_dir, path) = temp();
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(schema::MIGRATION_1).unwrap();
+            conn.execute_batch(
+                "INSERT INTO entries VALUES ('entry-b', 'spiffe://td/web', \
+                 'unix:gid:5\nunix:uid:1', NULL, NULL, NULL, '', 0, 0, 0, 1); \
+                 INSERT INTO entries VALUES ('entry-a', 'spiffe://td/db', 'unix:uid:1', \
+                 600000, NULL, 'h', 'db.internal', 0, 0, 0, 3); \
+                 INSERT INTO entries VALUES ('entry-c', 'spiffe://td/web', 'unix:uid:2', \
+                 NULL, NULL, NULL, '', 0, 0, 0, 1); \
+                 PRAGMA user_version = 1;",
+            )
+            .unwrap();
+        }
+        let store = Store::open(&path).unwrap();
+        assert_eq!(user_version(&store.lock()).unwrap(), schema::VERSION);
+        let ids = |v: Vec<StoredEntry>| -> Vec<String> {
+            v.into_iter().map(|s| s.entry.id.to_string()).collect()
+        };
+        let by_sel = |s: &str| Filter {
+            selector: Some(s.parse().unwrap()),
+            ..Filter::default()
+        };
+        assert_eq!(
+            ids(store.page(None, 10, &by_sel("unix:uid:1")).unwrap()),
+            ["entry-a", "entry-b"]
+        );
+        assert_eq!(
+            ids(store.page(None, 10, &by_sel("unix:gid:5")).unwrap()),
+            ["entry-b"]
+        );
+        let web = Filter {
+            spiffe_id: Some("spiffe://td/web".parse().unwrap()),
+            ..Filter::default()
+        };
+        assert_eq!(
+            ids(store.page(None, 10, &web).unwrap()),
+            ["entry-b", "entry-c"]
+        );
+        let after_b = EntryId::new("entry-b");
+        assert_eq!(
+            ids(store.page(Some(&after_b), 10, &web).unwrap()),
+            ["entry-c"]
+        );
+        // Rows written before the upgrade read back whole.
+        let a = store.get(&EntryId::new("entry-a")).unwrap().unwrap();
+        assert_eq!(a.revision, 3);
+        assert_eq!(a.entry.dns_names, ["db.internal"]);
+        // New writes keep the selector table in step: update moves, delete removes.
+        let b = store
+            .update(&after_b, 1, spec("spiffe://td/web", &["unix:uid:3"]))
+            .unwrap();
+        assert_eq!(b.revision, 2);
+        assert!(ids(store.page(None, 10, &by_sel("unix:gid:5")).unwrap()).is_empty());
+        assert_eq!(
+            ids(store.page(None, 10, &by_sel("unix:uid:3")).unwrap()),
+            ["entry-b"]
+        );
+        store.delete(std::slice::from_ref(&after_b)).unwrap();
+        assert!(ids(store.page(None, 10, &by_sel("unix:uid:3")).unwrap()).is_empty());
+        let rows: i64 = store
+            .lock()
+            .query_row("SELECT count(*) FROM entry_selectors", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, 2, "entry-a's and entry-c's selectors are left");
+    }
+
+    #[test]
+    fn pages_by_key_return_every_entry_once() {
+        let (_dir, path) = temp();
+        let store = Store::open(&path).unwrap();
+        let mut all: Vec<String> = (0..57)
+            .map(|i| {
+                let gid = format!("unix:gid:{}", i % 3);
+                created(
+                    &store,
+                    spec(&format!("spiffe://td/w{i}"), &["unix:uid:1", &gid]),
+                )
+                .entry
+                .id
+                .to_string()
+            })
+            .collect();
+        all.sort();
+        for (filter, want) in [
+            (Filter::default(), all.len()),
+            (
+                Filter {
+                    selector: Some("unix:gid:1".parse().unwrap()),
+                    ..Filter::default()
+                },
+                19,
+            ),
+        ] {
+            let mut seen = Vec::new();
+            let mut after: Option<EntryId> = None;
+            loop {
+                let page = store.page(after.as_ref(), 10, &filter).unwrap();
+                assert!(page.len() <= 10);
+                let Some(last) = page.last() else { break };
+                after = Some(last.entry.id.clone());
+                seen.extend(page.into_iter().map(|s| {
+                    assert!(filter.accepts(&s.entry));
+                    s.entry.id.to_string()
+                }));
+            }
+            assert_eq!(seen.len(), want);
+            let mut sorted = seen.clone();
+            sorted.sort();
+            sorted.dedup();
+            assert_eq!(seen, sorted, "in id order, each once");
+        }
     }
 
     #[test]

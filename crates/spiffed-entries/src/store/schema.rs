@@ -3,13 +3,13 @@
 //! `MIGRATIONS[i]` takes the database from version `i` to version `i + 1`. Version 0 is an empty
 //! file. A released migration is never edited: a later schema appends a new one.
 
-/// Version 1, the first schema.
+/// Version 1, the first schema (spiffed 0.1).
 ///
 /// `selectors` holds the entry's selectors in canonical form (sorted, without duplicates,
 /// joined with `'\n'`, which no selector may contain), so `UNIQUE(spiffe_id, selectors)` lets
 /// the database itself refuse an exact duplicate. `dns_names` is `'\n'`-joined too. Durations
 /// and times are whole milliseconds (times since the Unix epoch).
-const MIGRATION_1: &str = "
+pub(super) const MIGRATION_1: &str = "
 CREATE TABLE entries (
     id TEXT PRIMARY KEY NOT NULL,
     spiffe_id TEXT NOT NULL,
@@ -26,8 +26,34 @@ CREATE TABLE entries (
 );
 ";
 
+/// Version 2: one row per (selector, entry), so that listing by selector pages through an index
+/// (`WHERE selector = ? AND entry_id > ? ORDER BY entry_id LIMIT ?`) instead of scanning every
+/// entry. The store writes these rows with the entry, in the same transaction; deleting an entry
+/// deletes its rows (`ON DELETE CASCADE`; the store turns `foreign_keys` on). Listing by SPIFFE ID
+/// pages through `entries_by_spiffe_id` in id order the same way. Existing entries
+/// get their rows here, by splitting their canonical `'\n'`-joined selectors.
+const MIGRATION_2: &str = "
+CREATE TABLE entry_selectors (
+    selector TEXT NOT NULL,
+    entry_id TEXT NOT NULL REFERENCES entries (id) ON DELETE CASCADE,
+    PRIMARY KEY (selector, entry_id)
+) WITHOUT ROWID;
+CREATE INDEX entry_selectors_by_entry ON entry_selectors (entry_id);
+CREATE INDEX entries_by_spiffe_id ON entries (spiffe_id, id);
+INSERT INTO entry_selectors (selector, entry_id)
+WITH RECURSIVE split (entry_id, selector, rest) AS (
+    SELECT id, '', selectors || char(10) FROM entries
+    UNION ALL
+    SELECT entry_id,
+           substr(rest, 1, instr(rest, char(10)) - 1),
+           substr(rest, instr(rest, char(10)) + 1)
+    FROM split WHERE rest <> ''
+)
+SELECT DISTINCT selector, entry_id FROM split WHERE selector <> '';
+";
+
 /// Every migration, in order; the schema version this code writes is its length.
-pub(super) const MIGRATIONS: &[&str] = &[MIGRATION_1];
+pub(super) const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
 
 /// The newest schema version this code knows.
 pub(super) const VERSION: i64 = MIGRATIONS.len() as i64;
