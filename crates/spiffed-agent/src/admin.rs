@@ -1,96 +1,30 @@
-//! The admin service (`spiffed.admin.v1.EntryAdmin`) on the privileged admin socket, and the
-//! entry directory that merges config-file entries with stored ones and publishes every change
-//! to the Workload API streams at once.
+//! The admin service (`spiffed.admin.v1.EntryAdmin`) on the privileged admin socket. Entries
+//! are merged, checked and published by `spiffed_entries::EntrySources`; this module turns
+//! requests into its calls and its answers and errors into responses.
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use spiffed_attest::UnixAttestor;
 use spiffed_core::{
-    Attestor, Entry, EntryId, EntrySet, Facts, MAX_HINT_LEN, PeerCred, Selector, Selectors,
-    SpiffeId, TrustDomain,
+    Attestor, Entry, EntryError, EntryId, Facts, PeerCred, Selector, Selectors, SpiffeId,
+    TrustDomain,
 };
-use spiffed_entries::EntryHandle;
-use spiffed_entries::store::{EntrySpec, Store, StoreError, StoredEntry};
+use spiffed_entries::store::{EntrySpec, Filter, StoreError, StoredEntry};
+use spiffed_entries::{EntrySources, Listed, Rules, SourceError};
 use spiffed_proto::admin as pb;
 use spiffed_proto::admin::entry_admin_server::{EntryAdmin, EntryAdminServer};
-use tokio::sync::watch;
 use tonic::{Request, Response, Status};
 
-/// Longest TTL an entry may ask for.
-const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Default and largest page of `ListEntries`.
 const PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 /// Most specs or ids in one batch call.
 const MAX_BATCH: usize = 1000;
 
-/// Config-file entries plus stored ones; the one place that publishes the merged set.
-pub(crate) struct Directory {
-    store: Store,
-    config: Mutex<Vec<Entry>>,
-    handle: EntryHandle,
-    attestor: Arc<UnixAttestor>,
-    /// Serializes write + publish, so sets are published in commit order.
-    write: Mutex<()>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-impl Directory {
-    pub(crate) fn new(
-        store: Store,
-        config: Vec<Entry>,
-        handle: EntryHandle,
-        attestor: Arc<UnixAttestor>,
-    ) -> Self {
-        Self {
-            store,
-            config: Mutex::new(config),
-            handle,
-            attestor,
-            write: Mutex::new(()),
-        }
-    }
-
-    /// The merged entries: config-file ones first (ids `config-HEX`), then stored ones.
-    pub(crate) fn merged(&self) -> Result<Vec<Entry>, StoreError> {
-        let mut all = lock(&self.config).clone();
-        all.extend(self.store.list()?.into_iter().map(|s| s.entry));
-        Ok(all)
-    }
-
-    /// Publishes the merged set to every stream. Call with the write lock held.
-    fn publish(&self) -> Result<(), StoreError> {
-        let all = self.merged()?;
-        // Indexed once, by the publish itself (None only while the agent shuts down); the
-        // Workload API attests for the facts the published set needs.
-        let _ = self.handle.replace(all);
-        Ok(())
-    }
-
-    /// Replaces the config-file entries (SIGHUP) and publishes.
-    pub(crate) fn set_config_entries(&self, entries: Vec<Entry>) -> Result<(), StoreError> {
-        if let Some(warning) =
-            exe_selector_warning(entries.iter().flat_map(|e| e.selectors.iter().cloned()))
-        {
-            tracing::warn!("config entries reloaded: {warning}");
-        }
-        let _w = lock(&self.write);
-        *lock(&self.config) = entries;
-        self.publish()
-    }
-
-    fn config_entries(&self) -> Vec<Entry> {
-        lock(&self.config).clone()
-    }
-}
-
 /// A handle for reloading the config file's entries while the agent runs.
 #[derive(Clone)]
-pub struct Reloader(pub(crate) Arc<Directory>);
+pub struct Reloader(pub(crate) EntrySources);
 
 impl std::fmt::Debug for Reloader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -101,32 +35,28 @@ impl std::fmt::Debug for Reloader {
 impl Reloader {
     /// Replaces the entries that came from the config file; stored entries stay.
     pub fn reload_config_entries(&self, entries: Vec<Entry>) -> Result<(), String> {
+        if let Some(warning) =
+            exe_selector_warning(entries.iter().flat_map(|e| e.selectors.iter().cloned()))
+        {
+            tracing::warn!("config entries reloaded: {warning}");
+        }
+        // Publishes only the difference; checked with the same rules as admin writes.
         self.0
-            .set_config_entries(entries)
+            .reload_config(entries)
+            .map(drop)
             .map_err(|e| e.to_string())
     }
 }
 
 /// The admin gRPC service.
 pub(crate) struct AdminService {
-    pub(crate) dir: Arc<Directory>,
+    /// Every entry source; checks, stores and publishes each write.
+    pub(crate) sources: EntrySources,
+    pub(crate) attestor: Arc<UnixAttestor>,
     pub(crate) td: TrustDomain,
-    pub(crate) ca_ttl: Duration,
     pub(crate) admin_uids: Vec<u32>,
     pub(crate) own_uid: u32,
-    pub(crate) current: watch::Receiver<Arc<EntrySet>>,
     pub(crate) synthetic_ids: bool,
-    pub(crate) config_file: Option<String>,
-    pub(crate) limits: EntryLimits,
-}
-
-/// Bounds an entry created or updated through the admin API must keep (the config file's
-/// `max_selectors_per_entry`, `max_dns_names_per_entry` and `min_svid_ttl`).
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct EntryLimits {
-    pub(crate) max_selectors: usize,
-    pub(crate) max_dns_names: usize,
-    pub(crate) min_svid_ttl: Duration,
 }
 
 impl AdminService {
@@ -153,10 +83,10 @@ impl AdminService {
 
     async fn blocking<R: Send + 'static>(
         &self,
-        f: impl FnOnce(&Directory) -> R + Send + 'static,
+        f: impl FnOnce(&EntrySources) -> R + Send + 'static,
     ) -> Result<R, Status> {
-        let dir = self.dir.clone();
-        tokio::task::spawn_blocking(move || f(&dir))
+        let sources = self.sources.clone();
+        tokio::task::spawn_blocking(move || f(&sources))
             .await
             .map_err(|e| Status::internal(format!("admin task failed: {e}")))
     }
@@ -186,51 +116,16 @@ fn field_err(field: impl Into<String>, message: impl Into<String>) -> FieldError
     }
 }
 
-fn ttl(
-    secs: u64,
-    field: &str,
-    ca_ttl: Duration,
-    min: Duration,
-) -> Result<Option<Duration>, FieldError> {
-    if secs == 0 {
-        return Ok(None);
-    }
-    let d = Duration::from_secs(secs);
-    if d > MAX_TTL {
-        return Err(field_err(field, "is longer than 10 years; use e.g. 1h"));
-    }
-    if d < min {
-        return Err(field_err(
-            field,
-            format!(
-                "is shorter than the agent's min_svid_ttl ({}s): SVIDs are re-minted at half \
-                 their lifetime; use at least {}s",
-                min.as_secs(),
-                min.as_secs()
-            ),
-        ));
-    }
-    if d > ca_ttl {
-        return Err(field_err(
-            field,
-            format!(
-                "is longer than the CA lifetime ({}s): an SVID never outlives its CA (or, for \
-                 JWT-SVIDs, its signing key)",
-                ca_ttl.as_secs()
-            ),
-        ));
-    }
-    Ok(Some(d))
+/// A TTL in whole seconds; 0 means "the agent's default". Its bounds are checked by
+/// `Entry::checked` (through `EntrySources`), with every other rule.
+fn ttl(secs: u64) -> Option<Duration> {
+    (secs != 0).then(|| Duration::from_secs(secs))
 }
 
-/// Checks an operator's spec: SPIFFE ID syntax and trust domain, known selectors, TTL bounds,
-/// hint length, DNS names.
-pub(crate) fn validate_spec(
-    p: &pb::EntrySpec,
-    td: &TrustDomain,
-    ca_ttl: Duration,
-    limits: &EntryLimits,
-) -> Result<EntrySpec, FieldError> {
+/// Parses an operator's spec (SPIFFE ID syntax, selector shape, the reserved admin flag). Every
+/// rule an entry must keep is checked by `Entry::checked` when `EntrySources` takes the spec;
+/// its errors come back through [`entry_field_error`].
+pub(crate) fn parse_spec(p: &pb::EntrySpec) -> Result<EntrySpec, FieldError> {
     if p.spiffe_id.is_empty() {
         return Err(field_err("spiffe_id", "is required, e.g. spiffe://TD/web"));
     }
@@ -240,32 +135,6 @@ pub(crate) fn validate_spec(
             format!("{:?} is not a valid SPIFFE ID: {e}", p.spiffe_id),
         )
     })?;
-    if p.selectors.is_empty() {
-        return Err(field_err(
-            "selectors",
-            "at least one selector is required, e.g. unix:uid:1000",
-        ));
-    }
-    if p.selectors.len() > limits.max_selectors {
-        return Err(field_err(
-            "selectors",
-            format!(
-                "has {} items; the agent's limit is {} (max_selectors_per_entry)",
-                p.selectors.len(),
-                limits.max_selectors
-            ),
-        ));
-    }
-    if p.dns_names.len() > limits.max_dns_names {
-        return Err(field_err(
-            "dns_names",
-            format!(
-                "has {} items; the agent's limit is {} (max_dns_names_per_entry)",
-                p.dns_names.len(),
-                limits.max_dns_names
-            ),
-        ));
-    }
     let mut selectors = Vec::with_capacity(p.selectors.len());
     for (i, s) in p.selectors.iter().enumerate() {
         selectors.push(
@@ -273,58 +142,77 @@ pub(crate) fn validate_spec(
                 .map_err(|e| field_err(format!("selectors[{i}]"), e.to_string()))?,
         );
     }
-    selectors.sort();
-    selectors.dedup();
     if p.admin {
         return Err(field_err(
             "admin",
             "is reserved for a later release; leave it false",
         ));
     }
-    let spec = EntrySpec {
+    Ok(EntrySpec {
         spiffe_id,
         selectors,
-        x509_svid_ttl: ttl(
-            p.x509_svid_ttl_seconds,
-            "x509_svid_ttl",
-            ca_ttl,
-            limits.min_svid_ttl,
-        )?,
-        jwt_svid_ttl: ttl(
-            p.jwt_svid_ttl_seconds,
-            "jwt_svid_ttl",
-            ca_ttl,
-            limits.min_svid_ttl,
-        )?,
+        x509_svid_ttl: ttl(p.x509_svid_ttl_seconds),
+        jwt_svid_ttl: ttl(p.jwt_svid_ttl_seconds),
         hint: (!p.hint.is_empty()).then(|| p.hint.clone()),
         dns_names: p.dns_names.clone(),
         admin: false,
+    })
+}
+
+/// Parses and checks a spec as `CreateEntries` and `UpdateEntry` would (the fuzz target's
+/// entry point; the service itself lets `EntrySources` check).
+pub(crate) fn validate_spec(p: &pb::EntrySpec, rules: &Rules) -> Result<EntrySpec, FieldError> {
+    let spec = parse_spec(p)?;
+    rules
+        .check_spec(spec)
+        .map_err(|e| entry_field_error(&e, p))
+}
+
+/// The admin API's `{field, message}` for a rule an entry breaks: a selector is pointed at by
+/// its position in the request (`selectors[1]`), since the entry's own selectors are sorted.
+fn entry_field_error(e: &EntryError, p: &pb::EntrySpec) -> FieldError {
+    let field = match (e.field(), e.item()) {
+        ("selectors", Some(item)) => p
+            .selectors
+            .iter()
+            .position(|s| s == item)
+            .map_or_else(|| "selectors".to_owned(), |i| format!("selectors[{i}]")),
+        (field, _) => field.to_owned(),
     };
-    if spec.hint.as_ref().is_some_and(|h| h.len() > MAX_HINT_LEN) {
-        return Err(field_err("hint", "is longer than 1024 bytes"));
+    field_err(field, e.message())
+}
+
+/// The per-entry error of a batch result.
+fn source_entry_error(e: &SourceError, p: Option<&pb::EntrySpec>) -> pb::EntryError {
+    let (field, message) = match (e, p) {
+        (SourceError::Invalid(err), Some(p)) => {
+            let f = entry_field_error(err, p);
+            (f.field, f.message)
+        }
+        (SourceError::Store(StoreError::Duplicate { .. }) | SourceError::DuplicateOf { .. }, _) => {
+            ("spiffe_id".to_owned(), e.to_string())
+        }
+        (SourceError::NotWritable { .. }, _) => ("id".to_owned(), e.to_string()),
+        _ => (String::new(), e.to_string()),
+    };
+    pb::EntryError { field, message }
+}
+
+/// The status for a failed call (a whole-batch failure, or `UpdateEntry`'s one entry).
+fn source_status(e: &SourceError, p: Option<&pb::EntrySpec>) -> Status {
+    match e {
+        SourceError::Store(s) => store_status(s),
+        SourceError::Invalid(err) => {
+            let f = p.map_or_else(
+                || field_err(err.field(), err.message()),
+                |p| entry_field_error(err, p),
+            );
+            Status::invalid_argument(format!("{}: {}", f.field, f.message))
+        }
+        SourceError::NotWritable { .. } => Status::failed_precondition(e.to_string()),
+        SourceError::DuplicateOf { .. } => Status::already_exists(e.to_string()),
+        _ => Status::unavailable(e.to_string()),
     }
-    let probe = Entry {
-        id: EntryId::new("new"),
-        spiffe_id: spec.spiffe_id.clone(),
-        selectors: spec.selectors.clone(),
-        x509_svid_ttl: spec.x509_svid_ttl,
-        jwt_svid_ttl: spec.jwt_svid_ttl,
-        hint: spec.hint.clone(),
-        dns_names: spec.dns_names.clone(),
-    };
-    probe.validate(td).map_err(|e| {
-        let field = match &e {
-            spiffed_core::EntryError::DnsName(_) => "dns_names",
-            spiffed_core::EntryError::HintTooLong(_) | spiffed_core::EntryError::HintControl(_) => {
-                "hint"
-            }
-            spiffed_core::EntryError::NoSelectors => "selectors",
-            spiffed_core::EntryError::ZeroTtl(f) => f,
-            _ => "spiffe_id",
-        };
-        field_err(field, e.to_string())
-    })?;
-    Ok(spec)
 }
 
 fn secs(t: SystemTime) -> i64 {
@@ -344,14 +232,18 @@ pub(crate) fn spec_of(e: &Entry, admin: bool) -> pb::EntrySpec {
     }
 }
 
-fn config_entry(e: &Entry) -> pb::Entry {
-    pb::Entry {
-        id: e.id.to_string(),
-        spec: Some(spec_of(e, false)),
-        source: "config".into(),
-        revision: 0,
-        created_at: 0,
-        updated_at: 0,
+/// An entry as listed, labelled by its source (`config`, `store`, ...).
+fn listed_entry(l: &Listed) -> pb::Entry {
+    match l.stored() {
+        Some(s) => stored_entry(s),
+        None => pb::Entry {
+            id: l.id().to_string(),
+            spec: Some(spec_of(l.entry(), false)),
+            source: l.source().into(),
+            revision: 0,
+            created_at: 0,
+            updated_at: 0,
+        },
     }
 }
 
@@ -376,32 +268,6 @@ fn store_status(e: &StoreError) -> Status {
     }
 }
 
-fn error_of(e: &StoreError) -> pb::EntryError {
-    let field = match e {
-        StoreError::Duplicate { .. } => "spiffe_id",
-        _ => "",
-    };
-    pb::EntryError {
-        field: field.into(),
-        message: e.to_string(),
-    }
-}
-
-/// An exact duplicate of a config-file entry (same SPIFFE ID and selectors)?
-fn duplicate_of_config(spec: &EntrySpec, config: &[Entry]) -> Option<EntryId> {
-    config
-        .iter()
-        .find(|c| c.spiffe_id == spec.spiffe_id && c.selectors == spec.selectors)
-        .map(|c| c.id.clone())
-}
-
-fn config_refusal(id: &str, file: Option<&str>) -> Status {
-    Status::failed_precondition(format!(
-        "entry {id} comes from the config file{}; edit the file and send SIGHUP to the agent",
-        file.map(|f| format!(" {f}")).unwrap_or_default()
-    ))
-}
-
 #[tonic::async_trait]
 impl EntryAdmin for AdminService {
     async fn create_entries(
@@ -415,52 +281,39 @@ impl EntryAdmin for AdminService {
                 "at most {MAX_BATCH} entries per call"
             )));
         }
-        let (td, ca_ttl, limits) = (self.td.clone(), self.ca_ttl, self.limits);
-        let results = self
-            .blocking(move |dir| {
-                let _w = lock(&dir.write);
-                let config = dir.config_entries();
-                // Validate each; only the valid ones go to the store, in order.
-                let mut slots: Vec<Result<EntrySpec, pb::EntryError>> = specs
-                    .iter()
-                    .map(|p| {
-                        let spec = validate_spec(p, &td, ca_ttl, &limits).map_err(|e| pb::EntryError {
-                            field: e.field,
-                            message: e.message,
-                        })?;
-                        if let Some(id) = duplicate_of_config(&spec, &config) {
-                            return Err(pb::EntryError {
-                                field: "spiffe_id".into(),
-                                message: format!("an entry with this SPIFFE ID and these selectors already exists ({id}, from the config file)"),
-                            });
-                        }
-                        Ok(spec)
-                    })
-                    .collect();
-                let valid: Vec<EntrySpec> = slots.iter().filter_map(|s| s.as_ref().ok().cloned()).collect();
-                let stored = dir.store.create(valid)?;
-                let mut stored = stored.into_iter();
-                let mut out = Vec::with_capacity(slots.len());
-                for slot in slots.drain(..) {
-                    out.push(match slot {
-                        Err(error) => pb::EntryResult { entry: None, error: Some(error) },
-                        Ok(_) => match stored.next() {
-                            Some(Ok(s)) => pb::EntryResult { entry: Some(stored_entry(&s)), error: None },
-                            Some(Err(e)) => pb::EntryResult { entry: None, error: Some(error_of(&e)) },
-                            None => pb::EntryResult {
-                                entry: None,
-                                error: Some(pb::EntryError { field: String::new(), message: "the store returned fewer results than asked".into() }),
-                            },
-                        },
-                    });
-                }
-                if out.iter().any(|r| r.entry.is_some()) {
-                    dir.publish()?;
-                }
-                Ok::<_, StoreError>(out)
-            })
+        // Parse each; the parsed ones go to the sources, which check every rule, store and
+        // publish them in one event.
+        let parsed: Vec<Result<EntrySpec, FieldError>> = specs.iter().map(parse_spec).collect();
+        let valid: Vec<EntrySpec> = parsed.iter().filter_map(|s| s.as_ref().ok().cloned()).collect();
+        let created = self
+            .blocking(move |sources| sources.create(valid))
             .await?
-            .map_err(|e| store_status(&e))?;
+            .map_err(|e| source_status(&e, None))?;
+        let mut created = created.into_iter();
+        let results: Vec<pb::EntryResult> = parsed
+            .into_iter()
+            .zip(&specs)
+            .map(|(slot, p)| match slot {
+                Err(e) => pb::EntryResult {
+                    entry: None,
+                    error: Some(pb::EntryError { field: e.field, message: e.message }),
+                },
+                Ok(_) => match created.next() {
+                    Some(Ok(s)) => pb::EntryResult { entry: Some(stored_entry(&s)), error: None },
+                    Some(Err(e)) => pb::EntryResult {
+                        entry: None,
+                        error: Some(source_entry_error(&e, Some(p))),
+                    },
+                    None => pb::EntryResult {
+                        entry: None,
+                        error: Some(pb::EntryError {
+                            field: String::new(),
+                            message: SourceError::MissingResult.to_string(),
+                        }),
+                    },
+                },
+            })
+            .collect();
         for r in &results {
             match (&r.entry, &r.error) {
                 (Some(e), _) => {
@@ -502,38 +355,30 @@ impl EntryAdmin for AdminService {
                     .map_err(|e| Status::invalid_argument(format!("selector: {e}")))?,
             )
         };
+        let spiffe_id = if req.spiffe_id.is_empty() {
+            None
+        } else {
+            Some(SpiffeId::new(&req.spiffe_id).map_err(|e| {
+                Status::invalid_argument(format!(
+                    "spiffe_id: {:?} is not a valid SPIFFE ID: {e}",
+                    req.spiffe_id
+                ))
+            })?)
+        };
         let page = match req.page_size as usize {
             0 => PAGE,
             n => n.min(MAX_PAGE),
         };
-        let (config, stored) = self
-            .blocking(|dir| Ok::<_, StoreError>((dir.config_entries(), dir.store.list()?)))
+        let filter = Filter { spiffe_id, selector };
+        let after = (!req.page_token.is_empty()).then(|| EntryId::new(req.page_token));
+        // One page through the store's index by key, merged with the in-memory sources.
+        let found = self
+            .blocking(move |sources| sources.list(after.as_ref(), page, &filter))
             .await?
-            .map_err(|e| store_status(&e))?;
-        let mut all: Vec<pb::Entry> = config
-            .iter()
-            .map(config_entry)
-            .chain(stored.iter().map(stored_entry))
-            .collect();
-        all.sort_by(|a, b| a.id.cmp(&b.id));
-        let keep = |e: &pb::Entry| {
-            let Some(spec) = &e.spec else { return false };
-            (req.spiffe_id.is_empty() || spec.spiffe_id == req.spiffe_id)
-                && selector
-                    .as_ref()
-                    .is_none_or(|s| spec.selectors.contains(&s.to_string()))
-                && (req.page_token.is_empty() || e.id > req.page_token)
-        };
-        let mut entries: Vec<pb::Entry> = all.into_iter().filter(keep).take(page + 1).collect();
-        let next_page_token = if entries.len() > page {
-            entries.truncate(page);
-            entries.last().map(|e| e.id.clone()).unwrap_or_default()
-        } else {
-            String::new()
-        };
+            .map_err(|e| source_status(&e, None))?;
         Ok(Response::new(pb::ListEntriesResponse {
-            entries,
-            next_page_token,
+            entries: found.entries.iter().map(listed_entry).collect(),
+            next_page_token: found.next.map(|id| id.to_string()).unwrap_or_default(),
         }))
     }
 
@@ -544,14 +389,11 @@ impl EntryAdmin for AdminService {
         self.authorize(&request)?;
         let id = request.into_inner().id;
         let found = self
-            .blocking(move |dir| {
-                if let Some(c) = dir.config_entries().iter().find(|c| c.id.as_str() == id) {
-                    return Ok::<_, StoreError>(Some(config_entry(c)));
-                }
-                Ok(dir.store.get(&EntryId::new(id))?.as_ref().map(stored_entry))
-            })
+            .blocking(move |sources| sources.get(&EntryId::new(id)))
             .await?
-            .map_err(|e| store_status(&e))?;
+            .map_err(|e| source_status(&e, None))?
+            .as_ref()
+            .map(listed_entry);
         found
             .map(Response::new)
             .ok_or_else(|| Status::not_found("no entry with that id; see `spiffed entry list`"))
@@ -563,31 +405,18 @@ impl EntryAdmin for AdminService {
     ) -> Result<Response<pb::Entry>, Status> {
         let who = self.authorize(&request)?;
         let req = request.into_inner();
-        let spec = req
+        let p = req
             .spec
             .ok_or_else(|| Status::invalid_argument("spec is required"))?;
-        let spec = validate_spec(&spec, &self.td, self.ca_ttl, &self.limits)
+        let spec = parse_spec(&p)
             .map_err(|e| Status::invalid_argument(format!("{}: {}", e.field, e.message)))?;
-        let file = self.config_file.clone();
-        let id = req.id.clone();
+        let id = EntryId::new(req.id);
+        let expected = req.expected_revision;
         let updated = self
-            .blocking(move |dir| {
-                let _w = lock(&dir.write);
-                let config = dir.config_entries();
-                if config.iter().any(|c| c.id.as_str() == id) {
-                    return Err(config_refusal(&id, file.as_deref()));
-                }
-                if let Some(dup) = duplicate_of_config(&spec, &config) {
-                    return Err(Status::already_exists(format!("an entry with this SPIFFE ID and these selectors already exists ({dup}, from the config file)")));
-                }
-                let s = dir
-                    .store
-                    .update(&EntryId::new(id), req.expected_revision, spec)
-                    .map_err(|e| store_status(&e))?;
-                dir.publish().map_err(|e| store_status(&e))?;
-                Ok(stored_entry(&s))
-            })
-            .await??;
+            .blocking(move |sources| sources.update(&id, expected, spec))
+            .await?
+            .map_err(|e| source_status(&e, Some(&p)))?;
+        let updated = stored_entry(&updated);
         tracing::info!(uid = who.uid, entry = %updated.id, revision = updated.revision, "entry updated");
         let selectors = updated.spec.iter().flat_map(|spec| &spec.selectors);
         if let Some(warning) = exe_selector_warning(selectors.filter_map(|s| s.parse().ok())) {
@@ -607,44 +436,19 @@ impl EntryAdmin for AdminService {
                 "at most {MAX_BATCH} ids per call"
             )));
         }
-        let file = self.config_file.clone();
-        let results = self
-            .blocking(move |dir| {
-                let _w = lock(&dir.write);
-                let config = dir.config_entries();
-                let mut out: Vec<pb::DeleteResult> = Vec::with_capacity(ids.len());
-                let mut to_delete = vec![];
-                for id in &ids {
-                    if config.iter().any(|c| c.id.as_str() == id) {
-                        out.push(pb::DeleteResult {
-                            id: id.clone(),
-                            error: Some(pb::EntryError {
-                                field: "id".into(),
-                                message: config_refusal(id, file.as_deref()).message().to_owned(),
-                            }),
-                        });
-                    } else {
-                        to_delete.push(EntryId::new(id.clone()));
-                        out.push(pb::DeleteResult {
-                            id: id.clone(),
-                            error: None,
-                        });
-                    }
-                }
-                let results = dir.store.delete(&to_delete)?;
-                let mut results = results.into_iter();
-                for r in out.iter_mut().filter(|r| r.error.is_none()) {
-                    if let Some(Err(e)) = results.next() {
-                        r.error = Some(error_of(&e));
-                    }
-                }
-                if out.iter().any(|r| r.error.is_none()) {
-                    dir.publish()?;
-                }
-                Ok::<_, StoreError>(out)
-            })
+        let entry_ids: Vec<EntryId> = ids.iter().cloned().map(EntryId::new).collect();
+        let deleted = self
+            .blocking(move |sources| sources.delete(&entry_ids))
             .await?
-            .map_err(|e| store_status(&e))?;
+            .map_err(|e| source_status(&e, None))?;
+        let results: Vec<pb::DeleteResult> = ids
+            .into_iter()
+            .zip(deleted)
+            .map(|(id, r)| pb::DeleteResult {
+                id,
+                error: r.err().map(|e| source_entry_error(&e, None)),
+            })
+            .collect();
         for r in results.iter().filter(|r| r.error.is_none()) {
             tracing::info!(uid = who.uid, entry = %r.id, "entry deleted");
         }
@@ -657,14 +461,14 @@ impl EntryAdmin for AdminService {
     ) -> Result<Response<pb::ExplainResponse>, Status> {
         self.authorize(&request)?;
         let pid = request.into_inner().pid;
-        let dir = self.dir.clone();
+        let attestor = self.attestor.clone();
         let attested = tokio::task::spawn_blocking(move || {
             let cred = spiffed_attest::peer_cred_of_pid(pid).map_err(|e| {
                 Status::not_found(format!(
                     "cannot inspect pid {pid}: {e} (is it running, and in this PID namespace?)"
                 ))
             })?;
-            let attested = dir.attestor.attest(&cred, Facts::ALL).map_err(|e| {
+            let attested = attestor.attest(&cred, Facts::ALL).map_err(|e| {
                 Status::unavailable(format!("attestation of pid {pid} failed: {e}"))
             })?;
             Ok::<_, Status>((cred, attested))
@@ -673,10 +477,12 @@ impl EntryAdmin for AdminService {
         .map_err(|e| Status::internal(e.to_string()))??;
         let (cred, attested) = attested;
         let left_out = attested.left_out.iter().map(ToString::to_string).collect();
-        let set = self.current.borrow().clone();
+        let feed = self.sources.feed();
+        // Read-locked briefly: no await below until the guard is dropped.
+        let index = feed.read();
         let have: &Selectors = &attested.selectors;
         let mut verdicts = vec![];
-        for e in set.entries() {
+        for e in index.iter() {
             let missing: Vec<String> = e
                 .selectors
                 .iter()
@@ -686,13 +492,19 @@ impl EntryAdmin for AdminService {
             let matched = missing.is_empty();
             if matched || missing.len() < e.selectors.len() {
                 verdicts.push(pb::EntryVerdict {
-                    entry: Some(config_or_stored(e)),
+                    entry: Some(live_entry(&self.sources, e)),
                     matched,
                     missing,
                 });
             }
         }
-        let matching = set.matching(have);
+        // The index iterates in slot order; show entries in id order, as before.
+        verdicts.sort_by(|a, b| {
+            let id = |v: &pb::EntryVerdict| v.entry.as_ref().map(|e| e.id.clone());
+            id(a).cmp(&id(b))
+        });
+        let matching = index.matching(have);
+        drop(index);
         let mut synthetic = false;
         let mut identities: Vec<String> =
             matching.iter().map(|e| e.spiffe_id.to_string()).collect();
@@ -720,24 +532,49 @@ impl EntryAdmin for AdminService {
     }
 }
 
-/// An entry from the published set, labelled by where it came from.
-fn config_or_stored(e: &Entry) -> pb::Entry {
-    let mut p = config_entry(e);
-    if !e.id.as_str().starts_with("config-") {
-        p.source = "store".into();
+/// An entry of the live index, labelled by the source that owns its id.
+fn live_entry(sources: &EntrySources, e: &Entry) -> pb::Entry {
+    pb::Entry {
+        id: e.id.to_string(),
+        spec: Some(spec_of(e, false)),
+        source: sources.source_of(&e.id).unwrap_or_default().into(),
+        revision: 0,
+        created_at: 0,
+        updated_at: 0,
     }
-    p
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use spiffed_core::{EntryLimits, SelectorCheck, SelectorError};
 
-    const LIMITS: EntryLimits = EntryLimits {
-        max_selectors: 64,
-        max_dns_names: 64,
-        min_svid_ttl: Duration::from_secs(10),
-    };
+    /// The unix and systemd types, as the default attestors serve.
+    struct UnixAndSystemd;
+    impl SelectorCheck for UnixAndSystemd {
+        fn check(&self, s: &Selector) -> Result<(), SelectorError> {
+            match s.kind() {
+                "unix" | "systemd" => Ok(()),
+                _ => Err(SelectorError::UnknownType {
+                    selector: s.to_string(),
+                    known: spiffed_core::known_list(["unix", "systemd"]),
+                }),
+            }
+        }
+    }
+
+    fn rules() -> Rules {
+        Rules {
+            trust_domain: TrustDomain::new("example.org").unwrap(),
+            limits: EntryLimits {
+                max_selectors: 64,
+                max_dns_names: 64,
+                min_svid_ttl: Duration::from_secs(10),
+                ca_ttl: Duration::from_secs(3600),
+            },
+            selectors: Arc::new(UnixAndSystemd),
+        }
+    }
 
     fn spec(id: &str, sels: &[&str]) -> pb::EntrySpec {
         pb::EntrySpec {
@@ -749,20 +586,10 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        let td = TrustDomain::new("example.org").unwrap();
-        let ca = Duration::from_secs(3600);
-        let limits = LIMITS;
-        assert!(
-            validate_spec(
-                &spec("spiffe://example.org/web", &["unix:uid:1"]),
-                &td,
-                ca,
-                &limits
-            )
-            .is_ok()
-        );
+        let rules = rules();
+        assert!(validate_spec(&spec("spiffe://example.org/web", &["unix:uid:1"]), &rules).is_ok());
         let f = |p: pb::EntrySpec| {
-            validate_spec(&p, &td, ca, &limits)
+            validate_spec(&p, &rules)
                 .err()
                 .map(|e| e.field)
                 .unwrap_or_default()
@@ -800,9 +627,8 @@ mod tests {
 
     #[test]
     fn bounds_on_selectors_dns_names_ttls_and_hints() {
-        let td = TrustDomain::new("example.org").unwrap();
-        let ca = Duration::from_secs(3600);
-        let check = |p: pb::EntrySpec| validate_spec(&p, &td, ca, &LIMITS).err();
+        let rules = rules();
+        let check = |p: pb::EntrySpec| validate_spec(&p, &rules).err();
         let base = || spec("spiffe://example.org/web", &["unix:uid:1"]);
         // 100,000 selectors (all valid and distinct) are refused, 64 are fine.
         let mut many = base();
@@ -845,6 +671,8 @@ mod tests {
         assert_eq!(check(short).unwrap().field, "jwt_svid_ttl");
         let mut long = base();
         long.jwt_svid_ttl_seconds = 7200;
-        assert_eq!(check(long).unwrap().field, "jwt_svid_ttl");
+        let e = check(long).unwrap();
+        assert_eq!(e.field, "jwt_svid_ttl");
+        assert!(e.message.starts_with("is longer than the CA lifetime (3600s)"), "{}", e.message);
     }
 }

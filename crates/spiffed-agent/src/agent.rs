@@ -10,14 +10,14 @@ use std::time::Duration;
 
 use spiffed_attest::UnixAttestor;
 use spiffed_authority::{AuthorityConfig, CaAuthority};
-use spiffed_entries::EntrySource;
 use spiffed_entries::store::Store;
+use spiffed_entries::{ConfigEntries, EntrySources, Rules};
 use spiffed_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
 use spiffed_workload_api::WorkloadApi;
 use tokio::net::UnixListener;
 use tokio::sync::{Notify, watch};
 
-use crate::admin::{AdminService, Directory, Reloader};
+use crate::admin::{AdminService, Reloader};
 use crate::config::Config;
 use crate::limits::{self, Limits, Shared, StreamLimitLayer};
 
@@ -53,6 +53,9 @@ pub enum AgentError {
     /// The entry store could not be opened (corrupt, unreadable, too new).
     #[error(transparent)]
     Store(#[from] spiffed_entries::store::StoreError),
+    /// The config file's entries break a rule, or the store could not be loaded.
+    #[error(transparent)]
+    Entries(#[from] spiffed_entries::SourceError),
     /// The CA could not be loaded or created.
     #[error(transparent)]
     Authority(#[from] spiffed_authority::Error),
@@ -79,7 +82,7 @@ pub struct Bound {
     listener: UnixListener,
     admin_listener: UnixListener,
     authority: CaAuthority,
-    entries: EntrySource,
+    entries: EntrySources,
     api: WorkloadApi,
     admin: AdminService,
     /// `data_dir/agent.lock`, flocked while this agent lives.
@@ -150,24 +153,44 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         new_root: cfg.new_trust_root,
     })?;
     let store = Store::open(&cfg.data_dir.join("entries.sqlite"))?;
-    let mut all = cfg.entries.clone();
-    all.extend(store.list()?.into_iter().map(|s| s.entry));
-    let entries = EntrySource::new(all);
-    if let Some(warning) = spiffed_attest::exe_access_warning(entries.subscribe().borrow().facts())
-    {
+    let attestor = Arc::new(UnixAttestor::new());
+    // Every entry, from the config file or the store, is checked by the same rules
+    // (`Entry::checked`), with the selector types of the configured attestor plugins.
+    let rules = Rules {
+        trust_domain: cfg.trust_domain.clone(),
+        limits: spiffed_core::EntryLimits {
+            max_selectors: cfg.max_selectors_per_entry,
+            max_dns_names: cfg.max_dns_names_per_entry,
+            min_svid_ttl: cfg.min_svid_ttl,
+            ca_ttl: cfg.ca_ttl,
+        },
+        // INTEGRATOR: the composite attestor's `SelectorCheck` (the attest helper's API).
+        selectors: attestor.clone(),
+    };
+    let (entries, loaded) = EntrySources::open(
+        store,
+        ConfigEntries {
+            entries: cfg.entries.clone(),
+            file: cfg.source.as_ref().map(|p| p.display().to_string()),
+        },
+        rules,
+    )?;
+    for (id, e) in &loaded.refused {
+        tracing::warn!(
+            entry = %id,
+            field = e.field(),
+            "stored entry not served: {e}; fix it with `spiffed entry update {id}` or remove it \
+             with `spiffed entry delete {id}`"
+        );
+    }
+    // INTEGRATOR: with `Facts` gone, the attest helper's warning takes the feed's `needs()`.
+    if let Some(warning) = spiffed_attest::exe_access_warning(entries.feed().needs()) {
         tracing::warn!("{warning}");
     }
-    let attestor = Arc::new(UnixAttestor::new());
-    let dir = Arc::new(Directory::new(
-        store,
-        cfg.entries.clone(),
-        entries.handle(),
-        attestor.clone(),
-    ));
     let api = WorkloadApi::new(
-        attestor,
+        attestor.clone(),
         Arc::new(authority.clone()),
-        entries.subscribe(),
+        entries.feed(),
         cfg.synthetic_ids,
     );
     let api = apply_limits(&cfg, &authority, api);
@@ -221,19 +244,12 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
     )
     .map_err(io_err("chmod", &cfg.admin_socket_path))?;
     let admin = AdminService {
-        dir,
+        sources: entries.clone(),
+        attestor,
         td: cfg.trust_domain.clone(),
-        ca_ttl: cfg.ca_ttl,
         admin_uids: cfg.admin_uids.clone(),
         own_uid,
-        current: entries.subscribe(),
         synthetic_ids: cfg.synthetic_ids,
-        config_file: cfg.source.as_ref().map(|p| p.display().to_string()),
-        limits: crate::admin::EntryLimits {
-            max_selectors: cfg.max_selectors_per_entry,
-            max_dns_names: cfg.max_dns_names_per_entry,
-            min_svid_ttl: cfg.min_svid_ttl,
-        },
     };
     Ok(Bound {
         cfg,
@@ -255,7 +271,7 @@ impl Bound {
 
     /// A handle for replacing the config file's entries while the agent runs (SIGHUP).
     pub fn reloader(&self) -> Reloader {
-        Reloader(self.admin.dir.clone())
+        Reloader(self.entries.clone())
     }
 
     /// The configuration the agent runs with.
@@ -296,7 +312,7 @@ impl Bound {
         let rotation = tokio::spawn(
             authority
                 .clone()
-                .run_with_entries(stop_rx, entries.subscribe()),
+                .run_with_entries(stop_rx, entries.feed()),
         );
 
         let (reporter, health) = tonic_health::server::health_reporter();
@@ -319,8 +335,8 @@ impl Bound {
             async move {
                 shutdown.await;
                 tracing::info!("shutting down: ending streams and draining connections");
-                // Dropping the entry source ends every open stream (their watch closes).
-                drop(entries);
+                // Closing the entry sources drops the publisher: every open stream's feed ends.
+                entries.close();
                 let _ = stop_tx.send(true);
                 let _ = admin_stop_tx.send(true);
                 draining.notify_one();

@@ -15,12 +15,18 @@ pub fn validate_admin_spec(
     ca_ttl: Duration,
 ) -> Result<EntrySpec, (String, String)> {
     // The limits of a config file that leaves them at their defaults.
-    let limits = crate::admin::EntryLimits {
-        max_selectors: crate::config::DEFAULT_MAX_SELECTORS_PER_ENTRY,
-        max_dns_names: crate::config::DEFAULT_MAX_DNS_NAMES_PER_ENTRY,
-        min_svid_ttl: crate::config::DEFAULT_MIN_SVID_TTL,
+    let rules = spiffed_entries::Rules {
+        trust_domain: td.clone(),
+        limits: spiffed_core::EntryLimits {
+            max_selectors: crate::config::DEFAULT_MAX_SELECTORS_PER_ENTRY,
+            max_dns_names: crate::config::DEFAULT_MAX_DNS_NAMES_PER_ENTRY,
+            min_svid_ttl: crate::config::DEFAULT_MIN_SVID_TTL,
+            ca_ttl,
+        },
+        // INTEGRATOR: the default attestor plugins' `SelectorCheck`.
+        selectors: std::sync::Arc::new(spiffed_attest::UnixAttestor::new()),
     };
-    crate::admin::validate_spec(spec, td, ca_ttl, &limits).map_err(|e| (e.field, e.message))
+    crate::admin::validate_spec(spec, &rules).map_err(|e| (e.field, e.message))
 }
 
 /// The spec that `ListEntries` and `GetEntry` report for `entry`.

@@ -10,8 +10,10 @@ use std::time::Duration;
 use serde::Deserialize;
 use spiffe::SpiffeIdError;
 use spiffed_core::{
-    Entry, EntryError, EntryId, MAX_HINT_LEN, Selector, SelectorError, SpiffeId, TrustDomain,
+    Entry, EntryError, EntryId, EntryLimits, EntryRules, MAX_HINT_LEN, MAX_TTL, Selector,
+    SelectorCheck, SelectorError, SpiffeId, TrustDomain,
 };
+use spiffed_entries::config_entry_id;
 use toml::Spanned;
 use toml::de::DeTable;
 
@@ -33,8 +35,6 @@ use super::{
 const MAX_TRUST_DOMAIN_LEN: usize = 255;
 /// Longest Unix socket path: `sun_path` is 108 bytes including the terminating NUL.
 const MAX_SOCKET_PATH_LEN: usize = 107;
-/// Longest TTL accepted for anything: ten years.
-const MAX_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Largest value of `max_selectors_per_entry` and `max_dns_names_per_entry`.
 const MAX_PER_ENTRY_LIMIT: i64 = 1024;
 /// Largest value of `min_svid_ttl` (the default `jwt_svid_ttl`).
@@ -56,14 +56,23 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     let doc = DeTable::parse(text).map_err(|e| ConfigError::syntax(file, text, &e))?;
     let raw = RawConfig::deserialize(toml::de::Deserializer::from(doc.clone()))
         .map_err(|e| ConfigError::from_serde(file, text, &doc, &e))?;
-    validate(raw, text, file)
+    // INTEGRATOR: the configured attestor plugins' `SelectorCheck` (attest helper's API), so
+    // that the file's entries pass exactly the check admin writes pass.
+    let selectors = spiffed_attest::UnixAttestor::new();
+    validate(raw, text, file, &selectors)
 }
 
 /// Builds the typed config from the raw one, or returns the problem that comes first in the file.
-fn validate(mut raw: RawConfig, text: &str, file: &Path) -> Result<Config, ConfigError> {
+fn validate(
+    mut raw: RawConfig,
+    text: &str,
+    file: &Path,
+    selectors: &dyn SelectorCheck,
+) -> Result<Config, ConfigError> {
     let mut cx = Cx {
         text,
         file,
+        selectors,
         errors: Vec::new(),
         limits: Limits {
             max_selectors: DEFAULT_MAX_SELECTORS_PER_ENTRY,
@@ -426,6 +435,8 @@ struct Cx<'a> {
     file: &'a Path,
     errors: Vec<ConfigError>,
     limits: Limits,
+    /// What the configured attestor plugins accept (entries are checked by `Entry::checked`).
+    selectors: &'a dyn SelectorCheck,
 }
 
 impl Cx<'_> {
@@ -823,6 +834,13 @@ impl Cx<'_> {
         td: Option<&TrustDomain>,
         ca_ttl: Option<Duration>,
     ) -> Vec<Entry> {
+        // An invalid ca_ttl is reported already; do not blame every entry for it too.
+        let limits = EntryLimits {
+            max_selectors: self.limits.max_selectors,
+            max_dns_names: self.limits.max_dns_names,
+            min_svid_ttl: self.limits.min_svid_ttl,
+            ca_ttl: ca_ttl.unwrap_or(MAX_TTL),
+        };
         let mut entries = Vec::new();
         // (SPIFFE ID, selectors) -> (index, line) of the first entry with them.
         let mut seen: HashMap<(String, Vec<Selector>), (usize, usize)> = HashMap::new();
@@ -838,7 +856,7 @@ impl Cx<'_> {
                 break;
             }
             let span = raw.span();
-            let Some((entry, id_span)) = self.entry(i, span, raw.into_inner(), td, ca_ttl) else {
+            let Some((entry, id_span)) = self.entry(i, span, raw.into_inner(), td, limits) else {
                 continue;
             };
             let key = (entry.spiffe_id.to_string(), entry.selectors.clone());
@@ -876,14 +894,16 @@ impl Cx<'_> {
         entries
     }
 
-    /// One entry; `None` when it has a problem (recorded).
+    /// One entry; `None` when it has a problem (recorded). Parses what the file holds, then
+    /// checks the entry with `Entry::checked`, the one check every entry source uses, and
+    /// points each refusal at its key and line ([`entry_problem`]).
     fn entry(
         &mut self,
         i: usize,
         span: Range<usize>,
         raw: RawEntry,
         td: Option<&TrustDomain>,
-        ca_ttl: Option<Duration>,
+        limits: EntryLimits,
     ) -> Option<(Entry, Range<usize>)> {
         let key = |k: &str| format!("entries[{i}].{k}");
         let td_name = td.map_or_else(|| "example.org".to_owned(), ToString::to_string);
@@ -910,65 +930,18 @@ impl Cx<'_> {
         };
 
         let selectors = self.selectors(i, span.clone(), raw.selectors.as_ref());
+        // Parsed only (zero, under a second, over ten years); the bounds that depend on the
+        // agent (min_svid_ttl, ca_ttl) are Entry::checked's.
         let x509_svid_ttl = raw
             .x509_svid_ttl
             .as_ref()
-            .and_then(|t| self.svid_ttl(&key("x509_svid_ttl"), "x509_svid_ttl", Some(t)));
+            .and_then(|t| self.ttl(&key("x509_svid_ttl"), "x509_svid_ttl", Some(t)));
         ok &= raw.x509_svid_ttl.is_none() || x509_svid_ttl.is_some();
         let jwt_svid_ttl = raw
             .jwt_svid_ttl
             .as_ref()
-            .and_then(|t| self.svid_ttl(&key("jwt_svid_ttl"), "jwt_svid_ttl", Some(t)));
+            .and_then(|t| self.ttl(&key("jwt_svid_ttl"), "jwt_svid_ttl", Some(t)));
         ok &= raw.jwt_svid_ttl.is_none() || jwt_svid_ttl.is_some();
-        if let (Some(t), Some(raw_t), Some(ca)) = (x509_svid_ttl, &raw.x509_svid_ttl, ca_ttl)
-            && t > ca
-        {
-            self.invalid(
-                raw_t.span(),
-                key("x509_svid_ttl"),
-                format!(
-                    "x509_svid_ttl ({}) is longer than ca_ttl ({})",
-                    humantime::format_duration(t),
-                    humantime::format_duration(ca)
-                ),
-                "an SVID never outlives its CA: raise ca_ttl or lower this entry's x509_svid_ttl",
-            );
-            ok = false;
-        }
-        if let (Some(t), Some(raw_t), Some(ca)) = (jwt_svid_ttl, &raw.jwt_svid_ttl, ca_ttl)
-            && t > ca
-        {
-            self.invalid(
-                raw_t.span(),
-                key("jwt_svid_ttl"),
-                format!(
-                    "jwt_svid_ttl ({}) is longer than ca_ttl ({})",
-                    humantime::format_duration(t),
-                    humantime::format_duration(ca)
-                ),
-                "a JWT-SVID never outlives its signing key, which lives as long as the CA: raise \
-                 ca_ttl or lower this entry's jwt_svid_ttl",
-            );
-            ok = false;
-        }
-        if let Some(list) = &raw.dns_names
-            && list.get_ref().len() > self.limits.max_dns_names
-        {
-            let max = self.limits.max_dns_names;
-            self.invalid(
-                list.span(),
-                key("dns_names"),
-                format!(
-                    "dns_names has {} items; the limit is {max}",
-                    list.get_ref().len()
-                ),
-                format!(
-                    "keep at most {max} DNS names per entry (each goes into every X.509-SVID of \
-                     the entry), or raise max_dns_names_per_entry"
-                ),
-            );
-            ok = false;
-        }
 
         let (Some(spiffe_id), Some(selectors), Some(td), true) = (spiffe_id, selectors, td, ok)
         else {
@@ -988,8 +961,13 @@ impl Cx<'_> {
                 .map(|d| d.get_ref().iter().map(|n| n.get_ref().clone()).collect())
                 .unwrap_or_default(),
         };
-        match entry.validate(td) {
-            Ok(()) => Some((entry, id_span)),
+        let rules = EntryRules {
+            trust_domain: td,
+            limits,
+            selectors: self.selectors,
+        };
+        match entry.checked(&rules) {
+            Ok(entry) => Some((entry, id_span)),
             Err(e) => {
                 let (span, key, message, fix) = entry_problem(i, &e, &raw, span, &td_name);
                 self.invalid(span, key, message, fix);
@@ -1016,31 +994,7 @@ impl Cx<'_> {
             );
             return None;
         };
-        if raw.get_ref().is_empty() {
-            self.invalid(
-                raw.span(),
-                format!("entries[{i}].selectors"),
-                "selectors is empty: the entry would match every caller",
-                "add at least one selector, e.g. selectors = [\"unix:uid:1000\"]",
-            );
-            return None;
-        }
-        let max = self.limits.max_selectors;
-        if raw.get_ref().len() > max {
-            self.invalid(
-                raw.span(),
-                format!("entries[{i}].selectors"),
-                format!(
-                    "selectors has {} items; the limit is {max}",
-                    raw.get_ref().len()
-                ),
-                format!(
-                    "an entry needs a few selectors (all must match the caller); keep at most \
-                     {max}, or raise max_selectors_per_entry"
-                ),
-            );
-            return None;
-        }
+        // Empty and too many: Entry::checked refuses them (NoSelectors, TooManySelectors).
         let mut out = Vec::new();
         let mut ok = true;
         for (j, s) in raw.get_ref().iter().enumerate() {
@@ -1062,26 +1016,6 @@ impl Cx<'_> {
         out.dedup();
         ok.then_some(out)
     }
-}
-
-/// The id of a config-file entry: `config-` and 16 hex digits of SHA-256 over its SPIFFE ID and
-/// its sorted selectors, so that it does not change when other entries are added or moved.
-/// (Two entries with the same SPIFFE ID and selectors are refused as duplicates.)
-pub(crate) fn config_entry_id(spiffe_id: &SpiffeId, selectors: &[Selector]) -> EntryId {
-    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-    ctx.update(spiffe_id.to_string().as_bytes());
-    for s in selectors {
-        ctx.update(b"\n");
-        ctx.update(s.to_string().as_bytes());
-    }
-    let digest = ctx.finish();
-    let hex: String = digest
-        .as_ref()
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect();
-    EntryId::new(format!("config-{hex}"))
 }
 
 /// Checks a trust domain name; on failure, the message and the fix.
@@ -1330,11 +1264,102 @@ fn entry_problem(
                     .to_owned(),
             )
         }
+        EntryError::TooManySelectors { count, max } => (
+            raw.selectors.as_ref().map_or(entry_span, Spanned::span),
+            key("selectors"),
+            format!("selectors has {count} items; the limit is {max}"),
+            format!(
+                "an entry needs a few selectors (all must match the caller); keep at most \
+                 {max}, or raise max_selectors_per_entry"
+            ),
+        ),
+        EntryError::TooManyDnsNames { count, max } => (
+            raw.dns_names.as_ref().map_or(entry_span, Spanned::span),
+            key("dns_names"),
+            format!("dns_names has {count} items; the limit is {max}"),
+            format!(
+                "keep at most {max} DNS names per entry (each goes into every X.509-SVID of \
+                 the entry), or raise max_dns_names_per_entry"
+            ),
+        ),
+        EntryError::TtlTooShort { field, min } => {
+            let raw_ttl = ttl_of(raw, field);
+            let min = humantime::format_duration(*min);
+            (
+                span_of(raw_ttl),
+                key(field),
+                format!(
+                    "{field} ({}) is shorter than min_svid_ttl ({min})",
+                    shown_ttl(raw_ttl)
+                ),
+                format!(
+                    "use at least {field} = \"{min}\": SVIDs are re-minted at half their \
+                     lifetime, for every entry, so very short ones cost CPU and log lines all \
+                     the time (for tests only, lower min_svid_ttl)"
+                ),
+            )
+        }
+        EntryError::TtlTooLong { field, max, .. } => {
+            let raw_ttl = ttl_of(raw, field);
+            let fix = if *field == "jwt_svid_ttl" {
+                "a JWT-SVID never outlives its signing key, which lives as long as the CA: raise \
+                 ca_ttl or lower this entry's jwt_svid_ttl"
+            } else {
+                "an SVID never outlives its CA: raise ca_ttl or lower this entry's x509_svid_ttl"
+            };
+            (
+                span_of(raw_ttl),
+                key(field),
+                format!(
+                    "{field} ({}) is longer than ca_ttl ({})",
+                    shown_ttl(raw_ttl),
+                    humantime::format_duration(*max)
+                ),
+                fix.to_owned(),
+            )
+        }
+        EntryError::Selector(se) => {
+            // Point at the item as written: the entry's own selectors are sorted.
+            let found = e.item().and_then(|item| {
+                raw.selectors.as_ref().and_then(|list| {
+                    list.get_ref()
+                        .iter()
+                        .enumerate()
+                        .find(|(_, s)| s.get_ref() == item)
+                        .map(|(j, s)| (s.span(), key(&format!("selectors[{j}]"))))
+                })
+            });
+            let (span, k) = found.unwrap_or_else(|| {
+                (
+                    raw.selectors.as_ref().map_or(entry_span, Spanned::span),
+                    key("selectors"),
+                )
+            });
+            let (message, fix) = selector_problem(se);
+            (span, k, message, fix)
+        }
         other => (
             span_of(&raw.spiffe_id),
             key("spiffe_id"),
             other.to_string(),
             format!("check this entry against the rules for spiffe://{td}/... entries"),
         ),
+    }
+}
+
+/// A TTL as the messages show it (`1h 30m`), from its raw value.
+fn shown_ttl(raw: &Option<Str>) -> String {
+    raw.as_ref()
+        .and_then(|t| humantime::parse_duration(t.get_ref()).ok())
+        .map(|d| humantime::format_duration(d).to_string())
+        .unwrap_or_default()
+}
+
+/// The raw value of an entry's `x509_svid_ttl` or `jwt_svid_ttl`.
+fn ttl_of<'r>(raw: &'r RawEntry, field: &str) -> &'r Option<Str> {
+    if field == "jwt_svid_ttl" {
+        &raw.jwt_svid_ttl
+    } else {
+        &raw.x509_svid_ttl
     }
 }
