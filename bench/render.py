@@ -5,7 +5,8 @@
 
 Every figure in a scenario table is the median, over the runs, of that figure (each column and
 row separately); ratios are ratios of those medians. bench/ANALYSIS.md, when present, is copied
-in verbatim.
+in verbatim. The Scale section (bench/scale.sh) comes from bench/render_scale.py, rendered from the
+scale-*.jsonl files next to the results file, so that this renderer keeps it.
 """
 
 import argparse

@@ -425,8 +425,9 @@ def splice(doc, sec):
 
 def summary(results_dir):
     bpath, npath = find_files(results_dir)
-    run = Run(npath or bpath)
-    for t, f, v in targets(run, Run(bpath) if bpath else None):
+    before = Run(bpath) if bpath else None
+    run = Run(npath) if npath else before
+    for t, f, v in targets(run, before):
         print("%-12s %s: %s" % (verdict(v(run.m)).strip("*"), t, f(run.m)))
 
 
