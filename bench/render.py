@@ -5,7 +5,8 @@
 
 Every figure in a scenario table is the median, over the runs, of that figure (each column and
 row separately); ratios are ratios of those medians. bench/ANALYSIS.md, when present, is copied
-in verbatim.
+in verbatim. The Scale section (bench/scale.sh) comes from bench/render_scale.py, rendered from the
+scale-*.jsonl files next to the results file, so that this renderer keeps it.
 """
 
 import argparse
@@ -14,6 +15,9 @@ import os
 import re
 import statistics
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import render_scale  # noqa: E402  (the Scale section, from bench/scale.sh's results)
 
 AGENTS = ["spiffed", "spire-agent", "floor"]
 
@@ -578,6 +582,10 @@ def render(data, analysis_text, results_path, root):
              (f.get("stderr") or "").replace("\n", " ⏎ ").replace("|", "\\|")[:300]] for f in data.failures]))
         out.append("")
     out += [render_targets(data, fan, churn, idle, su)]
+    # bench/scale.sh's section, from its newest results next to ours (kept across compare runs).
+    scale = render_scale.section(os.path.dirname(os.path.abspath(results_path)), root)
+    if scale:
+        out += [scale]
     if analysis_text is not None:
         out += ["", analysis_text.rstrip("\n"), ""]
     if data.end.get("elapsed_s") is not None:

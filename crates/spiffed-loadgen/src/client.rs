@@ -13,6 +13,11 @@ pub type Client = SpiffeWorkloadApiClient<Channel>;
 
 /// Opens one HTTP/2 connection over the Unix socket at `path`.
 pub async fn connect(path: &Path) -> Result<Client, tonic::transport::Error> {
+    Ok(SpiffeWorkloadApiClient::new(channel(path).await?))
+}
+
+/// Opens one HTTP/2 channel over the Unix socket at `path` (any gRPC service).
+pub async fn channel(path: &Path) -> Result<Channel, tonic::transport::Error> {
     let path = path.to_owned();
     // "http://localhost" always parses; the URI only names the :authority.
     let endpoint = Endpoint::from_static("http://localhost");
@@ -22,7 +27,7 @@ pub async fn connect(path: &Path) -> Result<Client, tonic::transport::Error> {
             async move { Ok::<_, std::io::Error>(TokioIo::new(UnixStream::connect(path).await?)) }
         }))
         .await?;
-    Ok(SpiffeWorkloadApiClient::new(channel))
+    Ok(channel)
 }
 
 /// Wraps `msg` in a request carrying `workload.spiffe.io: true`.

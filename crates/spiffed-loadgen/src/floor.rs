@@ -120,6 +120,8 @@ impl AsyncWrite for FloorStream {
 pub struct Floor {
     x509: X509svidResponse,
     jwt: JwtsvidResponse,
+    /// Resend the X.509 response on every open stream this often (a stand-in for rotations).
+    rotate_every: Option<Duration>,
 }
 
 impl Floor {
@@ -147,7 +149,18 @@ impl Floor {
                 hint: String::new(),
             }],
         };
-        Ok(Self { x509, jwt })
+        Ok(Self {
+            x509,
+            jwt,
+            rotate_every: None,
+        })
+    }
+
+    /// Resends the X.509 response on every open `FetchX509SVID` stream every `every`, as an
+    /// agent does on rotation (for testing the scenarios that count rotations).
+    pub fn rotating(mut self, every: Duration) -> Self {
+        self.rotate_every = Some(every);
+        self
     }
 
     /// Does the per-request attestation work and checks the security header.
@@ -195,7 +208,16 @@ impl SpiffeWorkloadApi for Floor {
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         Self::check(&request)?;
-        Ok(Response::new(one_then_pending(self.x509.clone())))
+        let msg = self.x509.clone();
+        let Some(every) = self.rotate_every else {
+            return Ok(Response::new(one_then_pending(msg)));
+        };
+        let start = tokio::time::Instant::now() + every;
+        let again =
+            tokio_stream::wrappers::IntervalStream::new(tokio::time::interval_at(start, every))
+                .map(move |_| Ok(msg.clone()));
+        let first = futures::stream::once(futures::future::ready(Ok(self.x509.clone())));
+        Ok(Response::new(Box::pin(first.chain(again))))
     }
 
     async fn fetch_x509_bundles(
@@ -278,7 +300,11 @@ pub fn bind(path: &Path) -> io::Result<UnixListener> {
 
 /// Serves the floor on `listener` until the task is dropped or the server fails.
 pub async fn serve(listener: UnixListener) -> anyhow::Result<()> {
-    let floor = Floor::new()?;
+    serve_floor(listener, Floor::new()?).await
+}
+
+/// Serves `floor` (e.g. a [`Floor::rotating`] one) on `listener`.
+pub async fn serve_floor(listener: UnixListener, floor: Floor) -> anyhow::Result<()> {
     tonic::transport::Server::builder()
         .add_service(SpiffeWorkloadApiServer::new(floor))
         .serve_with_incoming(incoming(listener))

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use serde::Serialize;
 use spiffed_loadgen::floor;
+use spiffed_loadgen::scale::{self, HoldCommand, StreamGroup, UidRange};
 use spiffed_loadgen::scenarios::{self, RunReport, WarmRpc};
 use spiffed_loadgen::stats::ErrorCounts;
 
@@ -109,6 +110,118 @@ enum Cmd {
         /// The socket to serve on (a stale file is replaced).
         #[arg(long)]
         socket: PathBuf,
+        /// Resend the X.509 response on every open stream this often, as if it rotated (for
+        /// trying out fanout and partial-rotation).
+        #[arg(long, value_parser = humantime::parse_duration)]
+        rotate_every: Option<Duration>,
+    },
+    /// First SVID of never-fetched entries: one child process per uid (run as that uid, so as
+    /// root) connects and reads its first FetchX509SVID message; connect-to-message latency.
+    FirstFetch {
+        /// The Workload API socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The uids registered, FIRST-LAST (each with an entry `unix:uid:N`).
+        #[arg(long)]
+        uids: UidRange,
+        /// How many distinct uids to sample, spread evenly over the range.
+        #[arg(long, default_value_t = 1000)]
+        samples: usize,
+        /// Children running at once.
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        /// The children's gid (default: the same number as each uid).
+        #[arg(long)]
+        gid: Option<u32>,
+        /// How far the agent backdates notBefore (spiffed and SPIRE: 10s), to tell an SVID
+        /// minted for the call from a pre-minted one.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        backdate: Duration,
+        /// Exit 0 even when some children got no SVID (by default any failure exits 1).
+        #[arg(long)]
+        allow_errors: bool,
+    },
+    /// (child of first-fetch) One FetchX509SVID first message; one JSON line.
+    #[command(hide = true)]
+    FetchOnce {
+        /// The Workload API socket.
+        #[arg(long)]
+        socket: PathBuf,
+    },
+    /// (child of partial-rotation) Hold streams open; on stdin `mark` prints the message
+    /// counts, `stop` (or end of input) exits.
+    #[command(hide = true)]
+    Hold {
+        /// The Workload API socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// Streams to open.
+        #[arg(long)]
+        streams: usize,
+        /// Connections to spread them over.
+        #[arg(long, default_value_t = 1)]
+        connections: usize,
+        /// How long the streams may take to get their first message.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "60s")]
+        timeout: Duration,
+    },
+    /// Agent CPU per rotation of a few streams (a short-TTL entry of one uid) while many idle
+    /// streams of another uid are open (or none, for the baseline).
+    PartialRotation {
+        /// The Workload API socket.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The agent's pid (CPU time and RSS are read from /proc).
+        #[arg(long)]
+        agent_pid: u32,
+        /// The uid holding the rotating streams (default: the loadgen's own).
+        #[arg(long)]
+        rotating_uid: Option<u32>,
+        /// Streams of the rotating entry.
+        #[arg(long, default_value_t = 100)]
+        rotating_streams: usize,
+        /// Connections for them.
+        #[arg(long, default_value_t = 1)]
+        rotating_connections: usize,
+        /// The uid holding the idle streams (default: the loadgen's own).
+        #[arg(long)]
+        idle_uid: Option<u32>,
+        /// Idle streams (0: the baseline run without them).
+        #[arg(long, default_value_t = 9900)]
+        idle_streams: usize,
+        /// Connections for them.
+        #[arg(long, default_value_t = 99)]
+        idle_connections: usize,
+        /// The measured window.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+        window: Duration,
+        /// Wait after every stream is ready, before measuring.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "2s")]
+        settle: Duration,
+        /// How long each group's streams may take to be ready.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "120s")]
+        ready_timeout: Duration,
+        /// Exit 0 even when streams failed or no rotation was seen.
+        #[arg(long)]
+        allow_errors: bool,
+    },
+    /// Time single-entry CreateEntries calls on spiffed's admin socket (a new connection each).
+    AdminCreate {
+        /// spiffed's admin socket.
+        #[arg(long)]
+        admin_socket: PathBuf,
+        /// Calls (entries) to make.
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+        /// The first entry's uid (`unix:uid:N`); the others follow.
+        #[arg(long)]
+        first_uid: u32,
+        /// The trust domain of the SPIFFE IDs (spiffe://TD/scale/admin-create/UID).
+        #[arg(long, default_value = "example.org")]
+        trust_domain: String,
+        /// Exit 0 even when some creates failed.
+        #[arg(long)]
+        allow_errors: bool,
     },
 }
 
@@ -313,19 +426,161 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             say(&report.summary());
             verdict(report.ok, &report.errors, allow_errors)
         }
-        Cmd::Floor { socket } => {
+        Cmd::Floor {
+            socket,
+            rotate_every,
+        } => {
             let listener =
                 floor::bind(&socket).with_context(|| format!("binding {}", socket.display()))?;
+            let mut f = floor::Floor::new()?;
+            if let Some(every) = rotate_every {
+                anyhow::ensure!(!every.is_zero(), "--rotate-every must be more than 0s");
+                f = f.rotating(every);
+            }
             say(&format!("floor serving on {}", socket.display()));
             tokio::select! {
-                r = floor::serve(listener) => r,
+                r = floor::serve_floor(listener, f) => r,
                 r = tokio::signal::ctrl_c() => {
                     let _ = std::fs::remove_file(&socket);
                     Ok(r?)
                 }
             }
         }
+        Cmd::FirstFetch {
+            socket,
+            uids,
+            samples,
+            concurrency,
+            gid,
+            backdate,
+            allow_errors,
+        } => {
+            let report = scale::first_fetch(&scale::FirstFetchOptions {
+                socket,
+                exe: std::env::current_exe().context("finding this binary")?,
+                uids,
+                samples,
+                concurrency,
+                gid,
+                switch_uid: true,
+                backdate,
+            })
+            .await?;
+            json_line(&report)?;
+            say(&report.summary());
+            verdict(report.ok, &report.errors, allow_errors)
+        }
+        Cmd::FetchOnce { socket } => {
+            let r = scale::fetch_once(&socket).await;
+            json_line(&r)?;
+            anyhow::ensure!(r.ok, "no SVID: {}", r.error.as_deref().unwrap_or("?"));
+            Ok(())
+        }
+        Cmd::Hold {
+            socket,
+            streams,
+            connections,
+            timeout,
+        } => hold_child(&socket, streams, connections, timeout).await,
+        Cmd::PartialRotation {
+            socket,
+            agent_pid,
+            rotating_uid,
+            rotating_streams,
+            rotating_connections,
+            idle_uid,
+            idle_streams,
+            idle_connections,
+            window,
+            settle,
+            ready_timeout,
+            allow_errors,
+        } => {
+            anyhow::ensure!(
+                rotating_streams > 0,
+                "--rotating-streams must be at least 1"
+            );
+            let report = scale::partial_rotation(&scale::PartialRotationOptions {
+                socket,
+                exe: std::env::current_exe().context("finding this binary")?,
+                agent_pid,
+                rotating: StreamGroup {
+                    uid: rotating_uid,
+                    streams: rotating_streams,
+                    connections: rotating_connections,
+                },
+                idle: Some(StreamGroup {
+                    uid: idle_uid,
+                    streams: idle_streams,
+                    connections: idle_connections,
+                }),
+                window,
+                settle,
+                ready_timeout,
+            })
+            .await?;
+            json_line(&report)?;
+            say(&report.summary());
+            anyhow::ensure!(
+                allow_errors
+                    || (report.failed == 0 && report.errors.is_empty() && report.rotations > 0.0),
+                "streams failed or no rotation was seen (failed: {}, errors: {:?}, rotations: {})",
+                report.failed,
+                report.errors,
+                report.rotations
+            );
+            Ok(())
+        }
+        Cmd::AdminCreate {
+            admin_socket,
+            count,
+            first_uid,
+            trust_domain,
+            allow_errors,
+        } => {
+            let report =
+                scale::admin_create(&admin_socket, count, first_uid, &trust_domain, 0).await?;
+            json_line(&report)?;
+            say(&report.summary());
+            verdict(report.ok, &report.errors, allow_errors)
+        }
     }
+}
+
+/// The `hold` child: commands from stdin lines, events as JSON lines on stdout.
+async fn hold_child(
+    socket: &Path,
+    streams: usize,
+    connections: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let (cmd_tx, cmd_rx) = tokio::sync::mpsc::channel(4);
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::channel(4);
+    // A plain thread reads stdin (blocking reads; tokio's stdin would need another feature).
+    // At the end of input it drops the sender, which ends `hold`'s command loop.
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lines() {
+            let Ok(line) = line else { return };
+            match line.parse::<HoldCommand>() {
+                Ok(cmd) => {
+                    if cmd_tx.blocking_send(cmd).is_err() {
+                        return;
+                    }
+                }
+                Err(e) => say(&format!("hold: {e}")),
+            }
+        }
+    });
+    let printer = tokio::spawn(async move {
+        while let Some(ev) = ev_rx.recv().await {
+            if json_line(&ev).is_err() {
+                return;
+            }
+        }
+    });
+    let r = scale::hold(socket, streams, connections, timeout, cmd_rx, ev_tx).await;
+    let _ = printer.await;
+    r
 }
 
 #[tokio::main]

@@ -332,13 +332,28 @@ pub struct FanoutReport {
     /// The agent after the last update.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_after: Option<ProcSample>,
+    /// The agent's CPU time while the streams were opened (before to all ready, ms).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_cpu_open_ms: Option<f64>,
+    /// The agent's CPU time from all streams ready to the last update (ms): the rotation's cost,
+    /// plus whatever the agent did while waiting for it to fall due.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_cpu_rotation_ms: Option<f64>,
+    /// `agent_cpu_rotation_ms` per updated stream (µs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent_cpu_per_stream_us: Option<f64>,
+}
+
+/// CPU time (ms) between two samples of the same process.
+fn cpu_between(a: Option<ProcSample>, b: Option<ProcSample>) -> Option<f64> {
+    procstat::cpu_delta_ms(&a?, &b?).map(round3)
 }
 
 impl FanoutReport {
     /// A readable summary.
     pub fn summary(&self) -> String {
         format!(
-            "fanout n={} k={}: ready={} in {:.1}ms, updated={}, first->last update {}ms, all-ready->last update {}ms, timed_out={} errors={:?}\n  agent before: {} | all ready: {} | after: {}",
+            "fanout n={} k={}: ready={} in {:.1}ms, updated={}, first->last update {}ms, all-ready->last update {}ms, timed_out={} errors={:?}\n  agent before: {} | all ready: {} | after: {} | cpu per updated stream {}us",
             self.streams,
             self.connections,
             self.ready,
@@ -351,6 +366,8 @@ impl FanoutReport {
             opt_sample(self.agent_before),
             opt_sample(self.agent_ready),
             opt_sample(self.agent_after),
+            self.agent_cpu_per_stream_us
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}")),
         )
     }
 }
@@ -469,6 +486,10 @@ pub async fn fanout(
     set.abort_all();
     let first = updates.iter().min().copied();
     let last = updates.iter().max().copied();
+    let agent_cpu_rotation_ms = cpu_between(agent_ready, agent_after);
+    let agent_cpu_per_stream_us = agent_cpu_rotation_ms
+        .filter(|_| !updates.is_empty())
+        .map(|ms| round3(ms * 1000.0 / updates.len() as f64));
     Ok(FanoutReport {
         scenario: "fanout",
         streams,
@@ -483,6 +504,9 @@ pub async fn fanout(
         agent_before,
         agent_ready,
         agent_after,
+        agent_cpu_open_ms: cpu_between(agent_before, agent_ready),
+        agent_cpu_rotation_ms,
+        agent_cpu_per_stream_us,
     })
 }
 
