@@ -3,20 +3,28 @@
 //! Checks, for every input:
 //! - parse and display round-trip both ways: `display(parse(s)) == s` and
 //!   `parse(display(x)) == x`, and `Selector::new(kind, value)` rebuilds the same selector;
-//! - the three ways a selector reaches the agent agree: `str::parse`, an entry in the config
-//!   file (TOML-escaped) and an admin `EntrySpec` either all accept it, as the same selector,
-//!   or all refuse it.
+//! - the built-in attestor plugins' check (`spiffed_attest::builtin()`) never panics, refuses
+//!   exactly the types no plugin owns as `UnknownType` (listing the configured types), and
+//!   gives the same answer for the re-parsed selector;
+//! - the three ways a selector reaches the agent agree: `str::parse` followed by the plugins'
+//!   check, an entry in the config file (TOML-escaped) and an admin `EntrySpec` either all
+//!   accept it, as the same selector, or all refuse it.
 #![no_main]
 
 #[path = "common.rs"]
 mod common;
 
 use std::path::Path;
+use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use spiffed_agent::config::Config;
-use spiffed_core::Selector;
+use spiffed_attest::CompositeAttestor;
+use spiffed_core::{Selector, SelectorCheck, SelectorError};
 use spiffed_proto::admin as pb;
+
+/// The plugins the agent runs by default, built once.
+static PLUGINS: LazyLock<CompositeAttestor> = LazyLock::new(spiffed_attest::builtin);
 
 fuzz_target!(|data: &[u8]| {
     let Ok(s) = std::str::from_utf8(data) else {
@@ -33,7 +41,24 @@ fuzz_target!(|data: &[u8]| {
             sel.kind_key()
         );
         assert!(!sel.value().is_empty() && !sel.kind().contains(':'));
+
+        let checked = PLUGINS.check(sel);
+        let owned = PLUGINS.types().any(|t| t == sel.kind());
+        match &checked {
+            Err(SelectorError::UnknownType { selector, known }) => {
+                assert!(!owned, "{selector} refused as of unknown type");
+                assert_eq!(known, "\"unix\" and \"systemd\"");
+            }
+            Err(SelectorError::Shape(_)) => panic!("check refused a parsed selector's shape"),
+            _ => assert!(owned, "type {} accepted without a plugin", sel.kind()),
+        }
+        assert_eq!(
+            PLUGINS.check(&sel.to_string().parse::<Selector>().unwrap()),
+            checked
+        );
     }
+    // What the config file and the admin API accept: well-shaped, and fine with its plugin.
+    let parsed = parsed.and_then(|sel| PLUGINS.check(&sel).map(|()| sel));
 
     let td = common::td();
     // The config file.

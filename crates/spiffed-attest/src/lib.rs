@@ -10,8 +10,12 @@
 //! - [`listen`]: the accept loop the gRPC server reads connections from. It takes each
 //!   connection's [`PeerCred`] (`SO_PEERCRED` plus a pidfd) the moment it is accepted, and backs
 //!   off instead of spinning when the process runs out of descriptors.
-//! - [`UnixAttestor`]: the [`Attestor`] that turns a [`PeerCred`] into `unix:*` and `systemd:id`
-//!   selectors by reading `/proc/PID`, then proves with the pidfd that the process it read is
+//! - [`CompositeAttestor`] (the [`Attestor`] and [`SelectorCheck`] the agent uses; [`builtin`]
+//!   composes the built-in plugins): runs the [`AttestorPlugin`]s whose selector types the
+//!   entries need, concurrently, and merges their selectors; a plugin that fails for a caller
+//!   costs only its own selectors. Each plugin checks the selectors of its types.
+//! - [`UnixPlugin`] (`unix:*`) and [`SystemdPlugin`] (`systemd:id`): turn a [`PeerCred`] into
+//!   selectors by reading `/proc/PID`, then prove with the pidfd that the process they read is
 //!   still the one that connected (CONFORMANCE item 96).
 //!
 //! It is the only crate in the workspace with `unsafe` code, all of it in the private `sys`
@@ -20,9 +24,13 @@
 //! [`Selectors`]: spiffed_core::Selectors
 //! [`PeerCred`]: spiffed_core::PeerCred
 //! [`Attestor`]: spiffed_core::Attestor
+//! [`AttestorPlugin`]: spiffed_core::AttestorPlugin
+//! [`SelectorCheck`]: spiffed_core::SelectorCheck
 #![deny(unsafe_code)]
 
+mod composite;
 pub mod listen;
+mod pinned;
 mod procfs;
 mod sha256_cache;
 #[allow(unsafe_code)]
@@ -30,8 +38,19 @@ mod sys;
 mod systemd;
 mod unix;
 
-pub use systemd::systemd_unit_from_cgroup;
-pub use unix::{UnixAttestor, exe_access_warning, peer_cred_of_pid};
+pub use composite::{CompositeAttestor, CompositeError, builtin};
+pub use systemd::{SystemdPlugin, systemd_unit_from_cgroup};
+pub use unix::{UnixPlugin, exe_access_warning, peer_cred_of_pid};
+
+/// A type's keys for an error message: `unix:uid, unix:gid and unix:path`.
+fn keys_sentence(kind: &str, keys: &[&str]) -> String {
+    let kinds: Vec<String> = keys.iter().map(|k| format!("{kind}:{k}")).collect();
+    match kinds.split_last() {
+        None => "none".to_owned(),
+        Some((last, [])) => last.clone(),
+        Some((last, rest)) => format!("{} and {last}", rest.join(", ")),
+    }
+}
 
 /// Hands heap memory that the C allocator keeps after it was freed back to the kernel
 /// (glibc's `malloc_trim`; nothing elsewhere). The agent calls it after many connections or
