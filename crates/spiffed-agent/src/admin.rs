@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use spiffed_attest::UnixAttestor;
+use spiffed_attest::CompositeAttestor;
 use spiffed_core::{
-    Attestor, Entry, EntryError, EntryId, Facts, PeerCred, Selector, Selectors, SpiffeId,
+    Attestor, Entry, EntryError, EntryId, Needs, PeerCred, Selector, Selectors, SpiffeId,
     TrustDomain,
 };
 use spiffed_entries::store::{EntrySpec, Filter, StoreError, StoredEntry};
@@ -52,7 +52,7 @@ impl Reloader {
 pub(crate) struct AdminService {
     /// Every entry source; checks, stores and publishes each write.
     pub(crate) sources: EntrySources,
-    pub(crate) attestor: Arc<UnixAttestor>,
+    pub(crate) attestor: Arc<CompositeAttestor>,
     pub(crate) td: TrustDomain,
     pub(crate) admin_uids: Vec<u32>,
     pub(crate) own_uid: u32,
@@ -97,10 +97,8 @@ impl AdminService {
 pub(crate) fn exe_selector_warning(
     selectors: impl IntoIterator<Item = Selector>,
 ) -> Option<String> {
-    let facts = selectors
-        .into_iter()
-        .fold(Facts::NONE, |f, s| f | Facts::for_kind_key(&s.kind_key()));
-    spiffed_attest::exe_access_warning(facts)
+    let needs: Needs = selectors.into_iter().map(|s| s.kind_key()).collect();
+    spiffed_attest::exe_access_warning(&needs)
 }
 
 /// A field-level validation error.
@@ -461,21 +459,19 @@ impl EntryAdmin for AdminService {
     ) -> Result<Response<pb::ExplainResponse>, Status> {
         self.authorize(&request)?;
         let pid = request.into_inner().pid;
-        let attestor = self.attestor.clone();
-        let attested = tokio::task::spawn_blocking(move || {
-            let cred = spiffed_attest::peer_cred_of_pid(pid).map_err(|e| {
+        let cred = tokio::task::spawn_blocking(move || spiffed_attest::peer_cred_of_pid(pid))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| {
                 Status::not_found(format!(
                     "cannot inspect pid {pid}: {e} (is it running, and in this PID namespace?)"
                 ))
             })?;
-            let attested = attestor.attest(&cred, Facts::ALL).map_err(|e| {
-                Status::unavailable(format!("attestation of pid {pid} failed: {e}"))
-            })?;
-            Ok::<_, Status>((cred, attested))
-        })
-        .await
-        .map_err(|e| Status::internal(e.to_string()))??;
-        let (cred, attested) = attested;
+        let attested = self
+            .attestor
+            .attest(&cred, &Needs::everything())
+            .await
+            .map_err(|e| Status::unavailable(format!("attestation of pid {pid} failed: {e}")))?;
         let left_out = attested.left_out.iter().map(ToString::to_string).collect();
         let feed = self.sources.feed();
         // Read-locked briefly: no await below until the guard is dropped.

@@ -8,7 +8,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use spiffed_attest::UnixAttestor;
 use spiffed_authority::{AuthorityConfig, CaAuthority};
 use spiffed_entries::store::Store;
 use spiffed_entries::{ConfigEntries, EntrySources, Rules};
@@ -153,7 +152,7 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         new_root: cfg.new_trust_root,
     })?;
     let store = Store::open(&cfg.data_dir.join("entries.sqlite"))?;
-    let attestor = Arc::new(UnixAttestor::new());
+    let attestor = Arc::new(spiffed_attest::builtin());
     // Every entry, from the config file or the store, is checked by the same rules
     // (`Entry::checked`), with the selector types of the configured attestor plugins.
     let rules = Rules {
@@ -164,7 +163,6 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
             min_svid_ttl: cfg.min_svid_ttl,
             ca_ttl: cfg.ca_ttl,
         },
-        // INTEGRATOR: the composite attestor's `SelectorCheck` (the attest helper's API).
         selectors: attestor.clone(),
     };
     let (entries, loaded) = EntrySources::open(
@@ -183,8 +181,7 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
              with `spiffed entry delete {id}`"
         );
     }
-    // INTEGRATOR: with `Facts` gone, the attest helper's warning takes the feed's `needs()`.
-    if let Some(warning) = spiffed_attest::exe_access_warning(entries.feed().needs()) {
+    if let Some(warning) = spiffed_attest::exe_access_warning(&entries.feed().needs()) {
         tracing::warn!("{warning}");
     }
     let api = WorkloadApi::new(

@@ -23,8 +23,7 @@ pub fn validate_admin_spec(
             min_svid_ttl: crate::config::DEFAULT_MIN_SVID_TTL,
             ca_ttl,
         },
-        // INTEGRATOR: the default attestor plugins' `SelectorCheck`.
-        selectors: std::sync::Arc::new(spiffed_attest::UnixAttestor::new()),
+        selectors: std::sync::Arc::new(spiffed_attest::builtin()),
     };
     crate::admin::validate_spec(spec, &rules).map_err(|e| (e.field, e.message))
 }

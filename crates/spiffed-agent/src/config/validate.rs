@@ -56,9 +56,9 @@ pub(crate) fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
     let doc = DeTable::parse(text).map_err(|e| ConfigError::syntax(file, text, &e))?;
     let raw = RawConfig::deserialize(toml::de::Deserializer::from(doc.clone()))
         .map_err(|e| ConfigError::from_serde(file, text, &doc, &e))?;
-    // INTEGRATOR: the configured attestor plugins' `SelectorCheck` (attest helper's API), so
-    // that the file's entries pass exactly the check admin writes pass.
-    let selectors = spiffed_attest::UnixAttestor::new();
+    // The built-in attestor plugins' checks, so that the file's entries pass exactly the check
+    // admin writes pass.
+    let selectors = spiffed_attest::builtin();
     validate(raw, text, file, &selectors)
 }
 
@@ -1156,18 +1156,16 @@ fn selector_problem(e: &SelectorError) -> (String, String) {
             format!("selectors item {s:?} is not of the form TYPE:KEY:VALUE"),
             "write e.g. \"unix:uid:1000\" or \"unix:path:/usr/bin/web\"".to_owned(),
         ),
-        SelectorError::UnknownType(s) => {
-            let kind = s.split(':').next().unwrap_or_default();
+        SelectorError::UnknownType { selector, known } => {
+            let kind = selector.split(':').next().unwrap_or_default();
             (
-                format!("selectors item {s:?} has an unknown type {kind:?}"),
-                format!(
-                    "this agent derives selectors of type \"unix\" and \"systemd\" only: {KEYS}"
-                ),
+                format!("selectors item {selector:?} has an unknown type {kind:?}"),
+                format!("this agent derives selectors of type {known} only: {KEYS}"),
             )
         }
-        SelectorError::UnknownKey(s) => (
-            format!("selectors item {s:?} has an unknown key"),
-            format!("known keys are {KEYS}"),
+        SelectorError::UnknownKey { selector, known } => (
+            format!("selectors item {selector:?} has an unknown key"),
+            format!("known keys are {known}"),
         ),
         SelectorError::Value { selector, why } => (
             format!("selectors item {selector:?} has an invalid value"),
