@@ -254,6 +254,41 @@ fn tick_rotates_at_half_life_waking_only_that_entry() {
     assert_eq!(bundles.borrow().own().x509.authorities.len(), 2);
 }
 
+/// A pre-minted SVID is rotated at half-life though nobody uses it; an on-demand one with the
+/// same lifetime, unheld and idle, is dropped instead.
+#[test]
+fn pre_minted_svids_rotate_unused_while_idle_on_demand_ones_go() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, clock) = clocked(
+        dir.path(),
+        Duration::from_secs(36_000),
+        NewRootPolicy::Refuse,
+        t0(),
+    );
+    let ttl = Some(Duration::from_secs(200));
+    let web = entry("web", "web", ttl);
+    let p = publisher(std::slice::from_ref(&web));
+    a.resync(&p.feed());
+    a.tick(clock.now());
+    let first = serial(&a, "web").unwrap();
+    let synthetic = entry("synthetic/uid-1/x", "uid-1/x", ttl);
+    svid(&a, &synthetic);
+    // Past half-life and the idle window.
+    clock.set(t0() + IDLE_KEEP + Duration::from_secs(101));
+    a.tick(clock.now());
+    let second = serial(&a, "web").unwrap();
+    assert_ne!(second, first, "re-minted though unused");
+    assert!(
+        serial(&a, "synthetic/uid-1/x").is_none(),
+        "idle on-demand SVID dropped"
+    );
+    // And again at the next half-life.
+    clock.set(clock.now() + Duration::from_secs(101));
+    a.tick(clock.now());
+    assert_ne!(serial(&a, "web").unwrap(), second);
+    assert_eq!(a.x509_mints(), 4);
+}
+
 #[test]
 fn unused_svids_are_dropped_after_idle_keep_and_minted_again_on_use() {
     let dir = tempfile::tempdir().unwrap();
@@ -352,26 +387,66 @@ fn a_hundred_thousand_entries_cost_only_the_budget() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn concurrent_first_fetches_of_one_entry_mint_once() {
+/// Requests arriving while an entry's first mint is under way wait for it: one mint, one SVID.
+#[tokio::test]
+async fn requests_during_a_first_mint_wait_for_it() {
     let dir = tempfile::tempdir().unwrap();
     let a = CaAuthority::open(cfg(dir.path())).unwrap();
-    for round in 0..5u64 {
+    let web = entry("web", "web", None);
+    // A request has taken the ticket and is minting (outside the lock).
+    let crate::svid_cache::Lookup::Mint(ticket) = a.lock().svids.lookup(&web, a.now()) else {
+        panic!("the first lookup mints")
+    };
+    let waiting: Vec<_> = (0..8)
+        .map(|_| {
+            let (a, web) = (a.clone(), web.clone());
+            tokio::spawn(async move { a.x509_svid(&web).await.unwrap().peek() })
+        })
+        .collect();
+    for _ in 0..10 {
+        tokio::task::yield_now().await;
+    }
+    assert!(waiting.iter().all(|w| !w.is_finished()), "they wait");
+    assert_eq!(a.x509_mints(), 0, "and do not mint");
+    let signer = a.signer_for(&mut a.lock().keys, a.now()).unwrap();
+    let minted = a.mint(&signer, &web, a.now()).unwrap();
+    a.lock()
+        .svids
+        .install_minted(&web, ticket, minted.clone(), a.now());
+    for w in waiting {
+        assert!(
+            Arc::ptr_eq(&w.await.unwrap(), &minted),
+            "they get that SVID"
+        );
+    }
+    assert_eq!(a.x509_mints(), 1);
+}
+
+/// The same race on real threads: many first fetches of one entry at once mint it once.
+#[test]
+fn concurrent_first_fetches_of_one_entry_mint_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = CaAuthority::open(cfg(dir.path())).unwrap();
+    for round in 0..10u64 {
         let web = entry(&format!("web{round}"), &format!("web{round}"), None);
-        let start = Arc::new(tokio::sync::Barrier::new(16));
-        let fetches: Vec<_> = (0..16)
+        let start = Arc::new(std::sync::Barrier::new(8));
+        let fetches: Vec<_> = (0..8)
             .map(|_| {
                 let (a, web, start) = (a.clone(), web.clone(), start.clone());
-                tokio::spawn(async move {
-                    start.wait().await;
-                    a.x509_svid(&web).await.unwrap().peek().serial.clone()
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .build()
+                        .unwrap();
+                    start.wait();
+                    rt.block_on(a.x509_svid(&web))
+                        .unwrap()
+                        .peek()
+                        .serial
+                        .clone()
                 })
             })
             .collect();
-        let mut serials = Vec::new();
-        for f in fetches {
-            serials.push(f.await.unwrap());
-        }
+        let mut serials: Vec<_> = fetches.into_iter().map(|f| f.join().unwrap()).collect();
         serials.dedup();
         assert_eq!(serials.len(), 1, "every caller got the same SVID");
         assert_eq!(a.x509_mints(), round + 1, "one mint per entry");
@@ -470,11 +545,15 @@ fn a_background_mint_never_replaces_one_made_meanwhile() {
     let signer = signer.unwrap();
     // A request mints entry 0 while the background mint is under way.
     let requested = svid(&a, &all[0]);
-    let done: Vec<_> = jobs
-        .iter()
-        .map(|j| a.mint_and_install(&signer, j, now))
-        .collect();
-    assert_eq!(done, vec![Some(Installed::Skipped), Some(Installed::Added)]);
+    for j in &jobs {
+        let done = a.mint_and_install(&signer, j, now);
+        let want = if j.entry.id == all[0].id {
+            Installed::Skipped
+        } else {
+            Installed::Added
+        };
+        assert_eq!(done, Some(want), "{}", j.entry.id);
+    }
     assert_eq!(serial(&a, "e00000"), Some(requested.serial.clone()));
     assert!(serial(&a, "e00001").is_some());
 }
