@@ -27,7 +27,7 @@ use crate::config::{AuthorityConfig, Error, NewRootPolicy, STORE_FILE};
 use crate::jwt;
 use crate::jwt_cache::{JwtCache, JwtCacheLimits, JwtSlot};
 use crate::keys::{Built, Keys, Report, advance_keys, log_created};
-use crate::svid_cache::{Lookup, SvidCache, SvidStats};
+use crate::svid_cache::{Lookup, SvidCache, SvidStats, refresh_at};
 use crate::x509::{self, Signer};
 
 /// How often a request looks again after waiting for another request's mint of the same
@@ -40,6 +40,13 @@ pub(crate) struct State {
     pub(crate) svids: SvidCache,
     /// JWT-SVIDs by (entry, audience set), bounded ([`JwtCacheLimits`]).
     pub(crate) jwts: JwtCache,
+    /// When the rotation task plans to wake (`None`: it is busy). A request that mints an
+    /// SVID due earlier wakes it; others leave it asleep (a burst of first fetches must not
+    /// make it sweep the cache once per fetch).
+    pub(crate) planned: Option<SystemTime>,
+    /// The earliest refresh deadline of SVIDs requests minted while the task was busy, for it
+    /// to take into account before it sleeps.
+    pub(crate) missed: Option<SystemTime>,
 }
 
 pub(crate) struct Inner {
@@ -147,6 +154,8 @@ impl CaAuthority {
             keys: Keys::new(built),
             svids: SvidCache::new(cfg.premint_entries),
             jwts: JwtCache::default(),
+            planned: None,
+            missed: None,
         };
         let authority = Self {
             inner: Arc::new(Inner {
@@ -395,10 +404,20 @@ impl Issuer for CaAuthority {
             let mut st = self.lock();
             return match minted {
                 Ok(svid) => {
+                    let due = refresh_at(&svid, now);
                     let rx = st.svids.install_minted(entry, ticket, svid, now);
+                    // The rotation task must learn a refresh deadline earlier than its own.
+                    let wake = match st.planned {
+                        Some(p) => due < p,
+                        None => {
+                            st.missed = Some(st.missed.map_or(due, |m| m.min(due)));
+                            false
+                        }
+                    };
                     drop(st);
-                    // The rotation task must learn the new refresh deadline.
-                    self.inner.wake.notify_one();
+                    if wake {
+                        self.inner.wake.notify_one();
+                    }
                     Ok(SvidWatch::new(rx))
                 }
                 Err(e) => {

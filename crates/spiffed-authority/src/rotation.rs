@@ -231,7 +231,7 @@ impl CaAuthority {
     }
 
     /// Brings the cache up to the feed's latest event; `seen` is the revision it reflects.
-    fn follow(&self, feed: &mut EntryFeed, seen: &mut Option<u64>) {
+    pub(crate) fn follow(&self, feed: &mut EntryFeed, seen: &mut Option<u64>) {
         let event = feed.latest();
         match *seen {
             Some(s) if event.revision <= s => {}
@@ -287,6 +287,12 @@ impl CaAuthority {
                 // the next deadline.
                 continue;
             }
+            let next = {
+                let mut st = self.lock();
+                let next = st.missed.take().map_or(next, |m| next.min(m));
+                st.planned = Some(next);
+                next
+            };
             let wait = next
                 .duration_since(self.now())
                 .unwrap_or(Duration::ZERO)
@@ -306,6 +312,7 @@ impl CaAuthority {
                     }
                 }
             }
+            self.lock().planned = None;
         }
     }
 }

@@ -368,6 +368,45 @@ async fn registered_entries_are_pre_minted_within_the_budget() {
     task.await.unwrap();
 }
 
+/// Events that follow are applied one by one; after missed events the registry is re-read.
+#[test]
+fn the_feed_is_followed_incrementally_and_re_read_after_missed_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.premint_entries = 2;
+    let a = CaAuthority::open(c).unwrap();
+    let all = entries(4);
+    let p = publisher(&all[..2]);
+    let mut feed = p.feed();
+    let mut seen = None;
+    a.follow(&mut feed, &mut seen);
+    assert_eq!(seen, Some(1));
+    a.tick(SystemTime::now());
+    assert_eq!(a.svid_stats().cached, 2, "both pre-minted");
+    // One event that follows: e00000 leaves, its budget goes to e00002 at once.
+    p.apply([(*all[2]).clone()], [all[0].id.clone()]);
+    a.follow(&mut feed, &mut seen);
+    assert_eq!(seen, Some(2));
+    assert!(serial(&a, "e00000").is_none());
+    assert!(a.lock().svids.is_pinned(&all[2].id));
+    // Two events the reader misses: it re-reads the registry.
+    p.apply([], [all[1].id.clone()]);
+    p.apply([(*all[3]).clone()], []);
+    a.follow(&mut feed, &mut seen);
+    assert_eq!(seen, Some(4));
+    assert!(
+        serial(&a, "e00001").is_none(),
+        "removed while unseen: dropped"
+    );
+    assert!(
+        a.lock().svids.is_pinned(&all[3].id),
+        "added while unseen: pinned"
+    );
+    a.tick(SystemTime::now());
+    let stats = a.svid_stats();
+    assert_eq!((stats.cached, stats.pinned), (2, 2));
+}
+
 #[test]
 fn a_hundred_thousand_entries_cost_only_the_budget() {
     let dir = tempfile::tempdir().unwrap();
