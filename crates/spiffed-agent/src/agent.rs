@@ -150,6 +150,7 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         x509_svid_ttl: cfg.x509_svid_ttl,
         jwt_svid_ttl: cfg.jwt_svid_ttl,
         new_root: cfg.new_trust_root,
+        premint_entries: cfg.premint_entries,
     })?;
     let store = Store::open(&cfg.data_dir.join("entries.sqlite"))?;
     let attestor = Arc::new(spiffed_attest::builtin());

@@ -84,7 +84,7 @@ pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default `fd_reserve`.
 pub const DEFAULT_FD_RESERVE: usize = 64;
 /// Default `premint_entries`: registered entries whose X.509-SVIDs are minted ahead of use.
-pub const DEFAULT_PREMINT_ENTRIES: usize = 1000;
+pub const DEFAULT_PREMINT_ENTRIES: usize = spiffed_authority::DEFAULT_PREMINT_ENTRIES;
 
 /// How much the agent logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
