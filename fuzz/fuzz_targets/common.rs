@@ -116,8 +116,16 @@ pub fn check_spec(p: &pb::EntrySpec, td: &TrustDomain) -> Option<EntrySpec> {
         hint: spec.hint.clone(),
         dns_names: spec.dns_names.clone(),
     };
+    let rules = spiffed_core::EntryRules {
+        trust_domain: td,
+        limits: spiffed_core::EntryLimits {
+            ca_ttl: CA_TTL,
+            ..Default::default()
+        },
+        selectors: &spiffed_attest::builtin(),
+    };
     entry
-        .validate(td)
+        .check(&rules)
         .unwrap_or_else(|e| panic!("accepted spec makes an invalid entry: {e}"));
     if let Some(ttl) = spec.x509_svid_ttl {
         assert!(ttl <= CA_TTL, "x509_svid_ttl {ttl:?} outlives the CA");

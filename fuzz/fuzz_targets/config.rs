@@ -67,7 +67,17 @@ fuzz_target!(|data: &[u8]| {
     let mut ids = HashSet::new();
     let mut keys = HashSet::new();
     for e in &cfg.entries {
-        e.validate(&cfg.trust_domain)
+        let rules = spiffed_core::EntryRules {
+            trust_domain: &cfg.trust_domain,
+            limits: spiffed_core::EntryLimits {
+                max_selectors: cfg.max_selectors_per_entry,
+                max_dns_names: cfg.max_dns_names_per_entry,
+                min_svid_ttl: cfg.min_svid_ttl,
+                ca_ttl: cfg.ca_ttl,
+            },
+            selectors: &spiffed_attest::builtin(),
+        };
+        e.check(&rules)
             .unwrap_or_else(|err| panic!("accepted entry {} is invalid: {err}", e.id));
         assert!(e.spiffe_id.is_member_of(&cfg.trust_domain));
         assert!(!e.selectors.is_empty());

@@ -22,12 +22,13 @@ use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use libfuzzer_sys::fuzz_target;
 use spiffed_authority::{AuthorityConfig, CaAuthority, NewRootPolicy};
-use spiffed_core::{Authority, Entry, EntryId, JwtError, Selector, ValidatedJwt};
+use spiffed_core::{Entry, EntryId, Issuer, JwtError, Selector, ValidatedJwt};
 
 struct Fixture {
     _dir: tempfile::TempDir,
     authority: CaAuthority,
     entry: Arc<Entry>,
+    runtime: tokio::runtime::Runtime,
 }
 
 fn fixture() -> &'static Fixture {
@@ -42,6 +43,7 @@ fn fixture() -> &'static Fixture {
             x509_svid_ttl: Duration::from_secs(3600),
             jwt_svid_ttl: Duration::from_secs(300),
             new_root: NewRootPolicy::Refuse,
+            premint_entries: 0,
         })
         .unwrap();
         let entry = Arc::new(Entry {
@@ -57,6 +59,7 @@ fn fixture() -> &'static Fixture {
             _dir: dir,
             authority,
             entry,
+            runtime: tokio::runtime::Builder::new_current_thread().build().unwrap(),
         }
     })
 }
@@ -148,11 +151,11 @@ fn minted(fx: &Fixture, rest: &[u8]) {
     if audiences.is_empty() {
         return;
     }
-    let svids = fx
-        .authority
-        .jwt_svids(std::slice::from_ref(&fx.entry), &audiences)
+    let svid = fx
+        .runtime
+        .block_on(fx.authority.jwt_svid(&fx.entry, &audiences))
         .unwrap();
-    let token: &str = &svids[0].token;
+    let token: &str = &svid.token;
     for a in &audiences {
         let v = fx
             .authority
