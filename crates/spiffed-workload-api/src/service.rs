@@ -82,6 +82,9 @@ impl WakeupCounters {
     }
 }
 
+/// Most entry changes in one event that a stream judges one by one; it matches again past this.
+const MAX_CHANGES_JUDGED: usize = 256;
+
 /// Most X.509-SVID responses kept; the cache starts afresh when full.
 const MAX_SHARED_RESPONSES: usize = 256;
 
@@ -428,7 +431,10 @@ impl Subscription {
     fn must_rematch(&mut self, event: &EntryEvent) -> bool {
         let follows = event.follows(self.seen);
         self.seen = self.seen.max(event.revision);
-        let rematch = !follows || self.caller.concerned_by(event);
+        // A huge event (a reload replacing many entries) costs each stream more to judge change
+        // by change than to match its caller against the index again.
+        let rematch =
+            !follows || event.changes.len() > MAX_CHANGES_JUDGED || self.caller.concerned_by(event);
         if rematch {
             self.shared.wakeups.recomputed();
         } else {

@@ -677,3 +677,29 @@ async fn streams_end_when_the_entry_publisher_goes() {
     );
     assert_eq!(issuer.holders(&EntryId::new("a")), 0);
 }
+
+#[tokio::test]
+async fn a_huge_entry_event_is_matched_again_not_judged_change_by_change() {
+    let f = fixture(vec![entry("a", &id("a"), &["unix:uid:1000"])], false);
+    let mut s = f
+        .api
+        .fetch_x509svid(direct(1000, X509svidRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    within(s.next()).await.unwrap().unwrap();
+    let before = f.api.wakeups();
+    // A reload adding 1,000 entries for other callers, and one for this caller.
+    let mut many: Vec<_> = (0..1000)
+        .map(|i| entry(&format!("o{i}"), &id(&format!("o{i}")), &["unix:uid:2000"]))
+        .collect();
+    many.push(entry("b", &id("b"), &["unix:uid:1000"]));
+    f.entries.apply(many, []).unwrap();
+    let m = X509svidResponse::decode(within(s.next()).await.unwrap().unwrap().as_bytes()).unwrap();
+    assert_eq!(ids(&m), [id("a"), id("b")]);
+    let after = f.api.wakeups();
+    assert_eq!(
+        (after.recomputed, after.filtered),
+        (before.recomputed + 1, before.filtered)
+    );
+}
