@@ -1,5 +1,6 @@
 //! Test helpers for spiffed: start the real binary on a temporary socket, talk to it with a raw
-//! Workload API client, and run peer processes for attestation tests.
+//! Workload API client, and run peer processes for attestation tests; [`doubles`] holds test
+//! doubles of the core seams (issuer, attestor) and a server harness for them.
 #![forbid(unsafe_code)]
 #![allow(
     clippy::unwrap_used,
@@ -7,6 +8,8 @@
     clippy::panic,
     reason = "test support"
 )]
+
+pub mod doubles;
 
 use std::fs;
 use std::io::Read;

@@ -3,17 +3,21 @@
 //! Serves the official `SpiffeWorkloadAPI` (no proto package) over whatever connections the
 //! agent accepts. Each RPC checks the security header first, then attests the caller from the
 //! kernel credentials that the listener attached to the connection ([`PeerCred`] as the request
-//! extension), matches entries, and answers from the authority's SVID cache. Streams send their
-//! first message at once and a full new state whenever the caller's identities or the bundle
-//! change; they end as soon as the client goes away.
+//! extension), matches entries, and answers with the issuer's SVIDs and bundle set. Streams
+//! send their first message at once and a full new state whenever the caller's identities or
+//! the bundles change; they end as soon as the client goes away.
+//!
+//! A stream wakes only for what can change its answer: the SVID watch of each identity it
+//! sends, the bundle set, and entry changes, which it judges against its caller's selectors
+//! before doing any work ([`WorkloadApi::wakeups`] counts both kinds of wake-up).
 //!
 //! ```no_run
 //! # fn demo(
 //! #   attestor: std::sync::Arc<dyn spiffed_core::Attestor>,
-//! #   authority: std::sync::Arc<dyn spiffed_core::Authority>,
-//! #   entries: tokio::sync::watch::Receiver<std::sync::Arc<spiffed_core::EntrySet>>,
+//! #   issuer: std::sync::Arc<dyn spiffed_core::Issuer>,
+//! #   publisher: &spiffed_core::EntryPublisher,
 //! # ) {
-//! let api = spiffed_workload_api::WorkloadApi::new(attestor, authority, entries, false);
+//! let api = spiffed_workload_api::WorkloadApi::new(attestor, issuer, publisher.feed(), false);
 //! let svc = api.into_server(); // add to a tonic Router
 //! # }
 //! ```
@@ -30,5 +34,5 @@ pub use limits::{
     DEFAULT_DENIAL_LOG_LINES_PER_SECOND, DEFAULT_MAX_JWT_AUDIENCE_LENGTH,
     DEFAULT_MAX_JWT_AUDIENCES, DEFAULT_MAX_JWT_TOKEN_LENGTH, RequestLimits,
 };
-pub use service::{WorkloadApi, synthetic_entry, x509_svid_response};
+pub use service::{Wakeups, WorkloadApi, synthetic_entry, x509_svid_response};
 pub use status::ApiError;

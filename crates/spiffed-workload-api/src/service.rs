@@ -2,12 +2,13 @@
 
 use std::collections::HashMap;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::Stream;
 use spiffed_core::{
-    Attested, Attestor, Authority, Entry, EntryId, EntrySet, Facts, Identity, Lease, PeerCred,
-    Selector, SpiffeId, TrustDomain, X509Bundle,
+    Attested, Attestor, BundleSet, Entry, EntryEvent, EntryFeed, EntryId, Identity, Issuer, Needs,
+    PeerCred, Selector, SpiffeId, SvidWatch, TrustDomain,
 };
 use spiffed_proto::shared::Encoded;
 use spiffed_proto::shared::server::spiffe_workload_api_server::{
@@ -31,20 +32,58 @@ use spiffed_core::untrusted::{Untrusted, UntrustedList};
 const SECURITY_HEADER: &str = "workload.spiffe.io";
 /// Largest request accepted; Workload API requests are tiny.
 const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// The selector type dev mode's synthetic identities are named after (the executable).
+const SYNTHETIC_NEEDS: &str = "unix:path";
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 struct Shared {
     attestor: Arc<dyn Attestor>,
-    authority: Arc<dyn Authority>,
-    entries: watch::Receiver<Arc<EntrySet>>,
+    issuer: Arc<dyn Issuer>,
+    entries: EntryFeed,
     synthetic_ids: bool,
     responses: Responses,
     /// What one request may carry.
     limits: RequestLimits,
     /// Denial lines per kind per second.
     throttle: Throttle,
+    wakeups: WakeupCounters,
 }
+
+/// How often open streams woke up, and what each wake-up cost (see [`WorkloadApi::wakeups`]).
+///
+/// An entry change wakes every open stream, each of which first checks, from the change alone,
+/// whether it can concern its caller; an SVID rotation wakes only the streams holding that
+/// entry's SVID; a bundle change wakes every stream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Wakeups {
+    /// Wake-ups that recomputed a stream's response: matched entries again, or read new SVIDs
+    /// or bundles (a message is sent only when it differs from the last one).
+    pub recomputed: u64,
+    /// Wake-ups on an entry change that concerned none of the caller's entries (nor needed
+    /// more facts about it): the stream went back to sleep without matching or asking the
+    /// issuer anything.
+    pub filtered: u64,
+}
+
+#[derive(Default)]
+struct WakeupCounters {
+    recomputed: AtomicU64,
+    filtered: AtomicU64,
+}
+
+impl WakeupCounters {
+    fn recomputed(&self) {
+        self.recomputed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn filtered(&self) {
+        self.filtered.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Most entry changes in one event that a stream judges one by one; it matches again past this.
+const MAX_CHANGES_JUDGED: usize = 256;
 
 /// Most X.509-SVID responses kept; the cache starts afresh when full.
 const MAX_SHARED_RESPONSES: usize = 256;
@@ -52,7 +91,7 @@ const MAX_SHARED_RESPONSES: usize = 256;
 /// Responses encoded once and shared by every stream that sends the same message.
 #[derive(Default)]
 struct Responses {
-    /// X.509-SVID responses of the current bundle sequence, by the stream fingerprint that
+    /// X.509-SVID responses of the current bundle set sequence, by the stream fingerprint that
     /// determines them completely.
     x509: Mutex<HashMap<X509Fingerprint, Encoded<X509svidResponse>>>,
     x509_bundles: Mutex<Option<(u64, Encoded<X509BundlesResponse>)>>,
@@ -64,7 +103,7 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// The cached message for bundle `sequence`, or a fresh one made by `make`.
+/// The cached message for bundle set `sequence`, or a fresh one made by `make`.
 fn shared_bundle<T: prost::Message>(
     slot: &Mutex<Option<(u64, Encoded<T>)>>,
     sequence: u64,
@@ -90,6 +129,7 @@ impl std::fmt::Debug for WorkloadApi {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WorkloadApi")
             .field("synthetic_ids", &self.shared.synthetic_ids)
+            .field("wakeups", &self.wakeups())
             .finish_non_exhaustive()
     }
 }
@@ -99,6 +139,25 @@ impl std::fmt::Debug for WorkloadApi {
 struct Caller {
     cred: PeerCred,
     attested: Attested,
+    /// Every selector type asked for or gathered: selectors of other types were not looked
+    /// for, so an entry that uses one needs the caller attested again.
+    covered: Needs,
+}
+
+impl Caller {
+    /// Whether `change` can alter what this caller is entitled to: it matched the entry before
+    /// or matches it now, or the new entry uses a selector type that was not looked for (the
+    /// caller must be attested again to judge it).
+    fn concerned_by(&self, event: &EntryEvent) -> bool {
+        event.changes.iter().any(|c| {
+            c.concerns(&self.attested.selectors)
+                || c.new.as_ref().is_some_and(|e| {
+                    e.selectors
+                        .iter()
+                        .any(|s| !self.covered.wants(&s.kind_key()))
+                })
+        })
+    }
 }
 
 /// Checks the security header: exactly one value, exactly `true`.
@@ -151,35 +210,18 @@ fn id_segment(s: &str) -> String {
 }
 
 impl Shared {
-    /// The facts to gather about callers judged against `set`: what its selectors need, and
-    /// the executable's path for dev mode's synthetic IDs.
-    fn facts(&self, set: &EntrySet) -> Facts {
+    /// The selector types to gather about callers: what the entries' selectors use, and the
+    /// executable's path for dev mode's synthetic IDs.
+    fn needs(&self) -> Needs {
+        let mut needs = self.entries.needs();
         if self.synthetic_ids {
-            set.facts() | Facts::PATH
-        } else {
-            set.facts()
+            needs.insert(SYNTHETIC_NEEDS);
         }
+        needs
     }
 
-    /// The facts the current entries need.
-    fn current_facts(&self) -> Facts {
-        self.facts(&self.entries.borrow())
-    }
-
-    /// Attests on this task when that needs only quick reads, else (hashing an executable the
-    /// cache does not know) on the blocking pool.
-    async fn attest(&self, cred: &PeerCred, facts: Facts) -> Result<Attested, ApiError> {
-        let result = match self.attestor.attest_quick(cred, facts) {
-            Some(result) => result,
-            None => {
-                let attestor = self.attestor.clone();
-                let c = cred.clone();
-                tokio::task::spawn_blocking(move || attestor.attest(&c, facts))
-                    .await
-                    .map_err(|e| ApiError::Internal(e.to_string()))?
-            }
-        };
-        result.map_err(|e| {
+    async fn attest(&self, cred: &PeerCred, needs: &Needs) -> Result<Attested, ApiError> {
+        self.attestor.attest(cred, needs).await.map_err(|e| {
             if self.throttle.allow(Denial::Attestation) {
                 tracing::info!(pid = ?cred.pid, uid = cred.uid, error = %e, "attestation failed");
             }
@@ -194,47 +236,64 @@ impl Shared {
             .get::<PeerCred>()
             .cloned()
             .ok_or(ApiError::NoPeerCred)?;
-        let attested = self.attest(&cred, self.current_facts()).await?;
-        Ok(Caller { cred, attested })
+        let needs = self.needs();
+        let attested = self.attest(&cred, &needs).await?;
+        let covered = needs.union(&attested.gathered);
+        Ok(Caller {
+            cred,
+            attested,
+            covered,
+        })
+    }
+
+    /// Attests `caller` again when the entries now use selector types that its attestation did
+    /// not look for (an entry with a type new to the set, such as `unix:path`, was added while
+    /// its stream was open), so that such an entry is judged on real facts.
+    async fn refresh(&self, caller: &mut Caller) -> Result<(), ApiError> {
+        let want = self.needs();
+        if !caller.covered.covers(&want) {
+            let ask = caller.covered.union(&want);
+            caller.attested = self.attest(&caller.cred, &ask).await?;
+            caller.covered = ask.union(&caller.attested.gathered);
+        }
+        Ok(())
     }
 
     /// The entries that grant `caller` an identity now (or its synthetic one).
-    fn entitled(&self, caller: &Caller, set: &EntrySet) -> Vec<Arc<Entry>> {
-        let matched = set.matching(&caller.attested.selectors);
+    fn entitled(&self, caller: &Caller) -> Vec<Arc<Entry>> {
+        let matched = self.entries.matching(&caller.attested.selectors);
         if !matched.is_empty() || !self.synthetic_ids {
             return matched;
         }
-        self.synthetic(caller).into_iter().collect()
+        synthetic_entry(self.issuer.trust_domain(), &caller.attested)
+            .into_iter()
+            .collect()
     }
 
-    fn synthetic(&self, caller: &Caller) -> Option<Arc<Entry>> {
-        synthetic_entry(self.authority.trust_domain(), &caller.attested)
-    }
-
-    /// The caller's identities now; `NoIdentity` when there are none.
-    fn identities(&self, caller: &Caller) -> Result<(Vec<Identity>, Lease), ApiError> {
-        let set = self.entries.borrow().clone();
-        let entries = self.entitled(caller, &set);
+    /// Like [`entitled`](Self::entitled), but `NoIdentity` (logged) when there are none.
+    fn entitled_or_denied(&self, caller: &Caller) -> Result<Vec<Arc<Entry>>, ApiError> {
+        let entries = self.entitled(caller);
         if entries.is_empty() {
+            self.log_denied(caller);
             return Err(ApiError::NoIdentity);
         }
-        Ok(self.authority.identities(&entries)?)
+        Ok(entries)
     }
 
-    /// The response for `ids`, each SVID with `bundle` (taken once by the caller, so `fp`, their
-    /// fingerprint, and the message agree), encoded once for every stream that sends it: the
-    /// fingerprint (entry, serial and hint of each SVID, and the bundle's sequence) determines
-    /// the message completely, so it is the cache key.
+    /// The response for `ids` with the bundles of `set` (taken once by the caller, so `fp`,
+    /// their fingerprint, and the message agree), encoded once for every stream that sends it:
+    /// the fingerprint (entry, serial and hint of each SVID, and the bundle set's sequence)
+    /// determines the message completely, so it is the cache key.
     fn x509_response(
         &self,
         fp: &X509Fingerprint,
         ids: &[Identity],
-        bundle: &X509Bundle,
+        set: &BundleSet,
     ) -> Encoded<X509svidResponse> {
         if let Some(enc) = lock(&self.responses.x509).get(fp) {
             return enc.clone();
         }
-        let enc = x509_svid_response(ids, bundle);
+        let enc = x509_svid_response(ids, set);
         let mut cache = lock(&self.responses.x509);
         let stale = cache.keys().next().is_some_and(|(_, seq)| *seq != fp.1);
         if stale || cache.len() >= MAX_SHARED_RESPONSES {
@@ -244,32 +303,45 @@ impl Shared {
         enc
     }
 
-    fn x509_bundles_response(&self) -> Encoded<X509BundlesResponse> {
-        let b = self.authority.x509_bundle();
-        shared_bundle(&self.responses.x509_bundles, b.sequence, || {
+    fn x509_bundles_response(&self, set: &BundleSet) -> Encoded<X509BundlesResponse> {
+        shared_bundle(&self.responses.x509_bundles, set.sequence(), || {
             X509BundlesResponse {
                 crl: vec![],
-                bundles: HashMap::from([(b.trust_domain.id_string(), b.concatenated_der())]),
+                bundles: x509_bundle_map(set.all()),
             }
         })
     }
 
-    fn jwt_bundles_response(&self) -> Encoded<JwtBundlesResponse> {
-        let b = self.authority.jwt_bundle();
-        shared_bundle(&self.responses.jwt_bundles, b.sequence, || {
+    fn jwt_bundles_response(&self, set: &BundleSet) -> Encoded<JwtBundlesResponse> {
+        shared_bundle(&self.responses.jwt_bundles, set.sequence(), || {
             JwtBundlesResponse {
-                bundles: HashMap::from([(b.trust_domain.id_string(), crate::jwt::jwks(&b))]),
+                bundles: set
+                    .all()
+                    .map(|b| (b.trust_domain().id_string(), crate::jwt::jwks(&b.jwt)))
+                    .collect(),
             }
         })
     }
 }
 
-/// The `FetchX509SVID` message for `ids`, each SVID with `bundle`, encoded.
+/// X.509 bundles keyed by trust domain ID (`spiffe://td`), each as concatenated DER. A trust
+/// domain without X.509 authorities is left out: clients unload a bundle that is absent.
+fn x509_bundle_map<'a>(
+    bundles: impl Iterator<Item = &'a spiffed_core::TrustBundle>,
+) -> HashMap<String, Vec<u8>> {
+    bundles
+        .filter(|b| !b.x509.authorities.is_empty())
+        .map(|b| (b.trust_domain().id_string(), b.x509.concatenated_der()))
+        .collect()
+}
+
+/// The `FetchX509SVID` message for `ids`: each SVID with the own trust domain's X.509 bundle,
+/// and every federated trust domain's X.509 authorities in `federated_bundles`. Encoded.
 ///
 /// The agent encodes each distinct message once per change and shares it between the streams
 /// that send it; public for the encoding benchmark.
-pub fn x509_svid_response(ids: &[Identity], bundle: &X509Bundle) -> Encoded<X509svidResponse> {
-    let der = bundle.concatenated_der();
+pub fn x509_svid_response(ids: &[Identity], set: &BundleSet) -> Encoded<X509svidResponse> {
+    let der = set.own().x509.concatenated_der();
     let msg = X509svidResponse {
         svids: ids
             .iter()
@@ -282,7 +354,7 @@ pub fn x509_svid_response(ids: &[Identity], bundle: &X509Bundle) -> Encoded<X509
             })
             .collect(),
         crl: vec![],
-        federated_bundles: HashMap::new(),
+        federated_bundles: x509_bundle_map(set.federated()),
     };
     let enc = Encoded::new(&msg);
     // `msg` holds a copy of each private key: wipe it now that the bytes are encoded.
@@ -293,7 +365,7 @@ pub fn x509_svid_response(ids: &[Identity], bundle: &X509Bundle) -> Encoded<X509
 }
 
 /// What a stream last sent, to send only real changes: each SVID by entry and serial with its
-/// hint (an entry's hint can change without a new SVID), and the bundle's sequence.
+/// hint (an entry's hint can change without a new SVID), and the bundle set's sequence.
 type X509Fingerprint = (Vec<(EntryId, Vec<u8>, Option<String>)>, u64);
 
 fn x509_fingerprint(ids: &[Identity], bundle_seq: u64) -> X509Fingerprint {
@@ -311,61 +383,225 @@ fn x509_fingerprint(ids: &[Identity], bundle_seq: u64) -> X509Fingerprint {
     )
 }
 
-/// The state a watch-driven stream carries between messages.
-struct Watch {
-    shared: Arc<Shared>,
-    caller: Caller,
-    entries: watch::Receiver<Arc<EntrySet>>,
-    changes: watch::Receiver<u64>,
+/// Why a stream woke up.
+enum Wake {
+    /// An entry change was published.
+    Entries(Arc<EntryEvent>),
+    /// The bundle set changed.
+    Bundles,
+    /// The SVID held at this index was replaced (`true`) or its issuer let go of it (`false`).
+    Svid(usize, bool),
+    /// The agent is stopping (the entry publisher or the issuer is gone).
+    Stopped,
 }
 
-impl Watch {
+/// What every stream waits on: the entry feed (with the last revision it judged) and the bundle
+/// set.
+struct Subscription {
+    shared: Arc<Shared>,
+    caller: Caller,
+    entries: EntryFeed,
+    seen: u64,
+    bundles: watch::Receiver<Arc<BundleSet>>,
+}
+
+impl Subscription {
+    /// Subscribes before the caller's first answer is computed, so that no change after it is
+    /// missed.
     fn new(shared: &Arc<Shared>, caller: Caller) -> Self {
         let mut entries = shared.entries.clone();
-        let mut changes = shared.authority.changes();
-        entries.borrow_and_update();
-        changes.borrow_and_update();
+        let seen = entries.latest().revision;
+        let bundles = shared.issuer.bundles();
         Self {
             shared: shared.clone(),
             caller,
             entries,
-            changes,
+            seen,
+            bundles,
         }
     }
 
-    /// Waits for the next change of entries or of the authority; false when the agent stops.
-    async fn changed(&mut self) -> bool {
+    /// The bundle set now, marking it seen.
+    fn bundle_set(&mut self) -> Arc<BundleSet> {
+        self.bundles.borrow_and_update().clone()
+    }
+
+    /// Whether `event` needs the caller's entries matched again: it concerns them, or it does
+    /// not directly follow the last event judged (events were missed). Counts the wake-up.
+    fn must_rematch(&mut self, event: &EntryEvent) -> bool {
+        let follows = event.follows(self.seen);
+        self.seen = self.seen.max(event.revision);
+        // A huge event (a reload replacing many entries) costs each stream more to judge change
+        // by change than to match its caller against the index again.
+        let rematch =
+            !follows || event.changes.len() > MAX_CHANGES_JUDGED || self.caller.concerned_by(event);
+        if rematch {
+            self.shared.wakeups.recomputed();
+        } else {
+            self.shared.wakeups.filtered();
+        }
+        rematch
+    }
+
+    /// Waits for the next entry event, bundle change, or replacement of a `held` SVID.
+    async fn wait(&mut self, held: &mut [Held]) -> Wake {
+        // Entry events first: when one arrives with an SVID replacement it caused (a changed
+        // entry re-minted), the re-match takes both in one wake-up.
         tokio::select! {
-            r = self.entries.changed() => r.is_ok(),
-            r = self.changes.changed() => r.is_ok(),
+            biased;
+            event = self.entries.changed() => event.map_or(Wake::Stopped, Wake::Entries),
+            r = self.bundles.changed() => if r.is_ok() { Wake::Bundles } else { Wake::Stopped },
+            (i, open) = svid_changed(held) => Wake::Svid(i, open),
         }
     }
+}
 
-    /// Attests the caller again when the entries now need facts that its attestation did not
-    /// gather (an entry with a selector type new to the set, such as `unix:path`, was added
-    /// while the stream was open), so such an entry is judged on real facts.
-    async fn refresh(&mut self) -> Result<(), ApiError> {
-        let want = self.shared.current_facts();
-        let have = self.caller.attested.facts;
-        if !have.contains(want) {
-            self.caller.attested = self.shared.attest(&self.caller.cred, have | want).await?;
+/// Waits until one of `held`'s SVIDs is replaced; never, if there are none.
+async fn svid_changed(held: &mut [Held]) -> (usize, bool) {
+    match held {
+        [] => std::future::pending().await,
+        // Most streams hold one identity: wait on it without allocating.
+        [one] => (0, one.svid.changed().await),
+        many => {
+            let waits = many.iter_mut().map(|h| Box::pin(h.svid.changed()));
+            let (open, i, _) = futures::future::select_all(waits).await;
+            (i, open)
         }
+    }
+}
+
+/// One identity a stream sends: its entry, and the watch on the entry's SVID (holding it keeps
+/// the SVID issued and rotated).
+struct Held {
+    entry: Arc<Entry>,
+    svid: SvidWatch,
+}
+
+/// The state of a `FetchX509SVID` stream.
+struct X509Stream {
+    sub: Subscription,
+    held: Vec<Held>,
+    last: Option<X509Fingerprint>,
+    /// SVID watches closed in a row (the issuer let go of an entry the caller still holds).
+    closed_in_a_row: u32,
+}
+
+impl X509Stream {
+    /// Matches the caller's entries again and brings the SVID watches in line: entries kept
+    /// unchanged keep their watch, new or changed entries are asked of the issuer, and watches
+    /// of entries no longer granted are dropped. `NoIdentity` when nothing is left.
+    async fn rematch(&mut self) -> Result<(), ApiError> {
+        let shared = self.sub.shared.clone();
+        shared.refresh(&mut self.sub.caller).await?;
+        let entries = shared.entitled_or_denied(&self.sub.caller)?;
+        let mut old: HashMap<EntryId, Held> = self
+            .held
+            .drain(..)
+            .map(|h| (h.entry.id.clone(), h))
+            .collect();
+        let mut held = Vec::with_capacity(entries.len());
+        for entry in entries {
+            let svid = match old.remove(&entry.id) {
+                Some(h) if h.entry == entry => h.svid,
+                // A changed entry is asked for again (while the old watch is still held), so
+                // the issuer learns of the change.
+                _ => shared.issuer.x509_svid(&entry).await?,
+            };
+            held.push(Held { entry, svid });
+        }
+        self.held = held;
         Ok(())
+    }
+
+    /// The message for the current SVIDs and bundles, and `None` when it is what was last sent.
+    fn next_message(&mut self) -> Option<(Vec<Identity>, Encoded<X509svidResponse>)> {
+        let set = self.sub.bundle_set();
+        let ids: Vec<Identity> = self
+            .held
+            .iter_mut()
+            .map(|h| Identity {
+                entry: h.entry.clone(),
+                x509: h.svid.current(),
+            })
+            .collect();
+        let fp = x509_fingerprint(&ids, set.sequence());
+        if self.last.as_ref() == Some(&fp) {
+            return None;
+        }
+        let msg = self.sub.shared.x509_response(&fp, &ids, &set);
+        self.last = Some(fp);
+        Some((ids, msg))
+    }
+
+    /// Waits for the next message to send; `None` when the agent stops, an error when the
+    /// stream must end with it (the caller lost every identity: PermissionDenied, CONFORMANCE
+    /// item 27, never an empty message).
+    async fn next(&mut self) -> Option<Result<Encoded<X509svidResponse>, ApiError>> {
+        loop {
+            let wake = self.sub.wait(&mut self.held).await;
+            if matches!(wake, Wake::Svid(_, false)) {
+                // The issuer let go of an entry this stream holds: it is stopping, or the entry
+                // went away. Ask again (or learn that it is gone); twice in a row means the
+                // issuer is stopping.
+                self.closed_in_a_row += 1;
+                if self.closed_in_a_row > 1 {
+                    return None;
+                }
+            } else {
+                self.closed_in_a_row = 0;
+            }
+            let rematch = match wake {
+                Wake::Stopped => return None,
+                Wake::Entries(event) => self.sub.must_rematch(&event),
+                Wake::Bundles => {
+                    self.sub.shared.wakeups.recomputed();
+                    false
+                }
+                Wake::Svid(i, true) => {
+                    self.sub.shared.wakeups.recomputed();
+                    if let Some(h) = self.held.get(i) {
+                        tracing::debug!(entry = %h.entry.id, pid = ?self.sub.caller.cred.pid, "SVID replaced");
+                    }
+                    false
+                }
+                Wake::Svid(i, false) => {
+                    self.sub.shared.wakeups.recomputed();
+                    self.held.remove(i);
+                    true
+                }
+            };
+            if rematch && let Err(e) = self.rematch().await {
+                return Some(Err(e));
+            }
+            if let Some((ids, msg)) = self.next_message() {
+                let c = &self.sub.caller.cred;
+                tracing::debug!(pid = ?c.pid, uid = c.uid, svids = ids.len(), "pushing X.509-SVID update");
+                return Some(Ok(msg));
+            }
+        }
     }
 }
 
 impl WorkloadApi {
-    /// Builds the service. `synthetic_ids` gives callers that match no entry the identity
-    /// `spiffe://TD/uid-UID/EXE_NAME` (dev mode).
+    /// Builds the service.
+    ///
+    /// - `attestor` turns each caller's kernel credentials into selectors, gathering what
+    ///   `entries` needs (plus `unix:path` when `synthetic_ids`).
+    /// - `issuer` mints SVIDs per entry (streams hold one [`SvidWatch`] per identity they send)
+    ///   and publishes the bundle set (own and federated trust domains).
+    /// - `entries` is the live entry index and its change feed; dropping its publisher ends
+    ///   every open stream.
+    /// - `synthetic_ids` gives callers that match no entry the identity
+    ///   `spiffe://TD/uid-UID/EXE_NAME` (dev mode).
     pub fn new(
         attestor: Arc<dyn Attestor>,
-        authority: Arc<dyn Authority>,
-        entries: watch::Receiver<Arc<EntrySet>>,
+        issuer: Arc<dyn Issuer>,
+        entries: EntryFeed,
         synthetic_ids: bool,
     ) -> Self {
         Self::build(
             attestor,
-            authority,
+            issuer,
             entries,
             synthetic_ids,
             RequestLimits::default(),
@@ -373,11 +609,12 @@ impl WorkloadApi {
     }
 
     /// The same service with other request limits (default [`RequestLimits::default`]).
+    /// Call it before serving: the wake-up counters start again from zero.
     pub fn with_limits(self, limits: RequestLimits) -> Self {
         let s = &self.shared;
         Self::build(
             s.attestor.clone(),
-            s.authority.clone(),
+            s.issuer.clone(),
             s.entries.clone(),
             s.synthetic_ids,
             limits,
@@ -387,21 +624,31 @@ impl WorkloadApi {
     /// The one place the shared state is made, so a new field is set once.
     fn build(
         attestor: Arc<dyn Attestor>,
-        authority: Arc<dyn Authority>,
-        entries: watch::Receiver<Arc<EntrySet>>,
+        issuer: Arc<dyn Issuer>,
+        entries: EntryFeed,
         synthetic_ids: bool,
         limits: RequestLimits,
     ) -> Self {
         Self {
             shared: Arc::new(Shared {
                 attestor,
-                authority,
+                issuer,
                 entries,
                 synthetic_ids,
                 responses: Responses::default(),
                 limits,
                 throttle: Throttle::new(limits.denial_log_lines_per_second),
+                wakeups: WakeupCounters::default(),
             }),
+        }
+    }
+
+    /// How often open streams have woken up since the service was built, by what it cost.
+    pub fn wakeups(&self) -> Wakeups {
+        let w = &self.shared.wakeups;
+        Wakeups {
+            recomputed: w.recomputed.load(Ordering::Relaxed),
+            filtered: w.filtered.load(Ordering::Relaxed),
         }
     }
 
@@ -413,55 +660,61 @@ impl WorkloadApi {
 
 impl WorkloadApi {
     /// Attests the caller of a bundle stream, which needs an identity (as in SPIRE).
-    async fn bundle_watch<T>(&self, request: &Request<T>) -> Result<Watch, Status> {
+    async fn bundle_subscription<T>(&self, request: &Request<T>) -> Result<Subscription, Status> {
         let shared = &self.shared;
         let caller = shared.caller(request).await?;
-        let set = shared.entries.borrow().clone();
-        if shared.entitled(&caller, &set).is_empty() {
-            shared.log_denied(&caller);
-            return Err(ApiError::NoIdentity.into());
-        }
-        Ok(Watch::new(shared, caller))
+        let sub = Subscription::new(shared, caller);
+        shared.entitled_or_denied(&sub.caller)?;
+        Ok(sub)
     }
 }
 
-/// A bundle stream: the first message at once, then one whenever the bundle's content changes
-/// (equal messages are suppressed, as SPIRE does: a CA activation, for one, bumps the sequence
-/// without changing the set); it ends with PermissionDenied once the caller has no identity left.
-fn bundle_stream<T: PartialEq + Clone + Send + 'static>(
-    watch: Watch,
-    current: fn(&Shared) -> T,
-) -> BoxStream<T> {
-    let first = current(&watch.shared);
-    let state = (watch, first.clone(), Some(first), false);
+/// A bundle stream: the first message at once, then one whenever the bundle set's content
+/// changes (equal messages are suppressed, as SPIRE does: a CA activation, for one, bumps the
+/// sequence without changing what this stream sends); it ends with PermissionDenied once the
+/// caller has no identity left.
+fn bundle_stream<T: Send + 'static>(
+    mut sub: Subscription,
+    make: fn(&Shared, &BundleSet) -> Encoded<T>,
+) -> BoxStream<Encoded<T>> {
+    let set = sub.bundle_set();
+    let first = make(&sub.shared, &set);
+    let state = (sub, first.clone(), Some(first), false);
     Box::pin(futures::stream::unfold(
         state,
-        move |(mut w, mut last, first, ended)| async move {
+        move |(mut sub, mut last, first, ended)| async move {
             if let Some(msg) = first {
-                return Some((Ok(msg), (w, last, None, false)));
+                return Some((Ok(msg), (sub, last, None, false)));
             }
             if ended {
                 return None;
             }
             loop {
-                if !w.changed().await {
-                    return None;
+                match sub.wait(&mut []).await {
+                    Wake::Stopped => return None,
+                    Wake::Entries(event) => {
+                        if !sub.must_rematch(&event) {
+                            continue;
+                        }
+                        let shared = sub.shared.clone();
+                        let checked = match shared.refresh(&mut sub.caller).await {
+                            Ok(()) => shared.entitled_or_denied(&sub.caller).map(drop),
+                            Err(e) => Err(e),
+                        };
+                        if let Err(e) = checked {
+                            return Some((Err(e.into()), (sub, last, None, true)));
+                        }
+                    }
+                    Wake::Bundles => sub.shared.wakeups.recomputed(),
+                    Wake::Svid(..) => continue,
                 }
-                if let Err(e) = w.refresh().await {
-                    return Some((Err(e.into()), (w, last, None, true)));
-                }
-                let entries = w.shared.entries.borrow().clone();
-                if w.shared.entitled(&w.caller, &entries).is_empty() {
-                    w.shared.log_denied(&w.caller);
-                    let e: Status = ApiError::NoIdentity.into();
-                    return Some((Err(e), (w, last, None, true)));
-                }
-                let msg = current(&w.shared);
+                let set = sub.bundle_set();
+                let msg = make(&sub.shared, &set);
                 if msg == last {
                     continue;
                 }
                 last = msg.clone();
-                return Some((Ok(msg), (w, last, None, false)));
+                return Some((Ok(msg), (sub, last, None, false)));
             }
         },
     ))
@@ -527,70 +780,42 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let shared = &self.shared;
         let caller = shared.caller(&request).await?;
-        let watch = Watch::new(shared, caller);
-        let (ids, lease) = shared.identities(&watch.caller).inspect_err(|e| {
-            if matches!(e, ApiError::NoIdentity) {
-                shared.log_denied(&watch.caller);
-            }
-        })?;
-        log_issued(&watch.caller, &ids, "X.509-SVID");
-        let bundle = shared.authority.x509_bundle();
-        let last = x509_fingerprint(&ids, bundle.sequence);
-        let first = shared.x509_response(&last, &ids, &bundle);
+        let mut stream = X509Stream {
+            sub: Subscription::new(shared, caller),
+            held: Vec::new(),
+            last: None,
+            closed_in_a_row: 0,
+        };
+        stream.rematch().await?;
+        let Some((ids, first)) = stream.next_message() else {
+            return Err(ApiError::Internal("the first message was not made".into()).into());
+        };
+        log_issued(&stream.sub.caller, &ids, "X.509-SVID");
 
-        // State: (watch, last fingerprint, lease held while streaming, first message, ended).
-        let state = (watch, last, lease, Some(first), false);
-        let stream = futures::stream::unfold(
-            state,
-            |(mut w, mut last, mut lease, first, ended)| async move {
-                if let Some(msg) = first {
-                    return Some((Ok(msg), (w, last, lease, None, false)));
-                }
-                if ended {
-                    return None;
-                }
-                loop {
-                    if !w.changed().await {
-                        return None;
-                    }
-                    if let Err(e) = w.refresh().await {
-                        return Some((Err(e.into()), (w, last, lease, None, true)));
-                    }
-                    match w.shared.identities(&w.caller) {
-                        Ok((ids, new_lease)) => {
-                            let bundle = w.shared.authority.x509_bundle();
-                            let fp = x509_fingerprint(&ids, bundle.sequence);
-                            if fp == last {
-                                continue;
-                            }
-                            lease = new_lease;
-                            tracing::debug!(pid = ?w.caller.cred.pid, uid = w.caller.cred.uid, svids = ids.len(), "pushing X.509-SVID update");
-                            let msg = w.shared.x509_response(&fp, &ids, &bundle);
-                            last = fp;
-                            return Some((Ok(msg), (w, last, lease, None, false)));
-                        }
-                        Err(e) => {
-                            // Losing every identity ends the stream with PermissionDenied
-                            // (CONFORMANCE item 27), never an empty message.
-                            if matches!(e, ApiError::NoIdentity) {
-                                w.shared.log_denied(&w.caller);
-                            }
-                            return Some((Err(e.into()), (w, last, lease, None, true)));
-                        }
-                    }
-                }
-            },
-        );
-        Ok(Response::new(Box::pin(stream)))
+        // State: (stream, first message, ended).
+        let state = (stream, Some(first), false);
+        let out = futures::stream::unfold(state, |(mut s, first, ended)| async move {
+            if let Some(msg) = first {
+                return Some((Ok(msg), (s, None, false)));
+            }
+            if ended {
+                return None;
+            }
+            match s.next().await? {
+                Ok(msg) => Some((Ok(msg), (s, None, false))),
+                Err(e) => Some((Err(e.into()), (s, None, true))),
+            }
+        });
+        Ok(Response::new(Box::pin(out)))
     }
 
     async fn fetch_x509_bundles(
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        let watch = self.bundle_watch(&request).await?;
+        let sub = self.bundle_subscription(&request).await?;
         Ok(Response::new(bundle_stream(
-            watch,
+            sub,
             Shared::x509_bundles_response,
         )))
     }
@@ -618,12 +843,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 }
             }
         };
-        let set = shared.entries.borrow().clone();
-        let mut entries = shared.entitled(&caller, &set);
-        if entries.is_empty() {
-            shared.log_denied(&caller);
-            return Err(ApiError::NoIdentity.into());
-        }
+        let mut entries = shared.entitled_or_denied(&caller)?;
         if let Some(id) = &wanted {
             entries.retain(|e| &e.spiffe_id == id);
             if entries.is_empty() {
@@ -633,10 +853,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
                 return Err(ApiError::NotEntitled(id.to_string()).into());
             }
         }
-        let svids = shared
-            .authority
-            .jwt_svids(&entries, &req.audience)
-            .map_err(ApiError::from)?;
+        let svids = futures::future::try_join_all(
+            entries
+                .iter()
+                .map(|e| shared.issuer.jwt_svid(e, &req.audience)),
+        )
+        .await
+        .map_err(ApiError::from)?;
         for e in &entries {
             tracing::info!(spiffe_id = %e.spiffe_id, entry = %e.id, pid = ?caller.cred.pid, uid = caller.cred.uid, audience = %UntrustedList(&req.audience), "issued JWT-SVID");
         }
@@ -657,9 +880,9 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<JwtBundlesRequest>,
     ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
-        let watch = self.bundle_watch(&request).await?;
+        let sub = self.bundle_subscription(&request).await?;
         Ok(Response::new(bundle_stream(
-            watch,
+            sub,
             Shared::jwt_bundles_response,
         )))
     }
@@ -684,11 +907,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(e.into());
         }
         let v = shared
-            .authority
+            .issuer
             .validate_jwt(&req.svid, &req.audience)
             .inspect_err(|e| {
                 // The error holds caller-supplied text (kid, alg, audiences), bounded where
-                // the authority builds it; the line itself is throttled.
+                // the issuer builds it; the line itself is throttled.
                 if shared.throttle.allow(Denial::JwtRejected) {
                     tracing::info!(pid = ?caller.cred.pid, uid = caller.cred.uid, reason = %e, "JWT-SVID rejected");
                 }
