@@ -161,9 +161,7 @@ pub(crate) fn parse_spec(p: &pb::EntrySpec) -> Result<EntrySpec, FieldError> {
 /// entry point; the service itself lets `EntrySources` check).
 pub(crate) fn validate_spec(p: &pb::EntrySpec, rules: &Rules) -> Result<EntrySpec, FieldError> {
     let spec = parse_spec(p)?;
-    rules
-        .check_spec(spec)
-        .map_err(|e| entry_field_error(&e, p))
+    rules.check_spec(spec).map_err(|e| entry_field_error(&e, p))
 }
 
 /// The admin API's `{field, message}` for a rule an entry breaks: a selector is pointed at by
@@ -282,7 +280,10 @@ impl EntryAdmin for AdminService {
         // Parse each; the parsed ones go to the sources, which check every rule, store and
         // publish them in one event.
         let parsed: Vec<Result<EntrySpec, FieldError>> = specs.iter().map(parse_spec).collect();
-        let valid: Vec<EntrySpec> = parsed.iter().filter_map(|s| s.as_ref().ok().cloned()).collect();
+        let valid: Vec<EntrySpec> = parsed
+            .iter()
+            .filter_map(|s| s.as_ref().ok().cloned())
+            .collect();
         let created = self
             .blocking(move |sources| sources.create(valid))
             .await?
@@ -294,10 +295,16 @@ impl EntryAdmin for AdminService {
             .map(|(slot, p)| match slot {
                 Err(e) => pb::EntryResult {
                     entry: None,
-                    error: Some(pb::EntryError { field: e.field, message: e.message }),
+                    error: Some(pb::EntryError {
+                        field: e.field,
+                        message: e.message,
+                    }),
                 },
                 Ok(_) => match created.next() {
-                    Some(Ok(s)) => pb::EntryResult { entry: Some(stored_entry(&s)), error: None },
+                    Some(Ok(s)) => pb::EntryResult {
+                        entry: Some(stored_entry(&s)),
+                        error: None,
+                    },
                     Some(Err(e)) => pb::EntryResult {
                         entry: None,
                         error: Some(source_entry_error(&e, Some(p))),
@@ -367,7 +374,10 @@ impl EntryAdmin for AdminService {
             0 => PAGE,
             n => n.min(MAX_PAGE),
         };
-        let filter = Filter { spiffe_id, selector };
+        let filter = Filter {
+            spiffe_id,
+            selector,
+        };
         let after = (!req.page_token.is_empty()).then(|| EntryId::new(req.page_token));
         // One page through the store's index by key, merged with the in-memory sources.
         let found = self
@@ -669,6 +679,11 @@ mod tests {
         long.jwt_svid_ttl_seconds = 7200;
         let e = check(long).unwrap();
         assert_eq!(e.field, "jwt_svid_ttl");
-        assert!(e.message.starts_with("is longer than the CA lifetime (3600s)"), "{}", e.message);
+        assert!(
+            e.message
+                .starts_with("is longer than the CA lifetime (3600s)"),
+            "{}",
+            e.message
+        );
     }
 }

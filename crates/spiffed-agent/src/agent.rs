@@ -307,11 +307,7 @@ impl Bound {
         // The authority mints and rotates an SVID for every entry of the set, off the request
         // path; its receiver does not keep the set's channel open, so dropping `entries` below
         // still ends every stream.
-        let rotation = tokio::spawn(
-            authority
-                .clone()
-                .run_with_entries(stop_rx, entries.feed()),
-        );
+        let rotation = tokio::spawn(authority.clone().run_with_entries(stop_rx, entries.feed()));
 
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter
