@@ -406,9 +406,11 @@ impl Issuer for CaAuthority {
                 Ok(svid) => {
                     let due = refresh_at(&svid, now);
                     let rx = st.svids.install_minted(entry, ticket, svid, now);
-                    // The rotation task must learn a refresh deadline earlier than its own.
+                    // The rotation task must learn a refresh deadline earlier than its own, and
+                    // act now if its planned wake-up has passed by the clock (the clock jumped
+                    // forward: a CA rotation step may be due).
                     let wake = match st.planned {
-                        Some(p) => due < p,
+                        Some(p) => due < p || now >= p,
                         None => {
                             st.missed = Some(st.missed.map_or(due, |m| m.min(due)));
                             false
