@@ -134,6 +134,40 @@ fn apply_limits(cfg: &Config, authority: &CaAuthority, api: WorkloadApi) -> Work
     })
 }
 
+/// The agent's counters: what open streams cost and what the SVID cache holds.
+#[derive(Clone)]
+pub struct Stats {
+    api: WorkloadApi,
+    authority: CaAuthority,
+    feed: spiffed_core::EntryFeed,
+}
+
+impl std::fmt::Debug for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Stats")
+    }
+}
+
+impl Stats {
+    /// Logs one line with every counter (`spiffed` does on SIGUSR1).
+    pub fn log(&self) {
+        let wakeups = self.api.wakeups();
+        let svids = self.authority.svid_stats();
+        let entries = self.feed.read().len();
+        tracing::info!(
+            entries,
+            stream_wakeups_recomputed = wakeups.recomputed,
+            stream_wakeups_filtered = wakeups.filtered,
+            x509_svids_cached = svids.cached,
+            x509_svids_held = svids.held,
+            x509_svids_preminted = svids.pinned,
+            x509_mints = self.authority.x509_mints(),
+            jwt_svids_cached = self.authority.cached_jwt_svids(),
+            "stats"
+        );
+    }
+}
+
 /// Opens the CA, indexes the entries and binds the Workload API socket.
 ///
 /// Must run inside a tokio runtime (the listener registers with it).
@@ -265,6 +299,15 @@ impl Bound {
     /// The Workload API socket path.
     pub fn socket_path(&self) -> &Path {
         &self.cfg.socket_path
+    }
+
+    /// A handle for the agent's counters (logged on SIGUSR1).
+    pub fn stats(&self) -> Stats {
+        Stats {
+            api: self.api.clone(),
+            authority: self.authority.clone(),
+            feed: self.entries.feed(),
+        }
     }
 
     /// A handle for replacing the config file's entries while the agent runs (SIGHUP).

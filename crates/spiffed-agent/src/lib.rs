@@ -24,5 +24,5 @@ pub mod fuzzing;
 pub mod limits;
 
 pub use admin::Reloader;
-pub use agent::{AgentError, Bound, build};
+pub use agent::{AgentError, Bound, Stats, build};
 pub use files::FilesError;

@@ -174,6 +174,14 @@ async fn serve(
     let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("installing the SIGHUP handler")?;
+    let mut usr1 = signal(SignalKind::user_defined1()).context("installing the SIGUSR1 handler")?;
+    // SIGUSR1: one log line with the agent's counters (stream wake-ups, SVIDs in memory).
+    let stats = bound.stats();
+    tokio::spawn(async move {
+        while usr1.recv().await.is_some() {
+            stats.log();
+        }
+    });
     let (stop_tx, mut stop_rx) = tokio::sync::watch::channel(false);
 
     // SIGHUP: reload the file's entries; a bad file keeps the running config.
