@@ -681,3 +681,67 @@ async fn a_full_disk_at_rotation_backs_off_logs_once_and_recovers() {
     assert_eq!(certs.len(), 2, "the next CA is published");
     drop(run);
 }
+
+/// The last `stats` line of the agent's log, after a SIGUSR1.
+fn stats_after_usr1(agent: &Agent, lines_before: usize) -> String {
+    agent.signal("USR1");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let logs = agent.logs();
+        let found = logs
+            .lines()
+            .filter(|l| l.contains(" stats") || l.contains("\"stats\""))
+            .nth(lines_before)
+            .map(str::to_owned);
+        if let Some(line) = found {
+            return line;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no stats line:\n{logs}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `field=N` in a log line.
+fn counter(line: &str, field: &str) -> u64 {
+    let at = line
+        .find(&format!("{field}="))
+        .unwrap_or_else(|| panic!("{field} missing in {line}"));
+    line[at + field.len() + 1..]
+        .chars()
+        .take_while(char::is_ascii_digit)
+        .collect::<String>()
+        .parse()
+        .unwrap_or_else(|_| panic!("{field} is not a number in {line}"))
+}
+
+#[tokio::test]
+async fn sigusr1_logs_what_streams_hold_and_how_often_they_woke() {
+    let uid = spiffed_test_support::my_uid();
+    // Two entries: "web" rotates every second, "other" (another uid) nobody fetches.
+    let agent = Agent::start(
+        &bin(),
+        &format!(
+            "min_svid_ttl = \"1s\"\n[[entries]]\nspiffe_id = \"spiffe://example.org/web\"\n\
+             selectors = [\"unix:uid:{uid}\"]\nx509_svid_ttl = \"2s\"\n\
+             [[entries]]\nspiffe_id = \"spiffe://example.org/other\"\n\
+             selectors = [\"unix:uid:{}\"]\n",
+            uid + 1
+        ),
+    );
+    let before = stats_after_usr1(&agent, 0);
+    assert_eq!(counter(&before, "entries"), 2, "{before}");
+    assert_eq!(counter(&before, "x509_svids_held"), 0, "{before}");
+    let mut c = agent.client().await;
+    let mut stream = x509_stream(&mut c).await;
+    stream.message().await.unwrap().unwrap();
+    // The next message is the rotated SVID: the stream woke for its own entry.
+    let next = tokio::time::timeout(Duration::from_secs(10), stream.message()).await;
+    assert!(matches!(next, Ok(Ok(Some(_)))), "no rotation pushed");
+    let after = stats_after_usr1(&agent, 1);
+    assert_eq!(counter(&after, "x509_svids_held"), 1, "{after}");
+    assert!(counter(&after, "stream_wakeups_recomputed") >= 1, "{after}");
+    assert!(counter(&after, "x509_mints") >= 2, "{after}");
+}
