@@ -119,7 +119,10 @@ fuzz_target!(|data: &[u8]| {
             );
             let kid = fx
                 .authority
-                .jwt_bundle()
+                .bundles()
+                .borrow()
+                .own()
+                .jwt
                 .keys
                 .first()
                 .map(|k| k.kid.clone())
