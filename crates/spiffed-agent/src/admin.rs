@@ -553,21 +553,7 @@ fn live_entry(sources: &EntrySources, e: &Entry) -> pb::Entry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use spiffed_core::{EntryLimits, SelectorCheck, SelectorError};
-
-    /// The unix and systemd types, as the default attestors serve.
-    struct UnixAndSystemd;
-    impl SelectorCheck for UnixAndSystemd {
-        fn check(&self, s: &Selector) -> Result<(), SelectorError> {
-            match s.kind() {
-                "unix" | "systemd" => Ok(()),
-                _ => Err(SelectorError::UnknownType {
-                    selector: s.to_string(),
-                    known: spiffed_core::known_list(["unix", "systemd"]),
-                }),
-            }
-        }
-    }
+    use spiffed_core::EntryLimits;
 
     fn rules() -> Rules {
         Rules {
@@ -578,7 +564,7 @@ mod tests {
                 min_svid_ttl: Duration::from_secs(10),
                 ca_ttl: Duration::from_secs(3600),
             },
-            selectors: Arc::new(UnixAndSystemd),
+            selectors: Arc::new(spiffed_attest::builtin()),
         }
     }
 

@@ -29,6 +29,9 @@ pub struct EntryIndex {
     by_selector: HashMap<Selector, Posting>,
     /// How many entries use each `type:key`.
     kind_keys: HashMap<String, usize>,
+    /// What attestation must gather, kept up to date as `type:key`s come and go, so that every
+    /// stream shares one copy.
+    needs: Needs,
     revision: u64,
 }
 
@@ -107,8 +110,22 @@ impl EntryIndex {
     }
 
     /// The selector types attestation must gather so that every entry can be matched.
+    ///
+    /// Always includes `unix:uid` and `unix:gid`, which come with every caller's credentials.
     pub fn needs(&self) -> Needs {
-        self.kind_keys.keys().cloned().collect()
+        if self.needs.wants("unix:uid") {
+            return self.needs.clone();
+        }
+        Self::needs_of(&self.kind_keys)
+    }
+
+    fn needs_of(kind_keys: &HashMap<String, usize>) -> Needs {
+        kind_keys
+            .keys()
+            .map(String::as_str)
+            .chain(["unix:uid", "unix:gid"])
+            .map(str::to_owned)
+            .collect()
     }
 
     /// Whether any entry uses a selector of this `type:key` (e.g. `unix:sha256`).
@@ -154,6 +171,7 @@ impl EntryIndex {
                 *n -= 1;
                 if *n == 0 {
                     self.kind_keys.remove(&s.kind_key());
+                    self.needs = Self::needs_of(&self.kind_keys);
                 }
             }
         }
@@ -177,6 +195,7 @@ impl EntryIndex {
             Some(n) => *n += 1,
             None => {
                 self.kind_keys.insert(s.kind_key(), 1);
+                self.needs = Self::needs_of(&self.kind_keys);
             }
         }
     }
@@ -504,6 +523,9 @@ mod tests {
             .unwrap();
         assert_eq!(ev.revision, 2);
         assert!(f.needs().wants("unix:path"));
+        // The credentials' types are always gathered, so callers attested for these needs
+        // cover them whatever the entries use.
+        assert!(f.needs().wants("unix:uid") && f.needs().wants("unix:gid"));
         assert_eq!(
             ids(&f.matching(&sels(&["unix:uid:1", "unix:path:/x"]))),
             ["a", "b"]

@@ -31,11 +31,14 @@ pub struct PeerCred {
 ///
 /// An open set: attestor plugins define their own types. `unix:uid` and `unix:gid` come from
 /// `SO_PEERCRED` and are always gathered.
+///
+/// Cheap to clone: the set is shared, so the many streams of one agent hold one copy of what
+/// the entries need rather than one each.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Needs {
     /// Everything every plugin knows how to find out (`explain`).
     everything: bool,
-    kind_keys: BTreeSet<String>,
+    kind_keys: Arc<BTreeSet<String>>,
 }
 
 impl Needs {
@@ -48,14 +51,15 @@ impl Needs {
     pub fn everything() -> Self {
         Self {
             everything: true,
-            kind_keys: BTreeSet::new(),
+            kind_keys: Arc::default(),
         }
     }
 
-    /// Adds a `type:key` (e.g. `unix:path`).
-    pub fn insert(&mut self, kind_key: impl Into<String>) {
-        if !self.everything {
-            self.kind_keys.insert(kind_key.into());
+    /// Adds a `type:key` (e.g. `unix:path`); a set that has it already is left as it is (and
+    /// stays shared).
+    pub fn insert(&mut self, kind_key: impl Into<String> + AsRef<str>) {
+        if !self.wants(kind_key.as_ref()) {
+            Arc::make_mut(&mut self.kind_keys).insert(kind_key.into());
         }
     }
 
@@ -76,18 +80,23 @@ impl Needs {
     /// Whether everything `other` asks for is asked for here too.
     pub fn covers(&self, other: &Self) -> bool {
         self.everything
-            || (!other.everything && other.kind_keys.iter().all(|k| self.kind_keys.contains(k)))
+            || (!other.everything
+                && (Arc::ptr_eq(&self.kind_keys, &other.kind_keys)
+                    || other.kind_keys.iter().all(|k| self.kind_keys.contains(k))))
     }
 
-    /// Both sets.
+    /// Both sets (sharing one of them when it holds the other).
     #[must_use]
     pub fn union(&self, other: &Self) -> Self {
-        if self.everything || other.everything {
-            return Self::everything();
+        if self.covers(other) {
+            return self.clone();
+        }
+        if other.covers(self) {
+            return other.clone();
         }
         Self {
             everything: false,
-            kind_keys: self.kind_keys.union(&other.kind_keys).cloned().collect(),
+            kind_keys: Arc::new(self.kind_keys.union(&other.kind_keys).cloned().collect()),
         }
     }
 
@@ -106,7 +115,7 @@ impl<S: Into<String>> FromIterator<S> for Needs {
     fn from_iter<T: IntoIterator<Item = S>>(iter: T) -> Self {
         Self {
             everything: false,
-            kind_keys: iter.into_iter().map(Into::into).collect(),
+            kind_keys: Arc::new(iter.into_iter().map(Into::into).collect()),
         }
     }
 }
