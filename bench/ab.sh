@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# A/B: two spiffed builds side by side with the scenarios of BENCHMARKS.md (spiffed only, no SPIRE),
+# to show that a change keeps every figure within noise.
+#
+#   OLD=/path/to/old/spiffed NEW=/path/to/new/spiffed bench/ab.sh
+#
+# Both agents get the same config (entry set A: unix:uid:<your uid>) in their own temp data dir;
+# runs alternate (old 1, new 1, old 2, ...) and medians over RUNS are printed as a markdown table
+# (raw JSON lines in bench/results/ab-<UTC>.jsonl). LOADGEN is the loadgen binary (default: the
+# one next to NEW). Knobs: RUNS (3), SECONDS_PER_RUN (5), FANOUT_STREAMS (10000), FANOUT_CONNS
+# (100), FANOUT_TTL (60), STARTUP_RUNS (3).
+set -euo pipefail
+
+: "${OLD:?set OLD to the old spiffed binary}"
+: "${NEW:?set NEW to the new spiffed binary}"
+LOADGEN="${LOADGEN:-$(dirname "$NEW")/spiffed-loadgen}"
+RUNS="${RUNS:-3}"
+SECS="${SECONDS_PER_RUN:-5}"
+FANOUT_STREAMS="${FANOUT_STREAMS:-10000}"
+FANOUT_CONNS="${FANOUT_CONNS:-100}"
+FANOUT_TTL="${FANOUT_TTL:-60}"
+STARTUP_RUNS="${STARTUP_RUNS:-3}"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+OUT="$HERE/results/ab-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
+TMP="$(mktemp -d)"
+AGENT_PID=""
+
+cleanup() {
+    [[ -n "$AGENT_PID" ]] && kill "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null
+    rm -rf "$TMP"
+}
+trap cleanup EXIT INT TERM
+ulimit -n "$(ulimit -Hn)"
+mkdir -p "$HERE/results"
+: >"$OUT"
+
+emit() { printf '%s\n' "$1" >>"$OUT"; }
+
+config() {
+    local name="$1" ttl="$2"
+    mkdir -p "$TMP/$name"
+    cat >"$TMP/$name/spiffed.toml" <<EOF
+trust_domain = "example.org"
+socket_path = "$TMP/$name/api.sock"
+admin_socket_path = "$TMP/$name/admin/admin.sock"
+data_dir = "$TMP/$name/data"
+log_level = "info"
+max_streams_per_uid = 200000
+[[entries]]
+spiffe_id = "spiffe://example.org/bench/uid"
+selectors = ["unix:uid:$(id -u)"]
+x509_svid_ttl = "${ttl}s"
+EOF
+}
+
+# start NAME BIN: starts the agent (stopped before exec, so the probe times the start-up) and
+# records the start-up and the idle RSS 2 s later.
+start() {
+    local name="$1" bin="$2" out rss
+    rm -f "$TMP/$name/api.sock"
+    (
+        kill -STOP "$BASHPID"
+        exec "$bin" run --new-trust-root --config "$TMP/$name/spiffed.toml" </dev/null >>"$TMP/$name/log" 2>&1
+    ) &
+    AGENT_PID=$!
+    out="$(python3 "$HERE/wlapi.py" startup --pid "$AGENT_PID" --socket "$TMP/$name/api.sock" --timeout 60)"
+    sleep 2
+    rss="$(awk '/VmRSS/ {print $2}' "/proc/$AGENT_PID/status")"
+    emit "{\"agent\":\"$name\",\"case\":\"startup\",\"result\":$out,\"idle_rss_kib\":$rss}"
+}
+
+stop() {
+    kill "$AGENT_PID" && wait "$AGENT_PID" 2>/dev/null || true
+    AGENT_PID=""
+}
+
+load() {
+    local name="$1" case="$2"
+    shift 2
+    local line
+    line="$("$LOADGEN" "$@" --socket "$TMP/$name/api.sock" --allow-errors | tail -n 1)"
+    emit "{\"agent\":\"$name\",\"case\":\"$case\",\"result\":$line}"
+}
+
+for name in old new; do config "$name" 3600; done
+for r in $(seq 1 "$RUNS"); do
+    for name in old new; do
+        bin="$OLD"; [[ "$name" == new ]] && bin="$NEW"
+        echo "run $r: $name" >&2
+        start "$name" "$bin"
+        load "$name" cold cold --concurrency 16 --seconds "$SECS"
+        load "$name" cold_c1 cold --concurrency 1 --seconds "$SECS"
+        load "$name" warm_jwt warm --rpc jwt --concurrency 16 --seconds "$SECS"
+        load "$name" warm_x509 warm --rpc x509 --concurrency 16 --seconds "$SECS"
+        stop
+    done
+done
+for r in $(seq 1 "$STARTUP_RUNS"); do
+    for name in old new; do
+        bin="$OLD"; [[ "$name" == new ]] && bin="$NEW"
+        start "$name" "$bin"
+        stop
+    done
+done
+for name in old new; do config "$name" "$FANOUT_TTL"; rm -rf "$TMP/$name/data"; done
+for r in $(seq 1 "$RUNS"); do
+    for name in old new; do
+        bin="$OLD"; [[ "$name" == new ]] && bin="$NEW"
+        echo "fan-out run $r: $name" >&2
+        start "$name" "$bin"
+        load "$name" fanout fanout --streams "$FANOUT_STREAMS" --connections "$FANOUT_CONNS" \
+            --agent-pid "$AGENT_PID" --timeout 90s
+        stop
+    done
+done
+python3 "$HERE/ab_table.py" "$OUT"
+echo "raw: $OUT" >&2
