@@ -123,7 +123,7 @@ impl<S: Into<String>> FromIterator<S> for Needs {
 /// What attestation learned about a caller.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Attested {
-    /// Every selector the caller has among the [`facts`](Self::facts) gathered.
+    /// Every selector the caller has among the types [`gathered`](Self::gathered).
     pub selectors: Selectors,
     /// The caller's uid (kernel fact).
     pub uid: u32,

@@ -14,7 +14,7 @@
 //! error itself cannot be written, there is nobody left to tell.
 //!
 //! [`OutputFormat`] is the `--output` choice of every client and admin command: readable text,
-//! or JSON on one line for scripts; [`print`] writes a result in it.
+//! or JSON on one line for scripts; [`print()`] writes a result in it.
 
 use std::fmt;
 use std::io::Write as _;
@@ -61,7 +61,7 @@ pub(crate) fn print(
     out(render(format, text, json))
 }
 
-/// What [`print`] writes, without its newline.
+/// What [`print()`] writes, without its newline.
 fn render<'a>(
     format: OutputFormat,
     text: &'a str,
