@@ -36,7 +36,12 @@ async fn rust_spiffe_sources_see_rotations() {
     use std::collections::HashSet;
     use std::time::Duration;
 
-    let agent = crate::agent_for_me(crate::SHORT_TTLS);
+    // Lifetimes of a few seconds: rotations within the test, with seconds of margin before an
+    // SVID or token expires, so that a loaded machine (CI runs the interop matrix meanwhile)
+    // does not make the client hold an expired SVID between two rotations.
+    let agent = crate::agent_for_me(
+        "x509_svid_ttl = \"6s\"\njwt_svid_ttl = \"6s\"\nca_ttl = \"12s\"\nmin_svid_ttl = \"1s\"\nmin_ca_ttl = \"1s\"\n",
+    );
     let endpoint = format!("unix://{}", agent.socket.display());
     let x509 = spiffe::X509Source::builder()
         .endpoint(&endpoint)
@@ -52,7 +57,7 @@ async fn rust_spiffe_sources_see_rotations() {
     let mut updates = x509.updated();
     let mut serials = HashSet::new();
     let mut kids = HashSet::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(7);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(16);
     while tokio::time::Instant::now() < deadline {
         serials.insert(x509.svid().unwrap().leaf().as_ref().to_vec());
         let token = jwt.fetch_jwt_svid(["rust"]).await.unwrap();
