@@ -1098,13 +1098,16 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
         assert_eq!(cfg.jwt_cache_entries_per_identity, 64);
         assert_eq!(cfg.max_logged_string_length, 128);
         assert_eq!(cfg.denial_log_lines_per_second, 10);
+        assert_eq!(cfg.premint_entries, 1000);
         let cfg = parse(&doc(&[
             TD,
             "max_jwt_audiences = 2",
             "jwt_cache_bytes = 0",
             "denial_log_lines_per_second = 1",
+            "premint_entries = 0",
         ]))
         .unwrap();
+        assert_eq!(cfg.premint_entries, 0);
         assert_eq!(cfg.max_jwt_audiences, 2);
         assert_eq!(cfg.jwt_cache_bytes, 0);
         assert_eq!(cfg.denial_log_lines_per_second, 1);
@@ -1119,6 +1122,8 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
                 "denial_log_lines_per_second = 0",
                 "denial_log_lines_per_second",
             ),
+            ("premint_entries = -1", "premint_entries"),
+            ("premint_entries = 10000001", "premint_entries"),
         ] {
             let e = fails_at(&[TD, line], 2, key);
             assert!(e.fix.contains("(the default)"), "{e}");

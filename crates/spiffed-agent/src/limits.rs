@@ -582,6 +582,19 @@ fn timed_out() -> io::Error {
     )
 }
 
+/// A write that is pending: a client that does not read must not keep the connection past its
+/// deadline, so a pending write fails once the deadline passed.
+fn pending_within_deadline<IO>(
+    this: &mut TrackedProj<'_, IO>,
+    cx: &mut Context<'_>,
+    polled: Poll<io::Result<usize>>,
+) -> Poll<io::Result<usize>> {
+    if polled.is_pending() && past_deadline(this, cx) {
+        return Poll::Ready(Err(timed_out()));
+    }
+    polled
+}
+
 impl<IO: AsyncWrite> AsyncWrite for Tracked<IO> {
     fn poll_write(
         self: Pin<&mut Self>,
@@ -589,16 +602,8 @@ impl<IO: AsyncWrite> AsyncWrite for Tracked<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let mut this = self.project();
-        match this.io.as_mut().poll_write(cx, buf) {
-            Poll::Pending => {
-                // A client that does not read must not keep the connection past its deadline.
-                if past_deadline(&mut this, cx) {
-                    return Poll::Ready(Err(timed_out()));
-                }
-                Poll::Pending
-            }
-            ready => ready,
-        }
+        let polled = this.io.as_mut().poll_write(cx, buf);
+        pending_within_deadline(&mut this, cx, polled)
     }
 
     fn poll_write_vectored(
@@ -607,15 +612,8 @@ impl<IO: AsyncWrite> AsyncWrite for Tracked<IO> {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let mut this = self.project();
-        match this.io.as_mut().poll_write_vectored(cx, bufs) {
-            Poll::Pending => {
-                if past_deadline(&mut this, cx) {
-                    return Poll::Ready(Err(timed_out()));
-                }
-                Poll::Pending
-            }
-            ready => ready,
-        }
+        let polled = this.io.as_mut().poll_write_vectored(cx, bufs);
+        pending_within_deadline(&mut this, cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {

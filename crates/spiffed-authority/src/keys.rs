@@ -141,8 +141,6 @@ pub(crate) struct Keys {
     pub(crate) jwt_signer: Arc<JwtSigner>,
     /// The own trust domain's bundle, as last published.
     pub(crate) bundle: TrustBundle,
-    /// Grows with every swap, so a rotation step built from an older copy is not swapped in.
-    pub(crate) generation: u64,
     /// Failing CA rotation steps: backoff and their log lines.
     pub(crate) rotation: Rotation,
     /// No CA valid at the moment (clock jumped, or every CA expired): requests are refused.
@@ -158,7 +156,6 @@ impl Keys {
             signers: built.signers,
             jwt_signer: built.jwt_signer,
             bundle: built.bundle,
-            generation: 0,
             rotation: Rotation::default(),
             no_ca: Alarm::default(),
             fallback: Alarm::default(),
@@ -177,7 +174,6 @@ impl Keys {
         self.signers = built.signers;
         self.jwt_signer = built.jwt_signer;
         self.bundle = built.bundle;
-        self.generation += 1;
         activated
     }
 

@@ -19,8 +19,6 @@ use crate::keys::{Built, Report, advance_keys, log_created};
 use crate::svid_cache::{Installed, Job};
 use crate::x509::Signer;
 
-/// Background mints per turn: between batches the task looks at the entry feed and `stop`.
-const BATCH: usize = 64;
 /// The longest the task sleeps (it also wakes on entry changes, requests and `stop`).
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 
@@ -185,10 +183,13 @@ impl CaAuthority {
         after.map_or(next, |a| next.min(a))
     }
 
-    /// Mints up to [`BATCH`] of `jobs` without the state lock, yielding to the runtime after
-    /// each so request handlers are not starved; stops early when `interrupted` says so.
+    /// Mints `jobs` without the state lock, yielding to the runtime after each so request
+    /// handlers are not starved; stops early when `interrupted` says so. All of them: each
+    /// turn that plans jobs sweeps the whole cache, so stopping after a few and planning again
+    /// would make pre-minting a large budget quadratic. A job planned before an entry changed
+    /// is refused at install (it replaces an SVID no longer there).
     async fn work(&self, signer: &Signer, jobs: &[Job], interrupted: impl Fn() -> bool) {
-        for job in jobs.iter().take(BATCH) {
+        for job in jobs {
             self.mint_and_install(signer, job, self.now());
             tokio::task::yield_now().await;
             if interrupted() {

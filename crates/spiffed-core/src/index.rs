@@ -17,7 +17,7 @@ use crate::{Entry, EntryId, Needs, Selector, Selectors};
 ///
 /// Matching walks only the entries that share at least one selector with the caller, so its cost
 /// grows with the caller's selectors and their posting lists, not with the number of entries.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct EntryIndex {
     /// Entries by slot; `None` slots are free (listed in `free`).
     slots: Vec<Option<Arc<Entry>>>,
@@ -80,7 +80,16 @@ impl Posting {
 impl EntryIndex {
     /// An empty index at revision 0.
     pub fn new() -> Self {
-        Self::default()
+        let kind_keys = HashMap::new();
+        Self {
+            slots: Vec::new(),
+            free: Vec::new(),
+            by_id: HashMap::new(),
+            by_selector: HashMap::new(),
+            needs: Self::needs_of(&kind_keys),
+            kind_keys,
+            revision: 0,
+        }
     }
 
     /// Number of entries.
@@ -113,10 +122,7 @@ impl EntryIndex {
     ///
     /// Always includes `unix:uid` and `unix:gid`, which come with every caller's credentials.
     pub fn needs(&self) -> Needs {
-        if self.needs.wants("unix:uid") {
-            return self.needs.clone();
-        }
-        Self::needs_of(&self.kind_keys)
+        self.needs.clone()
     }
 
     fn needs_of(kind_keys: &HashMap<String, usize>) -> Needs {
@@ -227,21 +233,31 @@ impl EntryIndex {
                 }
             }
         }
-        let mut matched: Vec<Arc<Entry>> = hits
+        let mut matched: Vec<&Arc<Entry>> = hits
             .into_iter()
             .filter_map(|(i, n)| {
                 // An entry's selectors are unique, so n counts distinct matches.
                 let e = self.slots.get(i as usize)?.as_ref()?;
-                (e.selectors.len() == n).then(|| e.clone())
+                (e.selectors.len() == n).then_some(e)
             })
             .collect();
         matched.sort_unstable_by(|a, b| a.id.cmp(&b.id));
-        let mut seen_hints = HashSet::new();
-        matched.retain(|e| match e.hint.as_deref() {
-            Some(h) if !h.is_empty() => seen_hints.insert(h.to_owned()),
-            _ => true,
-        });
+        // Hints are borrowed from the index: matching runs per request and allocates no copy.
+        let mut seen_hints: HashSet<&str> = HashSet::new();
         matched
+            .into_iter()
+            .filter(|e| match e.hint.as_deref() {
+                Some(h) if !h.is_empty() => seen_hints.insert(h),
+                _ => true,
+            })
+            .cloned()
+            .collect()
+    }
+}
+
+impl Default for EntryIndex {
+    fn default() -> Self {
+        Self::new()
     }
 }
 

@@ -633,25 +633,16 @@ impl EntrySources {
         owner: Owner,
         entries: Vec<Entry>,
     ) -> Result<Option<Arc<EntryEvent>>, SourceError> {
-        let writer = self.writer()?;
-        let publisher = writer.as_ref().ok_or(SourceError::Closed)?;
-        let mut memory = self.memory_mut();
-        let source = memory
-            .iter_mut()
-            .find(|m| m.owner == owner)
-            .ok_or(SourceError::Closed)?;
-        let keep: HashSet<&EntryId> = entries.iter().map(|e| &e.id).collect();
-        let removes: Vec<EntryId> = source
-            .entries
-            .keys()
-            .filter(|id| !keep.contains(id))
-            .cloned()
-            .collect();
-        let event = publisher.apply(entries, removes);
-        if let Some(ev) = &event {
-            record(source, ev);
-        }
-        Ok(event)
+        self.apply_owned(owner, |source| {
+            let keep: HashSet<&EntryId> = entries.iter().map(|e| &e.id).collect();
+            let removes: Vec<EntryId> = source
+                .entries
+                .keys()
+                .filter(|id| !keep.contains(id))
+                .cloned()
+                .collect();
+            (entries, removes)
+        })
     }
 
     /// Adds or replaces `upserts` and removes `removes` among `owner`'s entries.
@@ -665,6 +656,16 @@ impl EntrySources {
         if let Some(id) = removes.iter().find(|id| !owner.owns(id)) {
             return Err(foreign(owner, id));
         }
+        self.apply_owned(owner, |_| (upserts, removes))
+    }
+
+    /// Publishes the change `change` computes from `owner`'s in-memory source (upserts,
+    /// removes), under the writer lock, and records it there.
+    fn apply_owned(
+        &self,
+        owner: Owner,
+        change: impl FnOnce(&MemorySource) -> (Vec<Entry>, Vec<EntryId>),
+    ) -> Result<Option<Arc<EntryEvent>>, SourceError> {
         let writer = self.writer()?;
         let publisher = writer.as_ref().ok_or(SourceError::Closed)?;
         let mut memory = self.memory_mut();
@@ -672,6 +673,7 @@ impl EntrySources {
             .iter_mut()
             .find(|m| m.owner == owner)
             .ok_or(SourceError::Closed)?;
+        let (upserts, removes) = change(source);
         let event = publisher.apply(upserts, removes);
         if let Some(ev) = &event {
             record(source, ev);

@@ -145,18 +145,16 @@ struct Caller {
 }
 
 impl Caller {
-    /// Whether `change` can alter what this caller is entitled to: it matched the entry before
-    /// or matches it now, or the new entry uses a selector type that was not looked for (the
-    /// caller must be attested again to judge it).
-    fn concerned_by(&self, event: &EntryEvent) -> bool {
-        event.changes.iter().any(|c| {
-            c.concerns(&self.attested.selectors)
-                || c.new.as_ref().is_some_and(|e| {
-                    e.selectors
-                        .iter()
-                        .any(|s| !self.covered.wants(&s.kind_key()))
-                })
-        })
+    /// Whether `event` can alter what this caller is entitled to: a change's entry matched the
+    /// caller before or matches it now, or the entries now use a selector type that was not
+    /// looked for (`needs`, what the entries need after the event: the caller must be attested
+    /// again to judge them). Runs for every open stream on every event, so it allocates nothing.
+    fn concerned_by(&self, event: &EntryEvent, needs: &Needs) -> bool {
+        !self.covered.covers(needs)
+            || event
+                .changes
+                .iter()
+                .any(|c| c.concerns(&self.attested.selectors))
     }
 }
 
@@ -433,8 +431,9 @@ impl Subscription {
         self.seen = self.seen.max(event.revision);
         // A huge event (a reload replacing many entries) costs each stream more to judge change
         // by change than to match its caller against the index again.
-        let rematch =
-            !follows || event.changes.len() > MAX_CHANGES_JUDGED || self.caller.concerned_by(event);
+        let rematch = !follows
+            || event.changes.len() > MAX_CHANGES_JUDGED
+            || self.caller.concerned_by(event, &self.shared.needs());
         if rematch {
             self.shared.wakeups.recomputed();
         } else {

@@ -689,17 +689,25 @@ async fn a_huge_entry_event_is_matched_again_not_judged_change_by_change() {
         .into_inner();
     within(s.next()).await.unwrap().unwrap();
     let before = f.api.wakeups();
-    // A reload adding 1,000 entries for other callers, and one for this caller.
-    let mut many: Vec<_> = (0..1000)
+    // A reload adding 1,001 entries, none for this caller: judged change by change it would be
+    // filtered; past the limit the stream matches its caller again instead (and sends nothing,
+    // as its answer did not change).
+    let many: Vec<_> = (0..1001)
         .map(|i| entry(&format!("o{i}"), &id(&format!("o{i}")), &["unix:uid:2000"]))
         .collect();
-    many.push(entry("b", &id("b"), &["unix:uid:1000"]));
     f.entries.apply(many, []).unwrap();
+    // The stream runs only while polled: poll it while waiting for the counter.
+    tokio::select! {
+        m = s.next() => panic!("no message expected (the answer did not change): {}", m.is_some()),
+        () = eventually("the stream re-matched", || {
+            f.api.wakeups().recomputed == before.recomputed + 1
+        }) => {}
+    }
+    assert_eq!(f.api.wakeups().filtered, before.filtered);
+    // Then an entry for this caller: pushed as usual.
+    f.entries
+        .apply([entry("b", &id("b"), &["unix:uid:1000"])], [])
+        .unwrap();
     let m = X509svidResponse::decode(within(s.next()).await.unwrap().unwrap().as_bytes()).unwrap();
     assert_eq!(ids(&m), [id("a"), id("b")]);
-    let after = f.api.wakeups();
-    assert_eq!(
-        (after.recomputed, after.filtered),
-        (before.recomputed + 1, before.filtered)
-    );
 }
