@@ -237,14 +237,6 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         0o755
     };
     prepare_socket_path(&cfg.socket_path, "socket directory", dir_mode)?;
-    let listener =
-        UnixListener::bind(&cfg.socket_path).map_err(io_err("bind", &cfg.socket_path))?;
-    fs::set_permissions(
-        &cfg.socket_path,
-        fs::Permissions::from_mode(cfg.socket_mode),
-    )
-    .map_err(io_err("chmod", &cfg.socket_path))?;
-
     // The admin socket is owner-only unless admin_uids names other (non-root) users, who then
     // must be able to reach it; SO_PEERCRED decides either way.
     let own_uid = rustix::process::getuid().as_raw();
@@ -278,6 +270,17 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         fs::Permissions::from_mode(admin_mode),
     )
     .map_err(io_err("chmod", &cfg.admin_socket_path))?;
+    // The public socket is bound last (its path checked first, so a live agent there is found
+    // before anything is bound): once it accepts, the admin socket does too, so a script (or
+    // test) that waits for the public socket can go on to `spiffed entry ...`.
+    let listener =
+        UnixListener::bind(&cfg.socket_path).map_err(io_err("bind", &cfg.socket_path))?;
+    fs::set_permissions(
+        &cfg.socket_path,
+        fs::Permissions::from_mode(cfg.socket_mode),
+    )
+    .map_err(io_err("chmod", &cfg.socket_path))?;
+
     let admin = AdminService {
         sources: entries.clone(),
         attestor,
