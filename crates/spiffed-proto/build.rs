@@ -1,4 +1,4 @@
-//! Compiles `proto/workload.proto` and `proto/admin.proto` with protox (a pure-Rust protobuf compiler), so no system
+//! Compiles `proto/workload.proto`, `proto/admin.proto` and the SPIRE Server APIs (`proto/spire`) with protox (a pure-Rust protobuf compiler), so no system
 //! `protoc` is needed, and writes the descriptor set that gRPC reflection serves.
 
 use std::path::PathBuf;
@@ -60,5 +60,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(admin)?;
+
+    // The SPIRE Server APIs an agent calls (agent mode): clients only.
+    let spire = protox::compile(
+        [
+            "spire/api/server/agent/v1/agent.proto",
+            "spire/api/server/bundle/v1/bundle.proto",
+            "spire/api/server/entry/v1/entry.proto",
+            "spire/api/server/svid/v1/svid.proto",
+        ],
+        ["proto"],
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(spire)?;
     Ok(())
 }

@@ -115,6 +115,9 @@ pub fn check_spec(p: &pb::EntrySpec, td: &TrustDomain) -> Option<EntrySpec> {
         jwt_svid_ttl: spec.jwt_svid_ttl,
         hint: spec.hint.clone(),
         dns_names: spec.dns_names.clone(),
+        federates_with: Vec::new(),
+        admin: false,
+        downstream: false,
     };
     let rules = spiffed_core::EntryRules {
         trust_domain: td,

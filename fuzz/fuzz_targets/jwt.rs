@@ -54,6 +54,9 @@ fn fixture() -> &'static Fixture {
             jwt_svid_ttl: None,
             hint: None,
             dns_names: vec![],
+            federates_with: Vec::new(),
+            admin: false,
+            downstream: false,
         });
         Fixture {
             _dir: dir,

@@ -205,7 +205,9 @@ fn source_status(e: &SourceError, p: Option<&pb::EntrySpec>) -> Status {
             );
             Status::invalid_argument(format!("{}: {}", f.field, f.message))
         }
-        SourceError::NotWritable { .. } => Status::failed_precondition(e.to_string()),
+        SourceError::NotWritable { .. } | SourceError::ReadOnly { .. } => {
+            Status::failed_precondition(e.to_string())
+        }
         SourceError::DuplicateOf { .. } => Status::already_exists(e.to_string()),
         _ => Status::unavailable(e.to_string()),
     }

@@ -26,6 +26,9 @@ fn entry(id: &str, path: &str) -> Entry {
         jwt_svid_ttl: None,
         hint: None,
         dns_names: vec![],
+        federates_with: Vec::new(),
+        admin: false,
+        downstream: false,
     }
 }
 

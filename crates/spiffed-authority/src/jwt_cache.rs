@@ -235,6 +235,9 @@ mod tests {
             jwt_svid_ttl: None,
             hint: None,
             dns_names: vec![],
+            federates_with: Vec::new(),
+            admin: false,
+            downstream: false,
         })
     }
 

@@ -569,6 +569,9 @@ mod tests {
             jwt_svid_ttl: None,
             hint: None,
             dns_names: vec![],
+            federates_with: Vec::new(),
+            admin: false,
+            downstream: false,
         })
     }
 

@@ -30,6 +30,9 @@ fn entry(id: &str, path: &str, ttl: Option<Duration>) -> Arc<Entry> {
         jwt_svid_ttl: None,
         hint: None,
         dns_names: vec![],
+        federates_with: Vec::new(),
+        admin: false,
+        downstream: false,
     })
 }
 

@@ -26,6 +26,9 @@ fn set(n: u32) -> EntryIndex {
                 jwt_svid_ttl: None,
                 hint: None,
                 dns_names: vec![],
+                federates_with: Vec::new(),
+                admin: false,
+                downstream: false,
             })
         })
         .collect();
@@ -91,6 +94,9 @@ fn apply_at_100k(c: &mut Criterion) {
         jwt_svid_ttl: None,
         hint: None,
         dns_names: vec![],
+        federates_with: Vec::new(),
+        admin: false,
+        downstream: false,
     };
     c.bench_function("apply_create_then_delete_one_at_100k_entries", |b| {
         b.iter(|| {

@@ -34,6 +34,9 @@ fn entry(i: u32) -> Entry {
         jwt_svid_ttl: None,
         hint: None,
         dns_names: vec![],
+        federates_with: Vec::new(),
+        admin: false,
+        downstream: false,
     }
 }
 

@@ -55,6 +55,12 @@ pub struct Entry {
     pub hint: Option<String>,
     /// DNS names to put in the X.509-SVID's SAN.
     pub dns_names: Vec<String>,
+    /// Trust domains whose bundles the entry's workloads receive (SPIRE's `federates_with`).
+    pub federates_with: Vec<TrustDomain>,
+    /// SPIRE's `admin` flag: the SVID may call the SPIRE Server's admin APIs. Kept as synced.
+    pub admin: bool,
+    /// SPIRE's `downstream` flag: the SVID may sign a downstream SPIRE Server. Kept as synced.
+    pub downstream: bool,
 }
 
 /// Why an entry is refused.
@@ -383,6 +389,9 @@ mod tests {
             jwt_svid_ttl: None,
             hint: hint.map(str::to_owned),
             dns_names: vec![],
+            federates_with: Vec::new(),
+            admin: false,
+            downstream: false,
         })
     }
 

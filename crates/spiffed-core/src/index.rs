@@ -470,6 +470,9 @@ mod tests {
             jwt_svid_ttl: None,
             hint: hint.map(str::to_owned),
             dns_names: vec![],
+            federates_with: Vec::new(),
+            admin: false,
+            downstream: false,
         }
     }
 

@@ -138,6 +138,9 @@ impl Rules {
             jwt_svid_ttl: spec.jwt_svid_ttl,
             hint: spec.hint,
             dns_names: spec.dns_names,
+            federates_with: Vec::new(),
+            admin: false,
+            downstream: false,
         })?;
         Ok(EntrySpec {
             spiffe_id: entry.spiffe_id,
@@ -217,6 +220,15 @@ pub enum SourceError {
     /// The agent is shutting down; nothing is published any more.
     #[error("the agent is shutting down; entries are no longer changed")]
     Closed,
+    /// Entries are managed elsewhere (agent mode: on the SPIRE Server); the admin API only
+    /// reads them.
+    #[error("entries come from {origin}; {how_to_change}")]
+    ReadOnly {
+        /// Where they come from, e.g. "the SPIRE Server 127.0.0.1:8081".
+        origin: String,
+        /// What to do instead, e.g. "use `spire-server entry create`".
+        how_to_change: String,
+    },
 }
 
 /// One entry as the admin API lists it, with where it comes from.
@@ -306,7 +318,8 @@ impl MemorySource {
 }
 
 struct Inner {
-    store: Store,
+    /// `None` in agent mode ([`EntrySources::synced`]): every entry comes from the sync.
+    store: Option<Store>,
     rules: Rules,
     feed: EntryFeed,
     /// Held across every store commit and its publish, so events go out in commit order.
@@ -328,7 +341,7 @@ pub struct EntrySources {
 impl fmt::Debug for EntrySources {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EntrySources")
-            .field("store", &self.inner.store.path())
+            .field("store", &self.inner.store.as_ref().map(Store::path))
             .field("rules", &self.inner.rules)
             .finish_non_exhaustive()
     }
@@ -385,7 +398,7 @@ impl EntrySources {
         };
         let sources = Self {
             inner: Arc::new(Inner {
-                store,
+                store: Some(store),
                 rules,
                 feed: publisher.feed(),
                 writer: Mutex::new(Some(publisher)),
@@ -406,14 +419,64 @@ impl EntrySources {
         &self.inner.rules
     }
 
-    /// The store.
-    pub fn store(&self) -> &Store {
-        &self.inner.store
+    /// The store; `None` in agent mode ([`EntrySources::synced`]).
+    pub fn store(&self) -> Option<&Store> {
+        self.inner.store.as_ref()
+    }
+
+    /// Entry sources with no store and no config file: one in-memory source (a SPIRE Server
+    /// sync, agent mode) owns every entry id, and the admin API's create, update and delete
+    /// are refused with `origin` and `how_to_change`. Returns the sources and the sync's
+    /// writing end. The sync should check each entry with [`Rules::check`] first and leave
+    /// out (and log) the ones that fail, since [`SourceHandle::apply`] refuses a whole batch
+    /// for one bad entry.
+    pub fn synced(
+        rules: Rules,
+        name: &'static str,
+        origin: impl Into<String>,
+        how_to_change: impl Into<String>,
+    ) -> (Self, SourceHandle) {
+        let publisher = EntryPublisher::new([]);
+        let owner = Owner::new(name, "");
+        let sources = Self {
+            inner: Arc::new(Inner {
+                store: None,
+                rules,
+                feed: publisher.feed(),
+                writer: Mutex::new(Some(publisher)),
+                memory: RwLock::new(vec![MemorySource {
+                    owner,
+                    origin: origin.into(),
+                    how_to_change: how_to_change.into(),
+                    entries: BTreeMap::new(),
+                }]),
+            }),
+        };
+        let handle = SourceHandle {
+            sources: sources.clone(),
+            owner,
+        };
+        (sources, handle)
+    }
+
+    /// The store, or the refusal of the in-memory source that owns every id (agent mode).
+    fn writable_store(&self) -> Result<&Store, SourceError> {
+        match &self.inner.store {
+            Some(store) => Ok(store),
+            None => Err(self
+                .memory()
+                .first()
+                .map(|m| SourceError::ReadOnly {
+                    origin: m.origin.clone(),
+                    how_to_change: m.how_to_change.clone(),
+                })
+                .unwrap_or(SourceError::Closed)),
+        }
     }
 
     /// The name of the source that owns `id` (`config`, `store`, ...), if any does.
     pub fn source_of(&self, id: &EntryId) -> Option<&'static str> {
-        if Owner::STORE.owns(id) {
+        if self.inner.store.is_some() && Owner::STORE.owns(id) {
             return Some(Owner::STORE.name);
         }
         self.memory()
@@ -436,6 +499,7 @@ impl EntrySources {
     ) -> Result<Vec<Result<StoredEntry, SourceError>>, SourceError> {
         let writer = self.writer()?;
         let publisher = writer.as_ref().ok_or(SourceError::Closed)?;
+        let store = self.writable_store()?;
         let mut results: Vec<Option<SourceError>> = Vec::with_capacity(specs.len());
         let mut valid = Vec::with_capacity(specs.len());
         for spec in specs {
@@ -447,7 +511,7 @@ impl EntrySources {
                 Err(e) => results.push(Some(e)),
             }
         }
-        let mut stored = self.inner.store.create(valid)?.into_iter();
+        let mut stored = store.create(valid)?.into_iter();
         let out: Vec<Result<StoredEntry, SourceError>> = results
             .into_iter()
             .map(|refused| match refused {
@@ -480,7 +544,7 @@ impl EntrySources {
             return Err(m.refuse(id));
         }
         let spec = self.check_spec(spec)?;
-        let stored = self.inner.store.update(id, expected_revision, spec)?;
+        let stored = self.writable_store()?.update(id, expected_revision, spec)?;
         publisher.apply([stored.entry.clone()], []);
         Ok(stored)
     }
@@ -504,7 +568,11 @@ impl EntrySources {
                 }
             }
         }
-        let mut results = self.inner.store.delete(&to_delete)?.into_iter();
+        let mut results = if to_delete.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            self.writable_store()?.delete(&to_delete)?.into_iter()
+        };
         let mut deleted = Vec::new();
         let out = out
             .into_iter()
@@ -534,7 +602,10 @@ impl EntrySources {
                 entry: e.clone(),
             }));
         }
-        Ok(self.inner.store.get(id)?.map(Listed::Stored))
+        match &self.inner.store {
+            Some(store) => Ok(store.get(id)?.map(Listed::Stored)),
+            None => Ok(None),
+        }
     }
 
     /// Up to `limit` entries (at least 1) after `after` in id order, from every source, that
@@ -562,13 +633,14 @@ impl EntrySources {
                     }),
             );
         }
-        entries.extend(
-            self.inner
-                .store
-                .page(after, want, filter)?
-                .into_iter()
-                .map(Listed::Stored),
-        );
+        if let Some(store) = &self.inner.store {
+            entries.extend(
+                store
+                    .page(after, want, filter)?
+                    .into_iter()
+                    .map(Listed::Stored),
+            );
+        }
         entries.sort_by(|a, b| a.id().cmp(b.id()));
         entries.truncate(want);
         let next = if entries.len() > limit {
@@ -845,6 +917,9 @@ mod tests {
             jwt_svid_ttl: None,
             hint: None,
             dns_names: vec![],
+            federates_with: Vec::new(),
+            admin: false,
+            downstream: false,
         }
     }
 
@@ -1151,7 +1226,7 @@ mod tests {
         let outside = spec("spiffe://other/a", &["unix:uid:1"]);
         assert_eq!(refused(outside).0, "spiffe_id");
         // Nothing refused reached the store or the index.
-        assert!(sources.store().list().unwrap().is_empty());
+        assert!(sources.store().unwrap().list().unwrap().is_empty());
         assert_eq!(sources.feed().read().len(), 1);
 
         // The same rules bind a config reload: all or nothing, naming the entry.
@@ -1212,6 +1287,9 @@ mod tests {
             jwt_svid_ttl: None,
             hint: None,
             dns_names: vec![],
+            federates_with: Vec::new(),
+            admin: false,
+            downstream: false,
         };
         let mut feed = sources.feed();
         feed.latest();

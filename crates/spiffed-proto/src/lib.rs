@@ -24,4 +24,54 @@ pub mod admin {
     include!(concat!(env!("OUT_DIR"), "/spiffed.admin.v1.rs"));
 }
 
+/// The SPIRE Server APIs that a node agent calls (agent mode), from spire-api-sdk
+/// (`proto/spire`, Apache-2.0): clients for `Agent`, `Bundle`, `Entry` and `SVID`, and their
+/// types. Servers are generated too, for unit tests of the client side.
+#[allow(missing_docs, unreachable_pub, clippy::all, reason = "generated code")]
+pub mod spire {
+    /// The generated packages, nested as the proto packages are (`spire.api.…`).
+    pub mod api {
+        /// `spire.api.types`.
+        pub mod types {
+            include!(concat!(env!("OUT_DIR"), "/spire.api.types.rs"));
+        }
+        /// `spire.api.server`.
+        pub mod server {
+            /// `spire.api.server.agent`.
+            pub mod agent {
+                /// `spire.api.server.agent.v1`.
+                pub mod v1 {
+                    include!(concat!(env!("OUT_DIR"), "/spire.api.server.agent.v1.rs"));
+                }
+            }
+            /// `spire.api.server.bundle`.
+            pub mod bundle {
+                /// `spire.api.server.bundle.v1`.
+                pub mod v1 {
+                    include!(concat!(env!("OUT_DIR"), "/spire.api.server.bundle.v1.rs"));
+                }
+            }
+            /// `spire.api.server.entry`.
+            pub mod entry {
+                /// `spire.api.server.entry.v1`.
+                pub mod v1 {
+                    include!(concat!(env!("OUT_DIR"), "/spire.api.server.entry.v1.rs"));
+                }
+            }
+            /// `spire.api.server.svid`.
+            pub mod svid {
+                /// `spire.api.server.svid.v1`.
+                pub mod v1 {
+                    include!(concat!(env!("OUT_DIR"), "/spire.api.server.svid.v1.rs"));
+                }
+            }
+        }
+    }
+    pub use api::server::agent::v1 as agent;
+    pub use api::server::bundle::v1 as bundle;
+    pub use api::server::entry::v1 as entry;
+    pub use api::server::svid::v1 as svid;
+    pub use api::types;
+}
+
 pub mod shared;

@@ -415,6 +415,9 @@ pub fn entry(id: &str, spiffe_id: &str, selectors: &[&str]) -> Entry {
         jwt_svid_ttl: None,
         hint: None,
         dns_names: vec![],
+        federates_with: Vec::new(),
+        admin: false,
+        downstream: false,
     }
 }
 

@@ -37,6 +37,9 @@ fn entry(id: &str) -> Arc<Entry> {
         jwt_svid_ttl: None,
         hint: Some("internal".into()),
         dns_names: vec![],
+        federates_with: Vec::new(),
+        admin: false,
+        downstream: false,
     })
 }
 

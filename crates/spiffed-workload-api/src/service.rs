@@ -186,6 +186,9 @@ pub fn synthetic_entry(td: &TrustDomain, attested: &Attested) -> Option<Arc<Entr
         jwt_svid_ttl: None,
         hint: None,
         dns_names: vec![],
+        federates_with: Vec::new(),
+        admin: false,
+        downstream: false,
     }))
 }
 

@@ -960,6 +960,9 @@ impl Cx<'_> {
                 .as_ref()
                 .map(|d| d.get_ref().iter().map(|n| n.get_ref().clone()).collect())
                 .unwrap_or_default(),
+            federates_with: Vec::new(),
+            admin: false,
+            downstream: false,
         };
         let rules = EntryRules {
             trust_domain: td,
