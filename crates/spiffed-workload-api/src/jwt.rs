@@ -28,6 +28,17 @@ pub(crate) fn jwks(bundle: &JwtBundle) -> Vec<u8> {
     json!({ "keys": keys }).to_string().into_bytes()
 }
 
+/// The trust domain of the token's `sub` claim, read without verifying anything (to pick the
+/// bundle to verify with); `None` when the token is not a readable JWS with a SPIFFE ID `sub`.
+pub(crate) fn subject_trust_domain(token: &str) -> Option<spiffed_core::TrustDomain> {
+    let payload = token.split('.').nth(1)?;
+    let bytes = B64URL.decode(payload).ok()?;
+    let claims: Map<String, Value> = serde_json::from_slice(&bytes).ok()?;
+    let sub = claims.get("sub")?.as_str()?;
+    let id = spiffed_core::SpiffeId::new(sub).ok()?;
+    Some(id.trust_domain().clone())
+}
+
 /// JSON claims as a protobuf `Struct` (numbers become doubles, as the Struct type demands).
 pub(crate) fn claims_struct(claims: Map<String, Value>) -> prost_types::Struct {
     prost_types::Struct {

@@ -7,8 +7,8 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::Stream;
 use spiffed_core::{
-    Attested, Attestor, BundleSet, Entry, EntryEvent, EntryFeed, EntryId, Identity, Issuer, Needs,
-    PeerCred, Selector, SpiffeId, SvidWatch, TrustDomain,
+    Attested, Attestor, BundleSet, Entry, EntryEvent, EntryFeed, EntryId, Identity, Issuer,
+    JwtError, Needs, PeerCred, Selector, SpiffeId, SvidWatch, TrustDomain,
 };
 use spiffed_proto::shared::Encoded;
 use spiffed_proto::shared::server::spiffe_workload_api_server::{
@@ -304,25 +304,65 @@ impl Shared {
         enc
     }
 
-    fn x509_bundles_response(&self, set: &BundleSet) -> Encoded<X509BundlesResponse> {
-        shared_bundle(&self.responses.x509_bundles, set.sequence(), || {
-            X509BundlesResponse {
-                crl: vec![],
-                bundles: x509_bundle_map(set.all()),
-            }
-        })
+    /// The X.509 bundles a caller whose entries federate with `federates` receives: the own
+    /// trust domain's, and each federated one its entries name (as spire-agent). The answer
+    /// for callers that receive the own bundle only is encoded once and shared.
+    fn x509_bundles_response(
+        &self,
+        set: &BundleSet,
+        federates: &[TrustDomain],
+    ) -> Encoded<X509BundlesResponse> {
+        let make = || X509BundlesResponse {
+            crl: vec![],
+            bundles: x509_bundle_map(visible(set, federates)),
+        };
+        if visible(set, federates).nth(1).is_none() {
+            shared_bundle(&self.responses.x509_bundles, set.sequence(), make)
+        } else {
+            Encoded::new(&make())
+        }
     }
 
-    fn jwt_bundles_response(&self, set: &BundleSet) -> Encoded<JwtBundlesResponse> {
-        shared_bundle(&self.responses.jwt_bundles, set.sequence(), || {
-            JwtBundlesResponse {
-                bundles: set
-                    .all()
-                    .map(|b| (b.trust_domain().id_string(), crate::jwt::jwks(&b.jwt)))
-                    .collect(),
-            }
-        })
+    /// The JWT bundles a caller whose entries federate with `federates` receives (as
+    /// [`x509_bundles_response`](Self::x509_bundles_response)).
+    fn jwt_bundles_response(
+        &self,
+        set: &BundleSet,
+        federates: &[TrustDomain],
+    ) -> Encoded<JwtBundlesResponse> {
+        let make = || JwtBundlesResponse {
+            bundles: visible(set, federates)
+                .map(|b| (b.trust_domain().id_string(), crate::jwt::jwks(&b.jwt)))
+                .collect(),
+        };
+        if visible(set, federates).nth(1).is_none() {
+            shared_bundle(&self.responses.jwt_bundles, set.sequence(), make)
+        } else {
+            Encoded::new(&make())
+        }
     }
+}
+
+/// The bundles of `set` that a caller receives: the own trust domain's first, then the
+/// federated ones named in `federates` (the `federates_with` of the caller's entries).
+fn visible<'a>(
+    set: &'a BundleSet,
+    federates: &'a [TrustDomain],
+) -> impl Iterator<Item = &'a spiffed_core::TrustBundle> {
+    std::iter::once(set.own()).chain(
+        set.federated()
+            .filter(move |b| federates.contains(b.trust_domain())),
+    )
+}
+
+/// The trust domains the entries federate with, sorted, without duplicates.
+fn federates_of<'a>(entries: impl Iterator<Item = &'a Arc<Entry>>) -> Vec<TrustDomain> {
+    let mut tds: Vec<TrustDomain> = entries
+        .flat_map(|e| e.federates_with.iter().cloned())
+        .collect();
+    tds.sort_unstable_by(|a, b| a.as_str().cmp(b.as_str()));
+    tds.dedup();
+    tds
 }
 
 /// X.509 bundles keyed by trust domain ID (`spiffe://td`), each as concatenated DER. A trust
@@ -337,7 +377,9 @@ fn x509_bundle_map<'a>(
 }
 
 /// The `FetchX509SVID` message for `ids`: each SVID with the own trust domain's X.509 bundle,
-/// and every federated trust domain's X.509 authorities in `federated_bundles`. Encoded.
+/// and in `federated_bundles` the X.509 authorities of every federated trust domain that one of
+/// the identities' entries federates with (as spire-agent: a workload receives only the
+/// federated bundles its entries name). Encoded.
 ///
 /// The agent encodes each distinct message once per change and shares it between the streams
 /// that send it; public for the encoding benchmark.
@@ -355,7 +397,10 @@ pub fn x509_svid_response(ids: &[Identity], set: &BundleSet) -> Encoded<X509svid
             })
             .collect(),
         crl: vec![],
-        federated_bundles: x509_bundle_map(set.federated()),
+        federated_bundles: x509_bundle_map(set.federated().filter(|b| {
+            ids.iter()
+                .any(|i| i.entry.federates_with.contains(b.trust_domain()))
+        })),
     };
     let enc = Encoded::new(&msg);
     // `msg` holds a copy of each private key: wipe it now that the bytes are encoded.
@@ -366,8 +411,12 @@ pub fn x509_svid_response(ids: &[Identity], set: &BundleSet) -> Encoded<X509svid
 }
 
 /// What a stream last sent, to send only real changes: each SVID by entry and serial with its
-/// hint (an entry's hint can change without a new SVID), and the bundle set's sequence.
-type X509Fingerprint = (Vec<(EntryId, Vec<u8>, Option<String>)>, u64);
+/// hint and the trust domains it federates with (an entry's hint or federation can change
+/// without a new SVID), and the bundle set's sequence.
+type X509Fingerprint = (
+    Vec<(EntryId, Vec<u8>, Option<String>, Vec<TrustDomain>)>,
+    u64,
+);
 
 fn x509_fingerprint(ids: &[Identity], bundle_seq: u64) -> X509Fingerprint {
     (
@@ -377,6 +426,7 @@ fn x509_fingerprint(ids: &[Identity], bundle_seq: u64) -> X509Fingerprint {
                     i.entry.id.clone(),
                     i.x509.serial.clone(),
                     i.entry.hint.clone(),
+                    i.entry.federates_with.clone(),
                 )
             })
             .collect(),
@@ -677,10 +727,11 @@ impl WorkloadApi {
 /// caller has no identity left.
 fn bundle_stream<T: Send + 'static>(
     mut sub: Subscription,
-    make: fn(&Shared, &BundleSet) -> Encoded<T>,
+    make: fn(&Shared, &BundleSet, &[TrustDomain]) -> Encoded<T>,
 ) -> BoxStream<Encoded<T>> {
     let set = sub.bundle_set();
-    let first = make(&sub.shared, &set);
+    let federates = federates_of(sub.shared.entitled(&sub.caller).iter());
+    let first = make(&sub.shared, &set, &federates);
     let state = (sub, first.clone(), Some(first), false);
     Box::pin(futures::stream::unfold(
         state,
@@ -711,7 +762,8 @@ fn bundle_stream<T: Send + 'static>(
                     Wake::Svid(..) => continue,
                 }
                 let set = sub.bundle_set();
-                let msg = make(&sub.shared, &set);
+                let federates = federates_of(sub.shared.entitled(&sub.caller).iter());
+                let msg = make(&sub.shared, &set, &federates);
                 if msg == last {
                     continue;
                 }
@@ -908,9 +960,15 @@ impl SpiffeWorkloadApi for WorkloadApi {
             shared.log_bad_request(&caller, &e);
             return Err(e.into());
         }
-        let v = shared
-            .issuer
-            .validate_jwt(&req.svid, &req.audience)
+        // A token of a federated trust domain is checked only against a bundle the caller's
+        // entries federate with (as spire-agent: the caller's own view of the bundles).
+        let v = crate::jwt::subject_trust_domain(&req.svid)
+            .filter(|td| td != shared.issuer.trust_domain())
+            .filter(|td| !federates_of(shared.entitled(&caller).iter()).contains(td))
+            .map_or_else(
+                || shared.issuer.validate_jwt(&req.svid, &req.audience),
+                |td| Err(JwtError::NoBundle(td.as_str().to_owned())),
+            )
             .inspect_err(|e| {
                 // The error holds caller-supplied text (kid, alg, audiences), bounded where
                 // the issuer builds it; the line itself is throttled.

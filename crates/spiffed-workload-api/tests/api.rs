@@ -379,7 +379,9 @@ async fn an_entry_added_for_the_caller_is_pushed_with_the_others() {
 
 #[tokio::test]
 async fn bundle_set_changes_reach_svid_and_bundle_streams() {
-    let f = fixture(vec![entry("a", &id("a"), &["unix:uid:1000"])], false);
+    let mut a = entry("a", &id("a"), &["unix:uid:1000"]);
+    a.federates_with = vec!["fed.org".parse().unwrap()];
+    let f = fixture(vec![a], false);
     let server = f.serve();
     let mut c = server.client().await;
     let mut svids = c
@@ -451,6 +453,113 @@ async fn bundle_set_changes_reach_svid_and_bundle_streams() {
     assert_eq!(m.bundles.keys().collect::<Vec<_>>(), [&own]);
     let m = within(svids.message()).await.unwrap().unwrap();
     assert!(m.federated_bundles.is_empty(), "a removed bundle is absent");
+}
+
+/// As spire-agent: a workload receives a federated bundle only when one of its own entries
+/// federates with that trust domain, on every RPC that hands out bundles, and a federated
+/// JWT-SVID is validated only for such a caller.
+#[tokio::test]
+async fn federated_bundles_go_only_to_workloads_whose_entries_federate_with_them() {
+    let mut fed_entry = entry("a", &id("a"), &["unix:uid:1000"]);
+    fed_entry.federates_with = vec!["fed.org".parse().unwrap()];
+    let f = fixture(
+        vec![fed_entry, entry("b", &id("b"), &["unix:uid:1001"])],
+        false,
+    );
+    f.issuer
+        .add_federated("fed.org", vec![fake_ca("fed.org", 1)], "fed-1");
+    f.issuer
+        .add_federated("other.org", vec![fake_ca("other.org", 1)], "other-1");
+    let server = f.serve();
+    let mut c = server.client().await;
+    let own = format!("spiffe://{TD}");
+    let fed = "spiffe://fed.org".to_owned();
+    for (uid, expect_fed) in [(1000, true), (1001, false)] {
+        let m = within(async {
+            c.fetch_x509svid(as_peer(uid, None, X509svidRequest {}))
+                .await
+                .unwrap()
+                .into_inner()
+                .message()
+                .await
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let want: Vec<&String> = if expect_fed { vec![&fed] } else { vec![] };
+        assert_eq!(
+            m.federated_bundles.keys().collect::<Vec<_>>(),
+            want,
+            "uid {uid}"
+        );
+        let m = within(async {
+            c.fetch_x509_bundles(as_peer(uid, None, X509BundlesRequest {}))
+                .await
+                .unwrap()
+                .into_inner()
+                .message()
+                .await
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let mut keys: Vec<&String> = m.bundles.keys().collect();
+        keys.sort();
+        let want: Vec<&String> = if expect_fed {
+            vec![&own, &fed]
+        } else {
+            vec![&own]
+        };
+        assert_eq!(keys, want, "uid {uid}: x509 bundles");
+        let m = within(async {
+            c.fetch_jwt_bundles(as_peer(uid, None, JwtBundlesRequest {}))
+                .await
+                .unwrap()
+                .into_inner()
+                .message()
+                .await
+        })
+        .await
+        .unwrap()
+        .unwrap();
+        let mut keys: Vec<&String> = m.bundles.keys().collect();
+        keys.sort();
+        assert_eq!(keys, want, "uid {uid}: jwt bundles");
+    }
+    // A token whose subject is in fed.org: validated (here: answered by the issuer double)
+    // for the federating caller, refused without asking the issuer for the other one.
+    use base64::Engine as _;
+    let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let token = format!(
+        "{}.{}.c2ln",
+        b64(r#"{"alg":"ES256","kid":"fed-1","typ":"JWT"}"#),
+        b64(r#"{"sub":"spiffe://fed.org/x","aud":["a"],"exp":9999999999}"#)
+    );
+    f.issuer.script_validation(
+        &token,
+        Ok(spiffed_core::ValidatedJwt {
+            spiffe_id: "spiffe://fed.org/x".parse().unwrap(),
+            claims_json: br#"{"sub":"spiffe://fed.org/x"}"#.to_vec(),
+        }),
+    );
+    let req = |uid| {
+        as_peer(
+            uid,
+            None,
+            ValidateJwtsvidRequest {
+                audience: "a".into(),
+                svid: token.clone(),
+            },
+        )
+    };
+    let ok = c.validate_jwtsvid(req(1000)).await.unwrap().into_inner();
+    assert_eq!(ok.spiffe_id, "spiffe://fed.org/x");
+    let e = c.validate_jwtsvid(req(1001)).await.unwrap_err();
+    assert!(
+        e.message()
+            .contains("no JWT authorities for trust domain \"fed.org\""),
+        "{e:?}"
+    );
 }
 
 #[tokio::test]
