@@ -176,6 +176,7 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
     // checked, and a store lost next to an existing CA stops the start.
     crate::files::prepare_dir("data_dir", &cfg.data_dir, 0o700)?;
     let data_dir_lock = crate::files::lock_data_dir(&cfg.data_dir)?;
+    crate::files::check_mode_files(&cfg.data_dir, cfg.spire_server.is_some())?;
     crate::files::check_data_files(&cfg.data_dir, cfg.new_entry_store)?;
     let authority = CaAuthority::open(AuthorityConfig {
         trust_domain: cfg.trust_domain.clone(),
@@ -403,6 +404,7 @@ impl Bound {
             .max_concurrent_streams(Some(limits.max_streams_per_connection))
             .layer(StreamLimitLayer::new(shared.clone()))
             .add_service(health)
+            .add_service(crate::status::StatusService::Standalone.into_server())
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(api.into_server())

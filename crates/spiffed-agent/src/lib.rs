@@ -22,6 +22,7 @@ mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod limits;
+mod status;
 
 pub use admin::Reloader;
 pub use agent::{AgentError, Bound, Stats, build};
