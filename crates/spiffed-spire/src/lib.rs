@@ -8,8 +8,21 @@
 //!   agent SVID; the sync and the issuer are tested against a double of it.
 //! - [`status`]: what the agent reports about its server link (serving, serving from cache,
 //!   not serving and why), for logs and `spiffed healthcheck`.
+//! - [`link`]: the real [`ServerApi`](server::ServerApi), [`ServerLink`]: node attestation
+//!   (join_token, x509pop), the agent SVID and its rotation, the persisted agent state, and
+//!   the calls over mTLS with failover between the server's addresses.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod link;
 pub mod server;
 pub mod status;
+
+mod agent_state;
+mod agent_svid;
+mod bootstrap;
+mod cert;
+mod node;
+mod tls;
+
+pub use link::{LinkError, ServerLink, StateError};
