@@ -17,6 +17,7 @@
 
 mod admin;
 mod agent;
+mod agent_mode;
 pub mod config;
 mod files;
 #[doc(hidden)]
