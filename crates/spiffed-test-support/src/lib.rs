@@ -1,6 +1,7 @@
 //! Test helpers for spiffed: start the real binary on a temporary socket, talk to it with a raw
 //! Workload API client, and run peer processes for attestation tests; [`doubles`] holds test
-//! doubles of the core seams (issuer, attestor) and a server harness for them.
+//! doubles of the core seams (issuer, attestor) and a server harness for them; [`spire`] runs a
+//! real SPIRE Server (and SPIRE's agent) for the agent-mode tests.
 #![forbid(unsafe_code)]
 #![allow(
     clippy::unwrap_used,
@@ -10,6 +11,7 @@
 )]
 
 pub mod doubles;
+pub mod spire;
 
 use std::fs;
 use std::io::Read;

@@ -17,6 +17,7 @@ mod interop;
 mod jwt;
 mod lifecycle;
 mod limits;
+mod spire_harness;
 mod x509;
 
 use std::path::PathBuf;
