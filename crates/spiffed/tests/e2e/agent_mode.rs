@@ -613,11 +613,12 @@ async fn bad_server_side_input_is_reported_not_fatal() {
 
 /// A node for trust domain `td` (the config's other lines from `extra`).
 fn start_with_td(extra: &str, td: &str) -> Agent {
-    let dir = tempfile::tempdir().unwrap();
-    let text = spiffed_test_support::config_text(dir.path(), extra)
-        .replace("trust_domain = \"example.org\"", &format!("trust_domain = \"{td}\""));
-    drop(dir);
-    Agent::start_raw(&bin(), &text)
+    Agent::start_raw(&bin(), |dir| {
+        spiffed_test_support::config_text(dir, extra).replace(
+            "trust_domain = \"example.org\"",
+            &format!("trust_domain = \"{td}\""),
+        )
+    })
 }
 
 /// The foreign clients' interop suite (tests/interop/run.sh) against spiffed in agent mode.

@@ -10,6 +10,7 @@
 )]
 
 mod admin;
+mod agent_mode;
 mod attest;
 mod cli;
 mod files;
