@@ -739,7 +739,12 @@ impl SpireIssuer {
             if jobs.is_empty() {
                 continue;
             }
-            let ok = self.mint(jobs).await;
+            // Stopping does not wait for a slow server: the jobs cut short are dropped when
+            // `run` ends, and their waiters fail.
+            let ok = tokio::select! {
+                ok = self.mint(jobs) => ok,
+                () = stopped(&mut stop) => return,
+            };
             if lane == Lane::Background {
                 if ok {
                     pause = Duration::ZERO;
@@ -828,9 +833,13 @@ impl SpireIssuer {
                     .as_ref()
                     .map(|o| o.authorities.clone())
                     .unwrap_or_default();
-                for ((job, key), r) in pending.into_iter().zip(results) {
+                for (i, ((job, key), r)) in pending.into_iter().zip(results).enumerate() {
                     let checked = check_result(&job, key, r, &authorities, now);
                     done.push((job, checked));
+                    if i % 32 == 31 {
+                        // Two signature checks each: let request handlers run.
+                        tokio::task::yield_now().await;
+                    }
                 }
             }
         }
