@@ -60,6 +60,8 @@ const WRITE_SPACING: Duration = Duration::from_secs(1);
 /// First pause of the background lane after a failed call; doubles up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_secs(1);
 const MAX_PAUSE: Duration = Duration::from_secs(30);
+/// The longest a request waits for its mint.
+const REQUEST_WAIT: Duration = Duration::from_secs(45);
 /// Rounds of a request before it gives up on an entry that keeps changing.
 const MAX_ROUNDS: usize = 4;
 
@@ -1189,7 +1191,18 @@ impl Issuer for SpireIssuer {
             if new {
                 self.inner.urgent.notify_one();
             }
-            let outcome = done.wait_for(Option::is_some).await.map(|o| o.clone());
+            // Bounded: a hung server, or lanes that are not running (`run` not spawned), give
+            // the caller an error rather than a wait without end.
+            let outcome = tokio::time::timeout(REQUEST_WAIT, done.wait_for(Option::is_some))
+                .await
+                .map_err(|_| {
+                    AuthorityError::Unavailable(format!(
+                        "no X.509-SVID for {} from the SPIRE Server within {}s",
+                        entry.spiffe_id,
+                        REQUEST_WAIT.as_secs()
+                    ))
+                })?
+                .map(|o| o.clone());
             // Installed, or the job was dropped (cleared, stopping): look again.
             if let Ok(Some(Err(e))) = outcome {
                 failed = Some(e);

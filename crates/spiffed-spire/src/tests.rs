@@ -812,6 +812,18 @@ async fn clear_stops_every_identity_until_resume() {
     env.issuer.x509_svid(&a).await.unwrap();
 }
 
+#[tokio::test(start_paused = true)]
+async fn without_its_tasks_running_a_fetch_fails_instead_of_waiting_forever() {
+    let clock = TestClock::new();
+    let fake = FakeServer::new(TD, clock.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = open_issuer(dir.path(), &fake, &clock, 0).unwrap();
+    issuer.set_own_bundle(&fake.bundle()).unwrap();
+    fake.put_entry("a", "/a", &["unix:uid:1"], 1);
+    let err = issuer.x509_svid(&entry("a", "/a")).await.unwrap_err();
+    assert!(err.to_string().contains("within 45s"), "{err}");
+}
+
 #[test]
 fn bundles_keep_p256_jwt_keys_and_leave_others_out() {
     let clock_less = TrustDomain::new(TD).unwrap();
