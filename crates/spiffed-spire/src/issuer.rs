@@ -8,7 +8,7 @@
 //!   background (pre-mints of up to [`IssuerConfig::prefetch_max`] synced entries, rotation at
 //!   half-life ±10 %, entries whose version changed, chains to a tainted authority). Each
 //!   replacement goes out on its entry's watch, so only the streams holding it wake. What the
-//!   server answers is checked before use ([`crate::x509`]).
+//!   server answers is checked before use (chain, SPIFFE ID, key, validity).
 //! - JWT-SVIDs: `NewJWTSVID` on demand, cached per (SPIFFE ID, audience set), refreshed past
 //!   half their lifetime; when the server fails, a cached token still valid is served.
 //! - Bundles: the trust domain's and the federated ones, set by the sync ([`crate::sync`]),
@@ -60,6 +60,8 @@ const WRITE_SPACING: Duration = Duration::from_secs(1);
 /// First pause of the background lane after a failed call; doubles up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_secs(1);
 const MAX_PAUSE: Duration = Duration::from_secs(30);
+/// The longest a request waits for its mint.
+const REQUEST_WAIT: Duration = Duration::from_secs(45);
 /// Rounds of a request before it gives up on an entry that keeps changing.
 const MAX_ROUNDS: usize = 4;
 
@@ -296,6 +298,14 @@ impl SpireIssuer {
                         dropped += 1;
                     }
                 }
+            }
+            let tainted: Vec<&[u8]> = authorities
+                .iter()
+                .filter(|a| a.tainted)
+                .map(|a| a.der.as_slice())
+                .collect();
+            if !tainted.is_empty() {
+                st.svids.taint(&tainted);
             }
             tracing::info!(
                 file = %file.display(),
@@ -731,7 +741,12 @@ impl SpireIssuer {
             if jobs.is_empty() {
                 continue;
             }
-            let ok = self.mint(jobs).await;
+            // Stopping does not wait for a slow server: the jobs cut short are dropped when
+            // `run` ends, and their waiters fail.
+            let ok = tokio::select! {
+                ok = self.mint(jobs) => ok,
+                () = stopped(&mut stop) => return,
+            };
             if lane == Lane::Background {
                 if ok {
                     pause = Duration::ZERO;
@@ -820,9 +835,13 @@ impl SpireIssuer {
                     .as_ref()
                     .map(|o| o.authorities.clone())
                     .unwrap_or_default();
-                for ((job, key), r) in pending.into_iter().zip(results) {
+                for (i, ((job, key), r)) in pending.into_iter().zip(results).enumerate() {
                     let checked = check_result(&job, key, r, &authorities, now);
                     done.push((job, checked));
+                    if i % 32 == 31 {
+                        // Two signature checks each: let request handlers run.
+                        tokio::task::yield_now().await;
+                    }
                 }
             }
         }
@@ -987,18 +1006,17 @@ impl SpireIssuer {
         written
     }
 
-    fn jwt_gate(&self, key: &JwtKey) -> Arc<tokio::sync::Mutex<()>> {
-        lock(&self.inner.jwt_gates)
+    /// The refresh gate of a JWT-SVID cache key; dropping it forgets the gate when nobody
+    /// else holds it (also when the request is cancelled).
+    fn jwt_gate(&self, key: &JwtKey) -> JwtGate<'_> {
+        let gate = lock(&self.inner.jwt_gates)
             .entry(key.clone())
             .or_default()
-            .clone()
-    }
-
-    fn jwt_gate_done(&self, key: &JwtKey, gate: Arc<tokio::sync::Mutex<()>>) {
-        let mut gates = lock(&self.inner.jwt_gates);
-        // Ours and the map's: nobody else waits on it.
-        if Arc::strong_count(&gate) <= 2 {
-            gates.remove(key);
+            .clone();
+        JwtGate {
+            issuer: self,
+            key: key.clone(),
+            gate,
         }
     }
 
@@ -1017,6 +1035,23 @@ impl SpireIssuer {
             .get(key)
             .filter(|c| now < c.svid.expiry)
             .map(|c| (c.svid.clone(), now < c.refresh_at)))
+    }
+}
+
+/// A request's hold on a JWT-SVID refresh gate (see [`SpireIssuer::jwt_gate`]).
+struct JwtGate<'a> {
+    issuer: &'a SpireIssuer,
+    key: JwtKey,
+    gate: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for JwtGate<'_> {
+    fn drop(&mut self) {
+        let mut gates = lock(&self.issuer.inner.jwt_gates);
+        // Ours and the map's: nobody else waits on it (clones are made under the same lock).
+        if Arc::strong_count(&self.gate) <= 2 {
+            gates.remove(&self.key);
+        }
     }
 }
 
@@ -1156,7 +1191,18 @@ impl Issuer for SpireIssuer {
             if new {
                 self.inner.urgent.notify_one();
             }
-            let outcome = done.wait_for(Option::is_some).await.map(|o| o.clone());
+            // Bounded: a hung server, or lanes that are not running (`run` not spawned), give
+            // the caller an error rather than a wait without end.
+            let outcome = tokio::time::timeout(REQUEST_WAIT, done.wait_for(Option::is_some))
+                .await
+                .map_err(|_| {
+                    AuthorityError::Unavailable(format!(
+                        "no X.509-SVID for {} from the SPIRE Server within {}s",
+                        entry.spiffe_id,
+                        REQUEST_WAIT.as_secs()
+                    ))
+                })?
+                .map(|o| o.clone());
             // Installed, or the job was dropped (cleared, stopping): look again.
             if let Ok(Some(Err(e))) = outcome {
                 failed = Some(e);
@@ -1186,59 +1232,53 @@ impl Issuer for SpireIssuer {
         if let Some((svid, true)) = self.cached_jwt(&key, self.now())? {
             return Ok(svid);
         }
+        // One refresh per key at a time; the others wait for it and take its token.
         let gate = self.jwt_gate(&key);
-        let result = {
-            let _one = gate.lock().await;
-            // Another request may have refreshed it meanwhile.
-            let now = self.now();
-            let cached = self.cached_jwt(&key, now)?;
-            match cached {
-                Some((svid, true)) => Ok(svid),
-                _ => {
-                    let limit = if cached.is_some() {
-                        JWT_CACHED_TIMEOUT
-                    } else {
-                        CALL_TIMEOUT
-                    };
-                    let answer = tokio::time::timeout(
-                        limit,
-                        self.inner.api.new_jwt_svid(entry.id.as_str(), &key.1),
-                    )
-                    .await;
-                    let now = self.now();
-                    let minted = match answer {
-                        Ok(Ok(jwt)) => check_jwt(&entry.spiffe_id, jwt, now),
-                        Ok(Err(e)) => Err(AuthorityError::Unavailable(format!(
-                            "the SPIRE Server did not sign a JWT-SVID for {}: {e}",
-                            entry.spiffe_id
-                        ))),
-                        Err(_) => Err(AuthorityError::Unavailable(format!(
-                            "the SPIRE Server did not answer within {}s",
-                            limit.as_secs()
-                        ))),
-                    };
-                    match minted {
-                        Ok((svid, refresh_at, kid)) => {
-                            let svid = Arc::new(svid);
-                            let mut st = self.lock();
-                            if st.cleared.is_none() {
-                                st.jwts.insert(key.clone(), svid.clone(), refresh_at, kid);
-                            }
-                            Ok(svid)
-                        }
-                        Err(e) => match cached {
-                            Some((svid, _)) if now < svid.expiry => {
-                                tracing::warn!(spiffe_id = %entry.spiffe_id, error = %e, "serving a cached JWT-SVID past half its lifetime: the SPIRE Server could not refresh it");
-                                Ok(svid)
-                            }
-                            _ => Err(e),
-                        },
-                    }
-                }
-            }
+        let _one = gate.gate.lock().await;
+        let now = self.now();
+        let cached = self.cached_jwt(&key, now)?;
+        if let Some((svid, true)) = cached {
+            return Ok(svid);
+        }
+        let limit = if cached.is_some() {
+            JWT_CACHED_TIMEOUT
+        } else {
+            CALL_TIMEOUT
         };
-        self.jwt_gate_done(&key, gate);
-        result
+        let answer = tokio::time::timeout(
+            limit,
+            self.inner.api.new_jwt_svid(entry.id.as_str(), &key.1),
+        )
+        .await;
+        let now = self.now();
+        let minted = match answer {
+            Ok(Ok(jwt)) => check_jwt(&entry.spiffe_id, jwt, now),
+            Ok(Err(e)) => Err(AuthorityError::Unavailable(format!(
+                "the SPIRE Server did not sign a JWT-SVID for {}: {e}",
+                entry.spiffe_id
+            ))),
+            Err(_) => Err(AuthorityError::Unavailable(format!(
+                "the SPIRE Server did not answer within {}s",
+                limit.as_secs()
+            ))),
+        };
+        match minted {
+            Ok((svid, refresh_at, kid)) => {
+                let svid = Arc::new(svid);
+                let mut st = self.lock();
+                if st.cleared.is_none() {
+                    st.jwts.insert(key, svid.clone(), refresh_at, kid);
+                }
+                Ok(svid)
+            }
+            Err(e) => match cached {
+                Some((svid, _)) if now < svid.expiry => {
+                    tracing::warn!(spiffe_id = %entry.spiffe_id, error = %e, "serving a cached JWT-SVID past half its lifetime: the SPIRE Server could not refresh it");
+                    Ok(svid)
+                }
+                _ => Err(e),
+            },
+        }
     }
 
     fn validate_jwt(&self, token: &str, audience: &str) -> Result<ValidatedJwt, JwtError> {

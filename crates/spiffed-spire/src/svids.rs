@@ -317,6 +317,11 @@ impl SvidTable {
             if job.lane != lane || job.in_flight {
                 continue;
             }
+            if slot.removed && lane == Lane::Background {
+                // The entry left while its pre-mint or rotation waited: nobody needs it.
+                slot.job = None;
+                continue;
+            }
             job.in_flight = true;
             out.push(MintJob {
                 version: version_of(&id),

@@ -282,6 +282,11 @@ impl FakeServer {
         st.entries.insert(id.into(), e);
     }
 
+    /// The entry's version as the server has it.
+    pub(crate) fn version_of(&self, id: &str) -> EntryVersion {
+        EntryVersion::of(&self.state().entries[id])
+    }
+
     /// A new active CA; the old ones are marked tainted if `taint`.
     pub(crate) fn rotate_ca(&self, taint: bool) {
         let now = self.clock.now();

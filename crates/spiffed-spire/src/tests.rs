@@ -282,8 +282,9 @@ async fn rotation_at_half_life_wakes_only_that_entrys_watch() {
     let mut wa = env.issuer.x509_svid(&entry("a", "/a")).await.unwrap();
     let mut wb = env.issuer.x509_svid(&entry("b", "/b")).await.unwrap();
     let (a0, b0) = (wa.current(), wb.current());
-    // Half of a's life (100 s, 10 s backdated) is ~55 s from now, ±5 s.
-    tokio::time::sleep(Duration::from_secs(40)).await;
+    // a lives 110 s (notBefore 10 s back): half its life is 45 s from now, ±5.5 s of
+    // jitter, rotated up to 1 s early with others due then.
+    tokio::time::sleep(Duration::from_secs(35)).await;
     assert!(!wa.has_changed(), "not before half its life");
     let rotated = tokio::time::timeout(Duration::from_secs(30), wa.changed())
         .await
@@ -605,6 +606,13 @@ async fn the_workload_cache_serves_after_a_restart_while_the_server_is_down() {
     let mut sync = env.sync();
     sync.sync_once().await.unwrap();
     until("both pre-minted", || env.issuer.stats().cached == 2).await;
+    let file = env.dir.path().join(crate::CACHE_FILE);
+    until("the writer wrote the cache", || file.exists()).await;
+    let jwt = env
+        .issuer
+        .jwt_svid(&env.synced("a").unwrap(), &["x".into()])
+        .await
+        .unwrap();
     let serial_a = env
         .issuer
         .x509_svid(&env.synced("a").unwrap())
@@ -616,7 +624,6 @@ async fn the_workload_cache_serves_after_a_restart_while_the_server_is_down() {
     // The agent stops (the run task writes the cache a last time).
     env.stop.send(true).unwrap();
     env.task.await.unwrap();
-    let file = env.dir.path().join(crate::CACHE_FILE);
     let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o600);
     let text = std::fs::read_to_string(&file).unwrap();
@@ -642,8 +649,9 @@ async fn the_workload_cache_serves_after_a_restart_while_the_server_is_down() {
     let set = issuer.bundles().borrow().clone();
     assert_eq!(set.own().x509.authorities.len(), 1);
     assert!(set.get(&TrustDomain::new("partner.org").unwrap()).is_some());
-    let token_ok = issuer.validate_jwt("a.b.c", "x").is_err();
-    assert!(token_ok);
+    // The JWT authorities came back too: a token minted before the restart validates.
+    let v = issuer.validate_jwt(&jwt.token, "x").unwrap();
+    assert_eq!(v.spiffe_id, a.spiffe_id);
 
     // Expired SVIDs are dropped on load (b lived 100 s).
     tokio::time::sleep(Duration::from_secs(200)).await;
@@ -667,6 +675,43 @@ async fn the_workload_cache_serves_after_a_restart_while_the_server_is_down() {
     assert_eq!(fresh.stats().cached, 0);
     let (_, handle) = synced_sources();
     assert_eq!(fresh.publish_cached(&handle, &rules()).unwrap(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cached_svids_that_chain_to_a_tainted_authority_are_re_minted_after_a_restart() {
+    let env = env(0).with_bundle();
+    env.fake.put_entry("a", "/a", &["unix:uid:1"], 1);
+    let mut sync = env.sync();
+    sync.sync_once().await.unwrap();
+    let a = env.synced("a").unwrap();
+    let old = env.issuer.x509_svid(&a).await.unwrap().current();
+    // A cache written before the taint reached the agent: the bundle there marks the CA that
+    // signed the SVID tainted.
+    env.fake.rotate_ca(true);
+    let dir = tempfile::tempdir().unwrap();
+    let snap = crate::cache::Snapshot {
+        trust_domain: td(),
+        entries: vec![(a.clone(), env.fake.version_of("a"))],
+        svids: vec![(a.id.clone(), old.clone(), Some(env.fake.version_of("a")))],
+        bundle: Some(env.fake.bundle()),
+        federated: vec![],
+    };
+    crate::cache::write(&dir.path().join(crate::CACHE_FILE), &snap).unwrap();
+    let issuer = open_issuer(dir.path(), &env.fake, &env.clock, 0).unwrap();
+    let (_stop, stopped) = watch::channel(false);
+    tokio::spawn(issuer.clone().run(stopped));
+    let mut w = issuer.x509_svid(&a).await.unwrap();
+    assert_eq!(
+        w.current().serial,
+        old.serial,
+        "served from the cache at once"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(5), w.changed())
+            .await
+            .expect("re-minted")
+    );
+    assert_ne!(w.current().serial, old.serial);
 }
 
 #[tokio::test(start_paused = true)]
@@ -765,6 +810,18 @@ async fn clear_stops_every_identity_until_resume() {
     assert_eq!(env.issuer.cached_jwt_svids(), 0);
     env.issuer.resume();
     env.issuer.x509_svid(&a).await.unwrap();
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_its_tasks_running_a_fetch_fails_instead_of_waiting_forever() {
+    let clock = TestClock::new();
+    let fake = FakeServer::new(TD, clock.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let issuer = open_issuer(dir.path(), &fake, &clock, 0).unwrap();
+    issuer.set_own_bundle(&fake.bundle()).unwrap();
+    fake.put_entry("a", "/a", &["unix:uid:1"], 1);
+    let err = issuer.x509_svid(&entry("a", "/a")).await.unwrap_err();
+    assert!(err.to_string().contains("within 45s"), "{err}");
 }
 
 #[test]
