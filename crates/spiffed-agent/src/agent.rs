@@ -283,7 +283,7 @@ fn open_standalone(
             min_svid_ttl: cfg.min_svid_ttl,
             ca_ttl: cfg.ca_ttl,
         },
-        selectors: attestor.clone(),
+        selectors: attestor,
     };
     let (entries, loaded) = EntrySources::open(
         store,

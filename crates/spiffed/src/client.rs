@@ -574,7 +574,11 @@ pub(crate) async fn run_healthcheck(endpoint: &EndpointArgs) -> anyhow::Result<E
     };
     // Agent mode also says whether identities are served (and from where); an agent that runs
     // but serves no identity is not healthy.
-    let report = if outcome.is_serving() {
+    let answered = matches!(
+        outcome,
+        health::HealthOutcome::Serving | health::HealthOutcome::NotServing(_)
+    );
+    let report = if answered {
         tokio::time::timeout(endpoint.timeout, health::agent_report(&addr))
             .await
             .ok()
@@ -600,7 +604,7 @@ pub(crate) async fn run_healthcheck(endpoint: &EndpointArgs) -> anyhow::Result<E
             )),
         },
         OutputFormat::Text => {
-            match health::describe_report(&report).filter(|_| outcome.is_serving()) {
+            match health::describe_report(&report).filter(|_| answered) {
                 Some(more) => output::err(format_args!(
                     "spiffed: the agent on {} runs but is {more}",
                     addr.path.display()

@@ -563,7 +563,7 @@ impl Cx<'_> {
             (None, false) => {
                 self.push(
                     ConfigErrorKind::Missing,
-                    span.clone(),
+                    span,
                     "spire_server.trust_bundle_path",
                     "[spire_server] needs trust_bundle_path (or insecure_bootstrap = true) to \
                      authenticate the server on first contact",
