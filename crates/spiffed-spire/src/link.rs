@@ -21,6 +21,8 @@
 mod connect;
 mod entries;
 pub(crate) mod rpc;
+#[cfg(test)]
+mod tests;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -149,6 +151,8 @@ struct Inner {
     attested: watch::Sender<bool>,
     events: mpsc::Sender<Event>,
     events_rx: Mutex<Option<mpsc::Receiver<Event>>>,
+    /// The longest wait between retries ([`BACKOFF_MAX`]; shorter in tests).
+    backoff_max: Duration,
 }
 
 /// The link to the SPIRE Server. Cheap to clone; every clone is the same link. Keep one to
@@ -184,20 +188,26 @@ fn rotation_time(svid: &AgentSvid) -> SystemTime {
 }
 
 /// Exponential backoff, capped, jittered.
-struct Backoff(Duration);
+struct Backoff {
+    next: Duration,
+    max: Duration,
+}
 
 impl Backoff {
-    fn new() -> Self {
-        Self(BACKOFF_START)
+    fn new(max: Duration) -> Self {
+        Self {
+            next: BACKOFF_START.min(max),
+            max,
+        }
     }
 
     fn reset(&mut self) {
-        self.0 = BACKOFF_START;
+        self.next = BACKOFF_START.min(self.max);
     }
 
     fn next(&mut self) -> Duration {
-        let d = jittered(self.0);
-        self.0 = (self.0 * 2).min(BACKOFF_MAX);
+        let d = jittered(self.next);
+        self.next = (self.next * 2).min(self.max);
         d
     }
 }
@@ -306,12 +316,21 @@ impl ServerLink {
                 attested: watch::Sender::new(false),
                 events,
                 events_rx: Mutex::new(Some(events_rx)),
+                backoff_max: BACKOFF_MAX,
             }),
         };
         if let Some(s) = stored {
             link.adopt_stored(s);
         }
         Ok(link)
+    }
+
+    /// Caps retry waits at `max` (tests; only before the link is shared).
+    #[cfg(test)]
+    pub(crate) fn set_backoff_max(&mut self, max: Duration) {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.backoff_max = max;
+        }
     }
 
     /// Uses the stored SVID if it is still good; otherwise says why the agent attests again.
@@ -431,7 +450,7 @@ impl ServerLink {
             tracing::error!("ServerLink::run called twice; the second call does nothing");
             return;
         };
-        let mut backoff = Backoff::new();
+        let mut backoff = Backoff::new(inner.backoff_max);
         // Why the agent must attest again although it holds an SVID, if it must.
         let mut reattest: Option<String> = None;
         let mut rotate_now = false;
@@ -457,7 +476,7 @@ impl ServerLink {
                     Err(e) => {
                         inner.attestation_failed(&e, reattest.as_deref(), &mut last_problem);
                         let wait = if e.needs_operator() {
-                            BACKOFF_MAX
+                            inner.backoff_max
                         } else {
                             backoff.next()
                         };
@@ -718,6 +737,13 @@ impl Inner {
         self.install(attested.svid).map_err(AttestError::Local)?;
         if self.banned.swap(false, Ordering::Relaxed) {
             tracing::info!("the agent is no longer banned: it attested again");
+            self.status.update(|s| {
+                if let Readiness::NotServing { reason } = &mut s.readiness {
+                    "the agent attested again after a ban; identities are served again after \
+                     the next sync"
+                        .clone_into(reason);
+                }
+            });
         }
         Ok(())
     }
@@ -809,6 +835,9 @@ impl Inner {
                 | DeniedReason::AgentNotAttested
                 | DeniedReason::AgentNotActive
                 | DeniedReason::AgentMustReattest => {
+                    // The server no longer says banned (an evict deletes the ban with the
+                    // node): what is wrong now is this.
+                    self.banned.store(false, Ordering::Relaxed);
                     tracing::warn!(
                         agent_id = %cur.svid.id(),
                         ?reason,

@@ -30,6 +30,9 @@ use crate::server::ServerError;
 
 pub(crate) use x509pop::X509Pop;
 
+#[cfg(test)]
+pub(crate) use x509pop::testing as x509pop_testing;
+
 /// At most this many challenge rounds (x509pop has one).
 const MAX_CHALLENGES: usize = 8;
 
@@ -109,8 +112,8 @@ pub(crate) struct Attested {
 /// Why an attestation failed.
 #[derive(Debug, Clone, thiserror::Error)]
 pub(crate) enum AttestError {
-    /// No address answered (retry later).
-    #[error("the SPIRE Server at {address} is unreachable: {reason}")]
+    /// No address gave a connection, or it broke (retry later).
+    #[error("cannot reach the SPIRE Server at {address}: {reason}")]
     Unreachable { address: String, reason: String },
     /// Join-token attestation with no token.
     #[error(

@@ -80,8 +80,9 @@ impl Roots {
     }
 }
 
-/// Why the server's certificate was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+/// Why the server's certificate was refused. `Debug` is the message too, since rustls shows
+/// a custom certificate error with `{:?}`.
+#[derive(Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum ServerCertError {
     /// The leaf does not parse.
     #[error("the server's certificate cannot be parsed: {0}")]
@@ -105,6 +106,29 @@ pub(crate) enum ServerCertError {
     /// The chain does not verify against the roots.
     #[error("the server's certificate does not chain to the trust bundle ({reason}); {fix}")]
     Untrusted { reason: String, fix: String },
+}
+
+impl std::fmt::Debug for ServerCertError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(self, f)
+    }
+}
+
+/// A failed handshake as a sentence: our verifier's own message when it refused the server's
+/// certificate, rustls's otherwise.
+pub(crate) fn describe_handshake_error(e: &std::io::Error) -> String {
+    let rustls_error = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>());
+    if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(other)))) =
+        rustls_error
+    {
+        let other: &(dyn std::error::Error + 'static) = &**other;
+        if let Some(ours) = other.downcast_ref::<ServerCertError>() {
+            return ours.to_string();
+        }
+    }
+    format!("TLS: {e}")
 }
 
 fn fix_for(source: &RootSource, td: &str) -> String {
@@ -390,7 +414,7 @@ mod tests {
 
     fn verifier(ca: &TestCa) -> ServerVerifier {
         let roots = RootSet::from_ders(
-            &[ca.cert_der.clone()],
+            std::slice::from_ref(&ca.cert_der),
             RootSource::Bootstrap("/etc/spiffed/bootstrap.pem".into()),
         )
         .unwrap();
@@ -493,7 +517,7 @@ mod tests {
 
         // With the stored bundle, the fix is to bootstrap again.
         let roots = RootSet::from_ders(
-            &[ca.cert_der.clone()],
+            &[ca.cert_der],
             RootSource::Stored("/var/lib/spiffed/agent-state.json".into()),
         )
         .unwrap();
@@ -548,7 +572,11 @@ mod tests {
         let ca = TestCa::new("ca");
         let next = TestCa::new("next");
         let roots = Arc::new(Roots::new(
-            RootSet::from_ders(&[ca.cert_der.clone()], RootSource::Stored("s".into())).unwrap(),
+            RootSet::from_ders(
+                std::slice::from_ref(&ca.cert_der),
+                RootSource::Stored("s".into()),
+            )
+            .unwrap(),
         ));
         let v = ServerVerifier::new("example.org", Arc::clone(&roots));
         let leaf = server_cert(
@@ -559,7 +587,7 @@ mod tests {
         assert!(v.check(&leaf, &[], UnixTime::now()).is_err());
         roots.set(
             RootSet::from_ders(
-                &[ca.cert_der.clone(), next.cert_der.clone()],
+                &[ca.cert_der, next.cert_der.clone()],
                 RootSource::Stored("s".into()),
             )
             .unwrap(),

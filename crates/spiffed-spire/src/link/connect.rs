@@ -46,6 +46,8 @@ struct Inner {
     address: ServerAddress,
     tls: TlsConnector,
     next: Arc<AtomicUsize>,
+    /// Addresses used instead of resolving the name (tests of failover).
+    fixed: Option<Vec<SocketAddr>>,
 }
 
 impl Connector {
@@ -61,6 +63,21 @@ impl Connector {
                 address,
                 tls: TlsConnector::from(tls),
                 next,
+                fixed: None,
+            }),
+        }
+    }
+
+    /// The same connector, trying exactly `addrs` (tests of failover).
+    #[cfg(test)]
+    pub(crate) fn with_addrs(self, addrs: Vec<SocketAddr>) -> Self {
+        let inner = &self.inner;
+        Self {
+            inner: Arc::new(Inner {
+                address: inner.address.clone(),
+                tls: inner.tls.clone(),
+                next: Arc::clone(&inner.next),
+                fixed: Some(addrs),
             }),
         }
     }
@@ -78,6 +95,9 @@ impl Connector {
 
 impl Inner {
     async fn resolve(&self) -> Result<Vec<SocketAddr>, ConnectError> {
+        if let Some(addrs) = &self.fixed {
+            return Ok(addrs.clone());
+        }
         let ServerAddress { host, port } = &self.address;
         if let Ok(ip) = host.parse::<IpAddr>() {
             return Ok(vec![SocketAddr::new(ip, *port)]);
@@ -109,7 +129,7 @@ impl Inner {
         tokio::time::timeout(HANDSHAKE_TIMEOUT, self.tls.connect(name, tcp))
             .await
             .map_err(|_| format!("no TLS handshake within {}s", HANDSHAKE_TIMEOUT.as_secs()))?
-            .map_err(|e| format!("TLS: {e}"))
+            .map_err(|e| crate::tls::describe_handshake_error(&e))
     }
 
     async fn connect(&self) -> Result<TokioIo<TlsStream<TcpStream>>, ConnectError> {
@@ -120,6 +140,7 @@ impl Inner {
             let addr = addrs[(start + i) % addrs.len()];
             match self.connect_one(addr).await {
                 Ok(stream) => {
+                    tracing::debug!(%addr, "connected to the SPIRE Server");
                     if !failures.is_empty() {
                         tracing::info!(
                             %addr,

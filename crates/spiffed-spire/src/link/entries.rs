@@ -134,6 +134,12 @@ pub(crate) async fn sync(
 
     needed.sort_unstable();
     needed.dedup();
+    tracing::debug!(
+        authorized = out.authorized.len(),
+        page_size,
+        fetching = needed.len(),
+        "entry sync by revisions"
+    );
     for ids in needed.chunks(page_size) {
         let req = SyncAuthorizedEntriesRequest {
             output_mask: None,

@@ -67,7 +67,8 @@ pub(crate) fn describe(status: &Status) -> String {
     let mut source = status.source();
     while let Some(e) = source {
         let s = e.to_string();
-        if !out.contains(&s) {
+        // tonic's wrapper of a connector error adds nothing to it.
+        if s != "transport error" && !out.contains(&s) {
             if !out.is_empty() {
                 out.push_str(": ");
             }

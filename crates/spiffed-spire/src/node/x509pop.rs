@@ -334,7 +334,6 @@ pub(crate) mod testing {
 
     /// A node CA and what it signs.
     pub(crate) struct NodeCa {
-        pub(crate) pem: String,
         issuer: Issuer<'static, KeyPair>,
     }
 
@@ -347,9 +346,7 @@ pub(crate) mod testing {
                 .push(DnType::CommonName, "x509pop test CA");
             p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
             p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-            let pem = p.self_signed(&key).unwrap().pem();
             Self {
-                pem,
                 issuer: Issuer::new(p, key),
             }
         }
