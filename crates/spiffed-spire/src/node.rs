@@ -37,9 +37,9 @@ pub(crate) use x509pop::testing as x509pop_testing;
 const MAX_CHALLENGES: usize = 8;
 
 /// The fix for a join token the server refuses or the agent lacks.
-pub(crate) const NEW_TOKEN_FIX: &str = "get a new one with `spire-server token generate \
-     -spiffeID spiffe://TD/host/NAME` on the server and pass it with --join-token or join_token \
-     in [spire_server]";
+pub(crate) const NEW_TOKEN_FIX: &str = "get a new one with `spire-server token generate` on \
+     the server (optionally -spiffeID spiffe://<trust domain>/host/<name>) and pass it with \
+     --join-token, SPIFFED_JOIN_TOKEN or join_token in [spire_server]";
 
 /// How this node attests, from the configuration.
 #[derive(Clone, Debug)]

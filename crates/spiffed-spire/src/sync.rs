@@ -76,6 +76,13 @@ pub fn convert_entry(e: &types::Entry) -> Result<Entry, String> {
         return Err("the entry has no id".into());
     }
     let sid = e.spiffe_id.as_ref().ok_or("the entry has no SPIFFE ID")?;
+    // A path must start with `/`: "example.org" + "x" would read as trust domain example.orgx.
+    if !sid.path.is_empty() && !sid.path.starts_with('/') {
+        return Err(format!(
+            "its SPIFFE ID path {:?} does not start with /",
+            spiffed_core::untrusted::clip(&sid.path)
+        ));
+    }
     let id = format!("spiffe://{}{}", sid.trust_domain, sid.path);
     let spiffe_id = SpiffeId::new(&id).map_err(|err| {
         format!(

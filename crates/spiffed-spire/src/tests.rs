@@ -934,6 +934,16 @@ fn server_entries_convert_with_their_fields_or_name_the_problem() {
             .unwrap_err()
             .contains("TYPE:KEY:VALUE")
     );
+    e.selectors[0].value = "uid:1".into();
+    // A path without its leading slash would glue onto the trust domain (example.orgw).
+    if let Some(id) = e.spiffe_id.as_mut() {
+        id.path = "w".into();
+    }
+    assert!(
+        crate::convert_entry(&e)
+            .unwrap_err()
+            .contains("does not start with /")
+    );
     e.spiffe_id = None;
     assert!(crate::convert_entry(&e).is_err());
 }

@@ -99,8 +99,8 @@ pub(crate) enum ServerCertError {
     },
     /// The leaf's ID is not the server's.
     #[error(
-        "the server's certificate has ID {got}, expected {expected}: is the address that of \
-         a SPIRE Server of this trust domain?"
+        "the server's certificate has ID {got}, expected {expected}: trust_domain must be the \
+         server's, and the address that of a SPIRE Server of that trust domain"
     )]
     WrongId { got: String, expected: String },
     /// The chain does not verify against the roots.

@@ -513,6 +513,64 @@ async fn server_outages_keep_workloads_served() {
     }
 }
 
+/// Federation: a trust domain the server holds a bundle for, named in `federates_with` of one
+/// entry, reaches the workload of that entry (and not another's), from `GetFederatedBundle`.
+#[tokio::test]
+async fn federated_bundles_reach_the_workloads_whose_entries_federate() {
+    let server = SpireServer::start(ServerOptions::default());
+    let partner = SpireServer::start(ServerOptions {
+        trust_domain: "partner.org".into(),
+        ..ServerOptions::default()
+    });
+    server.bundle_set("partner.org", &partner.bundle_pem(), BundleFormat::Pem);
+    let token = server.generate_token(None, None);
+    let agent_id = server.join_token_agent_id(&token);
+    let agent = node(&server, Attest::Token(&token), "");
+    let me = format!("unix:uid:{}", my_uid());
+    let mut fed = EntrySpec::workload(&agent_id, &id("federating"), &[&me]);
+    fed.federates_with = vec!["partner.org".into()];
+    server.entry_create(&fed);
+    server.entry_create(&EntrySpec::workload(
+        &agent_id,
+        &id("plain"),
+        &["unix:uid:65534"],
+    ));
+    wait_ids(&agent, &[id("federating")]).await;
+    let partner_roots = pem_certs(&partner.bundle_pem());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut c = raw_client(&agent.socket).await;
+        let m = x509_stream(&mut c).await.message().await.unwrap().unwrap();
+        if let Some(b) = m.federated_bundles.get("spiffe://partner.org") {
+            assert_eq!(split_der(b), partner_roots);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no partner.org bundle: {:?}; log:\n{}",
+            m.federated_bundles.keys().collect::<Vec<_>>(),
+            tail(&agent.logs(), 30)
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    // A caller whose entry does not federate gets no federated bundle.
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(bin())
+        .args(["api", "fetch", "x509", "--output", "json", "--socket"])
+        .arg(&agent.socket)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains(&id("plain")), "{text}");
+    assert!(!text.contains("partner.org"), "{text}");
+}
+
 /// A banned node stops handing out identities, keeps running, and says why.
 #[tokio::test]
 async fn a_banned_node_stops_serving_identities_and_says_why() {
@@ -605,6 +663,7 @@ async fn bad_server_side_input_is_reported_not_fatal() {
             "the log names the problem too: {}",
             tail(&agent.logs(), 20)
         );
+        eprintln!("reported: {reason}");
         reason
     };
 
