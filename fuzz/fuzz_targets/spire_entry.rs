@@ -4,7 +4,7 @@
 //! Checks, for every input:
 //! - decoding and converting never panic (a hostile or broken server is an error, not a crash);
 //! - a converted entry keeps what the server said: the id verbatim, the SPIFFE ID's trust
-//!   domain and path, the hint, the flags, every federated trust domain, and exactly the
+//!   domain (lowercased) and path, the hint, the flags, every federated trust domain, and exactly the
 //!   server's selectors (sorted, without duplicates), each `type:value`;
 //! - checking a converted entry against the agent-mode rules never panics (an entry that
 //!   fails them is left out by the sync, with a warning).
@@ -34,7 +34,11 @@ fuzz_target!(|data: &[u8]| {
         };
         assert_eq!(entry.id.as_str(), e.id);
         let id = e.spiffe_id.as_ref().expect("converted without a SPIFFE ID");
-        assert_eq!(entry.spiffe_id.trust_domain().as_str(), id.trust_domain);
+        // The trust domain name is case-insensitive; the agent keeps it in lowercase.
+        assert_eq!(
+            entry.spiffe_id.trust_domain().as_str(),
+            id.trust_domain.to_ascii_lowercase()
+        );
         assert_eq!(entry.spiffe_id.path(), id.path);
         assert_eq!(entry.hint.as_deref().unwrap_or(""), e.hint);
         assert_eq!((entry.admin, entry.downstream), (e.admin, e.downstream));

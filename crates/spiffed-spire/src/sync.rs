@@ -90,6 +90,16 @@ pub fn convert_entry(e: &types::Entry) -> Result<Entry, String> {
             spiffed_core::untrusted::clip(&id)
         )
     })?;
+    // The two parts must read back as themselves ("example/org" + "" is not example.org/...).
+    if spiffe_id.trust_domain().as_str() != sid.trust_domain.to_ascii_lowercase()
+        || spiffe_id.path() != sid.path
+    {
+        return Err(format!(
+            "its SPIFFE ID parts (trust domain {:?}, path {:?}) do not form a SPIFFE ID",
+            spiffed_core::untrusted::clip(&sid.trust_domain),
+            spiffed_core::untrusted::clip(&sid.path)
+        ));
+    }
     let mut selectors = e
         .selectors
         .iter()

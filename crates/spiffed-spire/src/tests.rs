@@ -944,6 +944,16 @@ fn server_entries_convert_with_their_fields_or_name_the_problem() {
             .unwrap_err()
             .contains("does not start with /")
     );
+    // A trust domain that carries a path is refused, not split elsewhere (found by fuzzing).
+    if let Some(id) = e.spiffe_id.as_mut() {
+        id.trust_domain = "example/org".into();
+        id.path = String::new();
+    }
+    assert!(
+        crate::convert_entry(&e)
+            .unwrap_err()
+            .contains("do not form a SPIFFE ID")
+    );
     e.spiffe_id = None;
     assert!(crate::convert_entry(&e).is_err());
 }
