@@ -42,8 +42,9 @@ enum Command {
         #[arg(long)]
         new_entry_store: bool,
         /// Agent mode: the join token for node attestation to the SPIRE Server (from
-        /// `spire-server token generate`), used instead of [spire_server] join_token. Needed
-        /// only for the first start: the agent keeps its SVID in data_dir and renews it.
+        /// `spire-server token generate`), used instead of join_token in the spire_server
+        /// table. Needed only for the first start: the agent keeps its SVID in data_dir and
+        /// renews it.
         #[arg(
             long,
             value_name = "TOKEN",
