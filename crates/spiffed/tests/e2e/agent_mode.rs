@@ -328,6 +328,28 @@ async fn join_token_node_serves_the_servers_entries_and_restarts_without_a_token
     );
     assert!(!ok, "creating an entry in agent mode must fail: {out}");
     assert!(err.contains("SPIRE Server"), "{err}");
+    // `explain` works on the synced entries: a process of this uid gets both identities, in
+    // entry ID order, each from the spire-server source.
+    let mut sleeper = Command::new("sleep").arg("30").spawn().unwrap();
+    let (ok, out, err) = admin(
+        &agent,
+        &[
+            "explain",
+            "--pid",
+            &sleeper.id().to_string(),
+            "--output",
+            "json",
+        ],
+    );
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    assert!(ok, "{out}{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["identities"],
+        serde_json::json!([id("web-a"), id("web-b")])
+    );
+    assert_eq!(v["entries"][0]["entry"]["source"], "spire-server", "{out}");
 
     // A restart loads the stored agent SVID: the used token is not presented again (the
     // server would refuse it), and the server still knows one agent.
