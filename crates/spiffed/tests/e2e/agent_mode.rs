@@ -24,7 +24,7 @@ fn id(path: &str) -> String {
 }
 
 /// How the spiffed node attests.
-enum Attest<'a> {
+pub(crate) enum Attest<'a> {
     /// `join_token` in the config file.
     Token(&'a str),
     /// No token in the file (the stored agent state, or `--join-token`, supplies it).
@@ -35,7 +35,7 @@ enum Attest<'a> {
 
 /// A spiffed in agent mode against `server`, with the server's bundle as the bootstrap bundle
 /// (written next to the config), and `extra` top-level config lines.
-fn node(server: &SpireServer, attest: Attest<'_>, extra: &str) -> Agent {
+pub(crate) fn node(server: &SpireServer, attest: Attest<'_>, extra: &str) -> Agent {
     let boot = tempfile::Builder::new()
         .prefix("spiffed-boot-")
         .tempdir()

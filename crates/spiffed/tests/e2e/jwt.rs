@@ -62,9 +62,27 @@ async fn validate(agent: &Agent, token: &str, audience: &str) -> Result<String, 
     .map(|r| r.into_inner().spiffe_id)
 }
 
+/// The entry `agent_for_me` gives, for both modes.
+fn web_for_me() -> crate::TestEntry<'static> {
+    let mut web = crate::TestEntry::new(
+        "spiffe://example.org/web",
+        &[format!("unix:uid:{}", spiffed_test_support::my_uid())],
+    );
+    web.hint = Some("internal");
+    web
+}
+
+/// In both modes (standalone, and agent mode where the server signs the tokens).
 #[tokio::test]
 async fn spiffe_crate_fetches_and_validates_locally_and_the_server_agrees() {
-    let agent = agent_for_me("");
+    for mode in crate::Mode::ALL {
+        spiffe_crate_fetches_and_validates_locally_and_the_server_agrees_in(mode).await;
+    }
+}
+
+async fn spiffe_crate_fetches_and_validates_locally_and_the_server_agrees_in(mode: crate::Mode) {
+    let node = crate::node_with(mode, &[web_for_me()]);
+    let agent = &node.agent;
     let endpoint = format!("unix://{}", agent.socket.display());
     let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
         .await
@@ -116,9 +134,17 @@ async fn spiffe_crate_fetches_and_validates_locally_and_the_server_agrees() {
     }
 }
 
+/// In both modes.
 #[tokio::test]
 async fn fetch_jwt_svid_request_rules() {
-    let agent = agent_for_me("");
+    for mode in crate::Mode::ALL {
+        fetch_jwt_svid_request_rules_in(mode).await;
+    }
+}
+
+async fn fetch_jwt_svid_request_rules_in(mode: crate::Mode) {
+    let node = crate::node_with(mode, &[web_for_me()]);
+    let agent = &node.agent;
     let mut c = agent.client().await;
     let call = |aud: Vec<&str>, id: &str| {
         with_header(JwtsvidRequest {

@@ -51,6 +51,108 @@ fn agent_for_me(extra: &str) -> Agent {
     )
 }
 
+/// Where a test node's identities come from.
+#[derive(Clone, Copy, Debug)]
+enum Mode {
+    /// The embedded CA, entries in the config file.
+    Standalone,
+    /// Agent mode: a real spire-server holds the entries and signs the SVIDs.
+    Agent,
+}
+
+impl Mode {
+    const ALL: [Mode; 2] = [Mode::Standalone, Mode::Agent];
+}
+
+/// An entry for [`node_with`]: the same in both modes.
+struct TestEntry<'a> {
+    spiffe_id: &'a str,
+    selectors: Vec<String>,
+    hint: Option<&'a str>,
+    dns_names: &'a [&'a str],
+}
+
+impl<'a> TestEntry<'a> {
+    fn new(spiffe_id: &'a str, selectors: &[String]) -> Self {
+        Self {
+            spiffe_id,
+            selectors: selectors.to_vec(),
+            hint: None,
+            dns_names: &[],
+        }
+    }
+}
+
+/// A spiffed serving `entries` in `mode`, and the spire-server behind it in agent mode.
+struct Node {
+    agent: Agent,
+    _server: Option<spiffed_test_support::spire::SpireServer>,
+}
+
+/// Starts a node in `mode` with `entries`; in agent mode, returns once the node has synced
+/// them all from the server.
+fn node_with(mode: Mode, entries: &[TestEntry<'_>]) -> Node {
+    match mode {
+        Mode::Standalone => {
+            let mut toml = String::new();
+            for e in entries {
+                let sels: Vec<String> = e.selectors.iter().map(|s| format!("{s:?}")).collect();
+                toml.push_str(&format!(
+                    "[[entries]]\nspiffe_id = {:?}\nselectors = [{}]\n",
+                    e.spiffe_id,
+                    sels.join(", ")
+                ));
+                if let Some(h) = e.hint {
+                    toml.push_str(&format!("hint = {h:?}\n"));
+                }
+                if !e.dns_names.is_empty() {
+                    toml.push_str(&format!("dns_names = {:?}\n", e.dns_names));
+                }
+            }
+            Node {
+                agent: Agent::start(&bin(), &toml),
+                _server: None,
+            }
+        }
+        Mode::Agent => {
+            use spiffed_test_support::spire::{EntrySpec, ServerOptions, SpireServer};
+            let server = SpireServer::start(ServerOptions::default());
+            let token = server.generate_token(None, None);
+            let parent = server.join_token_agent_id(&token);
+            for e in entries {
+                let sels: Vec<&str> = e.selectors.iter().map(String::as_str).collect();
+                let mut spec = EntrySpec::workload(&parent, e.spiffe_id, &sels);
+                spec.hint = e.hint.map(str::to_owned);
+                spec.dns_names = e.dns_names.iter().map(|d| (*d).to_owned()).collect();
+                server.entry_create(&spec);
+            }
+            let agent = agent_mode::node(&server, agent_mode::Attest::Token(&token), "");
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                let out = std::process::Command::new(bin())
+                    .args(["entry", "list", "--output", "json", "--admin-socket"])
+                    .arg(&agent.admin_socket)
+                    .output()
+                    .unwrap();
+                let listed = String::from_utf8_lossy(&out.stdout);
+                if entries.iter().all(|e| listed.contains(e.spiffe_id)) {
+                    break;
+                }
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the node never synced its entries:\n{}",
+                    agent.logs()
+                );
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+            Node {
+                agent,
+                _server: Some(server),
+            }
+        }
+    }
+}
+
 /// Splits concatenated DER certificates.
 fn split_der(mut der: &[u8]) -> Vec<Vec<u8>> {
     let mut out = vec![];

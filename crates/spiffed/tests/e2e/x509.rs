@@ -7,21 +7,43 @@ use spiffed_proto::workload::{
     JwtBundlesRequest, JwtsvidRequest, ValidateJwtsvidRequest, WitBundlesRequest, WitsvidRequest,
     X509BundlesRequest, X509svidRequest,
 };
-use spiffed_test_support::{Agent, with_header, x509_stream};
+use spiffed_test_support::{with_header, x509_stream};
 use tonic::Code;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::{agent_for_me, bin, split_der, verify_chain};
+use crate::{Mode, TestEntry, agent_for_me, node_with, split_der, verify_chain};
 
+/// In both modes (standalone, and agent mode on a real spire-server).
 #[tokio::test]
 async fn raw_client_gets_svids_per_entry_and_matching_bundle() {
+    for mode in Mode::ALL {
+        raw_client_gets_svids_per_entry_and_matching_bundle_in(mode).await;
+    }
+}
+
+async fn raw_client_gets_svids_per_entry_and_matching_bundle_in(mode: Mode) {
     let uid = spiffed_test_support::my_uid();
-    let agent = agent_for_me(&format!(
-        "[[entries]]\nspiffe_id = \"spiffe://example.org/db\"\nselectors = [\"unix:uid:{uid}\", \"unix:gid:{}\"]\n\
-         [[entries]]\nspiffe_id = \"spiffe://example.org/other\"\nselectors = [\"unix:uid:{}\"]\n",
-        rustix::process::getgid().as_raw(),
-        uid + 4242,
-    ));
+    let mut web = TestEntry::new("spiffe://example.org/web", &[format!("unix:uid:{uid}")]);
+    web.hint = Some("internal");
+    web.dns_names = &["web.internal"];
+    let node = node_with(
+        mode,
+        &[
+            web,
+            TestEntry::new(
+                "spiffe://example.org/db",
+                &[
+                    format!("unix:uid:{uid}"),
+                    format!("unix:gid:{}", rustix::process::getgid().as_raw()),
+                ],
+            ),
+            TestEntry::new(
+                "spiffe://example.org/other",
+                &[format!("unix:uid:{}", uid + 4242)],
+            ),
+        ],
+    );
+    let agent = &node.agent;
     let mut client = agent.client().await;
     let mut stream = x509_stream(&mut client).await;
     let msg = stream.message().await.unwrap().unwrap();
@@ -66,9 +88,24 @@ async fn raw_client_gets_svids_per_entry_and_matching_bundle() {
     );
 }
 
+/// In both modes.
 #[tokio::test]
 async fn spiffe_crate_client_and_x509_source_fetch_and_validate() {
-    let agent = agent_for_me("");
+    for mode in Mode::ALL {
+        spiffe_crate_client_and_x509_source_fetch_and_validate_in(mode).await;
+    }
+}
+
+fn web_for_me() -> TestEntry<'static> {
+    TestEntry::new(
+        "spiffe://example.org/web",
+        &[format!("unix:uid:{}", spiffed_test_support::my_uid())],
+    )
+}
+
+async fn spiffe_crate_client_and_x509_source_fetch_and_validate_in(mode: Mode) {
+    let node = node_with(mode, &[web_for_me()]);
+    let agent = &node.agent;
     let endpoint = format!("unix://{}", agent.socket.display());
     let client = spiffe::WorkloadApiClient::connect_to(&endpoint)
         .await
@@ -107,9 +144,17 @@ async fn spiffe_crate_client_and_x509_source_fetch_and_validate() {
     source.shutdown().await;
 }
 
+/// In both modes.
 #[tokio::test]
 async fn missing_or_wrong_security_header_is_invalid_argument() {
-    let agent = agent_for_me("");
+    for mode in Mode::ALL {
+        missing_or_wrong_security_header_is_invalid_argument_in(mode).await;
+    }
+}
+
+async fn missing_or_wrong_security_header_is_invalid_argument_in(mode: Mode) {
+    let node = node_with(mode, &[web_for_me()]);
+    let agent = &node.agent;
     let mut c = agent.client().await;
     fn code(r: Result<(), tonic::Status>) -> Code {
         r.err().map_or(Code::Ok, |s| s.code())
@@ -183,16 +228,25 @@ async fn missing_or_wrong_security_header_is_invalid_argument() {
     );
 }
 
+/// In both modes.
 #[tokio::test]
 async fn caller_without_entry_gets_permission_denied() {
+    for mode in Mode::ALL {
+        caller_without_entry_gets_permission_denied_in(mode).await;
+    }
+}
+
+async fn caller_without_entry_gets_permission_denied_in(mode: Mode) {
     // Entries only for another uid: this process matches none.
     let other = spiffed_test_support::my_uid() + 4242;
-    let agent = Agent::start(
-        &bin(),
-        &format!(
-            "[[entries]]\nspiffe_id = \"spiffe://example.org/x\"\nselectors = [\"unix:uid:{other}\"]\n"
-        ),
+    let node = node_with(
+        mode,
+        &[TestEntry::new(
+            "spiffe://example.org/x",
+            &[format!("unix:uid:{other}")],
+        )],
     );
+    let agent = &node.agent;
     let mut c = agent.client().await;
     let err = match c.fetch_x509svid(with_header(X509svidRequest {})).await {
         Ok(r) => r.into_inner().message().await.unwrap_err(),
