@@ -39,7 +39,7 @@ WLAPI=(python3 "$HERE/wlapi.py")
 SCRIPT_START=$(date +%s)
 INVOCATION="bench/agent-mode.sh${*:+ $*}"
 KNOBS=(QUICK AGENT_MODE RUNS BENCH_SECONDS CONCURRENCY FANOUT_STREAMS FANOUT_CONNS FANOUT_TTL FANOUT_RUNS
-    STARTUP_RUNS LATENCY_SAMPLES AGENT_SYNC SHORT_SYNC CPU_WINDOW SYNC_ENTRIES SYNC_SETTLE SYNC_TIMEOUT
+    STARTUP_RUNS LATENCY_SAMPLES AGENT_SYNC SHORT_SYNC CPU_WINDOW CPU_ROUNDS SYNC_ENTRIES SYNC_SETTLE SYNC_TIMEOUT
     DOWN_RUNS DOWN_TIMEOUT SERVER_CACHE_RELOAD PROFILE LOG_LEVEL KEEP_TMP CARGO_TARGET_DIR)
 for v in "${KNOBS[@]}"; do
     if [[ -n "${!v+set}" ]]; then INVOCATION="$v=${!v} $INVOCATION"; fi
@@ -50,10 +50,10 @@ if [[ -n "$ENV_SECONDS" ]]; then INVOCATION="SECONDS=$ENV_SECONDS $INVOCATION"; 
 QUICK="${QUICK:-0}"
 if [[ "$QUICK" == 1 ]]; then
     d_runs=1 d_seconds=1 d_streams=1000 d_conns=10 d_ttl=20 d_fruns=1 d_startup=2 d_samples=5
-    d_window=15 d_entries=1000 d_settle=5 d_down=2
+    d_window=15 d_rounds=1 d_entries=1000 d_settle=5 d_down=2
 else
     d_runs=3 d_seconds=5 d_streams=10000 d_conns=100 d_ttl=60 d_fruns=2 d_startup=3 d_samples=30
-    d_window=60 d_entries=10000 d_settle=15 d_down=3
+    d_window=40 d_rounds=2 d_entries=10000 d_settle=15 d_down=3
 fi
 # auto: measure agent mode when this spiffed has it (`spiffed run --help` lists --join-token).
 AGENT_MODE="${AGENT_MODE:-auto}"
@@ -70,6 +70,7 @@ LATENCY_SAMPLES="${LATENCY_SAMPLES:-$d_samples}"
 AGENT_SYNC="${AGENT_SYNC:-5}"
 SHORT_SYNC="${SHORT_SYNC:-1}"
 CPU_WINDOW="${CPU_WINDOW:-$d_window}"
+CPU_ROUNDS="${CPU_ROUNDS:-$d_rounds}"
 SYNC_ENTRIES="${SYNC_ENTRIES:-$d_entries}"
 SYNC_SETTLE="${SYNC_SETTLE:-$d_settle}"
 SYNC_TIMEOUT="${SYNC_TIMEOUT:-600}"
@@ -88,7 +89,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 TRUST_DOMAIN=example.org
 
 for v in RUNS CONCURRENCY FANOUT_STREAMS FANOUT_CONNS FANOUT_TTL FANOUT_RUNS STARTUP_RUNS LATENCY_SAMPLES \
-    AGENT_SYNC SHORT_SYNC CPU_WINDOW SYNC_ENTRIES SYNC_SETTLE SYNC_TIMEOUT DOWN_RUNS DOWN_TIMEOUT; do
+    AGENT_SYNC SHORT_SYNC CPU_WINDOW CPU_ROUNDS SYNC_ENTRIES SYNC_SETTLE SYNC_TIMEOUT DOWN_RUNS DOWN_TIMEOUT; do
     if ! [[ "${!v}" =~ ^[0-9]+$ ]] || [[ "${!v}" -lt 1 ]]; then
         echo "agent-mode.sh: $v must be a positive integer, got '${!v}'" >&2
         exit 2
@@ -345,6 +346,9 @@ SPIFFED="$(realpath "$TARGET_DIR/$PROFILE/spiffed")"
 LOADGEN="$(realpath "$TARGET_DIR/$PROFILE/spiffed-loadgen")"
 [[ -x "$SPIFFED" && -x "$LOADGEN" ]] || die "no $SPIFFED or $LOADGEN after the build"
 
+# auto: try agent mode when `spiffed run --help` lists --join-token, and carry on without it if
+# the agent does not serve (recorded, and said in the section); 1: a failure stops the script.
+AGENT_MODE_ASKED="$AGENT_MODE"
 if [[ "$AGENT_MODE" == auto ]]; then
     if "$SPIFFED" run --help 2>/dev/null | grep -q -- '--join-token'; then AGENT_MODE=1; else AGENT_MODE=0; fi
 fi
@@ -438,7 +442,7 @@ emit "{\"type\":\"meta\",\"utc\":$(json_str "$STAMP_UTC"),\"invocation\":$(json_
 ,\"knobs\":{\"QUICK\":$(json_str "$QUICK"),\"RUNS\":$RUNS,\"SECONDS\":$DURATION,\"CONCURRENCY\":$CONCURRENCY\
 ,\"FANOUT_STREAMS\":$FANOUT_STREAMS,\"FANOUT_CONNS\":$FANOUT_CONNS,\"FANOUT_TTL\":$FANOUT_TTL,\"FANOUT_RUNS\":$FANOUT_RUNS\
 ,\"STARTUP_RUNS\":$STARTUP_RUNS,\"LATENCY_SAMPLES\":$LATENCY_SAMPLES,\"AGENT_SYNC\":$AGENT_SYNC,\"SHORT_SYNC\":$SHORT_SYNC\
-,\"CPU_WINDOW\":$CPU_WINDOW,\"SYNC_ENTRIES\":$SYNC_ENTRIES,\"SYNC_SETTLE\":$SYNC_SETTLE,\"SYNC_TIMEOUT\":$SYNC_TIMEOUT\
+,\"CPU_WINDOW\":$CPU_WINDOW,\"CPU_ROUNDS\":$CPU_ROUNDS,\"SYNC_ENTRIES\":$SYNC_ENTRIES,\"SYNC_SETTLE\":$SYNC_SETTLE,\"SYNC_TIMEOUT\":$SYNC_TIMEOUT\
 ,\"DOWN_RUNS\":$DOWN_RUNS,\"DOWN_TIMEOUT\":$DOWN_TIMEOUT,\"SERVER_CACHE_RELOAD\":$(json_str "$SERVER_CACHE_RELOAD")\
 ,\"PROFILE\":$(json_str "$PROFILE"),\"LOG_LEVEL\":$(json_str "$LOG_LEVEL")}\
 ,\"machine\":{\"nproc\":$(nproc),\"cpu\":$(json_str "$cpu_model"),\"kernel\":$(json_str "$(uname -r)"),\"mem_kib\":${mem_kib:-null}\
@@ -703,11 +707,25 @@ wait_probe "${SOCK[standalone]}" --expect-id "$ID_UID" --timeout 10
 if [[ "$AGENT_MODE" == 1 ]]; then
     step "spiffed agent mode (join token, sync_interval ${AGENT_SYNC}s)"
     write_agent_mode_conf "$AGENT_SYNC"
-    start_agent agent-mode
-    log "spiffed agent mode serves: $START_MS ms after spawn (node attestation + first sync)"
-    emit "{\"type\":\"startup_first\",\"agent\":\"agent-mode\",\"result\":$START_OUT}"
-    wait_probe "${SOCK[agent-mode]}" --expect-id "$ID_UID" --timeout 60
-    healthcheck_json agent-mode "server up"
+    if start_agent_try agent-mode 90 &&
+        "${WLAPI[@]}" wait "${SOCK[agent-mode]}" --expect-id "$ID_UID" --timeout 60 >"$TMP/out/am-wait.out"; then
+        log "spiffed agent mode serves: $START_MS ms after spawn (node attestation + first sync)"
+        emit "{\"type\":\"startup_first\",\"agent\":\"agent-mode\",\"result\":$START_OUT}"
+        healthcheck_json agent-mode "server up"
+    elif [[ "$AGENT_MODE_ASKED" == 1 ]]; then
+        log "spiffed agent mode did not serve $ID_UID: $START_OUT $(cat "$TMP/out/am-wait.out" 2>/dev/null)"
+        die "spiffed agent mode failed to start (log: $TMP/logs/agent-mode.log)"
+    else
+        log "spiffed agent mode did not serve $ID_UID: $START_OUT; going on without it (AGENT_MODE=1 makes this fatal)"
+        tail -n 15 "$TMP/logs/agent-mode.log" >&2 || true
+        emit "{\"type\":\"agent_mode_unavailable\",\"result\":$START_OUT\
+,\"log_tail\":$(json_str "$(tail -n 15 "$TMP/logs/agent-mode.log" 2>/dev/null | cut -c1-400)")}"
+        stop_proc agent-mode
+        spire_entry_delete "am-uid-agent-mode"
+        AGENT_MODE=0
+        SERVER_AGENTS=(spire-agent)
+        ALL_AGENTS=(standalone spire-agent)
+    fi
 fi
 
 # ------------------------------------------------------------ 1a. start-up and idle RSS
@@ -885,12 +903,16 @@ step "2a. entry create -> first SVID: $LATENCY_SAMPLES samples, ${LAT_AGENTS[*]}
 emit_load "2a"
 latency_samples "sync${AGENT_SYNC}" "$AGENT_SYNC" "${LAT_AGENTS[@]}"
 
-step "2b. spire-server CPU per agent sync: ${CPU_WINDOW}s windows, each agent alone"
+step "2b. spire-server CPU per agent sync: ${CPU_WINDOW}s windows, each agent alone, $CPU_ROUNDS round(s)"
 emit_load "2b"
-cpu_window baseline none 0
-cpu_window spire-agent spire-agent 5
+for ((r = 1; r <= CPU_ROUNDS; r++)); do
+    cpu_window "baseline $r" none 0
+    cpu_window "spire-agent $r" spire-agent 5
+    if [[ "$AGENT_MODE" == 1 ]]; then
+        cpu_window "agent mode, sync ${AGENT_SYNC}s, $r" agent-mode "$AGENT_SYNC"
+    fi
+done
 if [[ "$AGENT_MODE" == 1 ]]; then
-    cpu_window "agent-mode sync ${AGENT_SYNC}s" agent-mode "$AGENT_SYNC"
 
     step "2c. spiffed agent mode at sync_interval ${SHORT_SYNC}s: latency and server CPU"
     emit_load "2c"
@@ -899,8 +921,10 @@ if [[ "$AGENT_MODE" == 1 ]]; then
     start_agent agent-mode
     wait_probe "${SOCK[agent-mode]}" --expect-id "$ID_UID" --timeout 30
     latency_samples "sync${SHORT_SYNC}" "$SHORT_SYNC" agent-mode
-    cpu_window "agent-mode sync ${SHORT_SYNC}s" agent-mode "$SHORT_SYNC"
-    cpu_window "baseline (again)" none 0
+    for ((r = 1; r <= CPU_ROUNDS; r++)); do
+        cpu_window "agent mode, sync ${SHORT_SYNC}s, $r" agent-mode "$SHORT_SYNC"
+        cpu_window "baseline $((CPU_ROUNDS + r))" none 0
+    done
     write_agent_mode_conf "$AGENT_SYNC"
     stop_proc agent-mode
     start_agent agent-mode
