@@ -40,7 +40,7 @@ SCRIPT_START=$(date +%s)
 INVOCATION="bench/agent-mode.sh${*:+ $*}"
 KNOBS=(QUICK AGENT_MODE RUNS BENCH_SECONDS CONCURRENCY FANOUT_STREAMS FANOUT_CONNS FANOUT_TTL FANOUT_RUNS
     STARTUP_RUNS LATENCY_SAMPLES AGENT_SYNC SHORT_SYNC CPU_WINDOW CPU_ROUNDS SYNC_ENTRIES SYNC_SETTLE SYNC_TIMEOUT
-    DOWN_RUNS DOWN_TIMEOUT SERVER_CACHE_RELOAD PROFILE LOG_LEVEL KEEP_TMP CARGO_TARGET_DIR)
+    DOWN_RUNS DOWN_TIMEOUT SERVER_CACHE_RELOAD PROFILE SPIFFED_BIN LOADGEN_BIN LOG_LEVEL KEEP_TMP CARGO_TARGET_DIR)
 for v in "${KNOBS[@]}"; do
     if [[ -n "${!v+set}" ]]; then INVOCATION="$v=${!v} $INVOCATION"; fi
 done
@@ -337,13 +337,25 @@ find_or_build_spire
 log "spire-server + spire-agent: $SPIRE_SOURCE"
 
 # ------------------------------------------------------------ 2. spiffed (profile $PROFILE)
-step "cargo build --profile $PROFILE -p spiffed -p spiffed-loadgen (CARGO_TARGET_DIR=$TARGET_DIR)"
-command -v cargo >/dev/null || die "cargo not found"
-if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$PROFILE" -p spiffed -p spiffed-loadgen); then
-    die "cargo build --profile $PROFILE -p spiffed -p spiffed-loadgen failed (output above)"
+# SPIFFED_BIN + LOADGEN_BIN: measure binaries built elsewhere (e.g. another branch) and skip cargo.
+if [[ -n "${SPIFFED_BIN:-}" || -n "${LOADGEN_BIN:-}" ]]; then
+    step "prebuilt binaries: SPIFFED_BIN=${SPIFFED_BIN:-} LOADGEN_BIN=${LOADGEN_BIN:-}"
+    [[ -x "${SPIFFED_BIN:-}" && -x "${LOADGEN_BIN:-}" ]] || die "SPIFFED_BIN and LOADGEN_BIN must both name executables"
+    SPIFFED="$(realpath "$SPIFFED_BIN")"
+    LOADGEN="$(realpath "$LOADGEN_BIN")"
+    PROFILE="prebuilt"
+else
+    step "cargo build --profile $PROFILE -p spiffed -p spiffed-loadgen (CARGO_TARGET_DIR=$TARGET_DIR)"
+    command -v cargo >/dev/null || die "cargo not found"
+    if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$PROFILE" -p spiffed -p spiffed-loadgen); then
+        die "cargo build --profile $PROFILE -p spiffed -p spiffed-loadgen failed (output above)"
+    fi
+    # cargo's `dev` profile builds into target/debug.
+    pdir="$PROFILE"
+    if [[ "$PROFILE" == dev ]]; then pdir=debug; fi
+    SPIFFED="$(realpath "$TARGET_DIR/$pdir/spiffed")"
+    LOADGEN="$(realpath "$TARGET_DIR/$pdir/spiffed-loadgen")"
 fi
-SPIFFED="$(realpath "$TARGET_DIR/$PROFILE/spiffed")"
-LOADGEN="$(realpath "$TARGET_DIR/$PROFILE/spiffed-loadgen")"
 [[ -x "$SPIFFED" && -x "$LOADGEN" ]] || die "no $SPIFFED or $LOADGEN after the build"
 
 # auto: try agent mode when `spiffed run --help` lists --join-token, and carry on without it if
@@ -450,7 +462,8 @@ emit "{\"type\":\"meta\",\"utc\":$(json_str "$STAMP_UTC"),\"invocation\":$(json_
 ,\"versions\":{\"spiffed_commit\":$(json_str "$git_commit"),\"branch\":$(json_str "$git_branch"),\"spiffed_dirty\":$git_dirty\
 ,\"rustc\":$(json_str "$(rustc --version 2>/dev/null || echo unknown)"),\"spire\":$(json_str "$SPIRE_VERSION")\
 ,\"spire_agent_version\":$(json_str "$("$SPIRE_AGENT" --version 2>&1 | head -1)"),\"spire_source\":$(json_str "$SPIRE_SOURCE")\
-,\"python\":$(json_str "$(python3 --version 2>&1)")}\
+,\"python\":$(json_str "$(python3 --version 2>&1)")\
+,\"spiffed_bin\":$(json_str "$SPIFFED"),\"spiffed_version\":$(json_str "$("$SPIFFED" --version 2>&1 | head -1)")}\
 ,\"uid\":$MY_UID,\"clk_tck\":$CLK_TCK,\"nofile_limit\":$(json_str "$(ulimit -n)")}"
 
 step "spire-server"
@@ -832,7 +845,10 @@ entries = [{"entry_id": "am-lat-%s-%s-%s" % (a, label, i), "parent_id": parents[
             "selectors": [{"type": "unix", "value": "uid:%s" % uid}]} for a in parents]
 json.dump({"entries": entries}, open(path, "w"))
 EOF
-        pause="$(awk -v s="$RANDOM" -v iv="$interval" 'BEGIN{srand(s); printf "%.3f", rand() * iv}')"
+        # Uniform over the longer of the two cycles (the agent's sync, the server's cache reload),
+        # so that the samples do not lock onto either.
+        pause="$(awk -v s="$RANDOM" -v iv="$interval" -v rl="${SERVER_CACHE_RELOAD:-5}" \
+            'BEGIN{srand(s); m = iv > rl ? iv : rl; printf "%.3f", rand() * m}')"
         sleep "$pause"
         t0="$(now_us)"
         spire_cli entry create -data "$TMP/out/lat.json" >>"$TMP/logs/spire-entries.log" 2>&1 ||
@@ -935,19 +951,21 @@ fi
 # lru_cache_record_map_size gauge; spiffed: the `entries` counter of the stats line it logs on
 # SIGUSR1; "null" if unknown) and SYNC_SVIDS to the X.509-SVIDs it holds. Not in $(...).
 spiffed_stats_line() {
-    local name="$1" pid="${PIDS[$1]}" n0 i
-    n0="$(grep -c ' stats' "$TMP/logs/$name.log" || true)"
+    local name="$1" pid="${PIDS[$1]}" off i line
+    off="$(stat -c %s "$TMP/logs/$name.log")"
     kill -USR1 "$pid" 2>/dev/null || return 1
-    for ((i = 0; i < 100; i++)); do
-        if (($(grep -c ' stats' "$TMP/logs/$name.log" || true) > n0)); then
-            grep ' stats' "$TMP/logs/$name.log" | tail -n 1
+    for ((i = 0; i < 200; i++)); do
+        line="$(tail -c +"$((off + 1))" "$TMP/logs/$name.log" | grep ' stats' | tail -n 1 || true)"
+        if [[ -n "$line" ]]; then
+            echo "$line"
             return 0
         fi
         sleep 0.01
     done
     return 1
 }
-field_of() { sed -n "s/.*[ ,{]$1[=:]\"\\{0,1\\}\\([0-9][0-9]*\\).*/\\1/p" <<<"$2" | head -n 1; }
+# field_of NAME LINE: the number after `NAME=` or `NAME: ` in a log line (first match).
+field_of() { sed -n "s/^.*[ ,{]$1[=:] \\{0,1\\}\"\\{0,1\\}\\([0-9][0-9]*\\).*$/\\1/p" <<<"$2" | head -n 1; }
 SYNC_N=null
 SYNC_SVIDS=null
 entries_of() {
@@ -966,7 +984,9 @@ entries_of() {
         if line="$(spiffed_stats_line agent-mode)"; then
             v="$(field_of entries "$line")"
             SYNC_N="${v:-null}"
+            # `x509_svids_cached=N`, or `x509_svids=SvidStats { cached: N, ... }`.
             v="$(field_of x509_svids_cached "$line")"
+            [[ -n "$v" ]] || v="$(field_of cached "$line")"
             SYNC_SVIDS="${v:-null}"
         fi
         ;;
@@ -1017,7 +1037,7 @@ EOF
     "${AGENT_CMD[@]}" </dev/null >>"$TMP/logs/$agent.log" 2>&1 &
     PIDS[$agent]=$!
     pid="${PIDS[$agent]}"
-    # Poll every 0.2 s until the agent holds every entry.
+    # Poll every 0.05 s until the agent holds every entry.
     while :; do
         alive "$pid" || die "$agent exited while syncing (log: $TMP/logs/$agent.log)"
         entries_of "$agent"
@@ -1037,7 +1057,7 @@ EOF
             log "  $agent: not synced after ${SYNC_TIMEOUT}s (holds $n of $target)"
             break
         fi
-        sleep 0.2
+        sleep 0.05
     done
     log "  $agent: $n entries after $synced_ms ms; RSS $((${rss_synced/null/0} / 1024)) MiB; server CPU $sc_synced ms"
     # Then every second for SYNC_SETTLE seconds (SVIDs minted for the entries, RSS settling).

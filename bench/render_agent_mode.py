@@ -275,6 +275,9 @@ def section(path, root=None):
                "and scale runs keep it."
                % (rel(path), ver.get("spiffed_commit"), ", dirty" if ver.get("spiffed_dirty") else "",
                   ver.get("branch"), m.get("utc")))
+    if k.get("PROFILE") == "prebuilt":
+        out += ["", "> Binaries not built from this checkout: `%s` (`%s`); the commit above is the checkout's, not "
+                "theirs." % (ver.get("spiffed_bin"), ver.get("spiffed_version"))]
     loads = run.of("load")
     out += ["", "%s CPUs (%s), kernel %s, %.1f GiB; profile `%s`, `log_level = \"%s\"` for every agent and "
             "spire-server; SPIRE %s (`%s`, from %s). Everything shares the machine: spire-server, the agents, "
@@ -644,10 +647,9 @@ def readiness_of(run, label):
     for h in run.of("healthcheck", label=label):
         res = h.get("result")
         if isinstance(res, dict):
-            r = res.get("readiness")
-            extra = ", ".join("%s: %s" % (k, v) for k, v in res.items()
-                              if k not in ("readiness",) and isinstance(v, (str, int, float)) and len(str(v)) < 80)
-            return "`%s`%s" % (r, " (%s)" % extra if extra else "")
+            extra = "; ".join("%s: %s" % (k, str(res[k])[:160].replace("|", "\\|"))
+                              for k in ("reason", "unreachable_since") if res.get(k))
+            return "`%s`%s" % (res.get("readiness"), " (%s)" % extra if extra else "")
         return "(%s)" % (h.get("text") or "")[:120].replace("|", "\\|")
     return "–"
 
