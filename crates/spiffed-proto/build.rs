@@ -61,6 +61,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_server(true)
         .compile_fds(admin)?;
 
+    let status = protox::compile(["status.proto"], ["proto"])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(status)?;
+
     // The SPIRE Server APIs an agent calls (agent mode): clients only.
     let spire = protox::compile(
         [

@@ -8,6 +8,10 @@
 # socket, runs every check with every client (the "no identity" ones as uid 65534 through
 # setpriv, so run this as root, as CI does), prints a client x check matrix and exits 1 when any
 # check failed. A missing toolchain fails the checks of its client; it is never skipped.
+# With SPIFFED_INTEROP_SOCKET set, the checks run against an agent the caller started there
+# instead (agent mode: the e2e test attaches spiffed to a real SPIRE Server); it must give this
+# uid spiffe://example.org/interop with lifetimes of a few seconds. SPIFFED_INTEROP_AGENT_LOG
+# names its log, SPIFFED_INTEROP_MODE labels it.
 # See tests/interop/README.md.
 set -euo pipefail
 
@@ -184,6 +188,16 @@ AS_NOBODY=(setpriv --reuid="$NOBODY_UID" --regid="$NOBODY_UID" --clear-groups)
 
 # --- the agent ------------------------------------------------------------------------------
 
+AGENT_LOG=$WORK/agent.log
+if [[ -n ${SPIFFED_INTEROP_SOCKET:-} ]]; then
+    # An agent the caller runs (agent mode: spiffed attached to a SPIRE Server, started by the
+    # e2e test), with an entry for this uid giving $SPIFFE_ID and lifetimes of a few seconds.
+    SOCKET=$SPIFFED_INTEROP_SOCKET
+    AGENT_LOG=${SPIFFED_INTEROP_AGENT_LOG:-/dev/null}
+    "$SPIFFED_BIN" healthcheck --socket "unix://$SOCKET" --timeout 5s >/dev/null 2>&1 ||
+        die "no agent serving on SPIFFED_INTEROP_SOCKET=$SOCKET"
+    say "spiffed (${SPIFFED_INTEROP_MODE:-run by the caller}) serving on $SOCKET"
+else
 SOCKET=$WORK/api.sock
 cat >"$WORK/spiffed.toml" <<EOF
 trust_domain = "$TRUST_DOMAIN"
@@ -198,16 +212,17 @@ ca_ttl = "60s"
 spiffe_id = "$SPIFFE_ID"
 selectors = ["unix:uid:$(id -u)"]
 EOF
-"$SPIFFED_BIN" run --config "$WORK/spiffed.toml" >"$WORK/agent.log" 2>&1 &
+"$SPIFFED_BIN" run --config "$WORK/spiffed.toml" >"$AGENT_LOG" 2>&1 &
 AGENT_PID=$!
 for _ in $(seq 100); do
-    kill -0 "$AGENT_PID" 2>/dev/null || { cat "$WORK/agent.log" >&2; die "spiffed exited at start-up"; }
+    kill -0 "$AGENT_PID" 2>/dev/null || { cat "$AGENT_LOG" >&2; die "spiffed exited at start-up"; }
     "$SPIFFED_BIN" healthcheck --socket "unix://$SOCKET" --timeout 1s >/dev/null 2>&1 && break
     sleep 0.1
 done
 "$SPIFFED_BIN" healthcheck --socket "unix://$SOCKET" --timeout 1s >/dev/null 2>&1 ||
-    { cat "$WORK/agent.log" >&2; die "spiffed did not serve on $SOCKET within 10 s"; }
+    { cat "$AGENT_LOG" >&2; die "spiffed did not serve on $SOCKET within 10 s"; }
 say "spiffed $("$SPIFFED_BIN" --version 2>/dev/null | awk '{print $NF}') serving on $SOCKET (pid $AGENT_PID) after $(elapsed)"
+fi
 
 # --- the checks -----------------------------------------------------------------------------
 
@@ -296,7 +311,7 @@ if ((failed > 0)); then
     done
     echo
     echo "agent log (last 15 lines):"
-    tail -n 15 "$WORK/agent.log" | sed 's/^/  /'
+    tail -n 15 "$AGENT_LOG" | sed 's/^/  /'
 fi
 echo
 say "finished in $(elapsed)"

@@ -65,6 +65,10 @@ pub enum AgentError {
     /// the entry store is lost.
     #[error(transparent)]
     Files(#[from] crate::files::FilesError),
+    /// Agent mode could not start: its state, its cache or a file of `[spire_server]` is
+    /// unusable (the message names it and the fix).
+    #[error("agent mode: {0}")]
+    AgentMode(String),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> AgentError + 'a {
@@ -75,12 +79,27 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Age
     }
 }
 
-/// A built agent: CA loaded, entries indexed, socket bound; not yet serving.
+/// Where identities come from.
+#[derive(Clone)]
+enum Backend {
+    /// The embedded CA (standalone and dev mode).
+    Standalone(CaAuthority),
+    /// The SPIRE Server (agent mode).
+    Agent {
+        issuer: spiffed_spire::SpireIssuer,
+        status: watch::Receiver<spiffed_spire::status::Status>,
+    },
+}
+
+/// A built agent: CA loaded (or agent mode opened), entries indexed, socket bound; not yet
+/// serving.
 pub struct Bound {
     cfg: Config,
     listener: UnixListener,
     admin_listener: UnixListener,
-    authority: CaAuthority,
+    backend: Backend,
+    /// Agent mode's tasks, not started yet.
+    agent_mode: Option<crate::agent_mode::AgentMode>,
     entries: EntrySources,
     api: WorkloadApi,
     admin: AdminService,
@@ -120,12 +139,14 @@ fn prepare_socket_path(path: &Path, what: &'static str, dir_mode: u32) -> Result
 }
 
 /// Applies the request, JWT cache and log bounds of `cfg` to the authority and the service.
-fn apply_limits(cfg: &Config, authority: &CaAuthority, api: WorkloadApi) -> WorkloadApi {
+fn apply_limits(cfg: &Config, backend: &Backend, api: WorkloadApi) -> WorkloadApi {
     spiffed_core::untrusted::set_max_chars(cfg.max_logged_string_length);
-    authority.set_jwt_cache_limits(spiffed_authority::JwtCacheLimits {
-        bytes: cfg.jwt_cache_bytes,
-        entries_per_identity: cfg.jwt_cache_entries_per_identity,
-    });
+    if let Backend::Standalone(authority) = backend {
+        authority.set_jwt_cache_limits(spiffed_authority::JwtCacheLimits {
+            bytes: cfg.jwt_cache_bytes,
+            entries_per_identity: cfg.jwt_cache_entries_per_identity,
+        });
+    }
     api.with_limits(spiffed_workload_api::RequestLimits {
         max_jwt_audiences: cfg.max_jwt_audiences,
         max_jwt_audience_length: cfg.max_jwt_audience_length,
@@ -138,7 +159,7 @@ fn apply_limits(cfg: &Config, authority: &CaAuthority, api: WorkloadApi) -> Work
 #[derive(Clone)]
 pub struct Stats {
     api: WorkloadApi,
-    authority: CaAuthority,
+    backend: Backend,
     feed: spiffed_core::EntryFeed,
 }
 
@@ -152,19 +173,43 @@ impl Stats {
     /// Logs one line with every counter (`spiffed` does on SIGUSR1).
     pub fn log(&self) {
         let wakeups = self.api.wakeups();
-        let svids = self.authority.svid_stats();
         let entries = self.feed.read().len();
-        tracing::info!(
-            entries,
-            stream_wakeups_recomputed = wakeups.recomputed,
-            stream_wakeups_filtered = wakeups.filtered,
-            x509_svids_cached = svids.cached,
-            x509_svids_held = svids.held,
-            x509_svids_preminted = svids.pinned,
-            x509_mints = self.authority.x509_mints(),
-            jwt_svids_cached = self.authority.cached_jwt_svids(),
-            "stats"
-        );
+        match &self.backend {
+            Backend::Standalone(authority) => {
+                let svids = authority.svid_stats();
+                tracing::info!(
+                    entries,
+                    stream_wakeups_recomputed = wakeups.recomputed,
+                    stream_wakeups_filtered = wakeups.filtered,
+                    x509_svids_cached = svids.cached,
+                    x509_svids_held = svids.held,
+                    x509_svids_preminted = svids.pinned,
+                    x509_mints = authority.x509_mints(),
+                    jwt_svids_cached = authority.cached_jwt_svids(),
+                    "stats"
+                );
+            }
+            Backend::Agent { issuer, status } => {
+                let svids = issuer.stats();
+                let readiness = match &status.borrow().readiness {
+                    spiffed_spire::status::Readiness::Serving => "serving",
+                    spiffed_spire::status::Readiness::ServingFromCache { .. } => {
+                        "serving_from_cache"
+                    }
+                    spiffed_spire::status::Readiness::NotServing { .. } => "not_serving",
+                };
+                tracing::info!(
+                    entries,
+                    readiness,
+                    stream_wakeups_recomputed = wakeups.recomputed,
+                    stream_wakeups_filtered = wakeups.filtered,
+                    x509_svids = ?svids,
+                    x509_mints = issuer.x509_mints(),
+                    jwt_svids_cached = issuer.cached_jwt_svids(),
+                    "stats"
+                );
+            }
+        }
     }
 }
 
@@ -176,6 +221,47 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
     // checked, and a store lost next to an existing CA stops the start.
     crate::files::prepare_dir("data_dir", &cfg.data_dir, 0o700)?;
     let data_dir_lock = crate::files::lock_data_dir(&cfg.data_dir)?;
+    crate::files::check_mode_files(&cfg.data_dir, cfg.spire_server.is_some())?;
+    let attestor = Arc::new(spiffed_attest::builtin());
+    let (backend, agent_mode, entries) = match &cfg.spire_server {
+        Some(spire) => {
+            let (mode, entries) = crate::agent_mode::open(&cfg, spire)?;
+            let backend = Backend::Agent {
+                issuer: mode.issuer.clone(),
+                status: mode.status_rx.clone(),
+            };
+            (backend, Some(mode), entries)
+        }
+        None => {
+            let (authority, entries) = open_standalone(&cfg, attestor.clone())?;
+            (Backend::Standalone(authority), None, entries)
+        }
+    };
+    let issuer: Arc<dyn spiffed_core::Issuer> = match &backend {
+        Backend::Standalone(authority) => Arc::new(authority.clone()),
+        Backend::Agent { issuer, .. } => Arc::new(issuer.clone()),
+    };
+    if let Some(warning) = spiffed_attest::exe_access_warning(&entries.feed().needs()) {
+        tracing::warn!("{warning}");
+    }
+    let api = WorkloadApi::new(attestor.clone(), issuer, entries.feed(), cfg.synthetic_ids);
+    let api = apply_limits(&cfg, &backend, api);
+    bind(
+        cfg,
+        backend,
+        agent_mode,
+        entries,
+        api,
+        attestor,
+        data_dir_lock,
+    )
+}
+
+/// The embedded CA and the entry sources of standalone mode (config file and store).
+fn open_standalone(
+    cfg: &Config,
+    attestor: Arc<spiffed_attest::CompositeAttestor>,
+) -> Result<(CaAuthority, EntrySources), AgentError> {
     crate::files::check_data_files(&cfg.data_dir, cfg.new_entry_store)?;
     let authority = CaAuthority::open(AuthorityConfig {
         trust_domain: cfg.trust_domain.clone(),
@@ -187,7 +273,6 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         premint_entries: cfg.premint_entries,
     })?;
     let store = Store::open(&cfg.data_dir.join("entries.sqlite"))?;
-    let attestor = Arc::new(spiffed_attest::builtin());
     // Every entry, from the config file or the store, is checked by the same rules
     // (`Entry::checked`), with the selector types of the configured attestor plugins.
     let rules = Rules {
@@ -198,7 +283,7 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
             min_svid_ttl: cfg.min_svid_ttl,
             ca_ttl: cfg.ca_ttl,
         },
-        selectors: attestor.clone(),
+        selectors: attestor,
     };
     let (entries, loaded) = EntrySources::open(
         store,
@@ -219,17 +304,19 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
              with `spiffed entry delete {id}`"
         );
     }
-    if let Some(warning) = spiffed_attest::exe_access_warning(&entries.feed().needs()) {
-        tracing::warn!("{warning}");
-    }
-    let api = WorkloadApi::new(
-        attestor.clone(),
-        Arc::new(authority.clone()),
-        entries.feed(),
-        cfg.synthetic_ids,
-    );
-    let api = apply_limits(&cfg, &authority, api);
+    Ok((authority, entries))
+}
 
+/// Binds the admin socket, then the Workload API socket.
+fn bind(
+    cfg: Config,
+    backend: Backend,
+    agent_mode: Option<crate::agent_mode::AgentMode>,
+    entries: EntrySources,
+    api: WorkloadApi,
+    attestor: Arc<spiffed_attest::CompositeAttestor>,
+    data_dir_lock: fs::File,
+) -> Result<Bound, AgentError> {
     // An owner-only socket (mode without group/other bits) also gets an owner-only directory.
     let dir_mode = if cfg.socket_mode & 0o077 == 0 {
         0o700
@@ -293,12 +380,43 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         cfg,
         listener,
         admin_listener,
-        authority,
+        backend,
+        agent_mode,
         entries,
         api,
         admin,
         data_dir_lock,
     })
+}
+
+/// Keeps the gRPC health service in step with agent mode's readiness.
+async fn health_follows(
+    reporter: tonic_health::server::HealthReporter,
+    mut status: watch::Receiver<spiffed_spire::status::Status>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let serving = !matches!(
+            status.borrow_and_update().readiness,
+            spiffed_spire::status::Readiness::NotServing { .. }
+        );
+        let state = if serving {
+            tonic_health::ServingStatus::Serving
+        } else {
+            tonic_health::ServingStatus::NotServing
+        };
+        reporter.set_service_status("", state).await;
+        reporter
+            .set_service_status(
+                <SpiffeWorkloadApiServer<WorkloadApi> as tonic::server::NamedService>::NAME,
+                state,
+            )
+            .await;
+        tokio::select! {
+            r = status.changed() => if r.is_err() { return },
+            _ = stop.wait_for(|s| *s) => return,
+        }
+    }
 }
 
 impl Bound {
@@ -311,7 +429,7 @@ impl Bound {
     pub fn stats(&self) -> Stats {
         Stats {
             api: self.api.clone(),
-            authority: self.authority.clone(),
+            backend: self.backend.clone(),
             feed: self.entries.feed(),
         }
     }
@@ -333,7 +451,8 @@ impl Bound {
             cfg,
             listener,
             admin_listener,
-            authority,
+            backend,
+            agent_mode,
             entries,
             api,
             admin,
@@ -356,12 +475,40 @@ impl Bound {
         // The authority mints and rotates an SVID for every entry of the set, off the request
         // path; its receiver does not keep the set's channel open, so dropping `entries` below
         // still ends every stream.
-        let rotation = tokio::spawn(authority.clone().run_with_entries(stop_rx, entries.feed()));
-
         let (reporter, health) = tonic_health::server::health_reporter();
         reporter
             .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
             .await;
+        let mut tasks = Vec::new();
+        let status_service = match (&backend, agent_mode) {
+            (Backend::Standalone(authority), _) => {
+                tasks.push(tokio::spawn(
+                    authority.clone().run_with_entries(stop_rx, entries.feed()),
+                ));
+                crate::status::StatusService::Standalone
+            }
+            (Backend::Agent { status, .. }, mode) => {
+                let address = cfg
+                    .spire_server
+                    .as_ref()
+                    .map(|s| s.address.to_string())
+                    .unwrap_or_default();
+                if let Some(mode) = mode {
+                    tasks.extend(mode.spawn(stop_rx.clone()));
+                }
+                // The health service says NOT_SERVING while no identity is served (no cache
+                // and no server yet, or a ban).
+                tasks.push(tokio::spawn(health_follows(
+                    reporter.clone(),
+                    status.clone(),
+                    stop_rx,
+                )));
+                crate::status::StatusService::Agent {
+                    status: status.clone(),
+                    address,
+                }
+            }
+        };
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(spiffed_proto::WORKLOAD_DESCRIPTOR_SET)
             .build_v1()
@@ -403,6 +550,7 @@ impl Bound {
             .max_concurrent_streams(Some(limits.max_streams_per_connection))
             .layer(StreamLimitLayer::new(shared.clone()))
             .add_service(health)
+            .add_service(status_service.into_server())
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(api.into_server())
@@ -430,7 +578,9 @@ impl Bound {
             }
         }
         admin_task.abort();
-        rotation.abort();
+        for task in tasks {
+            task.abort();
+        }
         tracing::info!("stopped");
         drop(data_dir_lock);
         result

@@ -234,6 +234,10 @@ pub struct Config {
     /// or empty (`spiffed run --new-entry-store`; never set by the file). Default false: such a
     /// data dir is refused as damaged.
     pub new_entry_store: bool,
+    /// Agent mode: the `[spire_server]` table. `None`: standalone (the agent is its trust
+    /// domain's CA). With it, the server is the CA and holds the entries: no local CA is
+    /// created, `[[entries]]` are refused and the admin API only reads the synced entries.
+    pub spire_server: Option<spiffed_spire::config::SpireConfig>,
 }
 
 impl Config {
@@ -292,6 +296,7 @@ impl Config {
             min_svid_ttl: DEFAULT_MIN_SVID_TTL,
             min_ca_ttl: DEFAULT_MIN_CA_TTL,
             new_entry_store: false,
+            spire_server: None,
         }
     }
 
@@ -335,6 +340,7 @@ impl Config {
             max_logged_string_length,
             denial_log_lines_per_second,
             premint_entries,
+            spire_server,
         } = self;
         let mut changed = Vec::new();
         let mut check = |key: &'static str, differs: bool| {
@@ -356,6 +362,7 @@ impl Config {
         check("ca_ttl", *ca_ttl != new.ca_ttl);
         check("log_format", *log_format != new.log_format);
         check("synthetic_ids", *synthetic_ids != new.synthetic_ids);
+        check("spire_server", *spire_server != new.spire_server);
         check(
             "max_selectors_per_entry",
             *max_selectors_per_entry != new.max_selectors_per_entry,
@@ -470,6 +477,9 @@ impl Config {
 mod tests {
     use super::*;
     use spiffed_core::Selector;
+    use spiffed_spire::config::{
+        Bootstrap, BundleFormat, DEFAULT_SYNC_INTERVAL, JoinToken, NodeAttestation,
+    };
 
     /// Joins lines, so that line N of the file is `lines[N - 1]`.
     fn doc(lines: &[&str]) -> String {
@@ -1447,5 +1457,199 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
         assert!(e.message.contains("shorter than 100 ms"), "{e}");
         fails_at(&[TD, "idle_timeout = \"2d\""], 2, "idle_timeout");
         fails_at(&[TD, "idle_timeout = \"soon\""], 2, "idle_timeout");
+    }
+
+    const SPIRE: &str = "[spire_server]";
+
+    #[test]
+    fn agent_mode_parses_the_public_contract() {
+        let cfg = parse(&doc(&[
+            TD,
+            "socket_path = \"/run/spiffed/public/api.sock\"",
+            "data_dir = \"/var/lib/spiffed\"",
+            SPIRE,
+            "address = \"spire-server.example.org:8081\"",
+            "trust_bundle_path = \"/etc/spiffed/bootstrap.pem\"",
+            "join_token = \" abc-123 \"",
+        ]))
+        .unwrap();
+        let spire = cfg.spire_server.unwrap();
+        assert_eq!(spire.address.to_string(), "spire-server.example.org:8081");
+        assert_eq!(
+            spire.bootstrap,
+            Bootstrap::Bundle {
+                path: PathBuf::from("/etc/spiffed/bootstrap.pem"),
+                format: BundleFormat::Pem
+            }
+        );
+        assert_eq!(
+            spire.attestation,
+            NodeAttestation::JoinToken(Some(JoinToken::new("abc-123")))
+        );
+        assert_eq!(spire.sync_interval, DEFAULT_SYNC_INTERVAL);
+
+        let cfg = parse(&doc(&[
+            TD,
+            SPIRE,
+            "address = \"127.0.0.1:18081\"",
+            "insecure_bootstrap = true",
+            "sync_interval = \"2s\"",
+            "[spire_server.x509pop]",
+            "certificate_path = \"/etc/spiffed/node.pem\"",
+            "private_key_path = \"/etc/spiffed/node.key\"",
+        ]))
+        .unwrap();
+        let spire = cfg.spire_server.unwrap();
+        assert_eq!(spire.bootstrap, Bootstrap::Insecure);
+        assert_eq!(spire.sync_interval, Duration::from_secs(2));
+        assert_eq!(
+            spire.attestation,
+            NodeAttestation::X509Pop {
+                certificate_path: PathBuf::from("/etc/spiffed/node.pem"),
+                private_key_path: PathBuf::from("/etc/spiffed/node.key"),
+                intermediates_path: None,
+            }
+        );
+        // No token in the file: --join-token, or the stored agent state, supplies it.
+        let cfg = parse(&doc(&[
+            TD,
+            SPIRE,
+            "address = \"[::1]:8081\"",
+            "trust_bundle_path = \"/b.json\"",
+            "trust_bundle_format = \"spiffe\"",
+        ]))
+        .unwrap();
+        let spire = cfg.spire_server.unwrap();
+        assert_eq!(spire.attestation, NodeAttestation::JoinToken(None));
+        assert_eq!(
+            spire.bootstrap,
+            Bootstrap::Bundle {
+                path: PathBuf::from("/b.json"),
+                format: BundleFormat::Spiffe
+            }
+        );
+        assert!(parse(&doc(&[TD])).unwrap().spire_server.is_none());
+    }
+
+    #[test]
+    fn agent_mode_refuses_what_it_cannot_honour() {
+        let ok = [TD, SPIRE, "address = \"h:1\"", "insecure_bootstrap = true"];
+        let with = |extra: &[&'static str]| -> Vec<&'static str> {
+            let mut v = ok.to_vec();
+            v.extend_from_slice(extra);
+            v
+        };
+        let e = fails_at(
+            &with(&[
+                "[[entries]]",
+                "spiffe_id = \"spiffe://example.org/a\"",
+                "selectors = [\"unix:uid:1\"]",
+            ]),
+            5,
+            "entries",
+        );
+        assert!(e.fix.contains("spire-server entry create"), "{e}");
+        let mut lines = vec![TD, "x509_svid_ttl = \"1h\""];
+        lines.extend_from_slice(&ok[1..]);
+        let e = fails_at(&lines, 2, "x509_svid_ttl");
+        assert!(e.message.contains("agent mode"), "{e}");
+        let mut lines = vec![TD, "synthetic_ids = true"];
+        lines.extend_from_slice(&ok[1..]);
+        fails_at(&lines, 2, "synthetic_ids");
+    }
+
+    #[test]
+    fn spire_server_table_errors_name_the_key_and_the_fix() {
+        let e = fails_at(
+            &[TD, SPIRE, "insecure_bootstrap = true"],
+            2,
+            "spire_server.address",
+        );
+        assert!(e.fix.contains("8081"), "{e}");
+        fails_at(
+            &[
+                TD,
+                SPIRE,
+                "address = \"nohost\"",
+                "insecure_bootstrap = true",
+            ],
+            3,
+            "spire_server.address",
+        );
+        let e = fails_at(
+            &[TD, SPIRE, "address = \"h:1\""],
+            2,
+            "spire_server.trust_bundle_path",
+        );
+        assert!(e.fix.contains("bundle show"), "{e}");
+        fails_at(
+            &[
+                TD,
+                SPIRE,
+                "address = \"h:1\"",
+                "trust_bundle_path = \"/b.pem\"",
+                "insecure_bootstrap = true",
+            ],
+            4,
+            "spire_server.trust_bundle_path",
+        );
+        fails_at(
+            &[
+                TD,
+                SPIRE,
+                "address = \"h:1\"",
+                "trust_bundle_path = \"relative.pem\"",
+            ],
+            4,
+            "spire_server.trust_bundle_path",
+        );
+        fails_at(
+            &[
+                TD,
+                SPIRE,
+                "address = \"h:1\"",
+                "insecure_bootstrap = true",
+                "join_token = \"t\"",
+                "[spire_server.x509pop]",
+                "certificate_path = \"/c.pem\"",
+                "private_key_path = \"/k.pem\"",
+            ],
+            5,
+            "spire_server.join_token",
+        );
+        fails_at(
+            &[
+                TD,
+                SPIRE,
+                "address = \"h:1\"",
+                "insecure_bootstrap = true",
+                "[spire_server.x509pop]",
+                "certificate_path = \"/c.pem\"",
+            ],
+            5,
+            "spire_server.x509pop.private_key_path",
+        );
+        fails_at(
+            &[
+                TD,
+                SPIRE,
+                "address = \"h:1\"",
+                "insecure_bootstrap = true",
+                "sync_interval = \"2h\"",
+            ],
+            5,
+            "spire_server.sync_interval",
+        );
+        fails_at(
+            &[
+                TD,
+                SPIRE,
+                "address = \"h:1\"",
+                "insecure_bootstrap = true",
+                "server_port = 8081",
+            ],
+            5,
+            "spire_server.server_port",
+        );
     }
 }

@@ -119,6 +119,23 @@ pub enum FilesError {
         /// "missing" or "empty (zero bytes)".
         state: &'static str,
     },
+    /// The data dir holds the other mode's state (a standalone CA in agent mode, or agent
+    /// state in standalone mode): one data dir per mode, so neither is lost by mistake.
+    #[error(
+        "{} belongs to {other} mode, but the agent is configured for {this} mode; give this \
+         mode its own data_dir (the files of {other} mode are kept), or move {} away if that \
+         mode is no longer used",
+        .file.display(),
+        .file.display()
+    )]
+    OtherMode {
+        /// The file of the other mode.
+        file: PathBuf,
+        /// The configured mode.
+        this: &'static str,
+        /// The mode the file belongs to.
+        other: &'static str,
+    },
     /// A filesystem operation failed.
     #[error("cannot {op} {}: {source}", .path.display())]
     Io {
@@ -320,6 +337,26 @@ pub(crate) fn lock_data_dir(dir: &Path) -> Result<File, FilesError> {
 /// store that is missing or empty while the CA exists: the store has been created with the CA
 /// since the first version of spiffed, so this is damage, not an old data dir. With
 /// `new_entry_store` the agent goes on (with a warning) and creates an empty store.
+/// The agent-mode state files in `data_dir` (written by `spiffed-spire`).
+pub(crate) const AGENT_MODE_FILES: [&str; 2] = ["agent-state.json", "workload-cache.json"];
+
+/// Refuses a data dir that holds the other mode's files: in agent mode, a standalone CA or
+/// entry store; standalone, agent-mode state.
+pub(crate) fn check_mode_files(data_dir: &Path, agent_mode: bool) -> Result<(), FilesError> {
+    let (this, other, files): (_, _, &[&str]) = if agent_mode {
+        ("agent", "standalone", &[CA_FILE, STORE_FILE])
+    } else {
+        ("standalone", "agent", &AGENT_MODE_FILES)
+    };
+    for name in files {
+        let file = data_dir.join(name);
+        if check_data_file(&file)?.is_some() {
+            return Err(FilesError::OtherMode { file, this, other });
+        }
+    }
+    Ok(())
+}
+
 pub(crate) fn check_data_files(data_dir: &Path, new_entry_store: bool) -> Result<(), FilesError> {
     let ca = data_dir.join(CA_FILE);
     let store = data_dir.join(STORE_FILE);

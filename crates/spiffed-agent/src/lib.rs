@@ -17,11 +17,13 @@
 
 mod admin;
 mod agent;
+mod agent_mode;
 pub mod config;
 mod files;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod limits;
+mod status;
 
 pub use admin::Reloader;
 pub use agent::{AgentError, Bound, Stats, build};

@@ -60,5 +60,19 @@ pub use crate::jwt_cache::{
 };
 pub use crate::svid_cache::SvidStats;
 
+/// Validates a JWT-SVID `token` for `audience` at `now` against the JWT authorities that
+/// `authorities` gives for the subject's trust domain (`None`: no bundle for it): the same
+/// validator the embedded CA's [`Issuer::validate_jwt`](spiffed_core::Issuer::validate_jwt)
+/// uses (algorithm allow-list first, `kid` lookup, ES256 signature, expiry with 60 s leeway,
+/// audience), for issuers whose JWT authorities come from elsewhere (a SPIRE Server).
+pub fn validate_jwt(
+    token: &str,
+    audience: &str,
+    now: std::time::SystemTime,
+    authorities: impl Fn(&spiffed_core::TrustDomain) -> Option<Vec<spiffed_core::JwtAuthority>>,
+) -> Result<spiffed_core::ValidatedJwt, spiffed_core::JwtError> {
+    jwt::validate(token, audience, now, authorities)
+}
+
 #[cfg(test)]
 mod tests;

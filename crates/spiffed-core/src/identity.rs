@@ -329,7 +329,7 @@ pub enum AuthorityError {
         reason: String,
     },
     /// The authority has no usable CA right now.
-    #[error("the CA is not available: {0}")]
+    #[error("no identity can be issued now: {0}")]
     Unavailable(String),
 }
 

@@ -241,8 +241,9 @@ pub enum Listed {
         /// The entry, shared with the index.
         entry: Arc<Entry>,
     },
-    /// From the store, with its revision and times.
-    Stored(StoredEntry),
+    /// From the store, with its revision and times (boxed: it is much larger than the other
+    /// variant).
+    Stored(Box<StoredEntry>),
 }
 
 impl Listed {
@@ -603,7 +604,7 @@ impl EntrySources {
             }));
         }
         match &self.inner.store {
-            Some(store) => Ok(store.get(id)?.map(Listed::Stored)),
+            Some(store) => Ok(store.get(id)?.map(|s| Listed::Stored(Box::new(s)))),
             None => Ok(None),
         }
     }
@@ -638,7 +639,7 @@ impl EntrySources {
                 store
                     .page(after, want, filter)?
                     .into_iter()
-                    .map(Listed::Stored),
+                    .map(|s| Listed::Stored(Box::new(s))),
             );
         }
         entries.sort_by(|a, b| a.id().cmp(b.id()));

@@ -24,6 +24,13 @@ pub mod admin {
     include!(concat!(env!("OUT_DIR"), "/spiffed.admin.v1.rs"));
 }
 
+/// spiffed's status service (package `spiffed.status.v1`), on the Workload API socket: the
+/// agent's mode and readiness for `spiffed healthcheck`.
+#[allow(missing_docs, unreachable_pub, clippy::all, reason = "generated code")]
+pub mod status {
+    include!(concat!(env!("OUT_DIR"), "/spiffed.status.v1.rs"));
+}
+
 /// The SPIRE Server APIs that a node agent calls (agent mode), from spire-api-sdk
 /// (`proto/spire`, Apache-2.0): clients for `Agent`, `Bundle`, `Entry` and `SVID`, and their
 /// types. Servers are generated too, for unit tests of the client side.

@@ -1,6 +1,7 @@
 //! Test helpers for spiffed: start the real binary on a temporary socket, talk to it with a raw
 //! Workload API client, and run peer processes for attestation tests; [`doubles`] holds test
-//! doubles of the core seams (issuer, attestor) and a server harness for them.
+//! doubles of the core seams (issuer, attestor) and a server harness for them; [`spire`] runs a
+//! real SPIRE Server (and SPIRE's agent) for the agent-mode tests.
 #![forbid(unsafe_code)]
 #![allow(
     clippy::unwrap_used,
@@ -10,6 +11,7 @@
 )]
 
 pub mod doubles;
+pub mod spire;
 
 use std::fs;
 use std::io::Read;
@@ -66,12 +68,22 @@ impl Agent {
         Self::start_with(bin, extra, Some(uid))
     }
 
+    /// Starts `bin run` on a config made by `text(dir)` for its own temp dir `dir` (for a
+    /// config [`config_text`] cannot make, e.g. another trust domain).
+    pub fn start_raw(bin: &Path, text: impl FnOnce(&Path) -> String) -> Self {
+        Self::start_text(bin, text, None)
+    }
+
     fn start_with(bin: &Path, extra: &str, run_as: Option<u32>) -> Self {
+        Self::start_text(bin, |dir| config_text(dir, extra), run_as)
+    }
+
+    fn start_text(bin: &Path, text: impl FnOnce(&Path) -> String, run_as: Option<u32>) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Let other uids (setpriv tests) reach the socket.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         let config = dir.path().join("spiffed.toml");
-        fs::write(&config, config_text(dir.path(), extra)).unwrap();
+        fs::write(&config, text(dir.path())).unwrap();
         if let Some(uid) = run_as {
             std::os::unix::fs::chown(dir.path(), Some(uid), Some(uid)).unwrap();
         }

@@ -572,21 +572,52 @@ pub(crate) async fn run_healthcheck(endpoint: &EndpointArgs) -> anyhow::Result<E
             return Ok(fail(&e));
         }
     };
+    // Agent mode also says whether identities are served (and from where); an agent that runs
+    // but serves no identity is not healthy.
+    let answered = matches!(
+        outcome,
+        health::HealthOutcome::Serving | health::HealthOutcome::NotServing(_)
+    );
+    let report = if answered {
+        tokio::time::timeout(endpoint.timeout, health::agent_report(&addr))
+            .await
+            .ok()
+            .flatten()
+    } else {
+        None
+    };
+    let serving = outcome.is_serving() && health::report_blocks(&report).is_none();
     let printed = match endpoint.output {
-        OutputFormat::Json => output::out(outcome.to_json(&addr)),
-        OutputFormat::Text if outcome.is_serving() => output::out(format_args!(
-            "spiffed is serving on {}",
-            addr.path.display()
-        )),
+        OutputFormat::Json => {
+            let mut json = outcome.to_json(&addr);
+            health::report_json(&report, &mut json);
+            output::out(json)
+        }
+        OutputFormat::Text if serving => match health::describe_report(&report) {
+            Some(more) => output::out(format_args!(
+                "spiffed is serving on {}, {more}",
+                addr.path.display()
+            )),
+            None => output::out(format_args!(
+                "spiffed is serving on {}",
+                addr.path.display()
+            )),
+        },
         OutputFormat::Text => {
-            output::err(format_args!("spiffed: {}", outcome.describe(&addr)));
+            match health::describe_report(&report).filter(|_| answered) {
+                Some(more) => output::err(format_args!(
+                    "spiffed: the agent on {} runs but is {more}",
+                    addr.path.display()
+                )),
+                None => output::err(format_args!("spiffed: {}", outcome.describe(&addr))),
+            }
             Ok(())
         }
     };
     if let Err(e) = printed {
         return Ok(fail(&e));
     }
-    Ok(if outcome.is_serving() {
+    Ok(if serving {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE

@@ -41,6 +41,16 @@ enum Command {
         /// is missing or empty (without it, the agent refuses to start: stored entries are lost).
         #[arg(long)]
         new_entry_store: bool,
+        /// Agent mode: the join token for node attestation to the SPIRE Server (from
+        /// `spire-server token generate`), used instead of [spire_server] join_token. Needed
+        /// only for the first start: the agent keeps its SVID in data_dir and renews it.
+        #[arg(
+            long,
+            value_name = "TOKEN",
+            env = "SPIFFED_JOIN_TOKEN",
+            hide_env_values = true
+        )]
+        join_token: Option<String>,
     },
     /// Run the agent with no configuration: an embedded CA for trust domain dev.local, an
     /// owner-only socket, and a synthetic identity spiffe://dev.local/uid-UID/EXE_NAME for every
@@ -101,7 +111,8 @@ fn main() -> ExitCode {
                 config,
                 new_trust_root,
                 new_entry_store,
-            } => serve::run(&config, new_trust_root, new_entry_store).await,
+                join_token,
+            } => serve::run(&config, new_trust_root, new_entry_store, join_token).await,
             Command::Dev(args) => serve::dev(args).await,
             Command::Api { endpoint, command } => client::run_api(&endpoint, command).await,
             Command::Healthcheck { endpoint } => client::run_healthcheck(&endpoint).await,

@@ -13,6 +13,7 @@ use std::time::Duration;
 use anyhow::Context;
 use spiffed_agent::config::{Config, LogFormat, LogLevel, NewRootPolicy};
 use spiffed_core::TrustDomain;
+use spiffed_spire::config::{JoinToken, NodeAttestation};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli_common::EX_USAGE;
@@ -129,11 +130,12 @@ fn init_logging(level: LogLevel, format: LogFormat) -> Option<LogLevelHandle> {
     ok.then_some(set)
 }
 
-/// `spiffed run --config FILE [--new-trust-root] [--new-entry-store]`.
+/// `spiffed run --config FILE [--new-trust-root] [--new-entry-store] [--join-token TOKEN]`.
 pub(crate) async fn run(
     path: &Path,
     new_trust_root: bool,
     new_entry_store: bool,
+    join_token: Option<String>,
 ) -> anyhow::Result<ExitCode> {
     let mut cfg = match Config::load(path) {
         Ok(c) => c,
@@ -146,6 +148,32 @@ pub(crate) async fn run(
         cfg.new_trust_root = NewRootPolicy::AtStart;
     }
     cfg.new_entry_store = new_entry_store;
+    if let Some(token) = join_token.map(|t| t.trim().to_owned()) {
+        let problem = match cfg.spire_server.as_mut() {
+            None => Some(
+                "--join-token (or SPIFFED_JOIN_TOKEN) is for agent mode, but the configuration \
+                 has no [spire_server] table; add one, or drop the token",
+            ),
+            Some(_) if token.is_empty() => Some(
+                "--join-token (or SPIFFED_JOIN_TOKEN) is empty; pass the token printed by \
+                 `spire-server token generate`",
+            ),
+            Some(spire) => match &spire.attestation {
+                NodeAttestation::X509Pop { .. } => Some(
+                    "--join-token (or SPIFFED_JOIN_TOKEN) is set, but [spire_server.x509pop] \
+                     configures x509pop attestation; use one node attestor",
+                ),
+                NodeAttestation::JoinToken(_) => {
+                    spire.attestation = NodeAttestation::JoinToken(Some(JoinToken::new(token)));
+                    None
+                }
+            },
+        };
+        if let Some(problem) = problem {
+            eprintln!("spiffed: {problem}");
+            return Ok(ExitCode::from(EX_USAGE));
+        }
+    }
     let log_level = init_logging(cfg.log_level, cfg.log_format);
     serve(cfg, Some((path.to_owned(), log_level)), None, false).await
 }

@@ -116,22 +116,48 @@ fn read(path: &Path) -> String {
     fs::read_to_string(path).unwrap_or_default()
 }
 
-#[test]
-fn mtls_between_two_uids_survives_rotation_and_refuses_a_third() {
-    let started = Instant::now();
+/// Everything lives in one temp dir that other uids may traverse (the socket is 0777).
+fn workdir() -> tempfile::TempDir {
     assert_eq!(
         fs::metadata("/proc/self").expect("procfs").uid(),
         0,
         "this test switches uid with setpriv and must run as root"
     );
-    let spiffed = spiffed_bin();
-
-    // Everything lives in one temp dir that other uids may traverse (the socket is 0777).
     let dir = tempfile::tempdir().expect("tempdir");
     fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod tempdir");
-    let server_bin = runnable_by_others(Path::new(env!("CARGO_BIN_EXE_mtls-server")), dir.path());
-    let client_bin = runnable_by_others(Path::new(env!("CARGO_BIN_EXE_mtls-client")), dir.path());
+    dir
+}
 
+/// Starts `spiffed run --config CONFIG [args]` logging to `log`, and waits for its socket.
+fn start_spiffed(config: &Path, args: &[&str], socket: &Path, log: &Path) -> Reaped {
+    let agent = Reaped(
+        Command::new(spiffed_bin())
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(log).expect("log file"))
+            .spawn()
+            .expect("start spiffed"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while std::os::unix::net::UnixStream::connect(socket).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "spiffed did not serve within 15s:\n{}",
+            read(log)
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    agent
+}
+
+#[test]
+fn mtls_between_two_uids_survives_rotation_and_refuses_a_third() {
+    let started = Instant::now();
+    let dir = workdir();
     let socket = dir.path().join("api.sock");
     let config = dir.path().join("spiffed.toml");
     fs::write(
@@ -166,33 +192,97 @@ selectors = ["unix:uid:1003"]
     )
     .expect("write config");
 
-    // The agent.
     let agent_log = dir.path().join("spiffed.log");
-    let agent = Reaped(
-        Command::new(&spiffed)
-            .arg("run")
-            .arg("--config")
-            .arg(&config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&agent_log).expect("log file"))
-            .spawn()
-            .expect("start spiffed"),
-    );
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+    let agent = start_spiffed(&config, &[], &socket, &agent_log);
+    exercise(dir.path(), &socket, &agent_log);
+    eprintln!("mtls test took {:.1}s", started.elapsed().as_secs_f64());
+    drop(agent);
+}
+
+/// The same in agent mode: spiffed attached to a real spire-server (v1.13.3, started by
+/// spiffed-test-support's harness), the three entries registered on the server, SVIDs of 4 s
+/// signed by it.
+#[test]
+fn mtls_with_svids_from_a_spire_server_in_agent_mode() {
+    use spiffed_test_support::spire::{BundleFormat, EntrySpec, ServerOptions, SpireServer};
+    let started = Instant::now();
+    let dir = workdir();
+    let spire = SpireServer::start(ServerOptions::default());
+    let token = spire.generate_token(None, None);
+    let agent_id = spire.join_token_agent_id(&token);
+    for (id, uid) in [(SERVER_ID, 1001), (CLIENT_ID, 1002), (INTRUDER_ID, 1003)] {
+        let mut e = EntrySpec::workload(&agent_id, id, &[&format!("unix:uid:{uid}")]);
+        e.x509_svid_ttl = Some(4);
+        spire.entry_create(&e);
+    }
+    let bundle = dir.path().join("bootstrap.pem");
+    spire.write_bundle(&bundle, BundleFormat::Pem);
+    let socket = dir.path().join("api.sock");
+    let config = dir.path().join("spiffed.toml");
+    fs::write(
+        &config,
+        format!(
+            r#"trust_domain = "example.org"
+socket_path = "{socket}"
+socket_mode = "0777"
+admin_socket_path = "{admin}"
+data_dir = "{data}"
+log_level = "debug"
+
+[spire_server]
+address = "{address}"
+trust_bundle_path = "{bundle}"
+sync_interval = "1s"
+"#,
+            socket = socket.display(),
+            admin = dir.path().join("admin/admin.sock").display(),
+            data = dir.path().join("data").display(),
+            address = spire.address(),
+            bundle = bundle.display(),
+        ),
+    )
+    .expect("write config");
+    let agent_log = dir.path().join("spiffed.log");
+    let agent = start_spiffed(&config, &["--join-token", &token], &socket, &agent_log);
+    // The node serves once it has attested and synced the three entries.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = Command::new(spiffed_bin())
+            .args(["entry", "list", "--output", "json", "--admin-socket"])
+            .arg(dir.path().join("admin/admin.sock"))
+            .output()
+            .expect("spiffed entry list");
+        let listed = String::from_utf8_lossy(&out.stdout);
+        if [SERVER_ID, CLIENT_ID, INTRUDER_ID]
+            .iter()
+            .all(|id| listed.contains(id))
+        {
+            break;
+        }
         assert!(
             Instant::now() < deadline,
-            "spiffed did not serve within 15s:\n{}",
+            "the node never synced the entries:\n{}",
             read(&agent_log)
         );
-        std::thread::sleep(Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(200));
     }
+    exercise(dir.path(), &socket, &agent_log);
+    eprintln!(
+        "mtls test (agent mode) took {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
+    drop(agent);
+}
 
+/// The server (uid 1001), the client (uid 1002) across rotations, and the intruder (uid 1003),
+/// against the agent serving on `socket`.
+fn exercise(dir: &Path, socket: &Path, agent_log: &Path) {
+    let server_bin = runnable_by_others(Path::new(env!("CARGO_BIN_EXE_mtls-server")), dir);
+    let client_bin = runnable_by_others(Path::new(env!("CARGO_BIN_EXE_mtls-client")), dir);
     // The server, as uid 1001: wait for `LISTENING <port>`.
-    let server_log = dir.path().join("server.log");
+    let server_log = dir.join("server.log");
     let mut server = Reaped(
-        as_uid(1001, &server_bin, &socket)
+        as_uid(1001, &server_bin, socket)
             .args(["--listen", "127.0.0.1:0", "--allow", CLIENT_ID])
             .stdout(Stdio::piped())
             .stderr(fs::File::create(&server_log).expect("log file"))
@@ -214,7 +304,7 @@ selectors = ["unix:uid:1003"]
         Err(_) => panic!(
             "server did not listen within 30s:\n{}\n--- spiffed\n{}",
             read(&server_log),
-            read(&agent_log)
+            read(agent_log)
         ),
     };
     let connect = format!("127.0.0.1:{port}");
@@ -222,13 +312,13 @@ selectors = ["unix:uid:1003"]
         format!(
             "--- server\n{}--- spiffed\n{}",
             read(&server_log),
-            read(&agent_log)
+            read(agent_log)
         )
     };
 
     // The client, as uid 1002: 12 lines at 700ms (8.4s) over one connection, while its 4s SVID
     // is re-minted every 2s.
-    let out = as_uid(1002, &client_bin, &socket)
+    let out = as_uid(1002, &client_bin, socket)
         .args(["--connect", &connect, "--server-id", SERVER_ID])
         .args(["--count", "12", "--interval", "700ms"])
         .output()
@@ -288,7 +378,7 @@ selectors = ["unix:uid:1003"]
     }
 
     // The intruder, as uid 1003: a valid SVID of the same trust domain, but not the allowed ID.
-    let out = as_uid(1003, &client_bin, &socket)
+    let out = as_uid(1003, &client_bin, socket)
         .args(["--connect", &connect, "--server-id", SERVER_ID])
         .args(["--count", "2", "--interval", "100ms"])
         .output()
@@ -333,7 +423,5 @@ selectors = ["unix:uid:1003"]
         "--- client\n{client_out}--- intruder\n{intruder_out}\n--- server\n{}",
         read(&server_log)
     );
-    eprintln!("mtls test took {:.1}s", started.elapsed().as_secs_f64());
     drop(server);
-    drop(agent);
 }

@@ -49,6 +49,30 @@ pub(crate) struct RawConfig {
     pub(crate) max_dns_names_per_entry: Option<Spanned<i64>>,
     pub(crate) min_svid_ttl: Option<Str>,
     pub(crate) min_ca_ttl: Option<Str>,
+    /// Agent mode: the SPIRE Server this agent is a node agent of.
+    pub(crate) spire_server: Option<Spanned<RawSpireServer>>,
+}
+
+/// The `[spire_server]` table (agent mode).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSpireServer {
+    pub(crate) address: Option<Str>,
+    pub(crate) trust_bundle_path: Option<Str>,
+    pub(crate) trust_bundle_format: Option<Str>,
+    pub(crate) insecure_bootstrap: Option<Spanned<bool>>,
+    pub(crate) join_token: Option<Str>,
+    pub(crate) x509pop: Option<Spanned<RawX509Pop>>,
+    pub(crate) sync_interval: Option<Str>,
+}
+
+/// The `[spire_server.x509pop]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawX509Pop {
+    pub(crate) certificate_path: Option<Str>,
+    pub(crate) private_key_path: Option<Str>,
+    pub(crate) intermediates_path: Option<Str>,
 }
 
 /// One `[[entries]]` table.

@@ -19,7 +19,7 @@ use toml::de::DeTable;
 
 use super::NewRootPolicy;
 use super::error::{ConfigError, ConfigErrorKind, line_column};
-use super::raw::{RawConfig, RawEntry, Str, StrList};
+use super::raw::{RawConfig, RawEntry, RawX509Pop, Str, StrList};
 use super::{
     Config, DEFAULT_ADMIN_SOCKET_PATH, DEFAULT_CA_TTL, DEFAULT_DATA_DIR, DEFAULT_JWT_SVID_TTL,
     DEFAULT_MAX_DNS_NAMES_PER_ENTRY, DEFAULT_MAX_SELECTORS_PER_ENTRY, DEFAULT_MIN_CA_TTL,
@@ -29,6 +29,10 @@ use super::{
 use super::{
     DEFAULT_FD_RESERVE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_MAX_STREAMS_PER_UID,
+};
+use spiffed_spire::config::{
+    Bootstrap, BundleFormat, DEFAULT_SYNC_INTERVAL, JoinToken, NodeAttestation, ServerAddress,
+    SpireConfig,
 };
 
 /// Longest trust domain name, in bytes ([ID §2.3]).
@@ -222,6 +226,7 @@ fn validate(
         &[("text", LogFormat::Text), ("json", LogFormat::Json)],
         LogFormat::default(),
     );
+    let spire_server = cx.spire_server(&raw);
     let synthetic_ids = raw.synthetic_ids.is_some_and(|s| *s.get_ref());
     let entries = cx.entries(raw.entries, trust_domain.as_ref(), ca_ok.then_some(ca_ttl));
     let max_connections_per_uid = cx.count(
@@ -312,6 +317,7 @@ fn validate(
         min_svid_ttl: cx.limits.min_svid_ttl,
         min_ca_ttl,
         new_entry_store: false,
+        spire_server,
     })
 }
 
@@ -439,7 +445,226 @@ struct Cx<'a> {
     selectors: &'a dyn SelectorCheck,
 }
 
+/// Shortest and longest `sync_interval`.
+const SYNC_INTERVAL_RANGE: (Duration, Duration) =
+    (Duration::from_secs(1), Duration::from_secs(3600));
+
 impl Cx<'_> {
+    /// The `[spire_server]` table (agent mode), and the keys that have no meaning next to it.
+    fn spire_server(&mut self, raw: &RawConfig) -> Option<SpireConfig> {
+        let table = raw.spire_server.as_ref()?;
+        let span = table.span();
+        let t = table.get_ref();
+        // Keys of standalone mode that agent mode cannot honour: refused, so that nobody
+        // believes they apply.
+        let server_sets = |key: &str, how: &str| {
+            (
+                format!("{key} has no effect in agent mode: the SPIRE Server {how}"),
+                format!("remove {key}, or remove [spire_server] to run standalone"),
+            )
+        };
+        if let Some(e) = raw.entries.first() {
+            self.invalid(
+                e.span(),
+                "entries",
+                "[[entries]] are not used in agent mode: the SPIRE Server holds the registration                  entries",
+                "register them on the server, e.g. `spire-server entry create -parentID                  <this agent's SPIFFE ID> -spiffeID spiffe://TD/web -selector unix:uid:1000`, and                  remove the [[entries]] tables",
+            );
+        }
+        for (key, raw_ttl, how) in [
+            (
+                "x509_svid_ttl",
+                &raw.x509_svid_ttl,
+                "sets X.509-SVID lifetimes (default_x509_svid_ttl in its config, or                  -x509SVIDTTL per entry)",
+            ),
+            (
+                "jwt_svid_ttl",
+                &raw.jwt_svid_ttl,
+                "sets JWT-SVID lifetimes (default_jwt_svid_ttl in its config, or -jwtSVIDTTL                  per entry)",
+            ),
+            ("ca_ttl", &raw.ca_ttl, "is the CA (ca_ttl in its config)"),
+        ] {
+            if let Some(r) = raw_ttl {
+                let (message, fix) = server_sets(key, how);
+                self.invalid(r.span(), key, message, fix);
+            }
+        }
+        if let Some(s) = raw.synthetic_ids.as_ref().filter(|s| *s.get_ref()) {
+            self.invalid(
+                s.span(),
+                "synthetic_ids",
+                "synthetic_ids cannot be used in agent mode: every identity comes from an entry                  on the SPIRE Server",
+                "remove synthetic_ids (it is for standalone and dev mode)",
+            );
+        }
+        let address = match &t.address {
+            None => {
+                self.push(
+                    ConfigErrorKind::Missing,
+                    span.clone(),
+                    "spire_server.address",
+                    "[spire_server] needs the server's address",
+                    "add address = \"spire-server.example.org:8081\" (HOST:PORT; 8081 is the \
+                     server's default bind_port)",
+                );
+                None
+            }
+            Some(a) => match a.get_ref().parse::<ServerAddress>() {
+                Ok(addr) => Some(addr),
+                Err(e) => {
+                    self.invalid(
+                        a.span(),
+                        "spire_server.address",
+                        e.to_string(),
+                        "the address is where spire-server listens (bind_address:bind_port)",
+                    );
+                    None
+                }
+            },
+        };
+        let insecure = t.insecure_bootstrap.as_ref().is_some_and(|b| *b.get_ref());
+        let format = self.choice(
+            "spire_server.trust_bundle_format",
+            t.trust_bundle_format.as_ref(),
+            &[("pem", BundleFormat::Pem), ("spiffe", BundleFormat::Spiffe)],
+            BundleFormat::Pem,
+        );
+        let bootstrap = match (&t.trust_bundle_path, insecure) {
+            (Some(p), true) => {
+                self.invalid(
+                    p.span(),
+                    "spire_server.trust_bundle_path",
+                    "trust_bundle_path and insecure_bootstrap = true are both set",
+                    "keep trust_bundle_path (insecure_bootstrap skips verifying the server and \
+                     is for tests only)",
+                );
+                None
+            }
+            (Some(_), false) => Some(Bootstrap::Bundle {
+                path: self.path(
+                    "spire_server.trust_bundle_path",
+                    t.trust_bundle_path.as_ref(),
+                    "/etc/spiffed/bootstrap.pem",
+                    false,
+                ),
+                format,
+            }),
+            (None, true) => {
+                if let Some(f) = &t.trust_bundle_format {
+                    self.invalid(
+                        f.span(),
+                        "spire_server.trust_bundle_format",
+                        "trust_bundle_format is set, but there is no trust_bundle_path",
+                        "remove trust_bundle_format, or set trust_bundle_path",
+                    );
+                }
+                Some(Bootstrap::Insecure)
+            }
+            (None, false) => {
+                self.push(
+                    ConfigErrorKind::Missing,
+                    span,
+                    "spire_server.trust_bundle_path",
+                    "[spire_server] needs trust_bundle_path (or insecure_bootstrap = true) to \
+                     authenticate the server on first contact",
+                    "add trust_bundle_path = \"/etc/spiffed/bootstrap.pem\" with the output of \
+                     `spire-server bundle show` (or insecure_bootstrap = true, for tests only)",
+                );
+                None
+            }
+        };
+        let attestation = match (&t.join_token, &t.x509pop) {
+            (Some(tok), Some(_)) => {
+                self.invalid(
+                    tok.span(),
+                    "spire_server.join_token",
+                    "join_token and [spire_server.x509pop] are both set",
+                    "choose one node attestor: remove join_token or the x509pop table",
+                );
+                None
+            }
+            (Some(tok), None) if tok.get_ref().trim().is_empty() => {
+                self.invalid(
+                    tok.span(),
+                    "spire_server.join_token",
+                    "join_token is empty",
+                    "paste the token printed by `spire-server token generate`, or remove the \
+                     key and pass --join-token",
+                );
+                None
+            }
+            (Some(tok), None) => Some(NodeAttestation::JoinToken(Some(JoinToken::new(
+                tok.get_ref().trim(),
+            )))),
+            (None, Some(pop)) => self.x509pop(pop),
+            (None, None) => Some(NodeAttestation::JoinToken(None)),
+        };
+        let sync_interval = match &t.sync_interval {
+            None => Some(DEFAULT_SYNC_INTERVAL),
+            Some(r) => self
+                .ttl("spire_server.sync_interval", "sync_interval", Some(r))
+                .filter(|d| {
+                    let (lo, hi) = SYNC_INTERVAL_RANGE;
+                    if (lo..=hi).contains(d) {
+                        return true;
+                    }
+                    self.invalid(
+                        r.span(),
+                        "spire_server.sync_interval",
+                        format!("sync_interval {:?} is outside 1s..1h", r.get_ref()),
+                        "use e.g. \"5s\" (the default, as spire-agent); a shorter interval \
+                         costs the server CPU per agent",
+                    );
+                    false
+                }),
+        };
+        Some(SpireConfig {
+            address: address?,
+            bootstrap: bootstrap?,
+            attestation: attestation?,
+            sync_interval: sync_interval?,
+        })
+    }
+
+    fn x509pop(&mut self, pop: &Spanned<RawX509Pop>) -> Option<NodeAttestation> {
+        let p = pop.get_ref();
+        let required = |cx: &mut Self, key: &str, raw: &Option<Str>| match raw {
+            Some(_) => Some(cx.path(
+                &format!("spire_server.x509pop.{key}"),
+                raw.as_ref(),
+                "/etc/spiffed/node.pem",
+                false,
+            )),
+            None => {
+                cx.push(
+                    ConfigErrorKind::Missing,
+                    pop.span(),
+                    format!("spire_server.x509pop.{key}"),
+                    format!("[spire_server.x509pop] needs {key}"),
+                    "add certificate_path and private_key_path (PEM files of the node \
+                     certificate, signed by a CA in the server's x509pop ca_bundle_path, and its \
+                     key)",
+                );
+                None
+            }
+        };
+        let certificate_path = required(self, "certificate_path", &p.certificate_path);
+        let private_key_path = required(self, "private_key_path", &p.private_key_path);
+        let intermediates_path = p.intermediates_path.as_ref().map(|r| {
+            self.path(
+                "spire_server.x509pop.intermediates_path",
+                Some(r),
+                "/etc/spiffed/intermediates.pem",
+                false,
+            )
+        });
+        Some(NodeAttestation::X509Pop {
+            certificate_path: certificate_path?,
+            private_key_path: private_key_path?,
+            intermediates_path,
+        })
+    }
+
     fn push(
         &mut self,
         kind: ConfigErrorKind,

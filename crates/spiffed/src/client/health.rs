@@ -68,6 +68,88 @@ pub(crate) fn failure_json(addr: &SocketAddress, err: &ClientError) -> serde_jso
     })
 }
 
+/// What `spiffed.status.v1.AgentStatus/GetStatus` said; `None` from an agent without it.
+pub(crate) type AgentReport = Option<spiffed_proto::status::GetStatusResponse>;
+
+/// Asks the agent's status service for its mode and readiness (agent mode: serving from the
+/// SPIRE Server, from the cache, or not serving and why). An agent without the service (an
+/// older spiffed, another Workload API server) gives `None`.
+pub(crate) async fn agent_report(addr: &SocketAddress) -> AgentReport {
+    let mut client = spiffed_proto::status::agent_status_client::AgentStatusClient::new(
+        connect_channel(addr).await.ok()?,
+    );
+    client
+        .get_status(api_request(spiffed_proto::status::GetStatusRequest {}))
+        .await
+        .ok()
+        .map(tonic::Response::into_inner)
+}
+
+/// Whether the report says identities are not served (agent mode, with the reason).
+pub(crate) fn report_blocks(report: &AgentReport) -> Option<&str> {
+    report
+        .as_ref()
+        .filter(|r| r.readiness == "not_serving")
+        .map(|r| r.reason.as_str())
+}
+
+/// A sentence about the report, if it says more than "serving".
+pub(crate) fn describe_report(report: &AgentReport) -> Option<String> {
+    let r = report.as_ref()?;
+    match r.readiness.as_str() {
+        "serving_from_cache" => Some(format!(
+            "serving identities from its cache: the SPIRE Server {} has been unreachable since \
+             {} ({})",
+            r.server_address,
+            unix_time(r.unreachable_since),
+            r.reason
+        )),
+        "not_serving" => Some(format!("not serving identities: {}", r.reason)),
+        _ => None,
+    }
+}
+
+fn unix_time(secs: i64) -> String {
+    u64::try_from(secs)
+        .ok()
+        .filter(|&s| s > 0)
+        .map(|s| {
+            humantime::format_rfc3339_seconds(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(s),
+            )
+            .to_string()
+        })
+        .unwrap_or_else(|| "start-up".to_owned())
+}
+
+/// The report's fields for `--output json` (added to the health JSON).
+pub(crate) fn report_json(report: &AgentReport, json: &mut serde_json::Value) {
+    let (Some(r), Some(obj)) = (report, json.as_object_mut()) else {
+        return;
+    };
+    obj.insert("mode".into(), r.mode.clone().into());
+    obj.insert("readiness".into(), r.readiness.clone().into());
+    if !r.reason.is_empty() {
+        obj.insert("reason".into(), r.reason.clone().into());
+    }
+    if r.mode == "agent" {
+        obj.insert("server_address".into(), r.server_address.clone().into());
+        obj.insert("agent_id".into(), r.agent_id.clone().into());
+        for (key, secs) in [
+            ("unreachable_since", r.unreachable_since),
+            ("last_sync", r.last_sync),
+            ("agent_svid_expires_at", r.agent_svid_expires_at),
+        ] {
+            if secs > 0 {
+                obj.insert(key.into(), unix_time(secs).into());
+            }
+        }
+    }
+    if report_blocks(report).is_some() {
+        obj.insert("serving".into(), false.into());
+    }
+}
+
 /// Calls `grpc.health.v1.Health/Check` for the whole server on the socket. The caller bounds
 /// the time it takes.
 pub(crate) async fn check(addr: &SocketAddress) -> Result<HealthOutcome, ClientError> {

@@ -10,6 +10,7 @@
 )]
 
 mod admin;
+mod agent_mode;
 mod attest;
 mod cli;
 mod files;
@@ -17,6 +18,7 @@ mod interop;
 mod jwt;
 mod lifecycle;
 mod limits;
+mod spire_harness;
 mod x509;
 
 use std::path::PathBuf;
