@@ -951,7 +951,10 @@ fi
 # lru_cache_record_map_size gauge; spiffed: the `entries` counter of the stats line it logs on
 # SIGUSR1; "null" if unknown) and SYNC_SVIDS to the X.509-SVIDs it holds. Not in $(...).
 spiffed_stats_line() {
-    local name="$1" pid="${PIDS[$1]}" off i line
+    local name="$1" pid="${PIDS[$1]}" off i line cgt
+    # Only once the agent catches SIGUSR1 (bit 10 of SigCgt): before, the signal would kill it.
+    cgt="$(awk '/^SigCgt:/ {print $2}' "/proc/$pid/status" 2>/dev/null)"
+    [[ -n "$cgt" ]] && (((16#$cgt >> 9) & 1)) || return 1
     off="$(stat -c %s "$TMP/logs/$name.log")"
     kill -USR1 "$pid" 2>/dev/null || return 1
     for ((i = 0; i < 200; i++)); do
