@@ -6,7 +6,8 @@
 Every figure in a scenario table is the median, over the runs, of that figure (each column and
 row separately); ratios are ratios of those medians. bench/ANALYSIS.md, when present, is copied
 in verbatim. The Scale section (bench/scale.sh) comes from bench/render_scale.py, rendered from the
-scale-*.jsonl files next to the results file, so that this renderer keeps it.
+scale-*.jsonl files next to the results file, and the Agent mode section (bench/agent-mode.sh) from
+bench/render_agent_mode.py and the newest agent-mode-*.jsonl there, so that this renderer keeps both.
 """
 
 import argparse
@@ -18,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import render_scale  # noqa: E402  (the Scale section, from bench/scale.sh's results)
+import render_agent_mode  # noqa: E402  (the Agent mode section, from bench/agent-mode.sh's results)
 
 AGENTS = ["spiffed", "spire-agent", "floor"]
 
@@ -586,6 +588,10 @@ def render(data, analysis_text, results_path, root):
     scale = render_scale.section(os.path.dirname(os.path.abspath(results_path)), root)
     if scale:
         out += [scale]
+    # bench/agent-mode.sh's section, likewise.
+    agent_mode = render_agent_mode.section_from_dir(os.path.dirname(os.path.abspath(results_path)), root)
+    if agent_mode:
+        out += [agent_mode]
     if analysis_text is not None:
         out += ["", analysis_text.rstrip("\n"), ""]
     if data.end.get("elapsed_s") is not None:

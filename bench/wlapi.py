@@ -16,6 +16,11 @@ probe costs no process start-up per attempt and can poll a socket every millisec
         `( kill -STOP $BASHPID; exec AGENT ... ) &`). Waits until it is stopped, starts the clock,
         sends SIGCONT and polls SOCKET every --interval (1 ms) until it serves an X509-SVID; prints
         {"ok", "pid", "first_svid_ms", "attempts", "svids"}. The agent stays the script's child.
+  wlapi.py await-id SOCKET --id ID [--timeout S]
+        one FetchX509SVID stream: prints {"ready", "t_unix"} after its first message, then
+        {"ok", "t_unix", "messages"} at the first message carrying SPIFFE ID (the wall-clock time
+        it arrived), or {"ok": false, "error"} at the timeout; bench/agent-mode.sh starts the
+        clock before `spire-server entry create` once "ready" is printed
   wlapi.py freeport                         print a free TCP port on 127.0.0.1
 """
 
@@ -113,6 +118,66 @@ def fetch_raw(path, timeout=5.0):
                     raise ProbeError("stream ended inside a message")
             elif ftype == HEADERS and stream == 1 and flags & END_STREAM:
                 raise ProbeError("the RPC ended without a message (error status, e.g. PermissionDenied)")
+            elif ftype == RST_STREAM and stream == 1:
+                raise ProbeError("stream reset by the server")
+            elif ftype == GOAWAY:
+                raise ProbeError("GOAWAY from the server")
+    except socket.timeout:
+        raise ProbeError("timed out") from None
+    except OSError as e:
+        raise ProbeError("socket error: %s" % e) from None
+    finally:
+        sock.close()
+
+
+WINDOW_UPDATE = 0x8
+
+
+def stream_messages(path, timeout):
+    """Yields (unix time, message bytes) for every FetchX509SVID response message on one stream,
+    until `timeout` seconds pass (ProbeError("timed out")) or the stream ends (ProbeError)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    deadline = time.monotonic() + timeout
+    try:
+        sock.settimeout(max(0.001, timeout))
+        try:
+            sock.connect(path)
+        except OSError as e:
+            raise ProbeError("connect: %s" % e.strerror) from None
+        sock.sendall(REQUEST)
+        buf = bytearray()
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ProbeError("timed out")
+            sock.settimeout(left)
+            head = _recv_exact(sock, 9)
+            length = int.from_bytes(head[:3], "big")
+            ftype, flags = head[3], head[4]
+            stream = int.from_bytes(head[5:9], "big") & 0x7FFFFFFF
+            payload = _recv_exact(sock, length)
+            if ftype == SETTINGS and not flags & ACK:
+                sock.sendall(_frame(SETTINGS, ACK, 0))
+            elif ftype == PING and not flags & ACK:
+                sock.sendall(_frame(PING, ACK, 0, payload))
+            elif ftype == DATA and stream == 1:
+                t = time.time()
+                if length:
+                    # Give the flow-control credit back at once (connection and stream), so that a
+                    # long-lived stream never stalls on the 64 KiB default window.
+                    inc = struct.pack(">I", length)
+                    sock.sendall(_frame(WINDOW_UPDATE, 0, 0, inc) + _frame(WINDOW_UPDATE, 0, 1, inc))
+                buf += payload
+                while len(buf) >= 5:
+                    need = 5 + int.from_bytes(buf[1:5], "big")
+                    if len(buf) < need:
+                        break
+                    yield t, bytes(buf[5:need])
+                    del buf[:need]
+                if flags & END_STREAM:
+                    raise ProbeError("stream ended by the server")
+            elif ftype == HEADERS and stream == 1 and flags & END_STREAM:
+                raise ProbeError("the RPC ended (status in trailers, e.g. PermissionDenied)")
             elif ftype == RST_STREAM and stream == 1:
                 raise ProbeError("stream reset by the server")
             elif ftype == GOAWAY:
@@ -295,6 +360,28 @@ def cmd_rotation(a):
     return 1
 
 
+def cmd_await_id(a):
+    # One FetchX509SVID stream: a "ready" line once its first message is in (the caller then
+    # creates the entry), and a final line with the wall-clock time of the first message that
+    # carries the wanted SPIFFE ID.
+    start = time.monotonic()
+    n = 0
+    try:
+        for t, msg in stream_messages(a.socket, a.timeout):
+            n += 1
+            ids = _ids(parse_response(msg))
+            if n == 1:
+                print(json.dumps({"ready": True, "t_unix": t, "ids": ids}), flush=True)
+            if a.id in ids:
+                print(json.dumps({"ok": True, "t_unix": t, "messages": n, "ids": ids}), flush=True)
+                return 0
+    except ProbeError as e:
+        print(json.dumps({"ok": False, "error": str(e), "messages": n,
+                          "waited_s": round(time.monotonic() - start, 3)}), flush=True)
+        return 1
+    return 1
+
+
 def _proc_state(pid):
     try:
         with open("/proc/%d/stat" % pid) as f:
@@ -332,11 +419,12 @@ def cmd_startup(a):
         except ProbeError as e:
             last = str(e)
         if _proc_state(pid) in (None, "Z", "X"):
-            print(json.dumps({"ok": False, "pid": pid, "error": "exited before serving (last probe: %s)" % last}))
+            print(json.dumps({"ok": False, "pid": pid, "error": "exited before serving (last probe: %s)" % last,
+                              "elapsed_ms": round((time.monotonic() - t0) * 1000, 1), "last_probe": last}))
             return 1
         if time.monotonic() >= deadline:
-            print(json.dumps({"ok": False, "pid": pid,
-                              "error": "no SVID within %ss: %s" % (a.timeout, last)}))
+            print(json.dumps({"ok": False, "pid": pid, "error": "no SVID within %ss: %s" % (a.timeout, last),
+                              "elapsed_ms": round((time.monotonic() - t0) * 1000, 1), "last_probe": last}))
             return 1
         time.sleep(a.interval)
 
@@ -375,6 +463,11 @@ def main():
     s.add_argument("--timeout", type=float, default=60.0)
     s.add_argument("--interval", type=float, default=0.001)
     s.set_defaults(func=cmd_startup)
+    aw = sub.add_parser("await-id")
+    aw.add_argument("socket")
+    aw.add_argument("--id", required=True)
+    aw.add_argument("--timeout", type=float, default=60.0)
+    aw.set_defaults(func=cmd_await_id)
     fp = sub.add_parser("freeport")
     fp.set_defaults(func=cmd_freeport)
     a = p.parse_args()
