@@ -577,7 +577,7 @@ def section(path, root=None):
                 "(uids no process has) → `spiffe://example.org/bench/sync/<agent>/N` are registered under its node "
                 "with one `spire-server entry create -data FILE`, the script waits for spire-server's entry cache to "
                 "reload and measures the server's idle CPU rate for 10 s, then starts the agent on its existing state "
-                "and polls every 0.2 s until it holds every entry of its node (%s: the %s plus its uid entry). "
+                "and polls every 0.05 s until it holds every entry of its node (%s: the %s plus its uid entry). "
                 "The signal: spire-agent's `lru_cache_record_map_size` gauge (its Prometheus endpoint, enabled for "
                 "this part: the entries in its cache); spiffed's `entries` counter in the `stats` line it logs on "
                 "SIGUSR1. Then the entries are deleted. spire-agent prefetches X.509-SVIDs for at most "
