@@ -497,7 +497,7 @@ def section(path, root=None):
     out += ["", "### 2. From `spire-server entry create` to the workload's first SVID", "",
             "A node already running; for each sample, one FetchX509SVID stream per agent is held open as the "
             "workload (uid %s; `bench/wlapi.py await-id`, the same probe for every agent), a random pause of up to "
-            "one sync interval puts the create anywhere in the sync cycle, the clock starts, one "
+            "the longer of the sync interval and the server's 5 s entry-cache reload puts the create anywhere in the sync cycle, the clock starts, one "
             "`spire-server entry create -data FILE` registers a new entry (`unix:uid:%s`, a new SPIFFE ID) under "
             "each node measured, and the time is when the agent's stream delivered a message carrying the new "
             "SPIFFE ID. Then the entries are deleted. spire-server's entry cache reloads every %s "
