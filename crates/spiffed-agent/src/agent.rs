@@ -203,7 +203,9 @@ impl Stats {
                     readiness,
                     stream_wakeups_recomputed = wakeups.recomputed,
                     stream_wakeups_filtered = wakeups.filtered,
-                    x509_svids = ?svids,
+                    x509_svids_cached = svids.cached,
+                    x509_svids_held = svids.held,
+                    x509_svids_preminted = svids.pinned,
                     x509_mints = issuer.x509_mints(),
                     jwt_svids_cached = issuer.cached_jwt_svids(),
                     "stats"
