@@ -1559,6 +1559,26 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
     }
 
     #[test]
+    fn sync_interval_bounds_are_1s_and_1h_inclusive() {
+        let with = |v: &str| {
+            parse(&doc(&[
+                TD,
+                SPIRE,
+                "address = \"h:1\"",
+                "insecure_bootstrap = true",
+                &format!("sync_interval = \"{v}\""),
+            ]))
+        };
+        for ok in ["1s", "1h"] {
+            assert!(with(ok).is_ok(), "{ok}");
+        }
+        for bad in ["999ms", "3601s"] {
+            let e = with(bad).unwrap_err();
+            assert_eq!(e.key, "spire_server.sync_interval", "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn spire_server_table_errors_name_the_key_and_the_fix() {
         let e = fails_at(
             &[TD, SPIRE, "insecure_bootstrap = true"],
