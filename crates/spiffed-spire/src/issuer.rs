@@ -38,7 +38,7 @@ use crate::bundle::{self, Converted};
 use crate::cache::{self, CACHE_FILE, CacheError, Snapshot};
 use crate::jwt::{JwtCache, JwtKey, token_info};
 use crate::server::{EntryVersion, ServerApi};
-use crate::svids::{Lane, Lookup, MIN_REFRESH, MintJob, SvidStats, SvidTable, rotate_at};
+use crate::svids::{Lane, Lookup, MintJob, SvidStats, SvidTable, rotate_at};
 use crate::x509::{self, Authority, Checked};
 
 /// Default for [`IssuerConfig::prefetch_max`], as spire-agent's `x509_svid_cache_max_size`.
@@ -289,7 +289,7 @@ impl SpireIssuer {
                 });
                 match checked {
                     Ok(c) => {
-                        let due = rotate_at(&c.svid, jitter());
+                        let due = rotate_at(&c.svid, None, jitter());
                         st.svids.install_loaded(&s.entry_id, c, s.version, due, now);
                         kept += 1;
                     }
@@ -851,7 +851,7 @@ impl SpireIssuer {
             .into_iter()
             .map(|(job, outcome)| {
                 let outcome = outcome.map(|c| {
-                    let due = rotate_at(&c.svid, jitter()).max(now + MIN_REFRESH);
+                    let due = rotate_at(&c.svid, Some(now), jitter());
                     (c, due)
                 });
                 (job, outcome)
@@ -871,7 +871,7 @@ impl SpireIssuer {
             match outcome {
                 Ok((checked, due)) => {
                     tracing::debug!(entry = %job.id, spiffe_id = %job.spiffe_id, "X.509-SVID signed by the SPIRE Server");
-                    installed += u64::from(st.svids.finish_ok(&job, checked, due));
+                    installed += u64::from(st.svids.finish_ok(&job, checked, due, now));
                 }
                 Err(e) => {
                     if ok

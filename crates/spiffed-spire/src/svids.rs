@@ -27,9 +27,11 @@ use crate::x509::{Checked, chains_to_any};
 
 /// An SVID nobody holds and nobody fetched for this long is dropped (unless pre-minted).
 pub(crate) const IDLE_KEEP: Duration = Duration::from_secs(60);
-/// SVIDs falling due within this much of each other are rotated in one batch.
+/// SVIDs falling due within this much of each other are rotated in one batch (an SVID is
+/// rotated at most this early, and at most a tenth of the life it has left then).
 pub(crate) const ROTATE_EARLY: Duration = Duration::from_secs(1);
-/// Shortest time between a mint and the rotation of what it minted.
+/// Shortest time between a mint and the rotation of what it minted, batching included: at
+/// most one background mint a second per entry, however short the TTL the server gives.
 pub(crate) const MIN_REFRESH: Duration = Duration::from_secs(1);
 /// Most CSRs per `BatchNewX509SVID` call (the server's per-IP signing burst).
 pub(crate) const MAX_BATCH: usize = 500;
@@ -54,16 +56,21 @@ pub(crate) enum Lane {
     Background,
 }
 
-/// When an SVID is due for rotation: at half its lifetime, moved by `jitter` (in -1..=1) times
-/// a tenth of that half.
-pub(crate) fn rotate_at(svid: &X509Svid, jitter: f64) -> SystemTime {
+/// When an SVID is due for rotation: at half the life it had when it was `received` (its
+/// notBefore when that is later, or when the time it arrived is unknown), moved by `jitter`
+/// (in -1..=1) times a tenth of that half.
+///
+/// Measured from arrival, not from notBefore: the SPIRE Server backdates notBefore by 10 s,
+/// so an SVID of a short TTL is past the middle of its notBefore..notAfter span on arrival.
+pub(crate) fn rotate_at(svid: &X509Svid, received: Option<SystemTime>, jitter: f64) -> SystemTime {
+    let start = received.map_or(svid.not_before, |r| r.max(svid.not_before));
     let life = svid
         .not_after
-        .duration_since(svid.not_before)
+        .duration_since(start)
         .unwrap_or(Duration::ZERO);
     let half = life / 2;
     let shift = half.mul_f64(0.1 * jitter.abs().min(1.0));
-    let mid = svid.not_before + half;
+    let mid = start + half;
     if jitter < 0.0 {
         mid - shift
     } else {
@@ -78,6 +85,8 @@ pub(crate) struct Held {
     /// The entry version it was minted for (`None`: unknown at the time).
     pub(crate) version: Option<EntryVersion>,
     rotate_at: SystemTime,
+    /// Not rotated before this (its mint plus [`MIN_REFRESH`]), even when due.
+    earliest: SystemTime,
     /// The bundle authority its chain verifies to (DER).
     anchor: Vec<u8>,
     /// Chains to an authority the server marked tainted: rotate now.
@@ -350,14 +359,16 @@ impl SvidTable {
     }
 
     /// Installs what `job` minted and tells its waiters and the holders of the old SVID.
-    /// `rotate_at` is when it falls due. False when the slot is gone (the entry was dropped
-    /// meanwhile).
+    /// `rotate_at` is when it falls due; `now` is when it arrived. False when the slot is gone
+    /// (the entry was dropped meanwhile).
     pub(crate) fn finish_ok(
         &mut self,
         job: &MintJob,
         checked: Checked,
         rotate_at: SystemTime,
+        now: SystemTime,
     ) -> bool {
+        let earliest = now + MIN_REFRESH;
         let Some(slot) = self.slots.get_mut(&job.id) else {
             return false;
         };
@@ -367,6 +378,7 @@ impl SvidTable {
                 c.svid = svid.clone();
                 c.version = job.version;
                 c.rotate_at = rotate_at;
+                c.earliest = earliest;
                 c.anchor = checked.anchor;
                 c.tainted = false;
                 c.tx.send_replace(svid);
@@ -378,6 +390,7 @@ impl SvidTable {
                     tx,
                     version: job.version,
                     rotate_at,
+                    earliest,
                     anchor: checked.anchor,
                     tainted: false,
                 });
@@ -456,9 +469,21 @@ impl SvidTable {
                             .map_or(true, |d| d < IDLE_KEEP);
                     let changed = version_of(id).is_some_and(|v| c.version != Some(v))
                         || c.svid.spiffe_id != s.spiffe_id;
-                    let due_from = c.rotate_at.checked_sub(ROTATE_EARLY).unwrap_or(c.rotate_at);
+                    let early = c
+                        .svid
+                        .not_after
+                        .duration_since(c.rotate_at)
+                        .map_or(Duration::ZERO, |left| (left / 10).min(ROTATE_EARLY));
+                    let due_from = c
+                        .rotate_at
+                        .checked_sub(early)
+                        .unwrap_or(c.rotate_at)
+                        .max(c.earliest);
                     let due = worth
-                        && (changed || c.tainted || due_from <= now || c.svid.not_after <= now);
+                        && (changed
+                            || c.tainted
+                            || due_from <= now
+                            || (c.svid.not_after <= now && c.earliest <= now));
                     if !due {
                         later(due_from);
                         if !s.pinned && c.tx.receiver_count() == 0 {
@@ -571,6 +596,7 @@ impl SvidTable {
             tx,
             version,
             rotate_at,
+            earliest: now,
             anchor: checked.anchor,
             tainted: false,
         });

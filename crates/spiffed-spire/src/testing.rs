@@ -192,6 +192,9 @@ pub(crate) struct Fake {
     pub(crate) down: Option<ServerError>,
     /// The next N `BatchNewX509SVID` calls fail.
     pub(crate) fail_x509_calls: usize,
+    /// Every `BatchNewX509SVID` call past this many fails (a test of a loop ends instead of
+    /// spinning on the paused clock forever).
+    pub(crate) x509_call_limit: Option<usize>,
     pub(crate) fault: Option<Fault>,
     /// The number of CSRs of every `BatchNewX509SVID` call, failed ones too.
     pub(crate) batches: Vec<usize>,
@@ -237,6 +240,7 @@ impl FakeServer {
                 federated: HashMap::new(),
                 down: None,
                 fail_x509_calls: 0,
+                x509_call_limit: None,
                 fault: None,
                 batches: Vec::new(),
                 jwt_calls: 0,
@@ -430,6 +434,12 @@ impl ServerApi for FakeServer {
         let now = self.clock.now();
         let mut st = self.state();
         st.batches.push(params.len());
+        if st.x509_call_limit.is_some_and(|l| st.batches.len() > l) {
+            return Err(ServerError::Unreachable {
+                address: "fake:8081".into(),
+                reason: "the test's call limit".into(),
+            });
+        }
         if st.fail_x509_calls > 0 {
             st.fail_x509_calls -= 1;
             return Err(ServerError::Unreachable {

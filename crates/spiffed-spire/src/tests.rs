@@ -282,8 +282,8 @@ async fn rotation_at_half_life_wakes_only_that_entrys_watch() {
     let mut wa = env.issuer.x509_svid(&entry("a", "/a")).await.unwrap();
     let mut wb = env.issuer.x509_svid(&entry("b", "/b")).await.unwrap();
     let (a0, b0) = (wa.current(), wb.current());
-    // a lives 110 s (notBefore 10 s back): half its life is 45 s from now, ±5.5 s of
-    // jitter, rotated up to 1 s early with others due then.
+    // a lives 100 s from its arrival (notBefore is 10 s back, which does not count): half
+    // of that is 50 s from now, ±5 s of jitter, rotated up to 1 s early with others due then.
     tokio::time::sleep(Duration::from_secs(35)).await;
     assert!(!wa.has_changed(), "not before half its life");
     let rotated = tokio::time::timeout(Duration::from_secs(30), wa.changed())
@@ -295,6 +295,33 @@ async fn rotation_at_half_life_wakes_only_that_entrys_watch() {
     assert!(a1.not_after > a0.not_after);
     assert!(!wb.has_changed(), "b's holders did not wake");
     assert_eq!(wb.current().serial, b0.serial);
+}
+
+/// The SPIRE Server backdates notBefore by 10 s, so an SVID of a short TTL (4 s here) is past
+/// half of its notBefore..notAfter span when it arrives. It must be rotated at half of the life
+/// it has left when received (every 2 s), not re-minted in a loop that hammers the server.
+#[tokio::test(start_paused = true)]
+async fn a_short_lived_svid_is_rotated_at_half_its_remaining_life_not_in_a_loop() {
+    let env = env(0).with_bundle();
+    env.fake.put_entry("a", "/a", &["unix:uid:1"], 1);
+    {
+        let mut st = env.fake.state();
+        st.ttl.insert("a".into(), Duration::from_secs(4));
+        st.x509_call_limit = Some(50);
+    }
+    let mut wa = env.issuer.x509_svid(&entry("a", "/a")).await.unwrap();
+    let first = wa.current();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let mints = env.fake.state().batches.len();
+    assert!(
+        (4..=7).contains(&mints),
+        "a 4 s SVID held for 10 s is minted about 5 times (at half of each one's life), \
+         got {mints} calls"
+    );
+    let now = env.clock.now();
+    let held = wa.current();
+    assert_ne!(held.serial, first.serial, "it was rotated");
+    assert!(held.not_after > now, "and the one held has not expired");
 }
 
 #[tokio::test(start_paused = true)]
