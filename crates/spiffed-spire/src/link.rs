@@ -20,7 +20,7 @@
 //! 4. The server's name may resolve to several servers (an HA fleet): each agent ranks the
 //!    addresses in its own random order of preference and connects to the first that answers
 //!    (see `connect`). A connection that had to fall back to another address is replaced
-//!    after [`FALLBACK_AGE`], so the agent returns to its first choice when it is back.
+//!    after `FALLBACK_AGE` (30 s), so the agent returns to its first choice when it is back.
 
 mod connect;
 mod entries;

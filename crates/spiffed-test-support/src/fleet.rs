@@ -332,10 +332,14 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         self.stop();
         if std::thread::panicking() {
-            eprintln!(
-                "PostgreSQL log tail ({}):\n{}",
-                self.log.display(),
-                log_tail(&self.log, 20)
+            let _ = std::io::Write::write_all(
+                &mut std::io::stderr(),
+                format!(
+                    "PostgreSQL log tail ({}):\n{}\n",
+                    self.log.display(),
+                    log_tail(&self.log, 20)
+                )
+                .as_bytes(),
             );
         }
     }
