@@ -17,6 +17,10 @@
 //! 3. The [`ServerApi`] calls use one pooled connection authenticated by the current agent
 //!    SVID; a new SVID drops the pool so the next call handshakes with it. Each call has a
 //!    30 s deadline, and a call that finds the connection gone is retried once on a new one.
+//! 4. The server's name may resolve to several servers (an HA fleet): each agent ranks the
+//!    addresses in its own random order of preference and connects to the first that answers
+//!    (see `connect`). A connection that had to fall back to another address is replaced
+//!    after `FALLBACK_AGE` (30 s), so the agent returns to its first choice when it is back.
 
 mod connect;
 mod entries;
@@ -27,7 +31,7 @@ mod tests;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
@@ -64,6 +68,12 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(5);
 const BACKOFF_START: Duration = Duration::from_secs(1);
 /// The longest retry delay.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// How long a connection to a server other than the agent's first choice (which did not
+/// answer) is used before the next call connects afresh, trying the first choice again.
+/// Without this an agent would stay on the server it fell back to until that server closes
+/// the connection (SPIRE Server: after 3 minutes), and every agent of the dead server would
+/// pile onto the same survivor.
+pub(crate) const FALLBACK_AGE: Duration = Duration::from_secs(30);
 
 /// What an operator reads when the agent is banned.
 const BANNED: &str = "the agent was banned on the SPIRE Server (spire-server agent ban); remove \
@@ -140,10 +150,11 @@ struct Inner {
     agent_cert: Arc<AgentCert>,
     mtls: Arc<ClientConfig>,
     anon: Arc<ClientConfig>,
-    next_addr: Arc<AtomicUsize>,
+    /// Ranks the server's addresses for this agent (see `connect::preference_order`).
+    addr_seed: u64,
     current: RwLock<Option<Arc<Current>>>,
     generation: AtomicU64,
-    pool: Mutex<Option<(u64, Channel)>>,
+    pool: Mutex<Option<Pooled>>,
     bundle: Mutex<Vec<Vec<u8>>>,
     reattestable: AtomicBool,
     banned: AtomicBool,
@@ -153,6 +164,17 @@ struct Inner {
     events_rx: Mutex<Option<mpsc::Receiver<Event>>>,
     /// The longest wait between retries ([`BACKOFF_MAX`]; shorter in tests).
     backoff_max: Duration,
+    /// [`FALLBACK_AGE`].
+    fallback_age: Duration,
+}
+
+/// The pooled mTLS channel.
+struct Pooled {
+    /// The SVID generation it presents.
+    generation: u64,
+    channel: Channel,
+    /// Its connector, which says whether it fell back to another server.
+    connector: Connector,
 }
 
 /// The link to the SPIRE Server. Cheap to clone; every clone is the same link. Keep one to
@@ -305,7 +327,7 @@ impl ServerLink {
                 agent_cert,
                 mtls,
                 anon,
-                next_addr: Arc::new(AtomicUsize::new(rand::thread_rng().r#gen::<u16>().into())),
+                addr_seed: rand::thread_rng().r#gen(),
                 current: RwLock::new(None),
                 generation: AtomicU64::new(0),
                 pool: Mutex::new(None),
@@ -317,6 +339,7 @@ impl ServerLink {
                 events,
                 events_rx: Mutex::new(Some(events_rx)),
                 backoff_max: BACKOFF_MAX,
+                fallback_age: FALLBACK_AGE,
             }),
         };
         if let Some(s) = stored {
@@ -616,29 +639,43 @@ impl Inner {
             )));
         }
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((generation, channel)) = &*pool
-            && *generation == cur.generation
+        if let Some(p) = &*pool
+            && p.generation == cur.generation
         {
-            return Ok((*generation, channel.clone()));
+            let fell_back = p.connector.fallback_since();
+            if fell_back.is_none_or(|t| t.elapsed() < self.fallback_age) {
+                return Ok((p.generation, p.channel.clone()));
+            }
+            // Calls in flight finish on the old connection (their clones keep it); the next
+            // ones connect afresh, to the first choice if it answers again.
+            tracing::debug!(
+                "the connection fell back to another server a while ago; connecting afresh to \
+                 try this agent's first choice again"
+            );
         }
-        let channel = self
-            .connector(Arc::clone(&self.mtls))
+        let connector = self.connector(Arc::clone(&self.mtls));
+        let channel = connector
+            .clone()
             .channel()
             .map_err(|e| ServerError::Unreachable {
                 address: self.address_text.clone(),
                 reason: e.to_string(),
             })?;
-        *pool = Some((cur.generation, channel.clone()));
+        *pool = Some(Pooled {
+            generation: cur.generation,
+            channel: channel.clone(),
+            connector,
+        });
         Ok((cur.generation, channel))
     }
 
     fn connector(&self, tls: Arc<ClientConfig>) -> Connector {
-        Connector::new(self.address.clone(), tls, Arc::clone(&self.next_addr))
+        Connector::new(self.address.clone(), tls, self.addr_seed)
     }
 
     fn drop_pool(&self, generation: u64) {
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
-        if pool.as_ref().is_some_and(|(g, _)| *g == generation) {
+        if pool.as_ref().is_some_and(|p| p.generation == generation) {
             *pool = None;
         }
     }

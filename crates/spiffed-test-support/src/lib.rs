@@ -11,6 +11,7 @@
 )]
 
 pub mod doubles;
+pub mod fleet;
 pub mod spire;
 
 use std::fs;
@@ -43,6 +44,8 @@ pub struct Agent {
     bin: PathBuf,
     /// Runs the agent as this uid and gid (through `setpriv`) instead of the test's own.
     run_as: Option<u32>,
+    /// Runs the agent in a mount namespace of its own with this file over `/etc/hosts`.
+    hosts_file: Option<PathBuf>,
 }
 
 /// The config text for a test agent in `dir`, with `extra` appended (entries, TTLs).
@@ -71,14 +74,34 @@ impl Agent {
     /// Starts `bin run` on a config made by `text(dir)` for its own temp dir `dir` (for a
     /// config [`config_text`] cannot make, e.g. another trust domain).
     pub fn start_raw(bin: &Path, text: impl FnOnce(&Path) -> String) -> Self {
-        Self::start_text(bin, text, None)
+        Self::start_text(bin, text, None, None)
+    }
+
+    /// Like [`Agent::start`], but runs the agent in a mount namespace of its own (`unshare
+    /// -m`, so the test must run as root) where `hosts` is bind-mounted over `/etc/hosts`:
+    /// the agent resolves names through getaddrinfo as in production, but with the test's
+    /// hosts file, and no other process sees it. `/proc` and the file system stay shared, so
+    /// workloads of the test are attested as usual. The file is read at every lookup: the
+    /// test may rewrite it (in place) while the agent runs.
+    pub fn start_with_hosts(bin: &Path, extra: &str, hosts: &Path) -> Self {
+        Self::start_text(
+            bin,
+            |dir| config_text(dir, extra),
+            None,
+            Some(hosts.to_owned()),
+        )
     }
 
     fn start_with(bin: &Path, extra: &str, run_as: Option<u32>) -> Self {
-        Self::start_text(bin, |dir| config_text(dir, extra), run_as)
+        Self::start_text(bin, |dir| config_text(dir, extra), run_as, None)
     }
 
-    fn start_text(bin: &Path, text: impl FnOnce(&Path) -> String, run_as: Option<u32>) -> Self {
+    fn start_text(
+        bin: &Path,
+        text: impl FnOnce(&Path) -> String,
+        run_as: Option<u32>,
+        hosts_file: Option<PathBuf>,
+    ) -> Self {
         let dir = tempfile::tempdir().unwrap();
         // Let other uids (setpriv tests) reach the socket.
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
@@ -97,6 +120,7 @@ impl Agent {
             child: None,
             bin: bin.to_owned(),
             run_as,
+            hosts_file,
         };
         agent.spawn();
         agent
@@ -118,8 +142,19 @@ impl Agent {
             .append(true)
             .open(&self.log)
             .unwrap();
-        let mut command = match self.run_as {
-            Some(uid) => {
+        let mut command = match (self.run_as, &self.hosts_file) {
+            (Some(_), Some(_)) => panic!("an agent runs as another uid or with a hosts file"),
+            (None, Some(hosts)) => {
+                // unshare and sh exec: the pid is the agent's. A private namespace, so the
+                // bind mount is seen by this agent only.
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                    .arg("mount --bind \"$0\" /etc/hosts && exec \"$@\"")
+                    .arg(hosts)
+                    .arg(&self.bin);
+                c
+            }
+            (Some(uid), None) => {
                 let mut c = Command::new("setpriv");
                 c.arg(format!("--reuid={uid}"))
                     .arg(format!("--regid={uid}"))
@@ -127,7 +162,7 @@ impl Agent {
                     .arg(&self.bin);
                 c
             }
-            None => Command::new(&self.bin),
+            (None, None) => Command::new(&self.bin),
         };
         let child = command
             .arg("run")

@@ -573,6 +573,22 @@ pub struct ServerOptions {
     pub extra_server_config: Vec<String>,
     /// Lines added inside `plugins { }` (more plugins).
     pub extra_plugins: Vec<String>,
+    /// The `DataStore "sql"` the server uses (default: its own sqlite3 file).
+    pub datastore: DataStore,
+}
+
+/// Where a [`SpireServer`] keeps its data (`DataStore "sql"`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum DataStore {
+    /// `database_type = "sqlite3"`, a file in the server's data directory.
+    #[default]
+    Sqlite,
+    /// `database_type = "postgres"` with this connection string (several servers sharing
+    /// one database make an HA fleet; see [`crate::fleet`]).
+    Postgres {
+        /// A libpq-style connection string (`dbname=spire user=spire host=127.0.0.1 ...`).
+        connection_string: String,
+    },
 }
 
 impl Default for ServerOptions {
@@ -587,6 +603,7 @@ impl Default for ServerOptions {
             ca_ttl: None,
             extra_server_config: vec![],
             extra_plugins: vec![],
+            datastore: DataStore::Sqlite,
         }
     }
 }
@@ -961,10 +978,19 @@ impl SpireServer {
             }
         }
         server.extend(o.extra_server_config.iter().cloned());
+        let (database_type, connection_string) = match &o.datastore {
+            DataStore::Sqlite => (
+                "sqlite3",
+                self.data_dir
+                    .join("datastore.sqlite3")
+                    .display()
+                    .to_string(),
+            ),
+            DataStore::Postgres { connection_string } => ("postgres", connection_string.clone()),
+        };
         let mut plugins = vec![
             format!(
-                "DataStore \"sql\" {{\n    plugin_data {{\n      database_type = \"sqlite3\"\n      connection_string = \"{}\"\n    }}\n  }}",
-                self.data_dir.join("datastore.sqlite3").display()
+                "DataStore \"sql\" {{\n    plugin_data {{\n      database_type = \"{database_type}\"\n      connection_string = \"{connection_string}\"\n    }}\n  }}"
             ),
             format!(
                 "KeyManager \"disk\" {{\n    plugin_data {{\n      keys_path = \"{}\"\n    }}\n  }}",

@@ -3,17 +3,26 @@
 //! A tonic `Channel` calls the [`Connector`] whenever it needs a connection: at the first
 //! call, and again after the server closed the last one (SPIRE Server closes every connection
 //! after 3 minutes, `MaxConnectionAge`). Each connect resolves the name again, so a changed
-//! DNS record is followed, and tries the addresses starting at a rotating offset (seeded at
-//! random per agent) so agents spread over an HA server fleet; an address that does not
-//! answer within [`CONNECT_TIMEOUT`], or fails the TLS handshake, is skipped for the next.
+//! DNS record is followed, and tries the addresses in this agent's order of preference; an
+//! address that does not answer within [`CONNECT_TIMEOUT`], or fails the TLS handshake, is
+//! skipped for the next.
+//!
+//! The order of preference is rendezvous hashing: every address is ranked by a hash of the
+//! agent's random seed (drawn once per process) and the address. So agents spread evenly over
+//! an HA server fleet, each agent keeps going back to the same server (its first choice) as
+//! long as that one answers, and a server that joins or leaves moves only the agents that
+//! prefer it. An agent that had to fall back to another address (its first choice was down)
+//! says so in [`Connector::fallback_since`]; the link then replaces the connection after a
+//! while, so that agents return to their first choice once it is back, instead of all staying
+//! on the survivor (a herd) until something else moves them.
 
 use std::future::Future;
+use std::hash::{Hash as _, Hasher as _};
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use hyper_util::rt::TokioIo;
 use rustls::ClientConfig;
@@ -45,27 +54,52 @@ pub(crate) struct Connector {
 struct Inner {
     address: ServerAddress,
     tls: TlsConnector,
-    next: Arc<AtomicUsize>,
+    /// The agent's seed of the address ranking (the same for every connector of the agent).
+    seed: u64,
+    /// Since when the last connection is to an address other than the first choice (`None`
+    /// when it is to the first choice, or there was none yet).
+    fallback_since: Mutex<Option<Instant>>,
     /// Addresses used instead of resolving the name (tests of failover).
     fixed: Option<Vec<SocketAddr>>,
 }
 
+/// `addrs` in the order of preference of the agent with `seed` (rendezvous hashing: the
+/// highest hash of (seed, address) first). The order of one address pair does not depend on
+/// the other addresses, so a server that joins or leaves the name moves only the agents that
+/// prefer it.
+pub(crate) fn preference_order(seed: u64, addrs: &mut [SocketAddr]) {
+    addrs.sort_by_cached_key(|a| {
+        // SipHash with fixed keys: the same ranking in every process for the same seed.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        seed.hash(&mut h);
+        a.hash(&mut h);
+        std::cmp::Reverse((h.finish(), *a))
+    });
+}
+
 impl Connector {
-    /// A connector to `address` with `tls`; `next` is the rotating start offset, shared by
-    /// every connector of the agent.
-    pub(crate) fn new(
-        address: ServerAddress,
-        tls: Arc<ClientConfig>,
-        next: Arc<AtomicUsize>,
-    ) -> Self {
+    /// A connector to `address` with `tls`; `seed` ranks the addresses (see
+    /// [`preference_order`]), the same for every connector of the agent.
+    pub(crate) fn new(address: ServerAddress, tls: Arc<ClientConfig>, seed: u64) -> Self {
         Self {
             inner: Arc::new(Inner {
                 address,
                 tls: TlsConnector::from(tls),
-                next,
+                seed,
+                fallback_since: Mutex::new(None),
                 fixed: None,
             }),
         }
+    }
+
+    /// Since when this connector's connection is to an address other than its first choice,
+    /// because the first choice did not answer; `None` when it is to the first choice.
+    pub(crate) fn fallback_since(&self) -> Option<Instant> {
+        *self
+            .inner
+            .fallback_since
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
     }
 
     /// The same connector, trying exactly `addrs` (tests of failover).
@@ -76,7 +110,8 @@ impl Connector {
             inner: Arc::new(Inner {
                 address: inner.address.clone(),
                 tls: inner.tls.clone(),
-                next: Arc::clone(&inner.next),
+                seed: inner.seed,
+                fallback_since: Mutex::new(None),
                 fixed: Some(addrs),
             }),
         }
@@ -106,7 +141,6 @@ impl Inner {
             .await
             .map_err(|e| ConnectError(format!("cannot resolve {host}: {e}")))?;
         let mut addrs: Vec<SocketAddr> = found.collect();
-        // A stable order, so the rotating offset walks every address in turn.
         addrs.sort();
         addrs.dedup();
         if addrs.is_empty() {
@@ -133,15 +167,21 @@ impl Inner {
     }
 
     async fn connect(&self) -> Result<TokioIo<TlsStream<TcpStream>>, ConnectError> {
-        let addrs = self.resolve().await?;
-        let start = self.next.fetch_add(1, Ordering::Relaxed) % addrs.len();
+        let mut addrs = self.resolve().await?;
+        preference_order(self.seed, &mut addrs);
         let mut failures = Vec::new();
-        for i in 0..addrs.len() {
-            let addr = addrs[(start + i) % addrs.len()];
+        for addr in addrs {
             match self.connect_one(addr).await {
                 Ok(stream) => {
                     tracing::debug!(%addr, "connected to the SPIRE Server");
-                    if !failures.is_empty() {
+                    let mut since = self
+                        .fallback_since
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
+                    if failures.is_empty() {
+                        *since = None;
+                    } else {
+                        since.get_or_insert_with(Instant::now);
                         tracing::info!(
                             %addr,
                             failed = %failures.join("; "),

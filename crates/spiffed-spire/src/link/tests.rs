@@ -1140,25 +1140,30 @@ async fn connections_fail_over_to_an_address_that_answers() {
         host: "spire.example.org".into(),
         port: server.addr.port(),
     };
-    let connector = Connector::new(
-        address.clone(),
-        Arc::clone(&anon),
-        Arc::new(AtomicUsize::new(0)),
-    )
-    .with_addrs(vec![refused, server.addr]);
-    // Whichever address is tried first, every new connection reaches the server.
-    for _ in 0..4 {
+    // Whichever address an agent prefers, every new connection reaches the server; an agent
+    // that prefers the dead address says it fell back, one that prefers the live one does not.
+    for seed in 0..4 {
+        let connector = Connector::new(address.clone(), Arc::clone(&anon), seed)
+            .with_addrs(vec![refused, server.addr]);
+        assert_eq!(connector.fallback_since(), None, "not connected yet");
         let channel = connector.clone().channel().unwrap();
         BundleClient::new(channel)
             .get_bundle(GetBundleRequest { output_mask: None })
             .await
             .unwrap();
+        let mut order = vec![refused, server.addr];
+        connect::preference_order(seed, &mut order);
+        let prefers_dead = order[0] == refused;
+        assert_eq!(
+            connector.fallback_since().is_some(),
+            prefers_dead,
+            "seed {seed}"
+        );
     }
     assert_eq!(server.mock.state().connections, 4);
 
     // With no address answering, the error names each address and why.
-    let connector =
-        Connector::new(address, anon, Arc::new(AtomicUsize::new(0))).with_addrs(vec![refused]);
+    let connector = Connector::new(address, anon, 0).with_addrs(vec![refused]);
     let status = BundleClient::new(connector.channel().unwrap())
         .get_bundle(GetBundleRequest { output_mask: None })
         .await
@@ -1169,6 +1174,49 @@ async fn connections_fail_over_to_an_address_that_answers() {
     };
     assert!(reason.contains(&refused.to_string()), "{reason}");
     assert!(reason.to_lowercase().contains("refused"), "{reason}");
+}
+
+/// Agents spread evenly over a fleet's addresses, each keeps its own order whatever the other
+/// addresses, and a server that joins takes agents only from the others, evenly.
+#[test]
+fn agents_rank_the_servers_evenly_and_stably() {
+    let a: SocketAddr = "127.0.0.2:8081".parse().unwrap();
+    let b: SocketAddr = "127.0.0.3:8081".parse().unwrap();
+    let c: SocketAddr = "127.0.0.4:8081".parse().unwrap();
+    let agents = 3000_u64;
+    let mut first = HashMap::new();
+    let mut moved_to_c = 0;
+    for seed in 0..agents {
+        let mut two = vec![b, a];
+        connect::preference_order(seed, &mut two);
+        let mut again = vec![a, b];
+        connect::preference_order(seed, &mut again);
+        assert_eq!(
+            two, again,
+            "the order does not depend on the resolver's order"
+        );
+        *first.entry(two[0]).or_insert(0_u64) += 1;
+        let mut three = vec![a, b, c];
+        connect::preference_order(seed, &mut three);
+        // Among the old addresses, the order is unchanged: nobody moves from a to b.
+        let old: Vec<SocketAddr> = three.iter().copied().filter(|x| *x != c).collect();
+        assert_eq!(old, two, "seed {seed}");
+        if three[0] == c {
+            moved_to_c += 1;
+        }
+    }
+    // Even within a few percent (the ranking is a fixed function of the seeds used here).
+    for addr in [a, b] {
+        let n = first[&addr];
+        assert!(
+            n * 100 > agents * 45 && n * 100 < agents * 55,
+            "{addr}: {n} of {agents}"
+        );
+    }
+    assert!(
+        moved_to_c * 100 > agents * 28 && moved_to_c * 100 < agents * 38,
+        "a third server takes about a third: {moved_to_c} of {agents}"
+    );
 }
 
 #[tokio::test]

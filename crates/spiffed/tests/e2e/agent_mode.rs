@@ -63,7 +63,7 @@ pub(crate) fn node(server: &SpireServer, attest: Attest<'_>, extra: &str) -> Age
 }
 
 /// `spiffed healthcheck --output json` against the node.
-fn health(agent: &Agent) -> (bool, Value) {
+pub(crate) fn health(agent: &Agent) -> (bool, Value) {
     let out = Command::new(bin())
         .args([
             "healthcheck",
@@ -103,7 +103,7 @@ fn wait<T>(agent: &Agent, secs: u64, what: &str, mut f: impl FnMut() -> Option<T
     }
 }
 
-fn tail(s: &str, n: usize) -> String {
+pub(crate) fn tail(s: &str, n: usize) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(n)..].join("\n")
 }
@@ -118,7 +118,9 @@ fn readiness(agent: &Agent) -> (String, String) {
 }
 
 /// The X.509-SVIDs the node gives this process now: (SPIFFE ID, hint, chain DER, bundle DER).
-async fn x509(socket: &Path) -> Result<Vec<(String, String, Vec<u8>, Vec<u8>)>, tonic::Status> {
+pub(crate) async fn x509(
+    socket: &Path,
+) -> Result<Vec<(String, String, Vec<u8>, Vec<u8>)>, tonic::Status> {
     let mut c = raw_client(socket).await;
     let mut s = c
         .fetch_x509svid(with_header(spiffed_proto::workload::X509svidRequest {}))
@@ -134,12 +136,15 @@ async fn x509(socket: &Path) -> Result<Vec<(String, String, Vec<u8>, Vec<u8>)>, 
         .collect())
 }
 
-fn ids_of(svids: &[(String, String, Vec<u8>, Vec<u8>)]) -> Vec<String> {
+pub(crate) fn ids_of(svids: &[(String, String, Vec<u8>, Vec<u8>)]) -> Vec<String> {
     svids.iter().map(|s| s.0.clone()).collect()
 }
 
 /// Waits until the node gives this process exactly `want` (in this order).
-async fn wait_ids(agent: &Agent, want: &[String]) -> Vec<(String, String, Vec<u8>, Vec<u8>)> {
+pub(crate) async fn wait_ids(
+    agent: &Agent,
+    want: &[String],
+) -> Vec<(String, String, Vec<u8>, Vec<u8>)> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let got = x509(&agent.socket).await;
@@ -163,7 +168,7 @@ fn server_roots(server: &SpireServer) -> Vec<Vec<u8>> {
     pem_certs(&server.bundle_pem())
 }
 
-fn pem_certs(pem: &str) -> Vec<Vec<u8>> {
+pub(crate) fn pem_certs(pem: &str) -> Vec<Vec<u8>> {
     use base64::Engine as _;
     pem.split("-----BEGIN CERTIFICATE-----")
         .skip(1)
@@ -184,7 +189,7 @@ fn pem_certs(pem: &str) -> Vec<Vec<u8>> {
 
 /// Whether the chain's leaf is signed by one of `roots` (directly, or through the chain's
 /// intermediates) and valid now.
-fn chains_to(chain: &[u8], roots: &[Vec<u8>]) -> bool {
+pub(crate) fn chains_to(chain: &[u8], roots: &[Vec<u8>]) -> bool {
     let certs = split_der(chain);
     let parsed: Vec<X509Certificate<'_>> = certs
         .iter()
@@ -207,7 +212,7 @@ fn chains_to(chain: &[u8], roots: &[Vec<u8>]) -> bool {
             .any(|r| top.verify_signature(Some(r.public_key())).is_ok())
 }
 
-fn serial(chain: &[u8]) -> String {
+pub(crate) fn serial(chain: &[u8]) -> String {
     let certs = split_der(chain);
     X509Certificate::from_der(&certs[0])
         .unwrap()

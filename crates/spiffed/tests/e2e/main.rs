@@ -14,6 +14,7 @@ mod agent_mode;
 mod attest;
 mod cli;
 mod files;
+mod fleet;
 mod interop;
 mod jwt;
 mod lifecycle;
