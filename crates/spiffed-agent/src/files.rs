@@ -12,14 +12,16 @@
 //! - `data_dir/agent.lock` is `flock`ed for the life of the agent and holds its pid.
 
 use std::fs::File;
-use std::io::{self, Read, Seek, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+use std::io::{self, Read};
+use std::os::unix::fs::{DirBuilderExt, FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use rustix::fs::{FlockOperation, Mode, OFlags};
 
 /// The lock file in `data_dir`.
 pub(crate) const LOCK_FILE: &str = "agent.lock";
+/// The pid in the lock file is padded with spaces to this width (a pid has at most 10 digits).
+const PID_WIDTH: usize = 10;
 /// The CA file in `data_dir`.
 pub(crate) const CA_FILE: &str = "ca.json";
 /// The entry store in `data_dir`.
@@ -327,9 +329,16 @@ pub(crate) fn lock_data_dir(dir: &Path) -> Result<File, FilesError> {
         }
         Err(e) => return Err(io_err("lock", &path)(e.into())),
     }
-    file.set_len(0).map_err(io_err("write", &path))?;
-    file.rewind().map_err(io_err("write", &path))?;
-    writeln!(file, "{}", std::process::id()).map_err(io_err("write", &path))?;
+    // The pid, padded to a fixed width and written over the old one in place: a restart
+    // rewrites the same bytes and does not truncate. (An ftruncate stalled a restart for most
+    // of a second on a busy filesystem, and the agent serves nothing before it has the lock.)
+    let line = format!("{:<width$}\n", std::process::id(), width = PID_WIDTH);
+    file.write_all_at(line.as_bytes(), 0)
+        .map_err(io_err("write", &path))?;
+    if meta.len() > line.len() as u64 {
+        file.set_len(line.len() as u64)
+            .map_err(io_err("write", &path))?;
+    }
     Ok(file)
 }
 
@@ -480,5 +489,30 @@ mod tests {
         }
         drop(held);
         lock_data_dir(tmp.path()).unwrap();
+    }
+
+    #[test]
+    fn the_lock_file_is_rewritten_in_place_with_this_pid() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join(LOCK_FILE);
+        // A longer leftover (another tool's text, or garbage) is cut to the pid line.
+        std::fs::write(&path, "4294967295 and more text left by someone\n").unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        let held = lock_data_dir(tmp.path()).unwrap();
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert_eq!(
+            text.trim().parse::<u32>().ok(),
+            Some(std::process::id()),
+            "{text:?}"
+        );
+        assert_eq!(text.len(), PID_WIDTH + 1);
+        drop(held);
+        // A restart writes the same bytes over them: same length, same pid.
+        let inode = std::fs::metadata(&path).unwrap().ino();
+        let _held = lock_data_dir(tmp.path()).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!((meta.ino(), meta.len()), (inode, (PID_WIDTH + 1) as u64));
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), text);
     }
 }
