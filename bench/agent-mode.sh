@@ -6,7 +6,7 @@
 #   QUICK=1 bench/agent-mode.sh    a try-out: small sizes, a few minutes
 #
 # Builds (or finds cached) spire-server + spire-agent v1.13.3 as bench/compare-spire.sh does,
-# builds spiffed + spiffed-loadgen (profile dist; PROFILE=release to change; honours
+# builds spiffed (profile dist; PROFILE=release to change) and spiffed-loadgen (LOADGEN_PROFILE, release; honours
 # CARGO_TARGET_DIR), then in a temp dir starts spire-server and, attached to it, spire-agent and
 # `spiffed run` with a [spire_server] block (agent mode), plus a standalone `spiffed run`, and
 # measures (see bench/README.md, "Agent mode"):
@@ -39,8 +39,8 @@ WLAPI=(python3 "$HERE/wlapi.py")
 SCRIPT_START=$(date +%s)
 INVOCATION="bench/agent-mode.sh${*:+ $*}"
 KNOBS=(QUICK AGENT_MODE RUNS BENCH_SECONDS CONCURRENCY FANOUT_STREAMS FANOUT_CONNS FANOUT_TTL FANOUT_RUNS
-    STARTUP_RUNS LATENCY_SAMPLES AGENT_SYNC SHORT_SYNC CPU_WINDOW CPU_ROUNDS SYNC_ENTRIES SYNC_SETTLE SYNC_TIMEOUT
-    DOWN_RUNS DOWN_TIMEOUT SERVER_CACHE_RELOAD PROFILE SPIFFED_BIN LOADGEN_BIN LOG_LEVEL KEEP_TMP CARGO_TARGET_DIR)
+    STARTUP_RUNS LATENCY_SAMPLES LATENCY_BLOCK AGENT_SYNC SHORT_SYNC CPU_WINDOW CPU_ROUNDS SYNC_ENTRIES SYNC_SETTLE SYNC_TIMEOUT
+    DOWN_RUNS DOWN_TIMEOUT SERVER_CACHE_RELOAD PROFILE LOADGEN_PROFILE SPIFFED_BIN LOADGEN_BIN LOG_LEVEL KEEP_TMP CARGO_TARGET_DIR)
 for v in "${KNOBS[@]}"; do
     if [[ -n "${!v+set}" ]]; then INVOCATION="$v=${!v} $INVOCATION"; fi
 done
@@ -52,7 +52,7 @@ if [[ "$QUICK" == 1 ]]; then
     d_runs=1 d_seconds=1 d_streams=1000 d_conns=10 d_ttl=20 d_fruns=1 d_startup=2 d_samples=5
     d_window=15 d_rounds=1 d_entries=1000 d_settle=5 d_down=2
 else
-    d_runs=3 d_seconds=5 d_streams=10000 d_conns=100 d_ttl=60 d_fruns=2 d_startup=3 d_samples=30
+    d_runs=3 d_seconds=5 d_streams=10000 d_conns=100 d_ttl=60 d_fruns=2 d_startup=3 d_samples=60
     d_window=40 d_rounds=2 d_entries=10000 d_settle=15 d_down=3
 fi
 # auto: measure agent mode when this spiffed has it (`spiffed run --help` lists --join-token).
@@ -66,6 +66,10 @@ FANOUT_TTL="${FANOUT_TTL:-$d_ttl}"
 FANOUT_RUNS="${FANOUT_RUNS:-$d_fruns}"
 STARTUP_RUNS="${STARTUP_RUNS:-$d_startup}"
 LATENCY_SAMPLES="${LATENCY_SAMPLES:-$d_samples}"
+# The agents measured are restarted (back to back) before every LATENCY_BLOCK latency samples: a
+# restart syncs at once, so each block draws a new phase of the agents' sync cycles against the
+# server's cache reload, which otherwise drifts only slowly and would decide a whole run.
+LATENCY_BLOCK="${LATENCY_BLOCK:-5}"
 # spiffed's sync interval for everything but the short-interval runs: spire-agent's default.
 AGENT_SYNC="${AGENT_SYNC:-5}"
 SHORT_SYNC="${SHORT_SYNC:-1}"
@@ -79,6 +83,7 @@ DOWN_TIMEOUT="${DOWN_TIMEOUT:-150}"
 # spire-server's experimental.cache_reload_interval (seconds; empty: the server's default, 5 s).
 SERVER_CACHE_RELOAD="${SERVER_CACHE_RELOAD:-}"
 PROFILE="${PROFILE:-dist}"
+LOADGEN_PROFILE="${LOADGEN_PROFILE:-release}"
 LOG_LEVEL="${LOG_LEVEL:-info}"
 KEEP_TMP="${KEEP_TMP:-0}"
 CACHE="${SPIFFED_BENCH_CACHE:-$HOME/.cache/spiffed-bench}"
@@ -88,7 +93,7 @@ OUT_MD="${OUT_MD:-$ROOT/BENCHMARKS.md}"
 TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 TRUST_DOMAIN=example.org
 
-for v in RUNS CONCURRENCY FANOUT_STREAMS FANOUT_CONNS FANOUT_TTL FANOUT_RUNS STARTUP_RUNS LATENCY_SAMPLES \
+for v in RUNS CONCURRENCY FANOUT_STREAMS FANOUT_CONNS FANOUT_TTL FANOUT_RUNS STARTUP_RUNS LATENCY_SAMPLES LATENCY_BLOCK \
     AGENT_SYNC SHORT_SYNC CPU_WINDOW CPU_ROUNDS SYNC_ENTRIES SYNC_SETTLE SYNC_TIMEOUT DOWN_RUNS DOWN_TIMEOUT; do
     if ! [[ "${!v}" =~ ^[0-9]+$ ]] || [[ "${!v}" -lt 1 ]]; then
         echo "agent-mode.sh: $v must be a positive integer, got '${!v}'" >&2
@@ -345,16 +350,24 @@ if [[ -n "${SPIFFED_BIN:-}" || -n "${LOADGEN_BIN:-}" ]]; then
     LOADGEN="$(realpath "$LOADGEN_BIN")"
     PROFILE="prebuilt"
 else
-    step "cargo build --profile $PROFILE -p spiffed -p spiffed-loadgen (CARGO_TARGET_DIR=$TARGET_DIR)"
+    # The load generator is the measuring tool, not the product: it is built with
+    # LOADGEN_PROFILE (default release: opt-level 3 throughout), so that the product profile's
+    # size optimisations (dist) never slow the client down.
+    step "cargo build --profile $PROFILE -p spiffed; --profile $LOADGEN_PROFILE -p spiffed-loadgen (CARGO_TARGET_DIR=$TARGET_DIR)"
     command -v cargo >/dev/null || die "cargo not found"
-    if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$PROFILE" -p spiffed -p spiffed-loadgen); then
-        die "cargo build --profile $PROFILE -p spiffed -p spiffed-loadgen failed (output above)"
+    if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$PROFILE" -p spiffed); then
+        die "cargo build --profile $PROFILE -p spiffed failed (output above)"
+    fi
+    if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$LOADGEN_PROFILE" -p spiffed-loadgen); then
+        die "cargo build --profile $LOADGEN_PROFILE -p spiffed-loadgen failed (output above)"
     fi
     # cargo's `dev` profile builds into target/debug.
     pdir="$PROFILE"
     if [[ "$PROFILE" == dev ]]; then pdir=debug; fi
+    ldir="$LOADGEN_PROFILE"
+    if [[ "$LOADGEN_PROFILE" == dev ]]; then ldir=debug; fi
     SPIFFED="$(realpath "$TARGET_DIR/$pdir/spiffed")"
-    LOADGEN="$(realpath "$TARGET_DIR/$pdir/spiffed-loadgen")"
+    LOADGEN="$(realpath "$TARGET_DIR/$ldir/spiffed-loadgen")"
 fi
 [[ -x "$SPIFFED" && -x "$LOADGEN" ]] || die "no $SPIFFED or $LOADGEN after the build"
 
@@ -453,10 +466,10 @@ emit "{\"type\":\"meta\",\"utc\":$(json_str "$STAMP_UTC"),\"invocation\":$(json_
 ,\"agent_mode\":$([[ "$AGENT_MODE" == 1 ]] && echo true || echo false)\
 ,\"knobs\":{\"QUICK\":$(json_str "$QUICK"),\"RUNS\":$RUNS,\"SECONDS\":$DURATION,\"CONCURRENCY\":$CONCURRENCY\
 ,\"FANOUT_STREAMS\":$FANOUT_STREAMS,\"FANOUT_CONNS\":$FANOUT_CONNS,\"FANOUT_TTL\":$FANOUT_TTL,\"FANOUT_RUNS\":$FANOUT_RUNS\
-,\"STARTUP_RUNS\":$STARTUP_RUNS,\"LATENCY_SAMPLES\":$LATENCY_SAMPLES,\"AGENT_SYNC\":$AGENT_SYNC,\"SHORT_SYNC\":$SHORT_SYNC\
+,\"STARTUP_RUNS\":$STARTUP_RUNS,\"LATENCY_SAMPLES\":$LATENCY_SAMPLES,\"LATENCY_BLOCK\":$LATENCY_BLOCK,\"AGENT_SYNC\":$AGENT_SYNC,\"SHORT_SYNC\":$SHORT_SYNC\
 ,\"CPU_WINDOW\":$CPU_WINDOW,\"CPU_ROUNDS\":$CPU_ROUNDS,\"SYNC_ENTRIES\":$SYNC_ENTRIES,\"SYNC_SETTLE\":$SYNC_SETTLE,\"SYNC_TIMEOUT\":$SYNC_TIMEOUT\
 ,\"DOWN_RUNS\":$DOWN_RUNS,\"DOWN_TIMEOUT\":$DOWN_TIMEOUT,\"SERVER_CACHE_RELOAD\":$(json_str "$SERVER_CACHE_RELOAD")\
-,\"PROFILE\":$(json_str "$PROFILE"),\"LOG_LEVEL\":$(json_str "$LOG_LEVEL")}\
+,\"PROFILE\":$(json_str "$PROFILE"),\"LOADGEN_PROFILE\":$(json_str "$LOADGEN_PROFILE"),\"LOG_LEVEL\":$(json_str "$LOG_LEVEL")}\
 ,\"machine\":{\"nproc\":$(nproc),\"cpu\":$(json_str "$cpu_model"),\"kernel\":$(json_str "$(uname -r)"),\"mem_kib\":${mem_kib:-null}\
 ,\"loadavg_start\":$(json_str "$(loadavg)")}\
 ,\"versions\":{\"spiffed_commit\":$(json_str "$git_commit"),\"branch\":$(json_str "$git_branch"),\"spiffed_dirty\":$git_dirty\
@@ -820,6 +833,17 @@ latency_samples() {
     local i a k t0 t1 tc out ok ms pause
     local -a pairs
     for ((i = 1; i <= LATENCY_SAMPLES; i++)); do
+        if ((i > 1 && (i - 1) % LATENCY_BLOCK == 0)); then
+            # A new block: a new phase of every agent's sync cycle (see LATENCY_BLOCK).
+            for a in "${agents[@]}"; do
+                stop_proc "$a"
+                start_agent "$a"
+            done
+            for a in "${agents[@]}"; do
+                wait_probe "${SOCK[$a]}" --expect-id "$ID_UID" --timeout 60
+            done
+            log "  block $(((i - 1) / LATENCY_BLOCK + 1)): restarted ${agents[*]}"
+        fi
         for a in "${agents[@]}"; do
             : >"$TMP/out/await-$a.out"
             "${WLAPI[@]}" await-id "${SOCK[$a]}" --id "spiffe://$TRUST_DOMAIN/bench/latency/$a/$label/$i" \
@@ -868,7 +892,7 @@ EOF
                 log "  $a sample $i: no SVID: $out"
             fi
             emit "{\"type\":\"latency\",\"agent\":\"$a\",\"label\":$(json_str "$label"),\"sync_interval_s\":$interval\
-,\"i\":$i,\"ok\":$ok,\"ms\":$ms,\"cli_ms\":$(us_to_ms $((tc - t0))),\"pause_s\":$pause}"
+,\"i\":$i,\"block\":$(((i - 1) / LATENCY_BLOCK + 1)),\"ok\":$ok,\"ms\":$ms,\"cli_ms\":$(us_to_ms $((tc - t0))),\"pause_s\":$pause}"
             if [[ "$ok" == true ]]; then log "  sample $i: $a got its new SVID $ms ms after entry create"; fi
         done
         for a in "${agents[@]}"; do

@@ -54,6 +54,28 @@ def med(values):
     return statistics.median(values) if values else None
 
 
+def paired_diffs(run, label):
+    """Agent mode − spire-agent (ms) for every `entry create` both agents served."""
+    pairs = {}
+    for r in run.of("latency", label=label):
+        if r.get("ok"):
+            pairs.setdefault(r.get("i"), {})[r.get("agent")] = r.get("ms")
+    return [v["agent-mode"] - v["spire-agent"] for v in pairs.values() if "agent-mode" in v and "spire-agent" in v]
+
+
+def median_ci(values, level=0.95, rounds=4000):
+    """A percentile-bootstrap confidence interval of the median (fixed seed: the same input
+    renders the same text)."""
+    import random
+    if len(values) < 5:
+        return None
+    rnd = random.Random(12)
+    meds = sorted(statistics.median(rnd.choices(values, k=len(values))) for _ in range(rounds))
+    lo = meds[int((1 - level) / 2 * rounds)]
+    hi = meds[int((1 + level) / 2 * rounds) - 1]
+    return lo, hi
+
+
 def pct(values, p):
     """Nearest-rank percentile (p99 of 30 samples is the largest)."""
     values = sorted(v for v in values if v is not None)
@@ -279,11 +301,11 @@ def section(path, root=None):
         out += ["", "> Binaries not built from this checkout: `%s` (`%s`); the commit above is the checkout's, not "
                 "theirs." % (ver.get("spiffed_bin"), ver.get("spiffed_version"))]
     loads = run.of("load")
-    out += ["", "%s CPUs (%s), kernel %s, %.1f GiB; profile `%s`, `log_level = \"%s\"` for every agent and "
+    out += ["", "%s CPUs (%s), kernel %s, %.1f GiB; spiffed built with profile `%s` (the load generator with `%s`), `log_level = \"%s\"` for every agent and "
             "spire-server; SPIRE %s (`%s`, from %s). Everything shares the machine: spire-server, the agents, "
             "the load generator and the probes. Load average (1/5/15 min) when each part started: %s."
             % (mach.get("nproc"), mach.get("cpu"), mach.get("kernel"), (mach.get("mem_kib") or 0) / 1048576.0,
-               k.get("PROFILE"), k.get("LOG_LEVEL"), ver.get("spire"), ver.get("spire_agent_version"),
+               k.get("PROFILE"), k.get("LOADGEN_PROFILE", k.get("PROFILE")), k.get("LOG_LEVEL"), ver.get("spire"), ver.get("spire_agent_version"),
                ver.get("spire_source"), "; ".join("%s %s" % (l.get("phase"), l.get("loadavg")) for l in loads) or "–")]
     if k.get("QUICK") == "1":
         out += ["", "> **QUICK mode**: one short run per case, %s fan-out streams, %s latency samples, %s s CPU "
@@ -506,22 +528,26 @@ def section(path, root=None):
             "own run time (a 230 MB Go binary starting, one RPC) is inside every figure and shown apart. "
             "Percentiles are nearest-rank over the samples (p99 of %s samples is the largest). Each agent syncs "
             "on its own clock (±10 %% jitter): at the same interval the two differ sample by sample by where "
-            "their syncs fall relative to each other and to the server's reload, which drifts over the run; "
-            "what the interval sets is the bound (reload + interval + minting)."
-            % (m.get("uid"), m.get("uid"), reload, k.get("LATENCY_SAMPLES")),
+            "their syncs fall relative to each other and to the server's reload. That phase drifts only slowly, "
+            "so left alone one draw decides a whole run (two runs without restarts had spire-agent ahead in 27 "
+            "and 24 of 30 samples): the agents measured are restarted back to back before every "
+            "%s samples (a restart syncs at once), so each block draws a new phase, and the samples span %s "
+            "phases. What the interval sets is the bound (reload + interval + minting)."
+            % (m.get("uid"), m.get("uid"), reload, k.get("LATENCY_SAMPLES"), k.get("LATENCY_BLOCK", "–"),
+               -(-int(k.get("LATENCY_SAMPLES") or 0) // int(k.get("LATENCY_BLOCK") or 1)) if k.get("LATENCY_BLOCK") else "–"),
             "", table(["agent", "sync interval", "samples served", "min (ms)", "p50 (ms)", "p90 (ms)", "p99 (ms)",
                        "max (ms)", "`entry create` CLI run time, median (ms)"], t2)]
     # The same creates, seen by both agents: the paired differences.
-    pairs = {}
-    for r in run.of("latency", label=sync_lbl):
-        if r.get("ok"):
-            pairs.setdefault(r.get("i"), {})[r.get("agent")] = r.get("ms")
-    diffs = [v["agent-mode"] - v["spire-agent"] for v in pairs.values() if "agent-mode" in v and "spire-agent" in v]
+    diffs = paired_diffs(run, sync_lbl)
     if diffs:
+        ci = median_ci(diffs)
         out += ["", "Paired (the same `entry create` seen by both agents at %s s): agent mode − spire-agent median "
-                "%s ms, mean %s ms, from %s to %s ms; agent mode was later in %d of %d samples."
-                % (k.get("AGENT_SYNC"), fmt(med(diffs)), fmt(statistics.mean(diffs)), fmt(min(diffs)), fmt(max(diffs)),
-                   sum(1 for d in diffs if d > 0), len(diffs))]
+                "%s ms (95 %% bootstrap interval %s), mean %s ms, from %s to %s ms; agent mode was later in %d and "
+                "earlier in %d of %d samples."
+                % (k.get("AGENT_SYNC"), fmt(med(diffs)),
+                   "%s to %s ms" % (fmt(ci[0]), fmt(ci[1])) if ci else "–",
+                   fmt(statistics.mean(diffs)), fmt(min(diffs)), fmt(max(diffs)),
+                   sum(1 for d in diffs if d > 0), sum(1 for d in diffs if d < 0), len(diffs))]
     t3 = []
     for w in windows:
         ww = w["w"]
