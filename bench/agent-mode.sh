@@ -6,7 +6,7 @@
 #   QUICK=1 bench/agent-mode.sh    a try-out: small sizes, a few minutes
 #
 # Builds (or finds cached) spire-server + spire-agent v1.13.3 as bench/compare-spire.sh does,
-# builds spiffed (profile dist; PROFILE=release to change) and spiffed-loadgen (LOADGEN_PROFILE, release; honours
+# builds spiffed (profile dist; PROFILE=release to change) and spiffed-loadgen (LOADGEN_PROFILE, loadgen; honours
 # CARGO_TARGET_DIR), then in a temp dir starts spire-server and, attached to it, spire-agent and
 # `spiffed run` with a [spire_server] block (agent mode), plus a standalone `spiffed run`, and
 # measures (see bench/README.md, "Agent mode"):
@@ -83,7 +83,7 @@ DOWN_TIMEOUT="${DOWN_TIMEOUT:-150}"
 # spire-server's experimental.cache_reload_interval (seconds; empty: the server's default, 5 s).
 SERVER_CACHE_RELOAD="${SERVER_CACHE_RELOAD:-}"
 PROFILE="${PROFILE:-dist}"
-LOADGEN_PROFILE="${LOADGEN_PROFILE:-release}"
+LOADGEN_PROFILE="${LOADGEN_PROFILE:-loadgen}"
 LOG_LEVEL="${LOG_LEVEL:-info}"
 KEEP_TMP="${KEEP_TMP:-0}"
 CACHE="${SPIFFED_BENCH_CACHE:-$HOME/.cache/spiffed-bench}"
@@ -351,8 +351,8 @@ if [[ -n "${SPIFFED_BIN:-}" || -n "${LOADGEN_BIN:-}" ]]; then
     PROFILE="prebuilt"
 else
     # The load generator is the measuring tool, not the product: it is built with
-    # LOADGEN_PROFILE (default release: opt-level 3 throughout), so that the product profile's
-    # size optimisations (dist) never slow the client down.
+    # LOADGEN_PROFILE (default `loadgen`: fat LTO, opt-level 3 throughout), so that the product
+    # profile's size optimisations (dist) never slow the client down.
     step "cargo build --profile $PROFILE -p spiffed; --profile $LOADGEN_PROFILE -p spiffed-loadgen (CARGO_TARGET_DIR=$TARGET_DIR)"
     command -v cargo >/dev/null || die "cargo not found"
     if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$PROFILE" -p spiffed); then
