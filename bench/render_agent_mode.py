@@ -406,14 +406,23 @@ def section(path, root=None):
     r = ratio(pf, pa)
     rows.append(["fan-out RSS per stream: agent mode vs spire-agent (reported)",
                  "%s vs %s KiB: spire-agent uses %s as much" % (fmt(pa, 2), fmt(pf, 2), fmt_ratio(r)), "reported"])
+    # "Not worse" is judged on the same creates seen by both agents: agent mode is worse when the
+    # paired differences show it later beyond the run's noise (the 95 % bootstrap interval of
+    # their median lies above 0). p50 and p99 are shown; p99 of a few dozen samples is the
+    # single slowest one, which the phase of one block decides.
     ok = None
-    if lat_am["ok"] and lat_sa["ok"]:
-        ok = (lat_am["p50"] <= lat_sa["p50"] and lat_am["p99"] <= lat_sa["p99"]
-              and lat_am["ok"] == lat_am["n"])
-    rows.append(["`entry create` → first SVID, both at %s s sync: agent mode's p50 and p99 not worse than "
-                 "spire-agent's" % k.get("AGENT_SYNC"),
-                 "agent mode p50 %s / p99 %s ms; spire-agent p50 %s / p99 %s ms (%s samples each)"
-                 % (fmt(lat_am["p50"]), fmt(lat_am["p99"]), fmt(lat_sa["p50"]), fmt(lat_sa["p99"]), lat_am["ok"] or lat_sa["ok"]),
+    diffs = paired_diffs(run, sync_lbl)
+    ci = median_ci(diffs) if diffs else None
+    if lat_am["ok"] and lat_sa["ok"] and ci:
+        ok = ci[0] <= 0 and lat_am["ok"] == lat_am["n"]
+    rows.append(["`entry create` → first SVID, both at %s s sync: agent mode not worse than spire-agent "
+                 "(paired: the 95 %% interval of the median difference reaches 0 or below; p50 and p99 shown)"
+                 % k.get("AGENT_SYNC"),
+                 "agent mode p50 %s / p99 %s ms; spire-agent p50 %s / p99 %s ms (%s samples each); paired "
+                 "difference median %s ms (95 %%: %s)"
+                 % (fmt(lat_am["p50"]), fmt(lat_am["p99"]), fmt(lat_sa["p50"]), fmt(lat_sa["p99"]),
+                    lat_am["ok"] or lat_sa["ok"], fmt(med(diffs)) if diffs else "–",
+                    "%s to %s ms" % (fmt(ci[0]), fmt(ci[1])) if ci else "–"),
                  verdict(ok)])
     rows.append(["a shorter interval (%s s): latency and what it costs the server (reported)" % k.get("SHORT_SYNC"),
                  "p50 %s / p99 %s ms; server CPU %s ms per sync vs %s ms at %s s (spire-agent: %s ms); %s %% vs %s %% "
