@@ -10,7 +10,9 @@
 #   - `spire-server entry create` on either server -> the workload's stream has the SVID.
 #
 #   sudo bench/fleet.sh               AGENTS=50 (about 15 minutes on 2 cores, plus the build)
-#   sudo QUICK=1 bench/fleet.sh       a try-out: 3 agents, short windows (about 4 minutes)
+#   sudo QUICK=1 bench/fleet.sh       a try-out: 3 agents, short windows (about 5 minutes)
+#   sudo LABEL=capacity AGENTS=150 PARTS=spiffed,spire-agent bench/fleet.sh
+#                                     a row of the capacity table: start and steady state only
 #
 # Root is required (each agent runs in its own mount namespace, with the fleet's hosts file
 # bind-mounted over /etc/hosts; PostgreSQL runs as the `postgres` user). The orchestration is
@@ -25,7 +27,7 @@ SPIRE_VERSION=v1.13.3
 SCRIPT_START=$(date +%s)
 INVOCATION="bench/fleet.sh${*:+ $*}"
 KNOBS=(QUICK AGENTS ENTRIES SYNC_INTERVAL SETTLE BASE_WINDOW STEADY_WINDOW STREAMS_PER_AGENT FAILOVER_TTL
-    FAILOVER_OBSERVE RETURN_TIMEOUT LATENCY_SAMPLES LATENCY_BATCH START_TIMEOUT RATELIMIT PARTS PROFILE
+    FAILOVER_OBSERVE RETURN_TIMEOUT LATENCY_SAMPLES LATENCY_BATCH START_TIMEOUT RATELIMIT PARTS LABEL PROFILE
     SPIFFED_BIN LOG_LEVEL KEEP_TMP CARGO_TARGET_DIR)
 for v in "${KNOBS[@]}"; do
     if [[ -n "${!v+set}" ]]; then INVOCATION="$v=${!v} $INVOCATION"; fi
@@ -55,6 +57,8 @@ export START_TIMEOUT="${START_TIMEOUT:-300}"
 # here connects from 127.0.0.1, as behind a load balancer (what SPIRE documents the knob for).
 export RATELIMIT="${RATELIMIT:-0}"
 export PARTS="${PARTS:-spiffed,failover,latency,spire-agent}"
+# capacity: a run that only adds a row to the section's capacity table (fleet-capacity-<UTC>.jsonl).
+LABEL="${LABEL:-}"
 PROFILE="${PROFILE:-dist}"
 export LOG_LEVEL="${LOG_LEVEL:-info}"
 KEEP_TMP="${KEEP_TMP:-0}"
@@ -78,6 +82,7 @@ for v in SETTLE BASE_WINDOW STEADY_WINDOW FAILOVER_OBSERVE RETURN_TIMEOUT START_
 done
 if ((AGENTS > 1000)); then echo "fleet.sh: AGENTS may be at most 1000" >&2; exit 2; fi
 if ((ENTRIES > 1000)); then echo "fleet.sh: ENTRIES may be at most 1000 per agent" >&2; exit 2; fi
+case "$LABEL" in "" | capacity) ;; *) echo "fleet.sh: LABEL must be empty or capacity, got '$LABEL'" >&2; exit 2 ;; esac
 case "$RATELIMIT" in 0 | 1) ;; *) echo "fleet.sh: RATELIMIT must be 0 or 1, got '$RATELIMIT'" >&2; exit 2 ;; esac
 IFS=, read -r -a parts <<<"$PARTS"
 for p in "${parts[@]}"; do
@@ -173,14 +178,14 @@ trap 'exit 143' TERM
 
 mkdir -p "$RESULTS_DIR"
 STAMP_UTC="$(date -u +%Y%m%dT%H%M%SZ)"
-export FLEET_RESULTS="$RESULTS_DIR/fleet-$STAMP_UTC.jsonl"
+export FLEET_RESULTS="$RESULTS_DIR/fleet-${LABEL:+$LABEL-}$STAMP_UTC.jsonl"
 : >"$FLEET_RESULTS"
 git_commit="$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)"
 if [[ -n "$(git -C "$ROOT" status --porcelain --untracked-files=no 2>/dev/null)" ]]; then dirty=true; else dirty=false; fi
 python3 - "$FLEET_RESULTS" <<EOF
 import json, os, sys
 env = os.environ
-rec = {"type": "meta", "utc": "$STAMP_UTC", "invocation": $(json_str "$INVOCATION"),
+rec = {"type": "meta", "utc": "$STAMP_UTC", "label": "$LABEL", "invocation": $(json_str "$INVOCATION"),
        "knobs": {k: env.get(k) for k in "QUICK AGENTS ENTRIES SYNC_INTERVAL SETTLE BASE_WINDOW STEADY_WINDOW STREAMS_PER_AGENT FAILOVER_TTL FAILOVER_OBSERVE RETURN_TIMEOUT LATENCY_SAMPLES LATENCY_BATCH START_TIMEOUT RATELIMIT PARTS LOG_LEVEL".split()},
        "profile": "$PROFILE", "nice": os.nice(0),
        "machine": {"nproc": os.cpu_count(), "cpu": $(json_str "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)"),
@@ -204,7 +209,9 @@ log "done in $(($(date +%s) - SCRIPT_START)) s"
 # ---------------------------------------------------------------------------- rendering
 python3 "$HERE/render_fleet.py" --results "$FLEET_RESULTS" --splice "$OUT_MD" ||
     die "render_fleet.py failed (results kept in $FLEET_RESULTS)"
-if [[ "$(realpath -m "$OUT_MD")" == "$(realpath -m "$ROOT/BENCHMARKS.md")" ]]; then
+# The section shows the newest main run and every capacity run: a main run for the repo's
+# BENCHMARKS.md replaces the older main runs' files (and the capacity runs made before it).
+if [[ -z "$LABEL" && "$(realpath -m "$OUT_MD")" == "$(realpath -m "$ROOT/BENCHMARKS.md")" ]]; then
     for f in "$RESULTS_DIR"/fleet-*.jsonl; do
         [[ "$f" == "$FLEET_RESULTS" ]] || rm -f "$f"
     done

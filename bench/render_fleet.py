@@ -40,8 +40,14 @@ def newest(results_dir):
     def stamp(p):
         m = re.search(r"(\d{8}T\d{6}Z)\.jsonl$", p)
         return m.group(1) if m else ""
-    paths = glob.glob(os.path.join(results_dir, "fleet-*.jsonl"))
+    paths = [p for p in glob.glob(os.path.join(results_dir, "fleet-*.jsonl"))
+             if re.search(r"/fleet-\d{8}T\d{6}Z\.jsonl$", p)]
     return max(paths, key=stamp) if paths else None
+
+
+def capacity_runs(results_dir):
+    """The capacity runs (LABEL=capacity), oldest first."""
+    return sorted(glob.glob(os.path.join(results_dir, "fleet-capacity-*.jsonl")))
 
 
 def fmt(v, d=1):
@@ -71,6 +77,72 @@ def one(recs, **kw):
         if all(r.get(k) == v for k, v in kw.items()):
             return r
     return None
+
+
+def steady_row(recs, g):
+    """The start-and-steady-state cells of group g, or None."""
+    st = one(recs, type="start", group=g)
+    idle = one(recs, type="window", phase="idle", group=g)
+    steady = one(recs, type="window", phase="steady", group=g)
+    if not st:
+        return None
+    if not (idle and steady):
+        return {"start": st}
+
+    def tot(w, k):
+        vals = [s.get(k) for s in w["servers"]]
+        return None if any(x is None for x in vals) else sum(vals)
+    n_g = steady["agents"] or 1
+    cpu_i, cpu_s = tot(idle, "cpu_ms_per_s"), tot(steady, "cpu_ms_per_s")
+    rss_i, rss_s = tot(idle, "rss_kib"), tot(steady, "rss_kib")
+    syncs = tot(steady, "syncs")
+    per_agent_cpu = None if cpu_i is None or cpu_s is None else (cpu_s - cpu_i) / n_g
+    return {"start": st, "idle": idle, "steady": steady, "n": n_g, "cpu_i": cpu_i, "cpu_s": cpu_s,
+            "rss_i": rss_i, "rss_s": rss_s, "syncs": syncs, "per_agent_cpu": per_agent_cpu,
+            "per_sync": None if not syncs or per_agent_cpu is None else (cpu_s - cpu_i) * steady["seconds"] / syncs,
+            "per_agent_rss": None if rss_i is None or rss_s is None else (rss_s - rss_i) / 1024 / n_g}
+
+
+def serving_cell(st):
+    ss = st.get("serving_s") or {}
+    if st.get("all_serving_s"):
+        return "%s s (p50 %s s)" % (fmt(st.get("all_serving_s"), 2), fmt(ss.get("p50"), 2))
+    return "%d of %d did not serve" % (len(st.get("not_serving", [])), st.get("agents"))
+
+
+def render_capacity(paths, root):
+    rows = []
+    for p in paths:
+        recs = load(p)
+        meta = one(recs, type="meta") or {}
+        for g in ("spiffed", "spire-agent"):
+            r = steady_row(recs, g)
+            if not r:
+                continue
+            if "steady" not in r:
+                rows.append([meta.get("utc"), LABEL[g], r["start"]["agents"], serving_cell(r["start"])] + [None] * 6)
+                continue
+            ar = r["steady"].get("agent_rss_kib") or {}
+            rows.append([
+                meta.get("utc"), LABEL[g], r["n"], serving_cell(r["start"]),
+                "%s → %s" % (fmt(r["cpu_i"]), fmt(r["cpu_s"])), "%s ms/s" % fmt(r["per_agent_cpu"], 2),
+                "%s MiB" % fmt(r["per_agent_rss"], 2),
+                "%s ms/s" % fmt((r["steady"].get("agents_cpu_ms_per_s") or 0) / r["n"], 2),
+                "%s MiB" % fmt((ar.get("mean") or 0) / 1024, 1),
+                "%s; %s GiB free" % (r["steady"].get("loadavg_end"),
+                                     fmt((r["steady"].get("mem_available_kib_end") or 0) / 1048576.0, 1))])
+    if not rows:
+        return []
+    cmds = sorted({(one(load(p), type="meta") or {}).get("invocation") for p in paths} - {None})
+    out = ["### Capacity: larger N (start and steady state only)", ""]
+    out.append("Runs with `LABEL=capacity` (%s), each a whole fleet of its own, measured as above; the figures of "
+               "the main run above are not from these." % ", ".join("`%s`" % c for c in cmds))
+    out.append("")
+    out.append(table(["run (UTC)", "agents", "N", "start → all serving (p50)", "servers' CPU ms/s, idle → steady",
+                      "server CPU per agent", "server RSS per agent", "CPU per agent (its own)", "RSS per agent",
+                      "load avg at the end; memory available"], rows))
+    out.append("")
+    return out
 
 
 def section(path, root=None):
@@ -116,7 +188,7 @@ def section(path, root=None):
     out += ["### Start and steady state", ""]
     out.append(
         "Per group: both servers restarted, %s s idle (the baseline), the N agents started at once, each polled "
-        "every 50 ms with a FetchX509SVID until it serves its workload's SVID (*time to serving*); then %s s of "
+        "every 50 ms (every N ms above 50 agents) with a FetchX509SVID until it serves its workload's SVID (*time to serving*); then %s s of "
         "settling and a %s s window: CPU time (`/proc/PID/stat` utime + stime) and RSS (`VmRSS`) of both "
         "servers, of PostgreSQL (postmaster, its backends and reaped children) and of the agents; the syncs "
         "are the servers' own counters (`SyncAuthorizedEntries` + `GetAuthorizedEntries`, Prometheus). *Per "
@@ -124,36 +196,24 @@ def section(path, root=None):
     out.append("")
     rows = []
     for g in ("spiffed", "spire-agent"):
-        st = one(recs, type="start", group=g)
-        idle = one(recs, type="window", phase="idle", group=g)
-        steady = one(recs, type="window", phase="steady", group=g)
-        if not (st and idle and steady):
+        r = steady_row(recs, g)
+        if not r or "steady" not in r:
             continue
-        n_g = steady["agents"] or 1
-
-        def tot(w, k):
-            vals = [s.get(k) for s in w["servers"]]
-            return None if any(x is None for x in vals) else sum(vals)
-        cpu_i, cpu_s = tot(idle, "cpu_ms_per_s"), tot(steady, "cpu_ms_per_s")
-        rss_i, rss_s = tot(idle, "rss_kib"), tot(steady, "rss_kib")
-        syncs = tot(steady, "syncs")
-        per_agent_cpu = None if cpu_i is None or cpu_s is None else (cpu_s - cpu_i) / n_g
-        per_sync = None if not syncs or per_agent_cpu is None else (cpu_s - cpu_i) * steady["seconds"] / syncs
-        ss = st.get("serving_s") or {}
+        idle, steady = r["idle"], r["steady"]
         ar = steady.get("agent_rss_kib") or {}
         rows.append([
-            LABEL[g], n_g,
-            "%s s (p50 %s s)" % (fmt(st.get("all_serving_s"), 2), fmt(ss.get("p50"), 2)) if st.get("all_serving_s")
-            else "%d did not serve" % len(st.get("not_serving", [])),
-            "%s → %s" % (fmt(cpu_i), fmt(cpu_s)),
-            "%s ms/s (%s %% of a core)" % (fmt(per_agent_cpu, 2), fmt(None if per_agent_cpu is None else per_agent_cpu / 10, 3)),
-            "%s (%s/s)" % (fmt(syncs, 0), fmt(None if syncs is None else syncs / steady["seconds"], 1)),
-            "%s ms" % fmt(per_sync, 2),
-            "%s → %s" % (fmt(None if rss_i is None else rss_i / 1024, 0), fmt(None if rss_s is None else rss_s / 1024, 0)),
-            "%s MiB" % fmt(None if rss_i is None or rss_s is None else (rss_s - rss_i) / 1024 / n_g, 2),
+            LABEL[g], r["n"], serving_cell(r["start"]),
+            "%s → %s" % (fmt(r["cpu_i"]), fmt(r["cpu_s"])),
+            "%s ms/s (%s %% of a core)" % (fmt(r["per_agent_cpu"], 2),
+                                           fmt(None if r["per_agent_cpu"] is None else r["per_agent_cpu"] / 10, 3)),
+            "%s (%s/s)" % (fmt(r["syncs"], 0), fmt(None if r["syncs"] is None else r["syncs"] / steady["seconds"], 1)),
+            "%s ms" % fmt(r["per_sync"], 2),
+            "%s → %s" % (fmt(None if r["rss_i"] is None else r["rss_i"] / 1024, 0),
+                         fmt(None if r["rss_s"] is None else r["rss_s"] / 1024, 0)),
+            "%s MiB" % fmt(r["per_agent_rss"], 2),
             "%s → %s (%s)" % (fmt(idle.get("pg_cpu_ms_per_s")), fmt(steady.get("pg_cpu_ms_per_s")),
-                              fmt((steady.get("pg_cpu_ms_per_s", 0) - idle.get("pg_cpu_ms_per_s", 0)) / n_g, 2)),
-            "%s ms/s" % fmt((steady.get("agents_cpu_ms_per_s") or 0) / n_g, 2),
+                              fmt((steady.get("pg_cpu_ms_per_s", 0) - idle.get("pg_cpu_ms_per_s", 0)) / r["n"], 2)),
+            "%s ms/s" % fmt((steady.get("agents_cpu_ms_per_s") or 0) / r["n"], 2),
             "%s MiB" % fmt((ar.get("mean") or 0) / 1024, 1),
             steady.get("loadavg_end"),
         ])
@@ -181,6 +241,7 @@ def section(path, root=None):
         out += ["spiffed at %s s sync: p50 %s s, p99 %s s; spire-agent (5 s sync): p50 %s s, p99 %s s." % (
             knobs.get("SYNC_INTERVAL"), fmt(lat[0]["all"]["p50"], 2), fmt(lat[0]["all"]["p99"], 2),
             fmt(lat[1]["all"]["p50"], 2), fmt(lat[1]["all"]["p99"], 2)), ""]
+    out += render_capacity(capacity_runs(os.path.dirname(os.path.abspath(path))), root)
     out.append(FLEET_END)
     return "\n".join(out) + "\n"
 
@@ -273,17 +334,18 @@ def render_latency(recs, g, knobs):
         "%s rounds: a random pause of up to %s s (the longer of the agents' sync interval and the servers' "
         "entry-cache reload), then one `spire-server entry create -data` with a new entry (the probed "
         "workload's uid) for each of %s random agents, on server 0 and server 1 in turn; the latency runs from "
-        "just before the CLI call to the arrival of the new SPIFFE ID on the workload's held stream. *On the agent's "
-        "server*: the agent was connected (only) to the server the entry was created on%s." % (
+        "just before the CLI call to the arrival of the new SPIFFE ID on the workload's held stream. *On the server "
+        "the agent is connected to*: its only server connection was to the server the entry was created on%s." % (
             -(-int(knobs.get("LATENCY_SAMPLES") or 0) // max(1, int(knobs.get("LATENCY_BATCH") or 1))),
             max(5, int(knobs.get("SYNC_INTERVAL") or 5)), knobs.get("LATENCY_BATCH"),
-            "" if g == "spiffed" else " (never for spire-agent, connected to both)"))
+            "" if g == "spiffed" else " (spire-agent is connected to both, so only the whole is shown)"))
     out.append("")
+    kinds = (("on the server the agent is connected to", ls["same_server"]), ("on the other server", ls["other_server"]),
+             ("all", ls["all"])) if g == "spiffed" else (("all (the agent is connected to both)", ls["all"]),)
     out.append(table(["entries created", "samples", "p50", "p90", "p99", "max"], [
         [name, s["n"], fmt(s["p50"], 2) + " s", fmt(s["p90"], 2) + " s", fmt(s["p99"], 2) + " s",
          fmt(s["max"], 2) + " s"] if s else [name, 0, None, None, None, None]
-        for name, s in (("on the agent's server", ls["same_server"]), ("on another server", ls["other_server"]),
-                        ("all", ls["all"]))]))
+        for name, s in kinds]))
     out.append("")
     if ls.get("missing"):
         out += ["**%d samples never arrived** (90 s timeout)." % ls["missing"], ""]
