@@ -262,13 +262,14 @@ def render_failover(recs, g, knobs):
             "then the server is restarted." % (
                 fo.get("failover_ttl_s"), fmt((fo.get("failover_ttl_s") or 0) / 2, 0),
                 knobs.get("STREAMS_PER_AGENT"),
-                ", and another runs `spiffed healthcheck --output json` on every agent (4 at a time, then a 1 s "
-                "pause)" if g == "spiffed" else "",
+                ", another asks every agent's status service (`spiffed.status.v1.AgentStatus/GetStatus`, what "
+                "`spiffed healthcheck` reads) in turn, a round every ~0.3 s, and `spiffed healthcheck --output json` "
+                "runs on one agent a second in turn" if g == "spiffed" else "",
                 "" if g == "spiffed" else " (spire-agent connects to both, so every agent loses one connection)",
                 " *Reconnected*: the time stamp of spiffed's log line `connected to the SPIRE Server at another of its "
-                "addresses`. *First sync*: the first `last_sync` (whole seconds) the healthcheck reports in a later "
-                "second than the kill's, plus 1 s (an upper bound; a sync within the kill's own second is not "
-                "counted, the next one is)." if g == "spiffed" else "",
+                "addresses`. *First sync*: the first new `last_sync` (whole seconds) the status service reports "
+                "that is surely after the kill (its poll before was after the kill, or its second is later than the "
+                "kill's), as the earlier of that poll and the end of that second (an upper bound)." if g == "spiffed" else "",
                 knobs.get("FAILOVER_OBSERVE")))
         out.append("")
         rows = [["agents connected to server 0 / server 1 before the kill; killed", "%s; server %s (%s agents affected)" % (
@@ -310,17 +311,20 @@ def render_failover(recs, g, knobs):
             ["one-shot fetches failed (error, missing SVID or expired)", "**%d** of %s" % (
                 len(wl["fetch_errors"]), "{:,}".format(wl["fetch_ok"] + len(wl["fetch_errors"])))]]
         if g == "spiffed":
-            rows += [["healthchecks failed", "**%d**" % len(wl["health_failures"])],
-                     ["healthcheck readiness values seen", ", ".join("`%s`" % r for r in wl["health_readiness"])]]
+            rows += [["status calls or `spiffed healthcheck` runs failed (%s CLI runs)" % wl.get("healthcheck_runs", "?"),
+                      "**%d**" % len(wl["health_failures"])],
+                     ["readiness values seen", ", ".join("`%s`" % r for r in wl["health_readiness"])]]
         out.append(table(["", "count"], rows))
         out.append("")
         for p in (broken + invalid)[:5]:
             out.append("- %s" % p["what"].replace("|", "\\|"))
         for p in wl["fetch_errors"][:5]:
             out.append("- fetch on %s: %s" % (p["agent"], p["error"].replace("|", "\\|")))
+        for p in wl.get("not_serving", [])[:3]:
+            out.append("- %s reported `%s`: %s" % (p["agent"], p["readiness"], p["reason"].replace("|", "\\|")))
         for p in wl["health_failures"][:3]:
             out.append("- healthcheck on %s: `%s`" % (p["agent"], p["out"].strip().replace("|", "\\|")[:200]))
-        if probs or wl["fetch_errors"] or wl["health_failures"]:
+        if probs or wl["fetch_errors"] or wl["health_failures"] or wl.get("not_serving"):
             out.append("")
     return out
 
