@@ -207,8 +207,16 @@ EOF
 log "done in $(($(date +%s) - SCRIPT_START)) s"
 
 # ---------------------------------------------------------------------------- rendering
-python3 "$HERE/render_fleet.py" --results "$FLEET_RESULTS" --splice "$OUT_MD" ||
-    die "render_fleet.py failed (results kept in $FLEET_RESULTS)"
+if [[ -z "$LABEL" ]]; then
+    python3 "$HERE/render_fleet.py" --results "$FLEET_RESULTS" --splice "$OUT_MD" ||
+        die "render_fleet.py failed (results kept in $FLEET_RESULTS)"
+elif ls "$RESULTS_DIR"/fleet-2*.jsonl >/dev/null 2>&1; then
+    # A capacity run adds a row under the newest main run's figures.
+    python3 "$HERE/render_fleet.py" --results-dir "$RESULTS_DIR" --splice "$OUT_MD" ||
+        die "render_fleet.py failed (results kept in $FLEET_RESULTS)"
+else
+    log "no main run in $RESULTS_DIR yet: this capacity run's row appears with the next main run's section"
+fi
 # The section shows the newest main run and every capacity run: a main run for the repo's
 # BENCHMARKS.md replaces the older main runs' files (and the capacity runs made before it).
 if [[ -z "$LABEL" && "$(realpath -m "$OUT_MD")" == "$(realpath -m "$ROOT/BENCHMARKS.md")" ]]; then
