@@ -9,8 +9,8 @@
 #     validity, healthcheck readiness), and the return when the server is back;
 #   - `spire-server entry create` on either server -> the workload's stream has the SVID.
 #
-#   sudo bench/fleet.sh               AGENTS=50 (about 15 minutes on 2 cores, plus the build)
-#   sudo QUICK=1 bench/fleet.sh       a try-out: 3 agents, short windows (about 5 minutes)
+#   sudo bench/fleet.sh               AGENTS=50 (11 minutes here on 2 cores, plus the build)
+#   sudo QUICK=1 bench/fleet.sh       a try-out: 3 agents, short windows (about 4 minutes)
 #   sudo LABEL=capacity AGENTS=150 PARTS=spiffed,spire-agent bench/fleet.sh
 #                                     a row of the capacity table: start and steady state only
 #
