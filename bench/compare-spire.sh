@@ -675,10 +675,11 @@ emit "{\"type\":\"end\",\"elapsed_s\":$total}"
 
 step "rendering $OUT_MD"
 python3 "$HERE/render.py" --results "$RESULTS" --analysis "$HERE/ANALYSIS.md" --out "$OUT_MD" --root "$ROOT"
-# Keep only the raw data of the run that produced BENCHMARKS.md (bench/scale.sh's scale-*.jsonl
-# and bench/agent-mode.sh's agent-mode-*.jsonl files are theirs: their sections come from them).
+# Keep only the raw data of the run that produced BENCHMARKS.md (bench/scale.sh's scale-*.jsonl,
+# bench/agent-mode.sh's agent-mode-*.jsonl and bench/fleet.sh's fleet-*.jsonl files are theirs:
+# their sections come from them).
 if [[ "$OUT_MD" == "$ROOT/BENCHMARKS.md" ]]; then
-    find "$RESULTS_DIR" -maxdepth 1 -name '*.jsonl' ! -name 'scale-*' ! -name 'agent-mode-*' ! -name "$STAMP_UTC.jsonl" -delete
+    find "$RESULTS_DIR" -maxdepth 1 -name '*.jsonl' ! -name 'scale-*' ! -name 'agent-mode-*' ! -name 'fleet-*' ! -name "$STAMP_UTC.jsonl" -delete
 fi
 FAILED_STEP=""
 log "done in ${total}s: $OUT_MD, raw results $RESULTS"

@@ -7,7 +7,9 @@ Every figure in a scenario table is the median, over the runs, of that figure (e
 row separately); ratios are ratios of those medians. bench/ANALYSIS.md, when present, is copied
 in verbatim. The Scale section (bench/scale.sh) comes from bench/render_scale.py, rendered from the
 scale-*.jsonl files next to the results file, and the Agent mode section (bench/agent-mode.sh) from
-bench/render_agent_mode.py and the newest agent-mode-*.jsonl there, so that this renderer keeps both.
+bench/render_agent_mode.py and the newest agent-mode-*.jsonl there, and the Fleet section
+(bench/fleet.sh) from bench/render_fleet.py and the newest fleet-*.jsonl, so that this renderer
+keeps all three.
 """
 
 import argparse
@@ -20,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import render_scale  # noqa: E402  (the Scale section, from bench/scale.sh's results)
 import render_agent_mode  # noqa: E402  (the Agent mode section, from bench/agent-mode.sh's results)
+import render_fleet  # noqa: E402  (the Fleet section, from bench/fleet.sh's results)
 
 AGENTS = ["spiffed", "spire-agent", "floor"]
 
@@ -592,6 +595,10 @@ def render(data, analysis_text, results_path, root):
     agent_mode = render_agent_mode.section_from_dir(os.path.dirname(os.path.abspath(results_path)), root)
     if agent_mode:
         out += [agent_mode]
+    # bench/fleet.sh's section, likewise.
+    fleet = render_fleet.section_from_dir(os.path.dirname(os.path.abspath(results_path)), root)
+    if fleet:
+        out += [fleet]
     if analysis_text is not None:
         out += ["", analysis_text.rstrip("\n"), ""]
     if data.end.get("elapsed_s") is not None:

@@ -77,6 +77,15 @@ REQUEST = (
 )
 
 
+def empty_request(path):
+    """The bytes of a unary call to `path` (e.g. b"/spiffed.status.v1.AgentStatus/GetStatus") with
+    an empty request message and the security header, for fetch_raw(request=...)."""
+    headers = REQUEST_HEADERS.replace(_hpack_literal(b":path", b"/SpiffeWorkloadAPI/FetchX509SVID"),
+                                      _hpack_literal(b":path", path))
+    return (PREFACE + _frame(SETTINGS, 0, 0) + _frame(HEADERS, END_HEADERS, 1, headers)
+            + _frame(DATA, END_STREAM, 1, b"\x00\x00\x00\x00\x00"))
+
+
 def _recv_exact(sock, n):
     buf = bytearray()
     while len(buf) < n:
@@ -87,8 +96,9 @@ def _recv_exact(sock, n):
     return bytes(buf)
 
 
-def fetch_raw(path, timeout=5.0):
-    """Returns the first FetchX509SVID response message (protobuf bytes)."""
+def fetch_raw(path, timeout=5.0, request=REQUEST):
+    """Returns the first FetchX509SVID response message (protobuf bytes), or the first response
+    message of another call (`request`, see empty_request)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.settimeout(timeout)
     try:
@@ -96,7 +106,7 @@ def fetch_raw(path, timeout=5.0):
             sock.connect(path)
         except OSError as e:
             raise ProbeError("connect: %s" % e.strerror) from None
-        sock.sendall(REQUEST)
+        sock.sendall(request)
         msg = bytearray()
         while True:
             head = _recv_exact(sock, 9)
