@@ -50,6 +50,7 @@ CHURN_SECONDS="${CHURN_SECONDS:-$d_churn}"
 SPIRE_CHURN_SECONDS="${SPIRE_CHURN_SECONDS:-$CHURN_SECONDS}"
 # The cargo profile measured: `dist` (LTO, what we recommend deploying) or `release`.
 PROFILE="${PROFILE:-dist}"
+LOADGEN_PROFILE="${LOADGEN_PROFILE:-loadgen}"
 CHURN_RATE="${CHURN_RATE:-1000}"
 STARTUP_RUNS="${STARTUP_RUNS:-$d_startup}"
 CONCURRENCY="${CONCURRENCY:-16}"
@@ -277,13 +278,18 @@ step "SPIRE $SPIRE_VERSION"
 build_spire
 
 # ------------------------------------------------------------ 2. spiffed (profile $PROFILE)
-step "cargo build --profile $PROFILE -p spiffed -p spiffed-loadgen (CARGO_TARGET_DIR=$TARGET_DIR)"
+# The loadgen, the measuring tool, has its own profile (fat LTO, opt-level 3), so that dist's
+# size optimisations never slow the client (as in agent-mode.sh).
+step "cargo build --profile $PROFILE -p spiffed; --profile $LOADGEN_PROFILE -p spiffed-loadgen (CARGO_TARGET_DIR=$TARGET_DIR)"
 command -v cargo >/dev/null || die "cargo not found"
-if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$PROFILE" -p spiffed -p spiffed-loadgen); then
-    die "cargo build --profile $PROFILE -p spiffed -p spiffed-loadgen failed (output above)"
+if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$PROFILE" -p spiffed); then
+    die "cargo build --profile $PROFILE -p spiffed failed (output above)"
+fi
+if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$LOADGEN_PROFILE" -p spiffed-loadgen); then
+    die "cargo build --profile $LOADGEN_PROFILE -p spiffed-loadgen failed (output above)"
 fi
 SPIFFED="$TARGET_DIR/$PROFILE/spiffed"
-LOADGEN="$(realpath "$TARGET_DIR/$PROFILE/spiffed-loadgen")"
+LOADGEN="$(realpath "$TARGET_DIR/$LOADGEN_PROFILE/spiffed-loadgen")"
 [[ -x "$SPIFFED" && -x "$LOADGEN" ]] || die "no $SPIFFED or $LOADGEN after the build"
 LOADGEN_SHA256="$(sha256sum "$LOADGEN" | cut -d' ' -f1)"
 
