@@ -135,6 +135,7 @@ impl AgentMode {
             status,
             spire.sync_interval,
         )
+        .wake_on_attestation(link.attestation())
         .on_bundle(Box::new(move |bundle| {
             if let Err(e) = trusting.set_bundle(bundle) {
                 tracing::warn!(error = %e, "the server link keeps its previous trust bundle");

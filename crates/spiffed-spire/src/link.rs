@@ -419,6 +419,11 @@ impl ServerLink {
         let _ = rx.wait_for(|a| *a).await;
     }
 
+    /// A watch that turns true once the agent has an SVID (at once if it loaded one).
+    pub fn attestation(&self) -> watch::Receiver<bool> {
+        self.inner.attested.subscribe()
+    }
+
     /// Takes the trust domain's bundle as the sync received it (`GetBundle`): its X.509
     /// authorities become the roots the server is verified against, and are persisted when
     /// they changed. An agent SVID that chains to a tainted authority is rotated at once.

@@ -16,7 +16,8 @@
 //! the interval while no cached SVID is valid. The status says Serving after a good round,
 //! ServingFromCache while cached SVIDs are still valid, NotServing when nothing is.
 //! [`ServerError::NotAttested`] (the link has not attested yet) keeps the status and retries at
-//! the interval.
+//! the interval, or as soon as the link says it attested ([`EntrySync::wake_on_attestation`]),
+//! so a freshly attested agent does not wait a whole interval for its first entries.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -151,6 +152,8 @@ pub struct EntrySync {
     /// Federated trust domains the server had no bundle for (warned once).
     missing: HashSet<TrustDomain>,
     started: SystemTime,
+    /// True once the server link has an agent SVID.
+    attested: Option<watch::Receiver<bool>>,
 }
 
 impl std::fmt::Debug for EntrySync {
@@ -213,6 +216,7 @@ impl EntrySync {
             refused: HashMap::new(),
             missing: HashSet::new(),
             started,
+            attested: None,
         }
     }
 
@@ -224,13 +228,29 @@ impl EntrySync {
         self
     }
 
+    /// A round refused because the agent is not attested yet is retried as soon as `attested`
+    /// announces an agent SVID (the server link sends `true` on every SVID it installs), not
+    /// an interval later.
+    #[must_use]
+    pub fn wake_on_attestation(mut self, attested: watch::Receiver<bool>) -> Self {
+        self.attested = Some(attested);
+        self
+    }
+
     /// Syncs every interval until `stop` becomes true (or its sender is dropped).
     pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
         let cap = MAX_BACKOFF.min(self.interval.saturating_mul(48));
         let mut delay = self.interval;
+        let mut attested = self.attested.take();
         loop {
             if *stop.borrow() || stop.has_changed().is_err() {
                 return;
+            }
+            let mut awaiting_attestation = false;
+            if let Some(rx) = attested.as_mut() {
+                // What the link announced so far is seen: only a new SVID installed after
+                // this point wakes a round that was refused for want of one.
+                rx.borrow_and_update();
             }
             let round = tokio::select! {
                 r = self.sync_once() => r,
@@ -245,6 +265,7 @@ impl EntrySync {
                 Err(SyncError::Server(ServerError::NotAttested(why))) => {
                     tracing::debug!(%why, "not syncing yet: the agent is not attested");
                     delay = self.interval;
+                    awaiting_attestation = true;
                 }
                 Err(e) => {
                     delay = delay.mul_f64(1.5).min(cap);
@@ -254,8 +275,22 @@ impl EntrySync {
                     self.failed(&e, delay);
                 }
             }
+            let attestation = async {
+                match attested.as_mut() {
+                    Some(rx) if awaiting_attestation => loop {
+                        if rx.changed().await.is_err() {
+                            std::future::pending::<()>().await;
+                        }
+                        if *rx.borrow_and_update() {
+                            break;
+                        }
+                    },
+                    _ => std::future::pending::<()>().await,
+                }
+            };
             tokio::select! {
                 () = tokio::time::sleep(jittered(delay)) => {}
+                () = attestation => {}
                 () = stopped(&mut stop) => return,
             }
         }

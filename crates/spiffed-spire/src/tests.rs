@@ -365,6 +365,40 @@ async fn a_tainted_authority_forces_a_re_mint_of_what_chains_to_it() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_sync_refused_before_attestation_runs_again_as_soon_as_the_agent_attests() {
+    let env = env(1000);
+    env.fake.put_entry("a", "/a", &["unix:uid:1"], 1);
+    env.fake.state().down = Some(ServerError::NotAttested("attestation pending".into()));
+    let (attested, attestation) = watch::channel(false);
+    let sync = EntrySync::with_clock(
+        env.fake.clone(),
+        env.issuer.clone(),
+        env.handle.clone(),
+        rules(),
+        env.status.clone(),
+        Duration::from_secs(60),
+        env.clock.clone(),
+    )
+    .wake_on_attestation(attestation);
+    let (_stop, stopped) = watch::channel(false);
+    let task = tokio::spawn(sync.run(stopped));
+    // The first round (at once) is refused; a minute is the next one without the wake-up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(env.synced("a").is_none());
+    env.fake.state().down = None;
+    attested.send_replace(true);
+    tokio::time::timeout(
+        Duration::from_secs(5),
+        until("entries synced after attestation", || {
+            env.synced("a").is_some()
+        }),
+    )
+    .await
+    .expect("the sync waited for its interval instead of the attestation");
+    task.abort();
+}
+
+#[tokio::test(start_paused = true)]
 async fn an_entry_deleted_on_the_server_leaves_after_the_next_sync_and_its_svid_when_let_go() {
     let env = env(1000);
     env.fake.put_entry("a", "/a", &["unix:uid:1"], 1);
