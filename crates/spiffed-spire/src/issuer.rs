@@ -35,7 +35,7 @@ use tokio::sync::{Notify, watch};
 use zeroize::Zeroizing;
 
 use crate::bundle::{self, Converted};
-use crate::cache::{self, CACHE_FILE, CacheError, Snapshot};
+use crate::cache::{self, CACHE_FILE, CacheError, LoadedSvid, Snapshot};
 use crate::jwt::{JwtCache, JwtKey, token_info};
 use crate::server::{EntryVersion, ServerApi};
 use crate::svids::{Lane, Lookup, MintJob, SvidStats, SvidTable, rotate_at};
@@ -57,6 +57,9 @@ const JWT_CACHED_TIMEOUT: Duration = Duration::from_secs(5);
 const MAX_SLEEP: Duration = Duration::from_secs(30);
 /// Least time between two writes of the workload cache.
 const WRITE_SPACING: Duration = Duration::from_secs(1);
+/// Cached SVIDs checked per turn of the background check (a few hundred microseconds under
+/// the state lock, then the task yields).
+const CHECK_CHUNK: usize = 8;
 /// First pause of the background lane after a failed call; doubles up to [`MAX_PAUSE`].
 const FIRST_PAUSE: Duration = Duration::from_secs(1);
 const MAX_PAUSE: Duration = Duration::from_secs(30);
@@ -124,6 +127,76 @@ struct State {
     warned: HashSet<String>,
     /// The workload cache is behind.
     dirty: bool,
+    /// X.509-SVIDs read from the workload cache and not checked yet (chain, SPIFFE ID, key,
+    /// validity against the bundle): each is checked when first asked for, the rest by
+    /// [`SpireIssuer::check_loaded`] once serving, so a restart with a large cache serves at
+    /// once. Order: the file's.
+    unchecked: HashMap<EntryId, LoadedSvid>,
+    /// Cached SVIDs kept and dropped by those checks so far.
+    unchecked_kept: usize,
+    unchecked_dropped: usize,
+}
+
+impl State {
+    /// Checks the cached SVID of entry `id`, if it is one of the unchecked, and installs it.
+    fn check_cached(&mut self, id: &EntryId, now: SystemTime) {
+        if let Some(s) = self.unchecked.remove(id) {
+            self.install_cached(s, now);
+        }
+    }
+
+    /// Checks up to `n` unchecked cached SVIDs; returns how many are left.
+    fn check_cached_batch(&mut self, n: usize, now: SystemTime) -> usize {
+        let ids: Vec<EntryId> = self.unchecked.keys().take(n).cloned().collect();
+        for id in ids {
+            self.check_cached(&id, now);
+        }
+        self.unchecked.len()
+    }
+
+    /// Checks one cached SVID against the bundle held now and installs it when it passes
+    /// (dropped otherwise, and the cache file marked behind).
+    fn install_cached(&mut self, s: LoadedSvid, now: SystemTime) {
+        let wanted = self
+            .entries
+            .get(&s.entry_id)
+            .is_some_and(|e| e.entry.spiffe_id == s.spiffe_id)
+            && self.cleared.is_none();
+        let authorities = self
+            .own
+            .as_ref()
+            .map(|o| o.authorities.clone())
+            .unwrap_or_default();
+        let checked = if wanted {
+            let chain: Vec<&[u8]> = s.chain.iter().map(Vec::as_slice).collect();
+            x509::public_of(&s.key).and_then(|public| {
+                x509::check_chain(&chain, &s.spiffe_id, &public, s.key, &authorities, now)
+            })
+        } else {
+            Err("its entry is gone or names another SPIFFE ID now".to_owned())
+        };
+        match checked {
+            Ok(c) => {
+                self.unchecked_kept += 1;
+                let due = rotate_at(&c.svid, None, jitter());
+                self.svids
+                    .install_loaded(&s.entry_id, c, s.version, due, now);
+                let tainted: Vec<&[u8]> = authorities
+                    .iter()
+                    .filter(|a| a.tainted)
+                    .map(|a| a.der.as_slice())
+                    .collect();
+                if !tainted.is_empty() {
+                    self.svids.taint(&tainted);
+                }
+            }
+            Err(why) => {
+                tracing::debug!(entry = %s.entry_id, %why, "dropping a cached X.509-SVID");
+                self.unchecked_dropped += 1;
+                self.dirty = true;
+            }
+        }
+    }
 }
 
 struct Inner {
@@ -137,6 +210,8 @@ struct Inner {
     background: Notify,
     upkeep: Notify,
     persist: Notify,
+    /// True once no cached SVID waits for its check.
+    checked: watch::Sender<bool>,
     /// One refresh at a time per JWT-SVID cache key.
     jwt_gates: Mutex<HashMap<JwtKey, Arc<tokio::sync::Mutex<()>>>>,
     calls: AtomicU64,
@@ -207,7 +282,9 @@ impl SpireIssuer {
     /// Opens the issuer over `api`, loading the workload cache from `cfg.data_dir` (the
     /// directory is created if missing). A cache file not owned by the agent's uid, or
     /// readable by group or others, is refused with the fix; a corrupt one is ignored with a
-    /// warning; expired SVIDs in it are dropped.
+    /// warning. Its X.509-SVIDs are checked (chain to the bundle, SPIFFE ID, key, validity)
+    /// when first asked for, and the others by [`SpireIssuer::run`] in the background; one that
+    /// fails (expired, say) is dropped then.
     pub fn open(api: Arc<dyn ServerApi>, cfg: IssuerConfig) -> Result<Self, CacheError> {
         Self::open_with_clock(api, cfg, Arc::new(SystemClock))
     }
@@ -237,6 +314,9 @@ impl SpireIssuer {
             federated: BTreeMap::new(),
             warned: HashSet::new(),
             dirty: false,
+            unchecked: HashMap::new(),
+            unchecked_kept: 0,
+            unchecked_dropped: 0,
         };
         if let Some(l) = loaded {
             if let Some(b) = l.bundle {
@@ -272,48 +352,22 @@ impl SpireIssuer {
                     },
                 );
             }
-            let authorities = st
-                .own
-                .as_ref()
-                .map(|o| o.authorities.clone())
-                .unwrap_or_default();
-            let (mut kept, mut dropped) = (0usize, 0usize);
+            let mut dropped = 0usize;
             for s in l.svids {
-                if !st.entries.contains_key(&s.entry_id) {
+                if st.entries.contains_key(&s.entry_id) {
+                    st.unchecked.insert(s.entry_id.clone(), s);
+                } else {
                     dropped += 1;
-                    continue;
                 }
-                let chain: Vec<&[u8]> = s.chain.iter().map(Vec::as_slice).collect();
-                let checked = x509::public_of(&s.key).and_then(|public| {
-                    x509::check_chain(&chain, &s.spiffe_id, &public, s.key, &authorities, now)
-                });
-                match checked {
-                    Ok(c) => {
-                        let due = rotate_at(&c.svid, None, jitter());
-                        st.svids.install_loaded(&s.entry_id, c, s.version, due, now);
-                        kept += 1;
-                    }
-                    Err(why) => {
-                        tracing::debug!(entry = %s.entry_id, %why, "dropping a cached X.509-SVID");
-                        dropped += 1;
-                    }
-                }
-            }
-            let tainted: Vec<&[u8]> = authorities
-                .iter()
-                .filter(|a| a.tainted)
-                .map(|a| a.der.as_slice())
-                .collect();
-            if !tainted.is_empty() {
-                st.svids.taint(&tainted);
             }
             tracing::info!(
                 file = %file.display(),
                 entries = st.entries.len(),
-                svids = kept,
+                svids = st.unchecked.len(),
                 dropped_svids = dropped,
                 federated = st.federated.len(),
-                "loaded the workload cache"
+                "loaded the workload cache (each X.509-SVID is checked when first asked for, \
+                 the rest in the background)"
             );
             st.dirty = dropped > 0;
         }
@@ -335,6 +389,7 @@ impl SpireIssuer {
                 background: Notify::new(),
                 upkeep: Notify::new(),
                 persist: Notify::new(),
+                checked: watch::Sender::new(false),
                 jwt_gates: Mutex::new(HashMap::new()),
                 calls: AtomicU64::new(0),
                 mints: AtomicU64::new(0),
@@ -630,6 +685,7 @@ impl SpireIssuer {
         tracing::warn!(%reason, "agent mode: dropping every workload SVID; no identity is served");
         st.cleared = Some(reason);
         st.svids.clear();
+        st.unchecked.clear();
         st.jwts.clear();
         self.touched(&mut st);
     }
@@ -662,13 +718,31 @@ impl SpireIssuer {
     /// Whether any X.509-SVID valid now is held (the agent can serve from its cache).
     pub fn has_valid_svids(&self) -> bool {
         let now = self.now();
-        let st = self.lock();
-        st.cleared.is_none() && st.svids.any_valid(now)
+        let mut st = self.lock();
+        if st.cleared.is_some() {
+            return false;
+        }
+        if st.svids.any_valid(now) {
+            return true;
+        }
+        // One valid SVID settles it: check cached ones only until one passes (a kept one is
+        // valid now).
+        while !st.unchecked.is_empty() {
+            let kept = st.unchecked_kept;
+            st.check_cached_batch(1, now);
+            if st.unchecked_kept > kept {
+                return true;
+            }
+        }
+        false
     }
 
     /// Counts of X.509-SVIDs in memory.
     pub fn stats(&self) -> SvidStats {
-        self.lock().svids.stats()
+        let st = self.lock();
+        let mut stats = st.svids.stats();
+        stats.cached += st.unchecked.len();
+        stats
     }
 
     /// How many JWT-SVIDs are cached.
@@ -898,7 +972,40 @@ impl SpireIssuer {
     }
 
     /// Sweeps, queues the background mints due, and sleeps until the next is due.
+    /// Checks the cached SVIDs no request has asked for yet, a few at a time, yielding in
+    /// between so that requests are served meanwhile.
+    async fn check_loaded(&self, stop: &watch::Receiver<bool>) {
+        loop {
+            if is_stopped(stop) {
+                return;
+            }
+            let left = {
+                let now = self.now();
+                self.lock().check_cached_batch(CHECK_CHUNK, now)
+            };
+            if left == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let mut st = self.lock();
+        if st.unchecked_kept + st.unchecked_dropped > 0 {
+            tracing::info!(
+                kept = st.unchecked_kept,
+                dropped = st.unchecked_dropped,
+                "checked the cached X.509-SVIDs"
+            );
+        }
+        if st.dirty {
+            self.touched(&mut st);
+        }
+        drop(st);
+        self.inner.checked.send_replace(true);
+    }
+
     async fn upkeep(&self, mut stop: watch::Receiver<bool>) {
+        // Nothing is planned (pre-minted, rotated) before the cached SVIDs are in.
+        self.check_loaded(&stop).await;
         loop {
             if is_stopped(&stop) {
                 return;
@@ -938,6 +1045,13 @@ impl SpireIssuer {
 
     /// Writes the workload cache when it is behind, at most once per [`WRITE_SPACING`].
     async fn writer(&self, mut stop: watch::Receiver<bool>) {
+        // The cache is not rewritten while cached SVIDs wait for their check (the snapshot
+        // would check them all at once, under the lock).
+        let mut checked = self.inner.checked.subscribe();
+        tokio::select! {
+            _ = checked.wait_for(|c| *c) => {}
+            () = stopped(&mut stop) => {}
+        }
         loop {
             tokio::select! {
                 () = self.inner.persist.notified() => {}
@@ -955,6 +1069,12 @@ impl SpireIssuer {
     /// A consistent copy of what the workload cache holds (`None`: it is up to date).
     fn snapshot(&self) -> Option<Snapshot> {
         let mut st = self.lock();
+        if !st.unchecked.is_empty() {
+            // Unchecked SVIDs are written only once they pass (the writer waits for the
+            // background check; this is the stop's last write).
+            let now = self.now();
+            st.check_cached_batch(usize::MAX, now);
+        }
         if !st.dirty {
             return None;
         }
@@ -1175,6 +1295,9 @@ impl Issuer for SpireIssuer {
                         }
                         None => Err(err),
                     };
+                }
+                if !st.unchecked.is_empty() {
+                    st.check_cached(&entry.id, now);
                 }
                 let version = st.entries.get(&entry.id).map(|s| s.version);
                 match st.svids.lookup(&entry.id, &entry.spiffe_id, version, now) {

@@ -714,10 +714,17 @@ async fn the_workload_cache_serves_after_a_restart_while_the_server_is_down() {
     let v = issuer.validate_jwt(&jwt.token, "x").unwrap();
     assert_eq!(v.spiffe_id, a.spiffe_id);
 
-    // Expired SVIDs are dropped on load (b lived 100 s).
+    // Expired SVIDs are dropped by the check after a restart (b lived 100 s).
     tokio::time::sleep(Duration::from_secs(200)).await;
     let later = open_issuer(env.dir.path(), &env.fake, &env.clock, 1000).unwrap();
-    assert_eq!(later.stats().cached, 1);
+    let (_, handle) = synced_sources();
+    later.publish_cached(&handle, &rules()).unwrap();
+    assert!(later.has_valid_svids(), "a is still valid");
+    let (stop_later, stopped) = watch::channel(false);
+    let task = tokio::spawn(later.clone().run(stopped));
+    until("b's expired SVID dropped", || later.stats().cached == 1).await;
+    stop_later.send(true).unwrap();
+    task.await.unwrap();
 
     // Readable by group: refused, naming the file and the fix.
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
@@ -736,6 +743,75 @@ async fn the_workload_cache_serves_after_a_restart_while_the_server_is_down() {
     assert_eq!(fresh.stats().cached, 0);
     let (_, handle) = synced_sources();
     assert_eq!(fresh.publish_cached(&handle, &rules()).unwrap(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn cached_svids_nobody_asked_for_after_a_restart_are_kept_in_the_cache_file() {
+    let env = env(1000);
+    for id in ["a", "b", "c"] {
+        env.fake
+            .put_entry(id, &format!("/{id}"), &["unix:uid:1"], 1);
+    }
+    let mut sync = env.sync();
+    sync.sync_once().await.unwrap();
+    until("all pre-minted", || env.issuer.stats().cached == 3).await;
+    let mut serials = std::collections::BTreeMap::new();
+    for id in ["a", "b", "c"] {
+        let mut got = env
+            .issuer
+            .x509_svid(&env.synced(id).unwrap())
+            .await
+            .unwrap();
+        serials.insert(id, got.current().serial.clone());
+    }
+    env.stop.send(true).unwrap();
+    env.task.await.unwrap();
+
+    // Restart: only a is asked for, then a sync changes the entries (the cache is rewritten)
+    // and the agent stops before its background check ran.
+    let restarted = open_issuer(env.dir.path(), &env.fake, &env.clock, 0).unwrap();
+    let (sources, handle) = synced_sources();
+    restarted.publish_cached(&handle, &rules()).unwrap();
+    let a = sources
+        .feed()
+        .read()
+        .get(&EntryId::new("a"))
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        restarted.x509_svid(&a).await.unwrap().current().serial,
+        serials["a"]
+    );
+    env.fake.put_entry("d", "/d", &["unix:uid:1"], 1);
+    let mut sync = EntrySync::with_clock(
+        env.fake.clone(),
+        restarted.clone(),
+        handle.clone(),
+        rules(),
+        env.status.clone(),
+        Duration::from_secs(5),
+        env.clock.clone(),
+    );
+    sync.sync_once().await.unwrap();
+    restarted.persist_now().await.unwrap();
+
+    // b and c were never served, yet the file still holds them: served with no server call.
+    env.fake.state().down = Some(unreachable());
+    let calls = env.fake.state().batches.len();
+    let third = open_issuer(env.dir.path(), &env.fake, &env.clock, 0).unwrap();
+    let (sources, handle) = synced_sources();
+    third.publish_cached(&handle, &rules()).unwrap();
+    for id in ["a", "b", "c"] {
+        let e = sources
+            .feed()
+            .read()
+            .get(&EntryId::new(id))
+            .cloned()
+            .unwrap();
+        let got = third.x509_svid(&e).await.unwrap().current();
+        assert_eq!(got.serial, serials[id], "{id}");
+    }
+    assert_eq!(env.fake.state().batches.len(), calls, "no server call");
 }
 
 #[tokio::test(start_paused = true)]
