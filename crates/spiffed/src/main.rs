@@ -106,7 +106,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    runtime.block_on(async move {
+    // The command runs as a task on a worker thread, not on this thread inside `block_on`:
+    // the accept loop then spawns each connection's task on the worker it runs on (tokio's
+    // LIFO slot), instead of handing every new connection across threads (a futex wake and
+    // a context switch per connection).
+    let task = runtime.spawn(async move {
         let result = match cli.command {
             Command::Run {
                 config,
@@ -127,5 +131,9 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
+    });
+    runtime.block_on(task).unwrap_or_else(|e| {
+        serve::fatal(&format!("the command's task failed: {e}"));
+        ExitCode::FAILURE
     })
 }
