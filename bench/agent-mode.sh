@@ -834,15 +834,24 @@ latency_samples() {
     local -a pairs
     for ((i = 1; i <= LATENCY_SAMPLES; i++)); do
         if ((i > 1 && (i - 1) % LATENCY_BLOCK == 0)); then
-            # A new block: a new phase of every agent's sync cycle (see LATENCY_BLOCK).
-            for a in "${agents[@]}"; do
+            # A new block: a new phase of every agent's sync cycle (see LATENCY_BLOCK). The
+            # order alternates between blocks: the agent restarted second starts its sync cycle
+            # a few hundred ms after the first (the first's start-up, the second's stop), and
+            # the cycles drift apart only slowly, so a fixed order would make the second agent
+            # later in most samples of every block by that lag.
+            local -a order=("${agents[@]}")
+            if (((i - 1) / LATENCY_BLOCK % 2 == 1)); then
+                order=()
+                for ((k = ${#agents[@]} - 1; k >= 0; k--)); do order+=("${agents[$k]}"); done
+            fi
+            for a in "${order[@]}"; do
                 stop_proc "$a"
                 start_agent "$a"
             done
             for a in "${agents[@]}"; do
                 wait_probe "${SOCK[$a]}" --expect-id "$ID_UID" --timeout 60
             done
-            log "  block $(((i - 1) / LATENCY_BLOCK + 1)): restarted ${agents[*]}"
+            log "  block $(((i - 1) / LATENCY_BLOCK + 1)): restarted ${order[*]} (in this order)"
         fi
         for a in "${agents[@]}"; do
             : >"$TMP/out/await-$a.out"
