@@ -32,7 +32,7 @@ use spiffed_core::untrusted::{Untrusted, UntrustedList};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::limits::Denial;
-use crate::service::{Shared, X509Stream};
+use crate::service::{Shared, X509Stream, log_issued};
 use crate::{ApiError, WorkloadApi};
 
 pub use protocol::{
@@ -187,10 +187,14 @@ impl SecretStream {
                 req = self.requests.next() => {
                     let req = match req? {
                         Ok(r) => r,
-                        // A malformed message or a broken connection: the stream ends.
+                        // A malformed message (or a broken connection): the stream ends.
                         Err(status) => {
-                            self.log_rejected(&format!("unreadable request: {}", status.message()));
-                            return None;
+                            let e = ApiError::BadRequest(format!(
+                                "unreadable DiscoveryRequest: {}",
+                                status.message()
+                            ));
+                            self.log_rejected(&e.to_string());
+                            return Some(Err(e));
                         }
                     };
                     match self.on_request(&req) {
@@ -310,6 +314,7 @@ impl SecretDiscoveryService for SdsService {
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
         let mut workload = self.subscribe(&request).await?;
         let (ids, bundles) = first_snapshot(&mut workload)?;
+        log_issued(workload.caller(), &ids, "X.509-SVID (SDS stream)");
         let mut xds = XdsState::new();
         // The first update: the workload's state now.
         xds.on_update();
@@ -365,6 +370,7 @@ impl SecretDiscoveryService for SdsService {
         };
         let resources = build(&req.resource_names, &snap, validation, &self.cfg)
             .inspect_err(|e| self.log_refused(workload.caller().cred(), e))?;
+        log_issued(workload.caller(), &ids, "X.509-SVID (SDS fetch)");
         Ok(Response::new(fetch_response(&req, resources)))
     }
 }

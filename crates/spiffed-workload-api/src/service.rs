@@ -873,7 +873,7 @@ impl Shared {
     }
 }
 
-fn log_issued(caller: &Caller, ids: &[Identity], what: &str) {
+pub(crate) fn log_issued(caller: &Caller, ids: &[Identity], what: &str) {
     for i in ids {
         tracing::info!(
             spiffe_id = %i.entry.spiffe_id,
