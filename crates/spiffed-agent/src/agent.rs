@@ -12,7 +12,7 @@ use spiffed_authority::{AuthorityConfig, CaAuthority};
 use spiffed_entries::store::Store;
 use spiffed_entries::{ConfigEntries, EntrySources, Rules};
 use spiffed_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer;
-use spiffed_workload_api::WorkloadApi;
+use spiffed_workload_api::{SdsService, SdsStreams, WorkloadApi};
 use tokio::net::UnixListener;
 use tokio::sync::{Notify, watch};
 
@@ -102,6 +102,10 @@ pub struct Bound {
     agent_mode: Option<crate::agent_mode::AgentMode>,
     entries: EntrySources,
     api: WorkloadApi,
+    /// Envoy SDS on the same socket (`None`: `[sds] disable_sds_api = true`).
+    sds: Option<SdsService>,
+    /// How many SDS streams are open (zero while SDS is off).
+    sds_streams: SdsStreams,
     admin: AdminService,
     /// `data_dir/agent.lock`, flocked while this agent lives.
     data_dir_lock: fs::File,
@@ -161,6 +165,7 @@ pub struct Stats {
     api: WorkloadApi,
     backend: Backend,
     feed: spiffed_core::EntryFeed,
+    sds_streams: SdsStreams,
 }
 
 impl std::fmt::Debug for Stats {
@@ -170,8 +175,14 @@ impl std::fmt::Debug for Stats {
 }
 
 impl Stats {
+    /// How many Envoy SDS `StreamSecrets` streams are open now (zero while SDS is off).
+    pub fn sds_streams_open(&self) -> usize {
+        self.sds_streams.open()
+    }
+
     /// Logs one line with every counter (`spiffed` does on SIGUSR1).
     pub fn log(&self) {
+        let sds_streams = self.sds_streams.open();
         let wakeups = self.api.wakeups();
         let entries = self.feed.read().len();
         match &self.backend {
@@ -179,6 +190,7 @@ impl Stats {
                 let svids = authority.svid_stats();
                 tracing::info!(
                     entries,
+                    sds_streams,
                     stream_wakeups_recomputed = wakeups.recomputed,
                     stream_wakeups_filtered = wakeups.filtered,
                     x509_svids_cached = svids.cached,
@@ -200,6 +212,7 @@ impl Stats {
                 };
                 tracing::info!(
                     entries,
+                    sds_streams,
                     readiness,
                     stream_wakeups_recomputed = wakeups.recomputed,
                     stream_wakeups_filtered = wakeups.filtered,
@@ -370,6 +383,9 @@ fn bind(
     )
     .map_err(io_err("chmod", &cfg.socket_path))?;
 
+    // Envoy SDS over the same attestation, entries, SVIDs, bundles and limits.
+    let sds = cfg.sds.clone().map(|c| api.sds(c));
+    let sds_streams = sds.as_ref().map(SdsService::streams).unwrap_or_default();
     let admin = AdminService {
         sources: entries.clone(),
         attestor,
@@ -386,6 +402,8 @@ fn bind(
         agent_mode,
         entries,
         api,
+        sds,
+        sds_streams,
         admin,
         data_dir_lock,
     })
@@ -433,7 +451,13 @@ impl Bound {
             api: self.api.clone(),
             backend: self.backend.clone(),
             feed: self.entries.feed(),
+            sds_streams: self.sds_streams.clone(),
         }
+    }
+
+    /// The count of open Envoy SDS streams (zero while SDS is off).
+    pub fn sds_streams(&self) -> SdsStreams {
+        self.sds_streams.clone()
     }
 
     /// A handle for replacing the config file's entries while the agent runs (SIGHUP).
@@ -457,6 +481,8 @@ impl Bound {
             agent_mode,
             entries,
             api,
+            sds,
+            sds_streams: _,
             admin,
             data_dir_lock,
         } = self;
@@ -546,6 +572,7 @@ impl Bound {
         tracing::info!(
             socket = %cfg.socket_path.display(),
             trust_domain = %cfg.trust_domain,
+            sds = sds.is_some(),
             "serving the SPIFFE Workload API"
         );
         let serve = tonic::transport::Server::builder()
@@ -556,6 +583,8 @@ impl Bound {
             .add_service(reflection)
             .add_service(reflection_alpha)
             .add_service(api.into_server())
+            // SDS streams pass through the same per-uid stream limit layer as the Workload API.
+            .add_optional_service(sds.map(SdsService::into_server))
             .serve_with_incoming_shutdown(
                 // Within the per-uid and descriptor limits, each connection closed when silent
                 // or idle (limits.rs). grpc-core and grpc-java send the socket path as

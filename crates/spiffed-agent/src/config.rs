@@ -238,6 +238,10 @@ pub struct Config {
     /// domain's CA). With it, the server is the CA and holds the entries: no local CA is
     /// created, `[[entries]]` are refused and the admin API only reads the synced entries.
     pub spire_server: Option<spiffed_spire::config::SpireConfig>,
+    /// Envoy SDS on the Workload API socket: the `[sds]` table (default names `default`,
+    /// `ROOTCA`, `ALL`; the SPIFFE validator). `None`: `disable_sds_api = true`, SDS is not
+    /// served.
+    pub sds: Option<spiffed_workload_api::SdsConfig>,
 }
 
 impl Config {
@@ -297,6 +301,7 @@ impl Config {
             min_ca_ttl: DEFAULT_MIN_CA_TTL,
             new_entry_store: false,
             spire_server: None,
+            sds: Some(spiffed_workload_api::SdsConfig::default()),
         }
     }
 
@@ -341,6 +346,7 @@ impl Config {
             denial_log_lines_per_second,
             premint_entries,
             spire_server,
+            sds,
         } = self;
         let mut changed = Vec::new();
         let mut check = |key: &'static str, differs: bool| {
@@ -363,6 +369,7 @@ impl Config {
         check("log_format", *log_format != new.log_format);
         check("synthetic_ids", *synthetic_ids != new.synthetic_ids);
         check("spire_server", *spire_server != new.spire_server);
+        check("sds", *sds != new.sds);
         check(
             "max_selectors_per_entry",
             *max_selectors_per_entry != new.max_selectors_per_entry,
@@ -436,7 +443,7 @@ impl Config {
              max_jwt_audience_length={} max_jwt_token_length={} jwt_cache_bytes={} \
              jwt_cache_entries_per_identity={} max_logged_string_length={} \
              denial_log_lines_per_second={} max_selectors_per_entry={} \
-             max_dns_names_per_entry={} min_svid_ttl={} min_ca_ttl={} premint_entries={}",
+             max_dns_names_per_entry={} min_svid_ttl={} min_ca_ttl={} premint_entries={} sds={}",
             self.trust_domain,
             self.socket_path.display(),
             self.socket_mode,
@@ -469,6 +476,17 @@ impl Config {
             humantime::format_duration(self.min_svid_ttl),
             humantime::format_duration(self.min_ca_ttl),
             self.premint_entries,
+            match &self.sds {
+                None => "off".to_owned(),
+                Some(s) => format!(
+                    "on(default_svid_name={:?} default_bundle_name={:?} \
+                     default_all_bundles_name={:?} disable_spiffe_cert_validation={})",
+                    s.default_svid_name,
+                    s.default_bundle_name,
+                    s.default_all_bundles_name,
+                    s.disable_spiffe_cert_validation
+                ),
+            },
         )
     }
 }
@@ -1403,9 +1421,72 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
                 .into_iter()
                 .map(|k| keys::example(keys::Table::Entry, k).unwrap().to_owned()),
         );
+        lines.push("[sds]".to_owned());
+        lines.extend(
+            keys::names(keys::Table::Sds)
+                .into_iter()
+                .map(|k| keys::example(keys::Table::Sds, k).unwrap().to_owned()),
+        );
         let text = lines.join("\n");
         let cfg = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(cfg.entries.len(), 1);
+        assert_eq!(cfg.sds, Some(spiffed_workload_api::SdsConfig::default()));
+    }
+
+    #[test]
+    fn sds_table_sets_names_and_can_disable_sds() {
+        let cfg = parse(&doc(&[TD])).unwrap();
+        assert_eq!(cfg.sds, Some(spiffed_workload_api::SdsConfig::default()));
+        assert!(cfg.summary().contains("sds=on("), "{}", cfg.summary());
+        let cfg = parse(&doc(&[
+            TD,
+            "[sds]",
+            "default_svid_name = \"svid\"",
+            "default_bundle_name = \"ca\"",
+            "default_all_bundles_name = \"everything\"",
+            "disable_spiffe_cert_validation = true",
+        ]))
+        .unwrap();
+        let sds = cfg.sds.clone().unwrap();
+        assert_eq!(
+            (
+                sds.default_svid_name.as_str(),
+                sds.default_bundle_name.as_str(),
+                sds.default_all_bundles_name.as_str(),
+                sds.disable_spiffe_cert_validation
+            ),
+            ("svid", "ca", "everything", true)
+        );
+        let off = parse(&doc(&[TD, "[sds]", "disable_sds_api = true"])).unwrap();
+        assert_eq!(off.sds, None);
+        assert!(off.summary().ends_with("sds=off"), "{}", off.summary());
+        assert_eq!(cfg.changes_needing_restart(&off), ["sds"]);
+        for (line, key, says) in [
+            (
+                "default_svid_name = \"\"",
+                "sds.default_svid_name",
+                "is empty",
+            ),
+            (
+                "default_bundle_name = \"spiffe://example.org\"",
+                "sds.default_bundle_name",
+                "starts with spiffe://",
+            ),
+            (
+                "default_all_bundles_name = \"ROOTCA\"",
+                "sds.default_all_bundles_name",
+                "also the name of default_bundle_name",
+            ),
+        ] {
+            let e = parse(&doc(&[TD, "[sds]", line])).unwrap_err();
+            assert_eq!(e.key, key, "{line}: {e}");
+            assert!(e.to_string().contains(says), "{line}: {e}");
+        }
+        let e = parse(&doc(&[TD, "[sds]", "default_svid_nam = \"x\""])).unwrap_err();
+        assert!(
+            e.to_string().contains("did you mean `default_svid_name`"),
+            "{e}"
+        );
     }
 
     #[test]

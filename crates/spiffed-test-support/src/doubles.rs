@@ -23,6 +23,26 @@ pub fn fake_ca(td: &str, n: u32) -> Vec<u8> {
     format!("ca:{td}:{n}").into_bytes()
 }
 
+/// `content` as one DER SEQUENCE (tag, definite length, bytes): the shape of a certificate,
+/// so that code splitting a concatenated DER chain (SDS's PEM encoding) accepts stand-ins.
+pub fn fake_der(content: &[u8]) -> Vec<u8> {
+    let len = content.len();
+    let mut out = vec![0x30];
+    if len < 0x80 {
+        out.push(len as u8);
+    } else {
+        let bytes: Vec<u8> = len
+            .to_be_bytes()
+            .into_iter()
+            .skip_while(|b| *b == 0)
+            .collect();
+        out.push(0x80 | bytes.len() as u8);
+        out.extend(bytes);
+    }
+    out.extend_from_slice(content);
+    out
+}
+
 /// A trust bundle for `td` with these X.509 authorities and one JWT key `kid`.
 pub fn trust_bundle(td: &str, x509_authorities: Vec<Vec<u8>>, kid: &str) -> TrustBundle {
     let trust_domain = TrustDomain::new(td).unwrap();
@@ -63,7 +83,7 @@ struct IssuerState {
 }
 
 /// An [`Issuer`] without a CA: each SVID is recognisable stand-in bytes
-/// (`leaf:SPIFFE_ID:SERIAL`) with a serial that grows, and each JWT-SVID an opaque token.
+/// (`leaf:SPIFFE_ID:SERIAL` wrapped by [`fake_der`]) with a serial that grows, and each JWT-SVID an opaque token.
 pub struct TestIssuer {
     td: TrustDomain,
     bundles: watch::Sender<Arc<BundleSet>>,
@@ -93,7 +113,7 @@ impl TestIssuer {
         let now = SystemTime::now();
         Arc::new(X509Svid {
             spiffe_id: entry.spiffe_id.clone(),
-            cert_chain_der: format!("leaf:{}:{serial}", entry.spiffe_id).into_bytes(),
+            cert_chain_der: fake_der(format!("leaf:{}:{serial}", entry.spiffe_id).as_bytes()),
             key: PrivateKey::new(Zeroizing::new(format!("key:{serial}").into_bytes())),
             serial: serial.to_be_bytes().to_vec(),
             not_before: now,

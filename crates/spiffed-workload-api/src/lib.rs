@@ -22,11 +22,15 @@
 //! # }
 //! ```
 //!
+//! The same service also serves Envoy's Secret Discovery Service ([`sds`]) from the same
+//! per-workload updates: `api.sds(SdsConfig::default()).into_server()`.
+//!
 //! [`PeerCred`]: spiffed_core::PeerCred
 #![forbid(unsafe_code)]
 
 mod jwt;
 mod limits;
+pub mod sds;
 mod service;
 mod status;
 
@@ -34,5 +38,6 @@ pub use limits::{
     DEFAULT_DENIAL_LOG_LINES_PER_SECOND, DEFAULT_MAX_JWT_AUDIENCE_LENGTH,
     DEFAULT_MAX_JWT_AUDIENCES, DEFAULT_MAX_JWT_TOKEN_LENGTH, RequestLimits,
 };
+pub use sds::{SdsConfig, SdsService, SdsStreams};
 pub use service::{Wakeups, WorkloadApi, synthetic_entry, x509_svid_response};
 pub use status::ApiError;

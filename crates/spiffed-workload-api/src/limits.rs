@@ -129,6 +129,10 @@ pub(crate) enum Denial {
     BadRequest,
     /// The caller could not be attested.
     Attestation,
+    /// An SDS client asked for names it is not entitled to.
+    SdsNotAuthorized,
+    /// An SDS client rejected an update (NACK) or sent a stale or malformed request.
+    SdsRejected,
 }
 
 impl Denial {
@@ -139,6 +143,8 @@ impl Denial {
             Self::JwtRejected => "JWT-SVID rejected",
             Self::BadRequest => "request refused",
             Self::Attestation => "attestation failed",
+            Self::SdsNotAuthorized => "SDS request refused: not authorized",
+            Self::SdsRejected => "SDS update rejected by the client",
         }
     }
 }

@@ -37,7 +37,7 @@ const SYNTHETIC_NEEDS: &str = "unix:path";
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
-struct Shared {
+pub(crate) struct Shared {
     attestor: Arc<dyn Attestor>,
     issuer: Arc<dyn Issuer>,
     entries: EntryFeed,
@@ -136,7 +136,7 @@ impl std::fmt::Debug for WorkloadApi {
 
 /// Who is calling: kernel facts plus what attestation derived.
 #[derive(Clone)]
-struct Caller {
+pub(crate) struct Caller {
     cred: PeerCred,
     attested: Attested,
     /// Every selector type asked for or gathered: selectors of other types were not looked
@@ -145,6 +145,11 @@ struct Caller {
 }
 
 impl Caller {
+    /// The caller's kernel credentials.
+    pub(crate) fn cred(&self) -> &PeerCred {
+        &self.cred
+    }
+
     /// Whether `event` can alter what this caller is entitled to: a change's entry matched the
     /// caller before or matches it now, or the entries now use a selector type that was not
     /// looked for (`needs`, what the entries need after the event: the caller must be attested
@@ -232,6 +237,12 @@ impl Shared {
 
     async fn caller<T>(&self, req: &Request<T>) -> Result<Caller, ApiError> {
         check_header(req)?;
+        self.attested_caller(req).await
+    }
+
+    /// The caller of `req`, attested from the connection's kernel credentials, without the
+    /// security header check (Envoy SDS sends no such header).
+    pub(crate) async fn attested_caller<T>(&self, req: &Request<T>) -> Result<Caller, ApiError> {
         let cred = req
             .extensions()
             .get::<PeerCred>()
@@ -435,7 +446,7 @@ fn x509_fingerprint(ids: &[Identity], bundle_seq: u64) -> X509Fingerprint {
 }
 
 /// Why a stream woke up.
-enum Wake {
+pub(crate) enum Wake {
     /// An entry change was published.
     Entries(Arc<EntryEvent>),
     /// The bundle set changed.
@@ -529,23 +540,48 @@ struct Held {
     svid: SvidWatch,
 }
 
-/// The state of a `FetchX509SVID` stream.
-struct X509Stream {
+/// The state of a `FetchX509SVID` stream, and of an SDS stream (which sends the same
+/// identities and bundles in Envoy's form).
+pub(crate) struct X509Stream {
     sub: Subscription,
     held: Vec<Held>,
     last: Option<X509Fingerprint>,
     /// SVID watches closed in a row (the issuer let go of an entry the caller still holds).
     closed_in_a_row: u32,
+    /// Whether a caller with no identity keeps its stream (SDS: bundles are still served, and
+    /// an entry registered later is pushed); the Workload API ends it with PermissionDenied.
+    keep_without_identity: bool,
 }
 
 impl X509Stream {
+    /// A stream for `caller`, subscribed to every change before its first answer is made;
+    /// [`rematch`](Self::rematch) must run before the first message.
+    pub(crate) fn new(shared: &Arc<Shared>, caller: Caller, keep_without_identity: bool) -> Self {
+        Self {
+            sub: Subscription::new(shared, caller),
+            held: Vec::new(),
+            last: None,
+            closed_in_a_row: 0,
+            keep_without_identity,
+        }
+    }
+
+    /// The attested caller.
+    pub(crate) fn caller(&self) -> &Caller {
+        &self.sub.caller
+    }
+
     /// Matches the caller's entries again and brings the SVID watches in line: entries kept
     /// unchanged keep their watch, new or changed entries are asked of the issuer, and watches
     /// of entries no longer granted are dropped. `NoIdentity` when nothing is left.
-    async fn rematch(&mut self) -> Result<(), ApiError> {
+    pub(crate) async fn rematch(&mut self) -> Result<(), ApiError> {
         let shared = self.sub.shared.clone();
         shared.refresh(&mut self.sub.caller).await?;
-        let entries = shared.entitled_or_denied(&self.sub.caller)?;
+        let entries = if self.keep_without_identity {
+            shared.entitled(&self.sub.caller)
+        } else {
+            shared.entitled_or_denied(&self.sub.caller)?
+        };
         let mut old: HashMap<EntryId, Held> = self
             .held
             .drain(..)
@@ -565,8 +601,9 @@ impl X509Stream {
         Ok(())
     }
 
-    /// The message for the current SVIDs and bundles, and `None` when it is what was last sent.
-    fn next_message(&mut self) -> Option<(Vec<Identity>, Encoded<X509svidResponse>)> {
+    /// The current SVIDs (in the caller's entry order) and bundles, and `None` when they are
+    /// what was last taken (same SVIDs, hints, federation and bundle set sequence).
+    pub(crate) fn next_snapshot(&mut self) -> Option<(Vec<Identity>, Arc<BundleSet>)> {
         let set = self.sub.bundle_set();
         let ids: Vec<Identity> = self
             .held
@@ -580,8 +617,15 @@ impl X509Stream {
         if self.last.as_ref() == Some(&fp) {
             return None;
         }
-        let msg = self.sub.shared.x509_response(&fp, &ids, &set);
         self.last = Some(fp);
+        Some((ids, set))
+    }
+
+    /// The message for the current SVIDs and bundles, and `None` when it is what was last sent.
+    fn next_message(&mut self) -> Option<(Vec<Identity>, Encoded<X509svidResponse>)> {
+        let (ids, set) = self.next_snapshot()?;
+        let fp = self.last.as_ref()?;
+        let msg = self.sub.shared.x509_response(fp, &ids, &set);
         Some((ids, msg))
     }
 
@@ -590,39 +634,8 @@ impl X509Stream {
     /// item 27, never an empty message).
     async fn next(&mut self) -> Option<Result<Encoded<X509svidResponse>, ApiError>> {
         loop {
-            let wake = self.sub.wait(&mut self.held).await;
-            if matches!(wake, Wake::Svid(_, false)) {
-                // The issuer let go of an entry this stream holds: it is stopping, or the entry
-                // went away. Ask again (or learn that it is gone); twice in a row means the
-                // issuer is stopping.
-                self.closed_in_a_row += 1;
-                if self.closed_in_a_row > 1 {
-                    return None;
-                }
-            } else {
-                self.closed_in_a_row = 0;
-            }
-            let rematch = match wake {
-                Wake::Stopped => return None,
-                Wake::Entries(event) => self.sub.must_rematch(&event),
-                Wake::Bundles => {
-                    self.sub.shared.wakeups.recomputed();
-                    false
-                }
-                Wake::Svid(i, true) => {
-                    self.sub.shared.wakeups.recomputed();
-                    if let Some(h) = self.held.get(i) {
-                        tracing::debug!(entry = %h.entry.id, pid = ?self.sub.caller.cred.pid, "SVID replaced");
-                    }
-                    false
-                }
-                Wake::Svid(i, false) => {
-                    self.sub.shared.wakeups.recomputed();
-                    self.held.remove(i);
-                    true
-                }
-            };
-            if rematch && let Err(e) = self.rematch().await {
+            let wake = self.wait().await;
+            if let Err(e) = self.handle(wake).await? {
                 return Some(Err(e));
             }
             if let Some((ids, msg)) = self.next_message() {
@@ -631,6 +644,53 @@ impl X509Stream {
                 return Some(Ok(msg));
             }
         }
+    }
+
+    /// Waits for the next change that may alter the stream's answer. Cancel-safe: nothing
+    /// changes until the wake-up is [handled](Self::handle).
+    pub(crate) async fn wait(&mut self) -> Wake {
+        self.sub.wait(&mut self.held).await
+    }
+
+    /// Brings the stream in line with `wake`: matches the caller again when entries changed in
+    /// a way that concerns it (or an SVID watch closed). `None` when the agent stops; an error
+    /// when the stream must end with it. Not cancel-safe: run it to completion.
+    pub(crate) async fn handle(&mut self, wake: Wake) -> Option<Result<(), ApiError>> {
+        if matches!(wake, Wake::Svid(_, false)) {
+            // The issuer let go of an entry this stream holds: it is stopping, or the entry
+            // went away. Ask again (or learn that it is gone); twice in a row means the
+            // issuer is stopping.
+            self.closed_in_a_row += 1;
+            if self.closed_in_a_row > 1 {
+                return None;
+            }
+        } else {
+            self.closed_in_a_row = 0;
+        }
+        let rematch = match wake {
+            Wake::Stopped => return None,
+            Wake::Entries(event) => self.sub.must_rematch(&event),
+            Wake::Bundles => {
+                self.sub.shared.wakeups.recomputed();
+                false
+            }
+            Wake::Svid(i, true) => {
+                self.sub.shared.wakeups.recomputed();
+                if let Some(h) = self.held.get(i) {
+                    tracing::debug!(entry = %h.entry.id, pid = ?self.sub.caller.cred.pid, "SVID replaced");
+                }
+                false
+            }
+            Wake::Svid(i, false) => {
+                self.sub.shared.wakeups.recomputed();
+                self.held.remove(i);
+                true
+            }
+        };
+        if rematch && let Err(e) = self.rematch().await {
+            return Some(Err(e));
+        }
+        Some(Ok(()))
     }
 }
 
@@ -711,6 +771,11 @@ impl WorkloadApi {
 }
 
 impl WorkloadApi {
+    /// The state every front end on this service shares (the SDS service uses it).
+    pub(crate) fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
     /// Attests the caller of a bundle stream, which needs an identity (as in SPIRE).
     async fn bundle_subscription<T>(&self, request: &Request<T>) -> Result<Subscription, Status> {
         let shared = &self.shared;
@@ -777,7 +842,7 @@ fn bundle_stream<T: Send + 'static>(
 impl Shared {
     /// Logs (throttled) that `caller` matches no entry, with its selectors: a selector holds
     /// caller-controlled text (the executable's path), so each is bounded.
-    fn log_denied(&self, caller: &Caller) {
+    pub(crate) fn log_denied(&self, caller: &Caller) {
         if !self.throttle.allow(Denial::NoIdentity) {
             return;
         }
@@ -795,6 +860,11 @@ impl Shared {
         );
     }
 
+    /// Whether a log line of kind `what` may be written now (denial_log_lines_per_second).
+    pub(crate) fn log_allowed(&self, what: Denial) -> bool {
+        self.throttle.allow(what)
+    }
+
     /// Logs (throttled) a refused request, with the reason.
     fn log_bad_request(&self, caller: &Caller, e: &ApiError) {
         if self.throttle.allow(Denial::BadRequest) {
@@ -803,7 +873,7 @@ impl Shared {
     }
 }
 
-fn log_issued(caller: &Caller, ids: &[Identity], what: &str) {
+pub(crate) fn log_issued(caller: &Caller, ids: &[Identity], what: &str) {
     for i in ids {
         tracing::info!(
             spiffe_id = %i.entry.spiffe_id,
@@ -834,12 +904,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
         let shared = &self.shared;
         let caller = shared.caller(&request).await?;
-        let mut stream = X509Stream {
-            sub: Subscription::new(shared, caller),
-            held: Vec::new(),
-            last: None,
-            closed_in_a_row: 0,
-        };
+        let mut stream = X509Stream::new(shared, caller, false);
         stream.rematch().await?;
         let Some((ids, first)) = stream.next_message() else {
             return Err(ApiError::Internal("the first message was not made".into()).into());

@@ -34,6 +34,10 @@ pub enum ApiError {
     /// A JWT-SVID failed validation.
     #[error("invalid JWT-SVID: {0}")]
     InvalidJwt(#[from] JwtError),
+    /// An SDS request named resources the workload holds no identity or bundle for (the
+    /// names, sorted). The message is spire-agent's.
+    #[error("workload is not authorized for the requested identities [{}]", quoted(.0))]
+    SdsNotAuthorized(Vec<String>),
     /// The profile or method is not served.
     #[error("{0}")]
     Unimplemented(&'static str),
@@ -48,13 +52,24 @@ impl From<ApiError> for Status {
         match e {
             ApiError::MissingSecurityHeader => Self::invalid_argument(msg),
             ApiError::NoIdentity | ApiError::NotEntitled(_) => Self::permission_denied(msg),
-            ApiError::BadRequest(_) | ApiError::InvalidJwt(_) => Self::invalid_argument(msg),
+            ApiError::BadRequest(_) | ApiError::InvalidJwt(_) | ApiError::SdsNotAuthorized(_) => {
+                Self::invalid_argument(msg)
+            }
             ApiError::Attestation(_) => Self::unavailable(msg),
             ApiError::Authority(_) => Self::unavailable(msg),
             ApiError::NoPeerCred | ApiError::Internal(_) => Self::internal(msg),
             ApiError::Unimplemented(_) => Self::unimplemented(msg),
         }
     }
+}
+
+/// Each name in double quotes, separated by spaces (as Go's `%q` prints a list of strings).
+fn quoted(names: &[String]) -> String {
+    names
+        .iter()
+        .map(|n| format!("{n:?}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -74,5 +89,14 @@ mod tests {
         let s = Status::from(ApiError::Attestation(AttestError::ProcessGone { pid: 7 }));
         assert_eq!(s.code(), Code::Unavailable);
         assert!(s.message().starts_with("workload attestation failed"));
+        let s = Status::from(ApiError::SdsNotAuthorized(vec![
+            "a".into(),
+            "spiffe://x/y".into(),
+        ]));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(
+            s.message(),
+            r#"workload is not authorized for the requested identities ["a" "spiffe://x/y"]"#
+        );
     }
 }

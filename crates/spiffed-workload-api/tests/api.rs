@@ -21,8 +21,8 @@ use spiffed_proto::workload::{
     X509svidRequest, X509svidResponse,
 };
 use spiffed_test_support::doubles::{
-    TestAttestor, TestIssuer, TestServer, as_peer, as_peer_without_header, entry, fake_ca, peer,
-    serve,
+    TestAttestor, TestIssuer, TestServer, as_peer, as_peer_without_header, entry, fake_ca,
+    fake_der, peer, serve,
 };
 use spiffed_test_support::with_header;
 use spiffed_workload_api::{Wakeups, WorkloadApi};
@@ -117,7 +117,7 @@ async fn first_x509_message_has_each_identity_with_the_own_bundle() {
     assert_eq!(ids(&m), [id("a"), id("b")]);
     for svid in &m.svids {
         let leaf = format!("leaf:{}:", svid.spiffe_id);
-        assert!(svid.x509_svid.starts_with(leaf.as_bytes()));
+        assert!(svid.x509_svid[2..].starts_with(leaf.as_bytes()));
         assert!(!svid.x509_svid_key.is_empty());
         assert_eq!(svid.bundle, fake_ca(TD, 1));
     }
@@ -278,7 +278,7 @@ async fn a_rotation_wakes_only_the_streams_holding_the_entry() {
         assert_eq!(m.svids.len(), 1);
         assert_eq!(
             m.svids[0].x509_svid,
-            format!("leaf:{}:{serial}", id("w1")).into_bytes()
+            fake_der(format!("leaf:{}:{serial}", id("w1")).as_bytes())
         );
     }
     let after = f.api.wakeups();

@@ -270,6 +270,7 @@ fn table_of(path: &[Seg]) -> Option<Table> {
     match path {
         [] | [_] => Some(Table::Top),
         [Seg::Key(e), Seg::Index(_), _] if e == "entries" => Some(Table::Entry),
+        [Seg::Key(t), _] if t == "sds" => Some(Table::Sds),
         _ => None,
     }
 }
@@ -343,6 +344,7 @@ fn unknown_key_fix(unknown: &str, table: Option<Table>) -> String {
     let what = match table {
         Table::Top => "top-level keys",
         Table::Entry => "keys of [[entries]]",
+        Table::Sds => "keys of [sds]",
     };
     match near {
         Some((_, k)) => format!("did you mean `{k}`? {what}: {list}"),

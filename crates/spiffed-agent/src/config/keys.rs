@@ -8,6 +8,8 @@ pub(crate) enum Table {
     Top,
     /// One `[[entries]]` table.
     Entry,
+    /// The `[sds]` table.
+    Sds,
 }
 
 const TOP: &[(&str, &str)] = &[
@@ -83,10 +85,25 @@ const ENTRY: &[(&str, &str)] = &[
     ("dns_names", "dns_names = [\"web.internal\"]"),
 ];
 
+const SDS: &[(&str, &str)] = &[
+    ("default_svid_name", "default_svid_name = \"default\""),
+    ("default_bundle_name", "default_bundle_name = \"ROOTCA\""),
+    (
+        "default_all_bundles_name",
+        "default_all_bundles_name = \"ALL\"",
+    ),
+    (
+        "disable_spiffe_cert_validation",
+        "disable_spiffe_cert_validation = false",
+    ),
+    ("disable_sds_api", "disable_sds_api = false"),
+];
+
 fn table(t: Table) -> &'static [(&'static str, &'static str)] {
     match t {
         Table::Top => TOP,
         Table::Entry => ENTRY,
+        Table::Sds => SDS,
     }
 }
 

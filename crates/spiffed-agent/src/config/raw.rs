@@ -51,6 +51,19 @@ pub(crate) struct RawConfig {
     pub(crate) min_ca_ttl: Option<Str>,
     /// Agent mode: the SPIRE Server this agent is a node agent of.
     pub(crate) spire_server: Option<Spanned<RawSpireServer>>,
+    /// Envoy SDS on the Workload API socket.
+    pub(crate) sds: Option<Spanned<RawSds>>,
+}
+
+/// The `[sds]` table (Envoy SDS; spire-agent's names).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawSds {
+    pub(crate) default_svid_name: Option<Str>,
+    pub(crate) default_bundle_name: Option<Str>,
+    pub(crate) default_all_bundles_name: Option<Str>,
+    pub(crate) disable_spiffe_cert_validation: Option<Spanned<bool>>,
+    pub(crate) disable_sds_api: Option<Spanned<bool>>,
 }
 
 /// The `[spire_server]` table (agent mode).

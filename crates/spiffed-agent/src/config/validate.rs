@@ -19,7 +19,8 @@ use toml::de::DeTable;
 
 use super::NewRootPolicy;
 use super::error::{ConfigError, ConfigErrorKind, line_column};
-use super::raw::{RawConfig, RawEntry, RawX509Pop, Str, StrList};
+use super::keys;
+use super::raw::{RawConfig, RawEntry, RawSds, RawX509Pop, Str, StrList};
 use super::{
     Config, DEFAULT_ADMIN_SOCKET_PATH, DEFAULT_CA_TTL, DEFAULT_DATA_DIR, DEFAULT_JWT_SVID_TTL,
     DEFAULT_MAX_DNS_NAMES_PER_ENTRY, DEFAULT_MAX_SELECTORS_PER_ENTRY, DEFAULT_MIN_CA_TTL,
@@ -34,6 +35,7 @@ use spiffed_spire::config::{
     Bootstrap, BundleFormat, DEFAULT_SYNC_INTERVAL, JoinToken, NodeAttestation, ServerAddress,
     SpireConfig,
 };
+use spiffed_workload_api::SdsConfig;
 
 /// Longest trust domain name, in bytes ([ID §2.3]).
 const MAX_TRUST_DOMAIN_LEN: usize = 255;
@@ -227,6 +229,7 @@ fn validate(
         LogFormat::default(),
     );
     let spire_server = cx.spire_server(&raw);
+    let sds = cx.sds(raw.sds.as_ref());
     let synthetic_ids = raw.synthetic_ids.is_some_and(|s| *s.get_ref());
     let entries = cx.entries(raw.entries, trust_domain.as_ref(), ca_ok.then_some(ca_ttl));
     let max_connections_per_uid = cx.count(
@@ -318,6 +321,7 @@ fn validate(
         min_ca_ttl,
         new_entry_store: false,
         spire_server,
+        sds,
     })
 }
 
@@ -663,6 +667,80 @@ impl Cx<'_> {
             private_key_path: private_key_path?,
             intermediates_path,
         })
+    }
+
+    /// The `[sds]` table: `None` when `disable_sds_api = true`.
+    fn sds(&mut self, raw: Option<&Spanned<RawSds>>) -> Option<SdsConfig> {
+        let mut cfg = SdsConfig::default();
+        let Some(raw) = raw.map(Spanned::get_ref) else {
+            return Some(cfg);
+        };
+        let names = [
+            (
+                "default_svid_name",
+                &raw.default_svid_name,
+                &mut cfg.default_svid_name,
+            ),
+            (
+                "default_bundle_name",
+                &raw.default_bundle_name,
+                &mut cfg.default_bundle_name,
+            ),
+            (
+                "default_all_bundles_name",
+                &raw.default_all_bundles_name,
+                &mut cfg.default_all_bundles_name,
+            ),
+        ];
+        let mut seen: Vec<(&str, String)> = Vec::new();
+        for (key, value, slot) in names {
+            let key_path = format!("sds.{key}");
+            if let Some(v) = value {
+                let s = v.get_ref();
+                let problem = if s.is_empty() {
+                    Some("is empty".to_owned())
+                } else if s.len() > 256 {
+                    Some(format!("is {} bytes long (at most 256)", s.len()))
+                } else if s.starts_with("spiffe://") {
+                    Some(
+                        "starts with spiffe://, which SPIFFE IDs and trust domain IDs use"
+                            .to_owned(),
+                    )
+                } else if s.chars().any(char::is_control) {
+                    Some("holds a control character".to_owned())
+                } else {
+                    None
+                };
+                if let Some(problem) = problem {
+                    let example = keys::example(keys::Table::Sds, key).unwrap_or(key);
+                    self.invalid(
+                        v.span(),
+                        key_path,
+                        format!("{key} {s:?} {problem}"),
+                        format!("use a plain resource name, e.g. {example}"),
+                    );
+                    continue;
+                }
+                if let Some((other, _)) = seen.iter().find(|(_, n)| n == s) {
+                    self.invalid(
+                        v.span(),
+                        key_path,
+                        format!("{key} {s:?} is also the name of {other}"),
+                        "give each default resource its own name (default, ROOTCA and ALL \
+                         unless changed)",
+                    );
+                    continue;
+                }
+                slot.clone_from(s);
+            }
+            seen.push((key, slot.clone()));
+        }
+        cfg.disable_spiffe_cert_validation = raw
+            .disable_spiffe_cert_validation
+            .as_ref()
+            .is_some_and(|b| *b.get_ref());
+        let disabled = raw.disable_sds_api.as_ref().is_some_and(|b| *b.get_ref());
+        (!disabled).then_some(cfg)
     }
 
     fn push(
