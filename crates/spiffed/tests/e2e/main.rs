@@ -19,6 +19,7 @@ mod interop;
 mod jwt;
 mod lifecycle;
 mod limits;
+mod sds_probe;
 mod spire_harness;
 mod x509;
 
