@@ -574,7 +574,7 @@ def render(data, analysis_text, results_path, root):
     out.append("Knobs: " + ", ".join("`%s=%s`" % (kk, vv) for kk, vv in k.items()) + ".")
     out += ["", "Load generator command lines (`SOCKET` is the agent's or the floor's socket in the temp "
             "dir, `PID` the agent's pid):", "", "```"]
-    for case, _, _ in CASES + [("fanout", "", ""), ("churn", "", "")]:
+    for case, _, _ in CASES + [("fanout", "", ""), ("sds_fanout", "", ""), ("churn", "", "")]:
         c = data.cmd(case)
         if c:
             out.append("%-14s %s" % (case, template(c)))
