@@ -67,7 +67,9 @@ compare() {
         die "no probe in $dir: run '$0 build $dir' first"
     local work
     work=$(mktemp -d "${TMPDIR:-/tmp}/spiffed-sds.XXXXXX")
-    trap 'rm -rf "$work"' RETURN
+    # An EXIT trap: the function's failing last command ends the script under `set -e`.
+    # shellcheck disable=SC2064
+    trap "rm -rf '$work'" EXIT
     run_probe "$dir" "$ref_sock" "$work/ref" &
     local p1=$!
     run_probe "$dir" "$sock" "$work/other" &
