@@ -27,7 +27,7 @@ WLAPI=(python3 "$HERE/wlapi.py")
 SCRIPT_START=$(date +%s)
 INVOCATION="$0${*:+ $*}"
 # The knobs the caller set, to show the exact invocation in BENCHMARKS.md.
-for v in QUICK RUNS BENCH_SECONDS CONCURRENCY FANOUT_STREAMS FANOUT_CONNS FANOUT_TTL CHURN_SECONDS \
+for v in QUICK RUNS BENCH_SECONDS CONCURRENCY FANOUT_STREAMS FANOUT_CONNS FANOUT_TTL SDS_FANOUT CHURN_SECONDS \
     SPIRE_CHURN_SECONDS CHURN_RATE STARTUP_RUNS LOG_LEVEL KEEP_TMP CARGO_TARGET_DIR PROFILE; do
     if [[ -n "${!v+set}" ]]; then INVOCATION="$v=${!v} $INVOCATION"; fi
 done
@@ -45,6 +45,9 @@ DURATION="${BENCH_SECONDS:-${ENV_SECONDS:-$d_seconds}}"
 FANOUT_STREAMS="${FANOUT_STREAMS:-$d_streams}"
 FANOUT_CONNS="${FANOUT_CONNS:-$d_conns}"
 FANOUT_TTL="${FANOUT_TTL:-$d_ttl}"
+# The SDS fan-out (StreamSecrets streams, `spiffed-loadgen sds-fanout`) after each Workload API
+# fan-out run, on both agents; 0 leaves it out.
+SDS_FANOUT="${SDS_FANOUT:-1}"
 CHURN_SECONDS="${CHURN_SECONDS:-$d_churn}"
 # spire-agent's churn run may be shorter than spiffed's (the churn target is spiffed's).
 SPIRE_CHURN_SECONDS="${SPIRE_CHURN_SECONDS:-$CHURN_SECONDS}"
@@ -72,6 +75,10 @@ for v in RUNS FANOUT_STREAMS FANOUT_CONNS FANOUT_TTL CHURN_SECONDS SPIRE_CHURN_S
 done
 if ! [[ "$DURATION" =~ ^[0-9]+(\.[0-9]+)?$ ]]; then
     echo "compare-spire.sh: SECONDS/BENCH_SECONDS must be a number, got '$DURATION'" >&2
+    exit 2
+fi
+if [[ "$SDS_FANOUT" != 0 && "$SDS_FANOUT" != 1 ]]; then
+    echo "compare-spire.sh: SDS_FANOUT must be 0 or 1, got '$SDS_FANOUT'" >&2
     exit 2
 fi
 
@@ -325,7 +332,7 @@ else
 fi
 emit "{\"type\":\"meta\",\"utc\":$(json_str "$STAMP_UTC"),\"invocation\":$(json_str "$INVOCATION")\
 ,\"knobs\":{\"QUICK\":$(json_str "$QUICK"),\"RUNS\":$RUNS,\"SECONDS\":$DURATION,\"CONCURRENCY\":$CONCURRENCY\
-,\"FANOUT_STREAMS\":$FANOUT_STREAMS,\"FANOUT_CONNS\":$FANOUT_CONNS,\"FANOUT_TTL\":$FANOUT_TTL\
+,\"FANOUT_STREAMS\":$FANOUT_STREAMS,\"FANOUT_CONNS\":$FANOUT_CONNS,\"FANOUT_TTL\":$FANOUT_TTL,\"SDS_FANOUT\":$SDS_FANOUT\
 ,\"CHURN_SECONDS\":$CHURN_SECONDS,\"SPIRE_CHURN_SECONDS\":$SPIRE_CHURN_SECONDS\
 ,\"CHURN_RATE\":$CHURN_RATE,\"STARTUP_RUNS\":$STARTUP_RUNS,\"PROFILE\":$(json_str "$PROFILE")\
 ,\"LOG_LEVEL\":$(json_str "$LOG_LEVEL")}\
@@ -618,7 +625,7 @@ for agent in spiffed spire-agent; do
 done
 
 # ------------------------------------------------------------ 4d. fan-out (short SVID TTL)
-step "fan-out: x509 TTL ${FANOUT_TTL}s on the uid entry of both agents"
+step "fan-out (Workload API$([[ $SDS_FANOUT == 1 ]] && echo ", then SDS")): x509 TTL ${FANOUT_TTL}s on the uid entry of both agents"
 spire_entry_delete bench-uid
 spire_entry bench-fanout "$ID_UID" -selector "unix:uid:$MY_UID" -x509SVIDTTL "$FANOUT_TTL"
 write_spiffed_conf fanout
@@ -636,6 +643,15 @@ for ((r = 1; r <= RUNS; r++)); do
         fi
         loadgen "$agent" fanout "$r" fanout --socket "$sock" --streams "$FANOUT_STREAMS" \
             --connections "$FANOUT_CONNS" --agent-pid "${PIDS[$agent]}" --timeout "$fanout_timeout" --allow-errors
+        [[ $SDS_FANOUT == 1 ]] || continue
+        # The same with SDS StreamSecrets streams ([default, ROOTCA], as Istio asks), on the same
+        # entry and TTL: the issue-14 target is the same rotation budget as the Workload API's.
+        if ! fg_wait "${WLAPI[@]}" rotation "$sock" --timeout "$((FANOUT_TTL + 20))" >"$TMP/out/rot.out"; then
+            log "  $agent: no rotation seen before SDS fan-out run $r: $(cat "$TMP/out/rot.out")"
+        fi
+        loadgen "$agent" sds_fanout "$r" sds-fanout --socket "$sock" --streams "$FANOUT_STREAMS" \
+            --connections "$FANOUT_CONNS" --names default,ROOTCA --agent-pid "${PIDS[$agent]}" \
+            --timeout "$fanout_timeout" --allow-errors
     done
 done
 

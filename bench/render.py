@@ -184,9 +184,9 @@ def render_case(data, case, title, desc):
     return "### %s\n\n%s\n\n%s\n" % (title, desc, table(head, rows))
 
 
-def fanout_stats(data, agent):
-    runs = data.runs("fanout", agent, "fanout")
-    out = {"n": len(runs), "failed": len(data.failed("fanout", agent)), "runs": runs}
+def fanout_stats(data, agent, case="fanout", scenario="fanout"):
+    runs = data.runs(case, agent, scenario)
+    out = {"n": len(runs), "failed": len(data.failed(case, agent)), "runs": runs}
     if not runs:
         return out
 
@@ -233,8 +233,8 @@ def fanout_stats(data, agent):
     return out
 
 
-def render_fanout(data):
-    st = {a: fanout_stats(data, a) for a in ("spiffed", "spire-agent")}
+def render_fanout(data, case="fanout", scenario="fanout"):
+    st = {a: fanout_stats(data, a, case, scenario) for a in ("spiffed", "spire-agent")}
     if not any(st[a]["n"] or st[a]["failed"] for a in st):
         return None, st
     k = data.meta.get("knobs", {})
@@ -267,6 +267,18 @@ def render_fanout(data):
         ["runs (medians over)"]
         + ["%d%s" % (st[a]["n"], (" (+%d failed)" % st[a]["failed"]) if st[a]["failed"] else "") for a in st],
     ]
+    if case == "sds_fanout":
+        names = next((r.get("sds_names") for a in st for r in st[a].get("runs", []) if r.get("sds_names")), None)
+        txt = ("### SDS fan-out: %s streams over %s connections, one rotation\n\n"
+               "The same as the fan-out above, with Envoy SDS v3 `StreamSecrets` streams "
+               "(`spiffed-loadgen sds-fanout`) asking for `%s`, each response acknowledged with its "
+               "version and nonce as Envoy does; the second response of each stream is the rotation. The "
+               "target: the rotation spread within the Workload API fan-out's budget (200 ms). Same entry, "
+               "same TTL (%ss), runs alternating with the Workload API fan-out.\n\n%s\n"
+               % (fmt_num(k.get("FANOUT_STREAMS")), fmt_num(k.get("FANOUT_CONNS")),
+                  ",".join(names) if names else "default,ROOTCA", k.get("FANOUT_TTL"),
+                  table(["SDS fan-out", "spiffed", "spire-agent"], rows)))
+        return txt, st
     txt = ("### Fan-out: %s streams over %s connections, one rotation\n\n"
            "FetchX509SVID streams opened on both agents; X.509-SVID TTL %ss on the entry (spiffed: the "
            "entry's `x509_svid_ttl`; SPIRE: `entry create -x509SVIDTTL %s`), so the agent rotates at about "
@@ -448,7 +460,7 @@ def verdict(ok):
     return "**met**" if ok else "**not met**"
 
 
-def render_targets(data, fan, churn, idle, su):
+def render_targets(data, fan, churn, idle, su, sds_fan=None):
     cold = stat_block(data, "cold")
     c1 = stat_block(data, "cold_c1")
     jwt = stat_block(data, "warm_jwt_uid")
@@ -496,6 +508,23 @@ def render_targets(data, fan, churn, idle, su):
     else:
         rows.append(["fan-out: all streams receive a rotation within 200 ms", "—", verdict(None)])
         rows.append(["fan-out: agent RSS grows ≤ 10 KiB per stream", "—", verdict(None)])
+    sf = (sds_fan or {}).get("spiffed", {})
+    if sf.get("n"):
+        all_upd = sf.get("min_updated") == sf.get("streams") and not sf.get("timed_out")
+        spread = sf.get("max_spread_ms")
+        ok = all_upd and spread is not None and spread <= 200 and not sf.get("early_rotation")
+        theirs = (sds_fan or {}).get("spire-agent", {})
+        rows.append(["SDS fan-out: %s StreamSecrets streams on %s connections all receive a rotation "
+                     "within the Workload API fan-out's 200 ms"
+                     % (fmt_num(sf.get("streams")), fmt_num(sf.get("connections"))),
+                     "%s of %s updated (worst run); spread first→last %s ms (median), %s ms (worst run); "
+                     "spire-agent %s ms (median)"
+                     % (fmt_num(sf.get("min_updated")), fmt_num(sf.get("streams")), fmt_num(sf.get("spread_ms"), 1),
+                        fmt_num(spread, 1), fmt_num(theirs.get("spread_ms"), 1)),
+                     verdict(ok) + ("" if k.get("FANOUT_STREAMS") == 10000 else " (at %s streams, not 10,000)" % fmt_num(k.get("FANOUT_STREAMS")))])
+    elif sds_fan is not None:
+        rows.append(["SDS fan-out: all StreamSecrets streams receive a rotation within 200 ms", "—"
+                     + (" (%d failed run(s))" % sf.get("failed") if sf.get("failed") else ""), verdict(None)])
     ir = idle["spiffed"]["rss"]
     rows.append(["idle RSS ≤ 10 MiB", "—" if ir is None else "%.1f MiB" % mib(ir), verdict(None if ir is None else ir <= 10240)])
     sm = su["spiffed"]["median"]
@@ -545,7 +574,7 @@ def render(data, analysis_text, results_path, root):
     out.append("Knobs: " + ", ".join("`%s=%s`" % (kk, vv) for kk, vv in k.items()) + ".")
     out += ["", "Load generator command lines (`SOCKET` is the agent's or the floor's socket in the temp "
             "dir, `PID` the agent's pid):", "", "```"]
-    for case, _, _ in CASES + [("fanout", "", ""), ("churn", "", "")]:
+    for case, _, _ in CASES + [("fanout", "", ""), ("sds_fanout", "", ""), ("churn", "", "")]:
         c = data.cmd(case)
         if c:
             out.append("%-14s %s" % (case, template(c)))
@@ -575,6 +604,11 @@ def render(data, analysis_text, results_path, root):
     fan_txt, fan = render_fanout(data)
     if fan_txt:
         out += [fan_txt]
+    sds_txt, sds_fan = render_fanout(data, "sds_fanout", "sds_fanout")
+    if sds_txt:
+        out += [sds_txt]
+    else:
+        sds_fan = None
     churn_txt, churn = render_churn(data)
     if churn_txt:
         out += [churn_txt]
@@ -586,7 +620,7 @@ def render(data, analysis_text, results_path, root):
             [f.get("agent"), f.get("case"), f.get("run"), f.get("rc"),
              (f.get("stderr") or "").replace("\n", " ⏎ ").replace("|", "\\|")[:300]] for f in data.failures]))
         out.append("")
-    out += [render_targets(data, fan, churn, idle, su)]
+    out += [render_targets(data, fan, churn, idle, su, sds_fan)]
     # bench/scale.sh's section, from its newest results next to ours (kept across compare runs).
     scale = render_scale.section(os.path.dirname(os.path.abspath(results_path)), root)
     if scale:

@@ -5,6 +5,8 @@
 //! - `cold`: each iteration connects, reads the first `FetchX509SVID` message and closes;
 //! - `warm`: one connection per worker, repeated `FetchJWTSVID` or `FetchX509SVID` first message;
 //! - `fanout`: N streams over K connections, time until every stream sees the next rotation;
+//! - `sds-fanout`: the same with Envoy SDS v3 `StreamSecrets` streams (no security header,
+//!   each response acknowledged with its version and nonce, as Envoy does);
 //! - `churn`: cold iterations at a fixed rate, sampling the agent's RSS and descriptors.
 //!
 //! Scale scenarios ([`scale`], for `bench/scale.sh`; callers of other uids need root):

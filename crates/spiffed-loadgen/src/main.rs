@@ -11,7 +11,7 @@ use clap::{Parser, Subcommand};
 use serde::Serialize;
 use spiffed_loadgen::floor;
 use spiffed_loadgen::scale::{self, HoldCommand, StreamGroup, UidRange};
-use spiffed_loadgen::scenarios::{self, RunReport, WarmRpc};
+use spiffed_loadgen::scenarios::{self, FanoutReport, RunReport, WarmRpc};
 use spiffed_loadgen::stats::ErrorCounts;
 
 /// Load generator for SPIFFE Workload API sockets.
@@ -74,6 +74,31 @@ enum Cmd {
         /// Connections to spread them over.
         #[arg(long, default_value_t = 10)]
         connections: usize,
+        /// The agent's pid, to sample its RSS and descriptors.
+        #[arg(long)]
+        agent_pid: Option<u32>,
+        /// How long each phase (all ready, all updated) may take.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+        timeout: Duration,
+        /// Exit 0 even on a timeout or failed streams (by default either exits 1).
+        #[arg(long)]
+        allow_errors: bool,
+    },
+    /// N SDS StreamSecrets streams over K connections (each acknowledged as Envoy does); time
+    /// until all see the next rotation. The same figures as `fanout`, scenario `sds_fanout`.
+    SdsFanout {
+        /// The socket serving SDS (spiffed's and spire-agent's Workload API socket).
+        #[arg(long)]
+        socket: PathBuf,
+        /// Streams to open.
+        #[arg(long, default_value_t = 1000)]
+        streams: usize,
+        /// Connections to spread them over.
+        #[arg(long, default_value_t = 10)]
+        connections: usize,
+        /// The resource names every stream asks for, comma-separated (as Istio: default,ROOTCA).
+        #[arg(long, value_delimiter = ',', default_value = "default,ROOTCA")]
+        names: Vec<String>,
         /// The agent's pid, to sample its RSS and descriptors.
         #[arg(long)]
         agent_pid: Option<u32>,
@@ -294,6 +319,20 @@ impl Drop for FloorChild {
     }
 }
 
+/// Prints a fan-out's JSON line and summary; fails it on a timeout or failed streams unless
+/// `allow_errors`.
+fn report_fanout(report: &FanoutReport, allow_errors: bool) -> anyhow::Result<()> {
+    json_line(report)?;
+    say(&report.summary());
+    anyhow::ensure!(
+        allow_errors || (!report.timed_out && report.errors.is_empty()),
+        "not every stream saw a rotation (timed out: {}, errors: {:?})",
+        report.timed_out,
+        report.errors
+    );
+    Ok(())
+}
+
 fn report_run(
     mut report: RunReport,
     floor: Option<RunReport>,
@@ -387,15 +426,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let report =
                 scenarios::fanout(&socket, streams, connections, agent_pid, timeout).await?;
-            json_line(&report)?;
-            say(&report.summary());
-            anyhow::ensure!(
-                allow_errors || (!report.timed_out && report.errors.is_empty()),
-                "not every stream saw a rotation (timed out: {}, errors: {:?})",
-                report.timed_out,
-                report.errors
-            );
-            Ok(())
+            report_fanout(&report, allow_errors)
+        }
+        Cmd::SdsFanout {
+            socket,
+            streams,
+            connections,
+            names,
+            agent_pid,
+            timeout,
+            allow_errors,
+        } => {
+            let names: Vec<String> = names.into_iter().filter(|n| !n.is_empty()).collect();
+            let report =
+                scenarios::sds_fanout(&socket, names, streams, connections, agent_pid, timeout)
+                    .await?;
+            report_fanout(&report, allow_errors)
         }
         Cmd::Churn {
             socket,

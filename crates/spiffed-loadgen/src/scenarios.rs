@@ -1,15 +1,20 @@
-//! The load scenarios: `cold`, `warm`, `fanout` and `churn`.
+//! The load scenarios: `cold`, `warm`, `fanout` (Workload API or SDS streams) and `churn`.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use serde::Serialize;
+use spiffed_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
 use spiffed_proto::workload::{JwtsvidRequest, X509svidRequest};
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinSet;
+use tonic::transport::Channel;
 
-use crate::client::{Client, code_name, connect, with_header};
+use crate::client::{Client, channel, code_name, connect, with_header};
 use crate::procstat::{self, ProcSample};
 use crate::stats::{ErrorCounts, MAX_SAMPLES, Percentiles, Reservoir, merge_errors};
 
@@ -300,11 +305,41 @@ pub async fn warm(
     run(socket, Mode::Warm(rpc), concurrency, duration).await
 }
 
-/// The result of a `fanout` run.
+/// Which streams a fan-out opens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FanoutApi {
+    /// Workload API `FetchX509SVID` streams (scenario `fanout`).
+    X509,
+    /// Envoy SDS v3 `StreamSecrets` streams asking for these resource names, each first
+    /// response acknowledged as Envoy does (scenario `sds_fanout`).
+    Sds {
+        /// The resource names every stream asks for (`default`, `ROOTCA`, ...).
+        names: Vec<String>,
+    },
+}
+
+impl FanoutApi {
+    /// The scenario name in the report.
+    pub fn scenario(&self) -> &'static str {
+        match self {
+            Self::X509 => "fanout",
+            Self::Sds { .. } => "sds_fanout",
+        }
+    }
+}
+
+/// The type URL of SDS secrets, as Envoy asks for them.
+pub const SDS_SECRET_TYPE: &str =
+    "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// The result of a `fanout` or `sds-fanout` run.
 #[derive(Debug, Clone, Serialize)]
 pub struct FanoutReport {
-    /// Always `fanout`.
+    /// `fanout` (Workload API streams) or `sds_fanout` (SDS streams).
     pub scenario: &'static str,
+    /// The SDS resource names asked for (`sds_fanout` only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sds_names: Option<Vec<String>>,
     /// Streams opened.
     pub streams: usize,
     /// Connections they were spread over.
@@ -353,7 +388,8 @@ impl FanoutReport {
     /// A readable summary.
     pub fn summary(&self) -> String {
         format!(
-            "fanout n={} k={}: ready={} in {:.1}ms, updated={}, first->last update {}ms, all-ready->last update {}ms, timed_out={} errors={:?}\n  agent before: {} | all ready: {} | after: {} | cpu per updated stream {}us",
+            "{} n={} k={}: ready={} in {:.1}ms, updated={}, first->last update {}ms, all-ready->last update {}ms, timed_out={} errors={:?}\n  agent before: {} | all ready: {} | after: {} | cpu per updated stream {}us",
+            self.scenario,
             self.streams,
             self.connections,
             self.ready,
@@ -396,9 +432,9 @@ fn ms_between(a: Instant, b: Instant) -> f64 {
     round3(ms)
 }
 
-/// `fanout`: `streams` `FetchX509SVID` streams over `connections` connections; once every stream
-/// has its first message, waits (up to `timeout`) for each stream's next message, which the
-/// agent sends on rotation (run it with a short TTL).
+/// `fanout`: `streams` `FetchX509SVID` streams over `connections` connections; once every
+/// stream has its first message, waits (up to `timeout`) for each stream's next message, which
+/// the agent sends on rotation (run it with a short TTL).
 pub async fn fanout(
     socket: &Path,
     streams: usize,
@@ -406,48 +442,70 @@ pub async fn fanout(
     agent_pid: Option<u32>,
     timeout: Duration,
 ) -> anyhow::Result<FanoutReport> {
+    fanout_api(
+        socket,
+        FanoutApi::X509,
+        streams,
+        connections,
+        agent_pid,
+        timeout,
+    )
+    .await
+}
+
+/// `sds-fanout`: [`fanout`] with SDS `StreamSecrets` streams asking for `names`, each response
+/// acknowledged as Envoy does; the second response of each stream is the rotation.
+pub async fn sds_fanout(
+    socket: &Path,
+    names: Vec<String>,
+    streams: usize,
+    connections: usize,
+    agent_pid: Option<u32>,
+    timeout: Duration,
+) -> anyhow::Result<FanoutReport> {
+    fanout_api(
+        socket,
+        FanoutApi::Sds { names },
+        streams,
+        connections,
+        agent_pid,
+        timeout,
+    )
+    .await
+}
+
+/// [`fanout`] or [`sds_fanout`], by `api`: the same phases and figures for either kind of
+/// stream, so that the two are comparable.
+pub async fn fanout_api(
+    socket: &Path,
+    api: FanoutApi,
+    streams: usize,
+    connections: usize,
+    agent_pid: Option<u32>,
+    timeout: Duration,
+) -> anyhow::Result<FanoutReport> {
     let agent_before = agent_pid.map(procstat::sample);
     let start = Instant::now();
-    let mut clients = Vec::new();
+    let mut channels = Vec::new();
     let mut errors = ErrorCounts::new();
     for _ in 0..connections.max(1) {
-        match connect(socket).await {
-            Ok(c) => clients.push(c),
+        match channel(socket).await {
+            Ok(c) => channels.push(c),
             Err(_) => *errors.entry("Connect".to_owned()).or_default() += 1,
         }
     }
-    if clients.is_empty() {
+    if channels.is_empty() {
         anyhow::bail!("could not connect to {}", socket.display());
     }
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut set = JoinSet::new();
     for i in 0..streams {
-        let mut client = clients[i % clients.len()].clone();
+        let channel = channels[i % channels.len()].clone();
         let tx = tx.clone();
-        set.spawn(async move {
-            let mut stream = match client.fetch_x509svid(with_header(X509svidRequest {})).await {
-                Ok(r) => r.into_inner(),
-                Err(s) => {
-                    let _ = tx.send(StreamEvent::Failed(code_name(&s)));
-                    return;
-                }
-            };
-            for first in [true, false] {
-                let ev = match stream.message().await {
-                    Ok(Some(_)) if first => StreamEvent::Ready,
-                    Ok(Some(_)) => StreamEvent::Updated(Instant::now()),
-                    Ok(None) => StreamEvent::Failed("NoMessage".to_owned()),
-                    Err(s) => StreamEvent::Failed(code_name(&s)),
-                };
-                let failed = matches!(ev, StreamEvent::Failed(_));
-                let _ = tx.send(ev);
-                if failed {
-                    return;
-                }
-            }
-            // Keep the stream open until the run ends (the JoinSet is dropped).
-            std::future::pending::<()>().await;
-        });
+        match &api {
+            FanoutApi::X509 => set.spawn(x509_fanout_stream(channel, tx)),
+            FanoutApi::Sds { names } => set.spawn(sds_fanout_stream(channel, names.clone(), tx)),
+        };
     }
     drop(tx);
 
@@ -491,9 +549,13 @@ pub async fn fanout(
         .filter(|_| !updates.is_empty())
         .map(|ms| round3(ms * 1000.0 / updates.len() as f64));
     Ok(FanoutReport {
-        scenario: "fanout",
+        scenario: api.scenario(),
+        sds_names: match api {
+            FanoutApi::X509 => None,
+            FanoutApi::Sds { names } => Some(names),
+        },
         streams,
-        connections: clients.len(),
+        connections: channels.len(),
         ready,
         updated: updates.len(),
         all_ready_ms: all_ready_at.map_or(-1.0, |t| ms_between(start, t)),
@@ -508,6 +570,106 @@ pub async fn fanout(
         agent_cpu_rotation_ms,
         agent_cpu_per_stream_us,
     })
+}
+
+/// One `FetchX509SVID` stream of a fan-out: reports its first message (ready) and its second
+/// (the rotation), then stays open until the run ends.
+async fn x509_fanout_stream(channel: Channel, tx: mpsc::UnboundedSender<StreamEvent>) {
+    let mut client = SpiffeWorkloadApiClient::new(channel);
+    let mut stream = match client.fetch_x509svid(with_header(X509svidRequest {})).await {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            let _ = tx.send(StreamEvent::Failed(code_name(&s)));
+            return;
+        }
+    };
+    for first in [true, false] {
+        let ev = match stream.message().await {
+            Ok(Some(_)) if first => StreamEvent::Ready,
+            Ok(Some(_)) => StreamEvent::Updated(Instant::now()),
+            Ok(None) => StreamEvent::Failed("NoMessage".to_owned()),
+            Err(s) => StreamEvent::Failed(code_name(&s)),
+        };
+        let failed = matches!(ev, StreamEvent::Failed(_));
+        let _ = tx.send(ev);
+        if failed {
+            return;
+        }
+    }
+    // Keep the stream open until the run ends (the JoinSet is dropped).
+    std::future::pending::<()>().await;
+}
+
+/// One SDS `StreamSecrets` stream of a fan-out, driven as Envoy drives it: a request with a node
+/// and `names`; its first response (ready) acknowledged with that response's version and nonce;
+/// the next response is the rotation (updated), acknowledged too. The request side stays open
+/// until the run ends (closing it ends the stream on spire-agent).
+async fn sds_fanout_stream(
+    channel: Channel,
+    names: Vec<String>,
+    tx: mpsc::UnboundedSender<StreamEvent>,
+) {
+    let mut client = SecretDiscoveryServiceClient::new(channel);
+    let (req_tx, req_rx) = mpsc::channel::<DiscoveryRequest>(4);
+    let first = DiscoveryRequest {
+        node: Some(Node {
+            id: "spiffed-loadgen".to_owned(),
+            cluster: "spiffed-loadgen".to_owned(),
+            ..Node::default()
+        }),
+        resource_names: names.clone(),
+        type_url: SDS_SECRET_TYPE.to_owned(),
+        ..DiscoveryRequest::default()
+    };
+    // Queued before the call: a server may hold its response headers until it has an answer,
+    // which needs this request.
+    if req_tx.send(first).await.is_err() {
+        let _ = tx.send(StreamEvent::Failed("RequestQueue".to_owned()));
+        return;
+    }
+    let mut stream = match client
+        .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(req_rx))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(s) => {
+            let _ = tx.send(StreamEvent::Failed(code_name(&s)));
+            return;
+        }
+    };
+    for first in [true, false] {
+        let ev = match stream.message().await {
+            Ok(Some(resp)) if resp.resources.is_empty() => {
+                StreamEvent::Failed("NoResources".to_owned())
+            }
+            Ok(Some(resp)) => {
+                let ack = DiscoveryRequest {
+                    version_info: resp.version_info,
+                    response_nonce: resp.nonce,
+                    resource_names: names.clone(),
+                    type_url: SDS_SECRET_TYPE.to_owned(),
+                    ..DiscoveryRequest::default()
+                };
+                if req_tx.send(ack).await.is_err() {
+                    StreamEvent::Failed("RequestQueue".to_owned())
+                } else if first {
+                    StreamEvent::Ready
+                } else {
+                    StreamEvent::Updated(Instant::now())
+                }
+            }
+            Ok(None) => StreamEvent::Failed("NoMessage".to_owned()),
+            Err(s) => StreamEvent::Failed(code_name(&s)),
+        };
+        let failed = matches!(ev, StreamEvent::Failed(_));
+        let _ = tx.send(ev);
+        if failed {
+            return;
+        }
+    }
+    // Keep both directions open until the run ends (the JoinSet is dropped).
+    let _keep = req_tx;
+    std::future::pending::<()>().await;
 }
 
 /// One periodic `churn` sample: a JSON line.

@@ -20,6 +20,7 @@ mod jwt;
 mod lifecycle;
 mod limits;
 mod sds;
+mod sds_probe;
 mod spire_harness;
 mod x509;
 
