@@ -86,6 +86,14 @@ pub const DEFAULT_FD_RESERVE: usize = 64;
 /// Default `premint_entries`: registered entries whose X.509-SVIDs are minted ahead of use.
 pub const DEFAULT_PREMINT_ENTRIES: usize = spiffed_authority::DEFAULT_PREMINT_ENTRIES;
 
+/// An HTTP endpoint of the agent: `[metrics]` (Prometheus, `GET /metrics`) or `[health]`
+/// (`GET /live`, `GET /ready`). Off unless its table is in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpEndpoint {
+    /// The TCP address it listens on, IP and port (e.g. `127.0.0.1:9988`); only there.
+    pub listen: std::net::SocketAddr,
+}
+
 /// How much the agent logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum LogLevel {
@@ -238,6 +246,10 @@ pub struct Config {
     /// domain's CA). With it, the server is the CA and holds the entries: no local CA is
     /// created, `[[entries]]` are refused and the admin API only reads the synced entries.
     pub spire_server: Option<spiffed_spire::config::SpireConfig>,
+    /// `[metrics] listen = "127.0.0.1:PORT"`: the Prometheus endpoint (default off).
+    pub metrics: Option<HttpEndpoint>,
+    /// `[health] listen = "127.0.0.1:PORT"`: `/live` and `/ready` over HTTP (default off).
+    pub health: Option<HttpEndpoint>,
 }
 
 impl Config {
@@ -297,6 +309,8 @@ impl Config {
             min_ca_ttl: DEFAULT_MIN_CA_TTL,
             new_entry_store: false,
             spire_server: None,
+            metrics: None,
+            health: None,
         }
     }
 
@@ -341,6 +355,8 @@ impl Config {
             denial_log_lines_per_second,
             premint_entries,
             spire_server,
+            metrics,
+            health,
         } = self;
         let mut changed = Vec::new();
         let mut check = |key: &'static str, differs: bool| {
@@ -363,6 +379,8 @@ impl Config {
         check("log_format", *log_format != new.log_format);
         check("synthetic_ids", *synthetic_ids != new.synthetic_ids);
         check("spire_server", *spire_server != new.spire_server);
+        check("metrics", *metrics != new.metrics);
+        check("health", *health != new.health);
         check(
             "max_selectors_per_entry",
             *max_selectors_per_entry != new.max_selectors_per_entry,
@@ -436,7 +454,8 @@ impl Config {
              max_jwt_audience_length={} max_jwt_token_length={} jwt_cache_bytes={} \
              jwt_cache_entries_per_identity={} max_logged_string_length={} \
              denial_log_lines_per_second={} max_selectors_per_entry={} \
-             max_dns_names_per_entry={} min_svid_ttl={} min_ca_ttl={} premint_entries={}",
+             max_dns_names_per_entry={} min_svid_ttl={} min_ca_ttl={} premint_entries={} \
+             metrics={} health={}",
             self.trust_domain,
             self.socket_path.display(),
             self.socket_mode,
@@ -469,6 +488,10 @@ impl Config {
             humantime::format_duration(self.min_svid_ttl),
             humantime::format_duration(self.min_ca_ttl),
             self.premint_entries,
+            self.metrics
+                .map_or_else(|| "off".to_owned(), |m| m.listen.to_string()),
+            self.health
+                .map_or_else(|| "off".to_owned(), |h| h.listen.to_string()),
         )
     }
 }
@@ -1406,6 +1429,57 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
         let text = lines.join("\n");
         let cfg = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(cfg.entries.len(), 1);
+    }
+
+    #[test]
+    fn metrics_and_health_listen_where_configured_and_bad_addresses_name_the_key() {
+        let cfg = parse(&doc(&[TD])).unwrap();
+        assert_eq!((cfg.metrics, cfg.health), (None, None), "off by default");
+        let cfg = parse(&doc(&[
+            TD,
+            "[metrics]",
+            "listen = \"127.0.0.1:9988\"",
+            "[health]",
+            "listen = \"[::1]:9989\"",
+        ]))
+        .unwrap();
+        assert_eq!(
+            cfg.metrics.unwrap().listen,
+            "127.0.0.1:9988".parse().unwrap()
+        );
+        assert_eq!(cfg.health.unwrap().listen, "[::1]:9989".parse().unwrap());
+        for (lines, key, says) in [
+            (
+                vec!["[metrics]", "listen = \"localhost:9988\""],
+                "metrics.listen",
+                "not an IP address and port",
+            ),
+            (
+                vec!["[health]", "listen = \"127.0.0.1:0\""],
+                "health.listen",
+                "port 0",
+            ),
+            (vec!["[metrics]"], "metrics.listen", "needs listen"),
+            (
+                vec![
+                    "[metrics]",
+                    "listen = \"127.0.0.1:9988\"",
+                    "[health]",
+                    "listen = \"127.0.0.1:9988\"",
+                ],
+                "health.listen",
+                "both 127.0.0.1:9988",
+            ),
+        ] {
+            let mut all = vec![TD];
+            all.extend(lines);
+            let e = parse(&doc(&all)).unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains(key) && text.contains(says), "{text}");
+            assert!(text.contains("fix:"), "{text}");
+        }
+        let e = parse(&doc(&[TD, "[metrics]", "port = 9988"])).unwrap_err();
+        assert!(e.to_string().contains("unknown key `port`"), "{e}");
     }
 
     #[test]

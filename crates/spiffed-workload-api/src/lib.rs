@@ -34,5 +34,5 @@ pub use limits::{
     DEFAULT_DENIAL_LOG_LINES_PER_SECOND, DEFAULT_MAX_JWT_AUDIENCE_LENGTH,
     DEFAULT_MAX_JWT_AUDIENCES, DEFAULT_MAX_JWT_TOKEN_LENGTH, RequestLimits,
 };
-pub use service::{Wakeups, WorkloadApi, synthetic_entry, x509_svid_response};
+pub use service::{Denials, Wakeups, WorkloadApi, synthetic_entry, x509_svid_response};
 pub use status::ApiError;

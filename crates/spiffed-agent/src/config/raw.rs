@@ -51,6 +51,17 @@ pub(crate) struct RawConfig {
     pub(crate) min_ca_ttl: Option<Str>,
     /// Agent mode: the SPIRE Server this agent is a node agent of.
     pub(crate) spire_server: Option<Spanned<RawSpireServer>>,
+    /// The Prometheus endpoint (off when absent).
+    pub(crate) metrics: Option<Spanned<RawListen>>,
+    /// The HTTP health endpoints (off when absent).
+    pub(crate) health: Option<Spanned<RawListen>>,
+}
+
+/// The `[metrics]` and `[health]` tables: where an HTTP endpoint listens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListen {
+    pub(crate) listen: Option<Str>,
 }
 
 /// The `[spire_server]` table (agent mode).

@@ -20,6 +20,7 @@ mod jwt;
 mod lifecycle;
 mod limits;
 mod spire_harness;
+mod telemetry;
 mod x509;
 
 use std::path::PathBuf;
