@@ -8,7 +8,11 @@
 # runs alternate (old 1, new 1, old 2, ...) and medians over RUNS are printed as a markdown table
 # (raw JSON lines in bench/results/ab-<UTC>.jsonl). LOADGEN is the loadgen binary (default: the
 # one next to NEW). Knobs: RUNS (3), SECONDS_PER_RUN (5), FANOUT_STREAMS (10000), FANOUT_CONNS
-# (100), FANOUT_TTL (60), STARTUP_RUNS (3).
+# (100), FANOUT_TTL (60), STARTUP_RUNS (3), FANOUT_RUNS (RUNS; 0 skips the fan-out).
+# OLD_EXTRA / NEW_EXTRA: TOML appended to that side's config (e.g. a [metrics] table), and
+# OLD_SCRAPE / NEW_SCRAPE: a URL fetched every SCRAPE_EVERY seconds (1) while that side is under
+# load (e.g. its /metrics), so that a side with metrics on also pays for being scraped.
+# bench/metrics-cost.sh runs it for the cost of [metrics] (one build, metrics off vs on).
 set -euo pipefail
 
 : "${OLD:?set OLD to the old spiffed binary}"
@@ -20,12 +24,20 @@ FANOUT_STREAMS="${FANOUT_STREAMS:-10000}"
 FANOUT_CONNS="${FANOUT_CONNS:-100}"
 FANOUT_TTL="${FANOUT_TTL:-60}"
 STARTUP_RUNS="${STARTUP_RUNS:-3}"
+FANOUT_RUNS="${FANOUT_RUNS:-$RUNS}"
+SCRAPE_EVERY="${SCRAPE_EVERY:-1}"
+OLD_EXTRA="${OLD_EXTRA:-}"
+NEW_EXTRA="${NEW_EXTRA:-}"
+OLD_SCRAPE="${OLD_SCRAPE:-}"
+NEW_SCRAPE="${NEW_SCRAPE:-}"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 OUT="$HERE/results/ab-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
 TMP="$(mktemp -d)"
 AGENT_PID=""
+SCRAPER_PID=""
 
 cleanup() {
+    [[ -n "$SCRAPER_PID" ]] && kill "$SCRAPER_PID" 2>/dev/null
     [[ -n "$AGENT_PID" ]] && kill "$AGENT_PID" 2>/dev/null && wait "$AGENT_PID" 2>/dev/null
     rm -rf "$TMP"
 }
@@ -37,7 +49,8 @@ mkdir -p "$HERE/results"
 emit() { printf '%s\n' "$1" >>"$OUT"; }
 
 config() {
-    local name="$1" ttl="$2"
+    local name="$1" ttl="$2" extra="$OLD_EXTRA"
+    [[ "$name" == new ]] && extra="$NEW_EXTRA"
     mkdir -p "$TMP/$name"
     cat >"$TMP/$name/spiffed.toml" <<EOF
 trust_domain = "example.org"
@@ -50,6 +63,7 @@ max_streams_per_uid = 200000
 spiffe_id = "spiffe://example.org/bench/uid"
 selectors = ["unix:uid:$(id -u)"]
 x509_svid_ttl = "${ttl}s"
+$extra
 EOF
 }
 
@@ -74,11 +88,40 @@ stop() {
     AGENT_PID=""
 }
 
+# scrape_start NAME: fetches that side's *_SCRAPE URL every SCRAPE_EVERY s in the background
+# (failures are written to $TMP/NAME/scrapes).
+scrape_start() {
+    local url="$OLD_SCRAPE"
+    [[ "$1" == new ]] && url="$NEW_SCRAPE"
+    [[ -z "$url" ]] && return 0
+    python3 -c '
+import sys, time, urllib.request
+url, every = sys.argv[1], float(sys.argv[2])
+while True:
+    try:
+        urllib.request.urlopen(url, timeout=5).read()
+    except Exception as e:
+        print("scrape failed:", e, flush=True)
+    time.sleep(every)
+' "$url" "$SCRAPE_EVERY" >>"$TMP/$1/scrapes" 2>&1 &
+    SCRAPER_PID=$!
+}
+
+scrape_stop() {
+    if [[ -n "$SCRAPER_PID" ]]; then
+        kill "$SCRAPER_PID" 2>/dev/null || true
+        wait "$SCRAPER_PID" 2>/dev/null || true
+    fi
+    SCRAPER_PID=""
+}
+
 load() {
     local name="$1" case="$2"
     shift 2
     local line
+    scrape_start "$name"
     line="$("$LOADGEN" "$@" --socket "$TMP/$name/api.sock" --allow-errors | tail -n 1)"
+    scrape_stop
     emit "{\"agent\":\"$name\",\"case\":\"$case\",\"result\":$line}"
 }
 
@@ -103,7 +146,7 @@ for r in $(seq 1 "$STARTUP_RUNS"); do
     done
 done
 for name in old new; do config "$name" "$FANOUT_TTL"; rm -rf "$TMP/$name/data"; done
-for r in $(seq 1 "$RUNS"); do
+for r in $(seq 1 "$FANOUT_RUNS"); do
     for name in old new; do
         bin="$OLD"; [[ "$name" == new ]] && bin="$NEW"
         echo "fan-out run $r: $name" >&2
@@ -115,3 +158,8 @@ for r in $(seq 1 "$RUNS"); do
 done
 python3 "$HERE/ab_table.py" "$OUT"
 echo "raw: $OUT" >&2
+for name in old new; do
+    if [[ -s "$TMP/$name/scrapes" ]]; then
+        echo "$name: $(grep -c 'scrape failed' "$TMP/$name/scrapes") scrapes failed, e.g.: $(head -n 1 "$TMP/$name/scrapes")" >&2
+    fi
+done

@@ -57,6 +57,8 @@ pub(crate) struct AdminService {
     pub(crate) admin_uids: Vec<u32>,
     pub(crate) own_uid: u32,
     pub(crate) synthetic_ids: bool,
+    /// What `spiffed status` reports.
+    pub(crate) facts: Arc<crate::telemetry::Facts>,
 }
 
 impl AdminService {
@@ -536,6 +538,52 @@ impl EntryAdmin for AdminService {
             identities,
             synthetic,
             left_out,
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        self.authorize(&request)?;
+        let facts = self.facts.clone();
+        // The SVID caches are walked once: off the runtime's worker threads.
+        let snap = tokio::task::spawn_blocking(move || facts.snapshot())
+            .await
+            .map_err(|e| Status::internal(format!("status task failed: {e}")))?;
+        let at = |t: Option<SystemTime>| t.map_or(0, secs);
+        let agent = snap.agent.clone().unwrap_or(crate::telemetry::AgentFacts {
+            readiness: "",
+            reason: String::new(),
+            agent_id: None,
+            last_sync: None,
+            server_address: String::new(),
+        });
+        Ok(Response::new(pb::StatusResponse {
+            version: crate::telemetry::VERSION.to_owned(),
+            uptime_seconds: snap.uptime.as_secs(),
+            started_at: secs(self.facts.started),
+            mode: snap.mode.to_owned(),
+            trust_domain: self.facts.trust_domain.to_string(),
+            authority: snap.authority.kind.to_owned(),
+            authority_not_before: at(snap.authority.not_before),
+            authority_not_after: at(snap.authority.not_after),
+            entries: snap.entries as u64,
+            x509_svids_cached: snap.svids_cached as u64,
+            x509_svid_earliest_expiry: at(snap.svid_earliest_expiry),
+            connections: snap.connections as u64,
+            streams: snap.streams as u64,
+            x509_mints: snap.x509_mints,
+            x509_rotations: snap.x509_rotations,
+            last_rotation: at(snap.last_rotation),
+            ready: snap.ready.ready,
+            ready_reason: snap.ready.reason,
+            readiness: agent.readiness.to_owned(),
+            readiness_reason: agent.reason,
+            last_sync: at(agent.last_sync),
+            server_address: agent.server_address,
+            agent_id: agent.agent_id.unwrap_or_default(),
+            socket_path: self.facts.socket_path.display().to_string(),
         }))
     }
 }

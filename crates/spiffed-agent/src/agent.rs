@@ -19,6 +19,7 @@ use tokio::sync::{Notify, watch};
 use crate::admin::{AdminService, Reloader};
 use crate::config::Config;
 use crate::limits::{self, Limits, Shared, StreamLimitLayer};
+use crate::telemetry::{self, Facts};
 
 /// How long open streams get to finish after shutdown starts.
 const GRACE: Duration = Duration::from_secs(5);
@@ -69,6 +70,10 @@ pub enum AgentError {
     /// unusable (the message names it and the fix).
     #[error("agent mode: {0}")]
     AgentMode(String),
+    /// The address of `[metrics]` or `[health]` cannot be listened on (the message names the
+    /// key and the fix).
+    #[error("{0}")]
+    Listen(String),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> AgentError + 'a {
@@ -81,7 +86,7 @@ fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> Age
 
 /// Where identities come from.
 #[derive(Clone)]
-enum Backend {
+pub(crate) enum Backend {
     /// The embedded CA (standalone and dev mode).
     Standalone(CaAuthority),
     /// The SPIRE Server (agent mode).
@@ -109,6 +114,11 @@ pub struct Bound {
     admin: AdminService,
     /// `data_dir/agent.lock`, flocked while this agent lives.
     data_dir_lock: fs::File,
+    /// What status, health and metrics report.
+    facts: Arc<Facts>,
+    /// `[metrics]` and `[health]`, bound.
+    metrics_listener: Option<std::net::TcpListener>,
+    health_listener: Option<std::net::TcpListener>,
 }
 
 impl std::fmt::Debug for Bound {
@@ -261,6 +271,15 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
     }
     let api = WorkloadApi::new(attestor.clone(), issuer, entries.feed(), cfg.synthetic_ids);
     let api = apply_limits(&cfg, &backend, api);
+    // The HTTP endpoints are bound first: a bad or busy address stops the start here.
+    let listen = |key: &'static str, e: Option<crate::config::HttpEndpoint>| {
+        e.map(|e| telemetry::http::bind(key, e.listen))
+            .transpose()
+            .map_err(AgentError::Listen)
+    };
+    let metrics_listener = listen("metrics.listen", cfg.metrics)?;
+    let health_listener = listen("health.listen", cfg.health)?;
+    let facts = Facts::new(&cfg, backend.clone(), api.clone(), entries.feed());
     bind(
         cfg,
         backend,
@@ -269,6 +288,7 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         api,
         attestor,
         data_dir_lock,
+        (facts, metrics_listener, health_listener),
     )
 }
 
@@ -322,7 +342,18 @@ fn open_standalone(
     Ok((authority, entries))
 }
 
+/// The facts the agent reports, and its bound HTTP endpoints (metrics, health).
+type Telemetry = (
+    Arc<Facts>,
+    Option<std::net::TcpListener>,
+    Option<std::net::TcpListener>,
+);
+
 /// Binds the admin socket, then the Workload API socket.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the parts build() made, handed on once"
+)]
 fn bind(
     cfg: Config,
     backend: Backend,
@@ -331,6 +362,7 @@ fn bind(
     api: WorkloadApi,
     attestor: Arc<spiffed_attest::CompositeAttestor>,
     data_dir_lock: fs::File,
+    (facts, metrics_listener, health_listener): Telemetry,
 ) -> Result<Bound, AgentError> {
     // An owner-only socket (mode without group/other bits) also gets an owner-only directory.
     let dir_mode = if cfg.socket_mode & 0o077 == 0 {
@@ -393,6 +425,7 @@ fn bind(
         admin_uids: cfg.admin_uids.clone(),
         own_uid,
         synthetic_ids: cfg.synthetic_ids,
+        facts: facts.clone(),
     };
     Ok(Bound {
         cfg,
@@ -406,6 +439,9 @@ fn bind(
         sds_streams,
         admin,
         data_dir_lock,
+        facts,
+        metrics_listener,
+        health_listener,
     })
 }
 
@@ -485,6 +521,9 @@ impl Bound {
             sds_streams: _,
             admin,
             data_dir_lock,
+            facts,
+            metrics_listener,
+            health_listener,
         } = self;
         // Connections and streams one uid may hold, and the descriptors they may use.
         let fds = limits::raise_fd_limit();
@@ -498,8 +537,43 @@ impl Bound {
             fd_reserve = limits.fd_reserve,
             "Workload API connection limits"
         );
-        let shared = Shared::new(limits, &fds);
+        let shared = Shared::observed(limits, &fds, facts.rpc.clone());
         let (stop_tx, stop_rx) = watch::channel(false);
+        let mut tasks = Vec::new();
+        // The HTTP endpoints: on their own tasks, stopped with the rest.
+        for (listener, what, handler) in [
+            (
+                metrics_listener,
+                "metrics",
+                telemetry::metrics::handler as fn(Arc<Facts>) -> telemetry::http::Handler,
+            ),
+            (health_listener, "health", telemetry::health::handler),
+        ] {
+            let Some(listener) = listener else { continue };
+            let listener = tokio::net::TcpListener::from_std(listener).map_err(|e| {
+                AgentError::Listen(format!("cannot serve {what} ({what}.listen): {e}"))
+            })?;
+            if let Ok(addr) = listener.local_addr() {
+                let paths = if what == "metrics" {
+                    "/metrics"
+                } else {
+                    "/live, /ready"
+                };
+                tracing::info!(address = %addr, paths, "serving {what} over HTTP");
+                if !addr.ip().is_loopback() {
+                    tracing::warn!(
+                        address = %addr,
+                        "{what}.listen is not a loopback address: other hosts can reach it"
+                    );
+                }
+            }
+            tasks.push(tokio::spawn(telemetry::http::serve(
+                listener,
+                what,
+                handler(facts.clone()),
+                stop_rx.clone(),
+            )));
+        }
         // The authority mints and rotates an SVID for every entry of the set, off the request
         // path; its receiver does not keep the set's channel open, so dropping `entries` below
         // still ends every stream.
@@ -507,7 +581,14 @@ impl Bound {
         reporter
             .set_serving::<SpiffeWorkloadApiServer<WorkloadApi>>()
             .await;
-        let mut tasks = Vec::new();
+        let notifier = telemetry::notify::Notifier::from_env().map(Arc::new);
+        if let (Some(n), Some(every)) = (&notifier, telemetry::notify::watchdog_interval()) {
+            tasks.push(tokio::spawn(telemetry::notify::watchdog(
+                n.clone(),
+                every,
+                stop_rx.clone(),
+            )));
+        }
         let status_service = match (&backend, agent_mode) {
             (Backend::Standalone(authority), _) => {
                 tasks.push(tokio::spawn(
@@ -550,8 +631,14 @@ impl Bound {
         let (admin_stop_tx, mut admin_stop_rx) = watch::channel(false);
         let signal = {
             let draining = draining.clone();
+            let facts = facts.clone();
+            let notifier = notifier.clone();
             async move {
                 shutdown.await;
+                facts.set_stopping();
+                if let Some(n) = &notifier {
+                    n.send("STOPPING=1");
+                }
                 tracing::info!("shutting down: ending streams and draining connections");
                 // Closing the entry sources drops the publisher: every open stream's feed ends.
                 entries.close();
@@ -575,6 +662,7 @@ impl Bound {
             sds = sds.is_some(),
             "serving the SPIFFE Workload API"
         );
+        let shared_for_facts = shared.clone();
         let serve = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(limits.max_streams_per_connection))
             .layer(StreamLimitLayer::new(shared.clone()))
@@ -591,11 +679,16 @@ impl Bound {
                 // :authority, which h2 rejects; the front rewrites it (CONFORMANCE item 11).
                 limits::incoming(
                     Box::pin(spiffed_attest::listen::incoming(listener)),
-                    shared,
+                    shared.clone(),
                     spiffed_h2front::AuthorityFront::new,
                 ),
                 signal,
             );
+        // The socket is bound and the server about to poll it: connections queue until then.
+        facts.set_serving(shared_for_facts, fds.soft);
+        if let Some(n) = &notifier {
+            n.send("READY=1\nSTATUS=serving the SPIFFE Workload API");
+        }
         let result = tokio::select! {
             r = serve => r.map_err(|e| AgentError::Serve(e.to_string())),
             () = async { draining.notified().await; tokio::time::sleep(GRACE).await } => {

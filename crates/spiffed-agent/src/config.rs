@@ -86,6 +86,14 @@ pub const DEFAULT_FD_RESERVE: usize = 64;
 /// Default `premint_entries`: registered entries whose X.509-SVIDs are minted ahead of use.
 pub const DEFAULT_PREMINT_ENTRIES: usize = spiffed_authority::DEFAULT_PREMINT_ENTRIES;
 
+/// An HTTP endpoint of the agent: `[metrics]` (Prometheus, `GET /metrics`) or `[health]`
+/// (`GET /live`, `GET /ready`). Off unless its table is in the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HttpEndpoint {
+    /// The TCP address it listens on, IP and port (e.g. `127.0.0.1:9988`); only there.
+    pub listen: std::net::SocketAddr,
+}
+
 /// How much the agent logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum LogLevel {
@@ -242,6 +250,10 @@ pub struct Config {
     /// `ROOTCA`, `ALL`; the SPIFFE validator). `None`: `disable_sds_api = true`, SDS is not
     /// served.
     pub sds: Option<spiffed_workload_api::SdsConfig>,
+    /// `[metrics] listen = "127.0.0.1:PORT"`: the Prometheus endpoint (default off).
+    pub metrics: Option<HttpEndpoint>,
+    /// `[health] listen = "127.0.0.1:PORT"`: `/live` and `/ready` over HTTP (default off).
+    pub health: Option<HttpEndpoint>,
 }
 
 impl Config {
@@ -302,6 +314,8 @@ impl Config {
             new_entry_store: false,
             spire_server: None,
             sds: Some(spiffed_workload_api::SdsConfig::default()),
+            metrics: None,
+            health: None,
         }
     }
 
@@ -347,6 +361,8 @@ impl Config {
             premint_entries,
             spire_server,
             sds,
+            metrics,
+            health,
         } = self;
         let mut changed = Vec::new();
         let mut check = |key: &'static str, differs: bool| {
@@ -370,6 +386,8 @@ impl Config {
         check("synthetic_ids", *synthetic_ids != new.synthetic_ids);
         check("spire_server", *spire_server != new.spire_server);
         check("sds", *sds != new.sds);
+        check("metrics", *metrics != new.metrics);
+        check("health", *health != new.health);
         check(
             "max_selectors_per_entry",
             *max_selectors_per_entry != new.max_selectors_per_entry,
@@ -443,7 +461,8 @@ impl Config {
              max_jwt_audience_length={} max_jwt_token_length={} jwt_cache_bytes={} \
              jwt_cache_entries_per_identity={} max_logged_string_length={} \
              denial_log_lines_per_second={} max_selectors_per_entry={} \
-             max_dns_names_per_entry={} min_svid_ttl={} min_ca_ttl={} premint_entries={} sds={}",
+             max_dns_names_per_entry={} min_svid_ttl={} min_ca_ttl={} premint_entries={} \
+             metrics={} health={} sds={}",
             self.trust_domain,
             self.socket_path.display(),
             self.socket_mode,
@@ -476,6 +495,10 @@ impl Config {
             humantime::format_duration(self.min_svid_ttl),
             humantime::format_duration(self.min_ca_ttl),
             self.premint_entries,
+            self.metrics
+                .map_or_else(|| "off".to_owned(), |m| m.listen.to_string()),
+            self.health
+                .map_or_else(|| "off".to_owned(), |h| h.listen.to_string()),
             match &self.sds {
                 None => "off".to_owned(),
                 Some(s) => format!(
@@ -1487,6 +1510,57 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
             e.to_string().contains("did you mean `default_svid_name`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn metrics_and_health_listen_where_configured_and_bad_addresses_name_the_key() {
+        let cfg = parse(&doc(&[TD])).unwrap();
+        assert_eq!((cfg.metrics, cfg.health), (None, None), "off by default");
+        let cfg = parse(&doc(&[
+            TD,
+            "[metrics]",
+            "listen = \"127.0.0.1:9988\"",
+            "[health]",
+            "listen = \"[::1]:9989\"",
+        ]))
+        .unwrap();
+        assert_eq!(
+            cfg.metrics.unwrap().listen,
+            "127.0.0.1:9988".parse().unwrap()
+        );
+        assert_eq!(cfg.health.unwrap().listen, "[::1]:9989".parse().unwrap());
+        for (lines, key, says) in [
+            (
+                vec!["[metrics]", "listen = \"localhost:9988\""],
+                "metrics.listen",
+                "not an IP address and port",
+            ),
+            (
+                vec!["[health]", "listen = \"127.0.0.1:0\""],
+                "health.listen",
+                "port 0",
+            ),
+            (vec!["[metrics]"], "metrics.listen", "needs listen"),
+            (
+                vec![
+                    "[metrics]",
+                    "listen = \"127.0.0.1:9988\"",
+                    "[health]",
+                    "listen = \"127.0.0.1:9988\"",
+                ],
+                "health.listen",
+                "both 127.0.0.1:9988",
+            ),
+        ] {
+            let mut all = vec![TD];
+            all.extend(lines);
+            let e = parse(&doc(&all)).unwrap_err();
+            let text = e.to_string();
+            assert!(text.contains(key) && text.contains(says), "{text}");
+            assert!(text.contains("fix:"), "{text}");
+        }
+        let e = parse(&doc(&[TD, "[metrics]", "port = 9988"])).unwrap_err();
+        assert!(e.to_string().contains("unknown key `port`"), "{e}");
     }
 
     #[test]

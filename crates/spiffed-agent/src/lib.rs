@@ -24,6 +24,7 @@ mod files;
 pub mod fuzzing;
 pub mod limits;
 mod status;
+mod telemetry;
 
 pub use admin::Reloader;
 pub use agent::{AgentError, Bound, Stats, build};

@@ -36,6 +36,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_stream::Stream;
 
 use crate::config::{AUTO_CONNECTIONS_PER_UID, Config};
+use crate::telemetry::rpc::{RpcCall, RpcMetrics};
 
 /// How often each kind of refusal may be logged.
 pub const LOG_EVERY: Duration = Duration::from_secs(10);
@@ -186,16 +187,32 @@ pub struct Shared {
     refused_connection: Throttle,
     refused_stream: Throttle,
     short_of_fds: Throttle,
+    /// RPC counts and latencies, when metrics are on (`[metrics]`).
+    rpc: Option<Arc<RpcMetrics>>,
 }
 
 impl Shared {
     /// Counts for a server with `limits`, under the descriptor limit `fds`.
     pub fn new(limits: Limits, fds: &FdLimit) -> Arc<Self> {
-        let fd_baseline = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
-        Self::with_baseline(limits, fds, fd_baseline)
+        Self::observed(limits, fds, None)
     }
 
-    fn with_baseline(limits: Limits, fds: &FdLimit, fd_baseline: usize) -> Arc<Self> {
+    /// Counts as [`Shared::new`], and every RPC into `rpc` when metrics are on.
+    pub(crate) fn observed(
+        limits: Limits,
+        fds: &FdLimit,
+        rpc: Option<Arc<RpcMetrics>>,
+    ) -> Arc<Self> {
+        let fd_baseline = std::fs::read_dir("/proc/self/fd").map_or(0, Iterator::count);
+        Self::with_baseline(limits, fds, fd_baseline, rpc)
+    }
+
+    fn with_baseline(
+        limits: Limits,
+        fds: &FdLimit,
+        fd_baseline: usize,
+        rpc: Option<Arc<RpcMetrics>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             limits,
             fd_limit: fds.effective(),
@@ -208,7 +225,26 @@ impl Shared {
             refused_connection: Throttle::default(),
             refused_stream: Throttle::default(),
             short_of_fds: Throttle::default(),
+            rpc,
         })
+    }
+
+    /// Open connections and open streams on the public socket, over every uid (one pass
+    /// under each lock: for `spiffed status` and metrics, not the request path).
+    pub(crate) fn open_counts(&self) -> (usize, usize) {
+        let conns = self
+            .connections
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .sum();
+        let streams = self
+            .streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .values()
+            .sum();
+        (conns, streams)
     }
 
     /// The limits in force.
@@ -694,6 +730,7 @@ where
             return Box::pin(fut);
         };
         let uid = info.cred.uid;
+        let mut call = self.shared.rpc.as_ref().map(|m| m.start(req.uri().path()));
         info.state.stream_opened();
         let mut guard = StreamGuard {
             conn: Some(info.state.clone()),
@@ -713,6 +750,9 @@ where
                 );
             }
             drop(guard);
+            if let Some(call) = &mut call {
+                call.finish(tonic::Code::ResourceExhausted as i32);
+            }
             let status = tonic::Status::resource_exhausted(format!(
                 "too many open streams for uid {uid} (max_streams_per_uid = {limit}); close some \
                  and retry"
@@ -724,8 +764,12 @@ where
         let fut = self.inner.call(req);
         Box::pin(async move {
             let response = fut.await?;
+            if let Some(call) = &mut call {
+                // A trailers-only response (an error before any message) has its status here.
+                call.status_from(response.headers());
+            }
             // The stream lasts as long as its response body: the guard goes with it.
-            Ok(response.map(|body| tonic::body::Body::new(Guarded { body, guard })))
+            Ok(response.map(|body| tonic::body::Body::new(Guarded { body, guard, call })))
         })
     }
 }
@@ -750,11 +794,13 @@ impl Drop for StreamGuard {
 }
 
 pin_project_lite::pin_project! {
-    /// A response body that keeps its stream counted until it is done or dropped.
+    /// A response body that keeps its stream counted until it is done or dropped, and
+    /// tells the RPC's metrics (when on) of its first message and its status.
     struct Guarded<B> {
         #[pin]
         body: B,
         guard: StreamGuard,
+        call: Option<RpcCall>,
     }
 }
 
@@ -766,7 +812,16 @@ impl<B: HttpBody> HttpBody for Guarded<B> {
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        self.project().body.poll_frame(cx)
+        let this = self.project();
+        let polled = this.body.poll_frame(cx);
+        if let (Some(call), Poll::Ready(Some(Ok(frame)))) = (this.call.as_mut(), &polled) {
+            if frame.is_data() {
+                call.first_message();
+            } else if let Some(trailers) = frame.trailers_ref() {
+                call.status_from(trailers);
+            }
+        }
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -848,7 +903,7 @@ mod tests {
             max_connections_per_uid: 100,
             ..limits()
         };
-        let shared = Shared::with_baseline(limits, &fds(36), 20);
+        let shared = Shared::with_baseline(limits, &fds(36), 20, None);
         let mut held = Vec::new();
         // A connection without a pidfd holds one descriptor; room needs two more to be free.
         for uid in 0..3 {

@@ -62,6 +62,10 @@ pub(crate) struct Inner {
     /// Wakes the rotation task (a request minted, or noticed that no CA is valid).
     pub(crate) wake: Notify,
     pub(crate) mints: AtomicU64,
+    /// X.509-SVIDs the rotation task replaced (rotations and changed entries).
+    pub(crate) rotations: AtomicU64,
+    /// When the last one was replaced, in milliseconds since the epoch (0: never).
+    pub(crate) last_rotation_ms: AtomicU64,
 }
 
 /// The embedded CA and SVID cache. Cheap to clone; use it as an `Arc<dyn Issuer>` through
@@ -168,6 +172,8 @@ impl CaAuthority {
                 bundles,
                 wake: Notify::new(),
                 mints: AtomicU64::new(0),
+                rotations: AtomicU64::new(0),
+                last_rotation_ms: AtomicU64::new(0),
             }),
         };
         // A clock behind the CA's notBefore is reported at once, not at the first request.
@@ -339,6 +345,37 @@ impl CaAuthority {
     /// The path of the CA file.
     pub fn ca_file(&self) -> &Path {
         &self.inner.file
+    }
+
+    /// How many X.509-SVIDs the rotation task replaced since start (rotations at half-life,
+    /// and re-mints after an entry or CA change), and when it last did.
+    pub fn x509_rotations(&self) -> (u64, Option<SystemTime>) {
+        let n = self.inner.rotations.load(Ordering::Relaxed);
+        let ms = self.inner.last_rotation_ms.load(Ordering::Relaxed);
+        let at = (ms > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+        (n, at)
+    }
+
+    /// The validity (notBefore, notAfter) of the active X.509 CA, if there is one.
+    pub fn ca_validity(&self) -> Option<(SystemTime, SystemTime)> {
+        let st = self.lock();
+        st.keys
+            .keys
+            .x509
+            .active()
+            .map(|ca| (ca.not_before(), ca.not_after))
+    }
+
+    /// Counts one batch of rotations installed at `now` (see [`CaAuthority::x509_rotations`]).
+    pub(crate) fn rotated(&self, replaced: u64, now: SystemTime) {
+        if replaced == 0 {
+            return;
+        }
+        self.inner.rotations.fetch_add(replaced, Ordering::Relaxed);
+        let ms = now.duration_since(SystemTime::UNIX_EPOCH).map_or(1, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+        });
+        self.inner.last_rotation_ms.store(ms, Ordering::Relaxed);
     }
 }
 

@@ -175,9 +175,11 @@ impl CaAuthority {
     pub fn tick(&self, now: SystemTime) -> SystemTime {
         let Upkeep { next, jobs, signer } = self.upkeep(now);
         if let Some(signer) = signer {
+            let mut batch = Batch::default();
             for job in &jobs {
-                self.mint_and_install(&signer, job, now);
+                batch.count(self.mint_and_install(&signer, job, now));
             }
+            self.finish_batch(&batch, now);
         }
         let after = self.lock().svids.due(now).next;
         after.map_or(next, |a| next.min(a))
@@ -189,12 +191,34 @@ impl CaAuthority {
     /// would make pre-minting a large budget quadratic. A job planned before an entry changed
     /// is refused at install (it replaces an SVID no longer there).
     async fn work(&self, signer: &Signer, jobs: &[Job], interrupted: impl Fn() -> bool) {
+        let mut batch = Batch::default();
         for job in jobs {
-            self.mint_and_install(signer, job, self.now());
+            batch.count(self.mint_and_install(signer, job, self.now()));
             tokio::task::yield_now().await;
             if interrupted() {
-                return;
+                break;
             }
+        }
+        self.finish_batch(&batch, self.now());
+    }
+
+    /// Counts a batch's rotations and logs it: one info line per batch that replaced SVIDs
+    /// (never one per SVID or per stream).
+    fn finish_batch(&self, batch: &Batch, now: SystemTime) {
+        self.rotated(batch.replaced, now);
+        if batch.replaced > 0 {
+            tracing::info!(
+                rotated = batch.replaced,
+                added = batch.added,
+                failed = batch.failed,
+                "rotated X.509-SVIDs"
+            );
+        } else if batch.added > 0 {
+            tracing::debug!(
+                added = batch.added,
+                failed = batch.failed,
+                "pre-minted X.509-SVIDs"
+            );
         }
     }
 
@@ -314,6 +338,28 @@ impl CaAuthority {
                 }
             }
             self.lock().planned = None;
+        }
+    }
+}
+
+/// What one batch of background mints did.
+#[derive(Debug, Default)]
+struct Batch {
+    /// SVIDs that replaced one held before (rotations, re-mints after a change).
+    replaced: u64,
+    /// SVIDs for entries that had none (pre-mints).
+    added: u64,
+    /// Mints that failed (logged one by one, retried).
+    failed: u64,
+}
+
+impl Batch {
+    fn count(&mut self, installed: Option<Installed>) {
+        match installed {
+            Some(Installed::Replaced) => self.replaced += 1,
+            Some(Installed::Added) => self.added += 1,
+            Some(Installed::Skipped) => {}
+            None => self.failed += 1,
         }
     }
 }

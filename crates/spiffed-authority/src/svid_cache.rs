@@ -216,6 +216,8 @@ pub struct SvidStats {
     pub held: usize,
     /// Entries in the pre-mint budget (minted or about to be).
     pub pinned: usize,
+    /// The earliest notAfter of the X.509-SVIDs in memory (`None`: none is).
+    pub earliest_expiry: Option<SystemTime>,
 }
 
 /// The cache (see the module docs).
@@ -244,9 +246,11 @@ impl SvidCache {
             ..SvidStats::default()
         };
         for slot in self.slots.values() {
-            if slot.current.is_some() {
+            if let Some(c) = &slot.current {
                 s.cached += 1;
                 s.held += usize::from(slot.held());
+                let t = c.svid.not_after;
+                s.earliest_expiry = Some(s.earliest_expiry.map_or(t, |e| e.min(t)));
             }
         }
         s

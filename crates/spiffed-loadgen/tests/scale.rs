@@ -11,7 +11,7 @@ use spiffed_proto::admin::entry_admin_server::{EntryAdmin, EntryAdminServer};
 use spiffed_proto::admin::{
     CreateEntriesRequest, CreateEntriesResponse, DeleteEntriesRequest, DeleteEntriesResponse,
     Entry, EntryError, EntryResult, ExplainRequest, ExplainResponse, GetEntryRequest,
-    ListEntriesRequest, ListEntriesResponse, UpdateEntryRequest,
+    GetStatusRequest, ListEntriesRequest, ListEntriesResponse, StatusResponse, UpdateEntryRequest,
 };
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
@@ -318,6 +318,13 @@ impl EntryAdmin for FakeAdmin {
         &self,
         _: Request<ExplainRequest>,
     ) -> Result<Response<ExplainResponse>, Status> {
+        Err(Status::unimplemented("fake"))
+    }
+
+    async fn get_status(
+        &self,
+        _: Request<GetStatusRequest>,
+    ) -> Result<Response<StatusResponse>, Status> {
         Err(Status::unimplemented("fake"))
     }
 }

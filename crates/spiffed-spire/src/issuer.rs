@@ -38,7 +38,7 @@ use crate::bundle::{self, Converted};
 use crate::cache::{self, CACHE_FILE, CacheError, LoadedSvid, Snapshot};
 use crate::jwt::{JwtCache, JwtKey, token_info};
 use crate::server::{EntryVersion, ServerApi};
-use crate::svids::{Lane, Lookup, MintJob, SvidStats, SvidTable, rotate_at};
+use crate::svids::{Finished, Lane, Lookup, MintJob, SvidStats, SvidTable, rotate_at};
 use crate::x509::{self, Authority, Checked};
 
 /// Default for [`IssuerConfig::prefetch_max`], as spire-agent's `x509_svid_cache_max_size`.
@@ -216,6 +216,10 @@ struct Inner {
     jwt_gates: Mutex<HashMap<JwtKey, Arc<tokio::sync::Mutex<()>>>>,
     calls: AtomicU64,
     mints: AtomicU64,
+    /// X.509-SVIDs that replaced one held before (rotations, re-mints after a change).
+    rotations: AtomicU64,
+    /// When the last one did, in milliseconds since the epoch (0: never).
+    last_rotation_ms: AtomicU64,
     mint_failures: LogGate,
     write_failures: LogGate,
 }
@@ -393,6 +397,8 @@ impl SpireIssuer {
                 jwt_gates: Mutex::new(HashMap::new()),
                 calls: AtomicU64::new(0),
                 mints: AtomicU64::new(0),
+                rotations: AtomicU64::new(0),
+                last_rotation_ms: AtomicU64::new(0),
                 mint_failures: LogGate::default(),
                 write_failures: LogGate::default(),
             }),
@@ -766,6 +772,15 @@ impl SpireIssuer {
         self.inner.mints.load(Ordering::Relaxed)
     }
 
+    /// How many X.509-SVIDs replaced one held before since start (rotations, and re-mints
+    /// after an entry or authority change), and when the last one did.
+    pub fn x509_rotations(&self) -> (u64, Option<SystemTime>) {
+        let n = self.inner.rotations.load(Ordering::Relaxed);
+        let ms = self.inner.last_rotation_ms.load(Ordering::Relaxed);
+        let at = (ms > 0).then(|| SystemTime::UNIX_EPOCH + Duration::from_millis(ms));
+        (n, at)
+    }
+
     /// Runs the minting lanes, rotation and the workload cache writer until `stop` becomes
     /// true (or its sender is dropped); then writes the cache a last time. Nothing is minted
     /// without it.
@@ -941,11 +956,19 @@ impl SpireIssuer {
             }
         }
         let mut installed = 0u64;
+        let mut replaced = 0u64;
         for (job, outcome) in done {
             match outcome {
                 Ok((checked, due)) => {
                     tracing::debug!(entry = %job.id, spiffe_id = %job.spiffe_id, "X.509-SVID signed by the SPIRE Server");
-                    installed += u64::from(st.svids.finish_ok(&job, checked, due, now));
+                    match st.svids.finish_ok(&job, checked, due, now) {
+                        Finished::Added => installed += 1,
+                        Finished::Replaced => {
+                            installed += 1;
+                            replaced += 1;
+                        }
+                        Finished::Gone => {}
+                    }
                 }
                 Err(e) => {
                     if ok
@@ -967,6 +990,19 @@ impl SpireIssuer {
             self.touched(st);
         }
         drop(g);
+        if replaced > 0 {
+            self.inner.rotations.fetch_add(replaced, Ordering::Relaxed);
+            let ms = now.duration_since(SystemTime::UNIX_EPOCH).map_or(1, |d| {
+                u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+            });
+            self.inner.last_rotation_ms.store(ms, Ordering::Relaxed);
+            // One line per batch (one BatchNewX509SVID call), never one per SVID or stream.
+            tracing::info!(
+                rotated = replaced,
+                added = installed - replaced,
+                "rotated X.509-SVIDs (signed by the SPIRE Server)"
+            );
+        }
         self.inner.upkeep.notify_one();
         ok
     }

@@ -56,6 +56,17 @@ pub(crate) enum Lane {
     Background,
 }
 
+/// What installing a signed X.509-SVID did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Finished {
+    /// The entry had no SVID.
+    Added,
+    /// It replaced the entry's SVID (a rotation, or a re-mint after a change).
+    Replaced,
+    /// The entry was dropped meanwhile.
+    Gone,
+}
+
 /// When an SVID is due for rotation: at half the life it had when it was `received` (its
 /// notBefore when that is later, or when the time it arrived is unknown), moved by `jitter`
 /// (in -1..=1) times a tenth of that half.
@@ -208,6 +219,8 @@ pub struct SvidStats {
     pub held: usize,
     /// Synced entries pre-minted (or about to be).
     pub pinned: usize,
+    /// The earliest notAfter of the X.509-SVIDs in memory (`None`: none is).
+    pub earliest_expiry: Option<SystemTime>,
 }
 
 /// The table (see the module docs).
@@ -360,19 +373,21 @@ impl SvidTable {
 
     /// Installs what `job` minted and tells its waiters and the holders of the old SVID.
     /// `rotate_at` is when it falls due; `now` is when it arrived. False when the slot is gone
-    /// (the entry was dropped meanwhile).
+    /// (the entry was dropped meanwhile); [`Finished::Replaced`] when it replaced an SVID
+    /// (a rotation, or a re-mint after a change).
     pub(crate) fn finish_ok(
         &mut self,
         job: &MintJob,
         checked: Checked,
         rotate_at: SystemTime,
         now: SystemTime,
-    ) -> bool {
+    ) -> Finished {
         let earliest = now + MIN_REFRESH;
         let Some(slot) = self.slots.get_mut(&job.id) else {
-            return false;
+            return Finished::Gone;
         };
         let svid = Arc::new(checked.svid);
+        let replaced = slot.current.is_some();
         match &mut slot.current {
             Some(c) => {
                 c.svid = svid.clone();
@@ -402,7 +417,11 @@ impl SvidTable {
         if let Some(j) = slot.job.take() {
             j.done.send_replace(Some(Ok(())));
         }
-        true
+        if replaced {
+            Finished::Replaced
+        } else {
+            Finished::Added
+        }
     }
 
     /// `job` failed with `err`: its waiters learn why; the entry is retried in the background
@@ -609,9 +628,11 @@ impl SvidTable {
             ..SvidStats::default()
         };
         for slot in self.slots.values() {
-            if slot.current.is_some() {
+            if let Some(c) = &slot.current {
                 s.cached += 1;
                 s.held += usize::from(slot.held());
+                let t = c.svid.not_after;
+                s.earliest_expiry = Some(s.earliest_expiry.map_or(t, |e| e.min(t)));
             }
         }
         s

@@ -48,6 +48,43 @@ pub(crate) struct Shared {
     /// Denial lines per kind per second.
     throttle: Throttle,
     wakeups: WakeupCounters,
+    denials: DenialCounters,
+}
+
+/// Callers refused an identity since the service was built, by reason (see
+/// [`WorkloadApi::denials`]). Counted on the refusal path only.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Denials {
+    /// Attestation failed: the process that opened the connection is gone (or was replaced).
+    pub process_gone: u64,
+    /// Attestation failed: `/proc/PID` could not be read.
+    pub proc_unreadable: u64,
+    /// Attestation failed in an attestor plugin.
+    pub plugin_failed: u64,
+    /// The caller matches no entry ("no identity issued").
+    pub no_identity: u64,
+    /// The caller asked for a SPIFFE ID it does not hold.
+    pub not_entitled: u64,
+}
+
+#[derive(Default)]
+struct DenialCounters {
+    process_gone: AtomicU64,
+    proc_unreadable: AtomicU64,
+    plugin_failed: AtomicU64,
+    no_identity: AtomicU64,
+    not_entitled: AtomicU64,
+}
+
+impl DenialCounters {
+    fn attestation(&self, e: &spiffed_core::AttestError) {
+        let counter = match e {
+            spiffed_core::AttestError::ProcessGone { .. } => &self.process_gone,
+            spiffed_core::AttestError::Proc { .. } => &self.proc_unreadable,
+            _ => &self.plugin_failed,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 /// How often open streams woke up, and what each wake-up cost (see [`WorkloadApi::wakeups`]).
@@ -228,6 +265,7 @@ impl Shared {
 
     async fn attest(&self, cred: &PeerCred, needs: &Needs) -> Result<Attested, ApiError> {
         self.attestor.attest(cred, needs).await.map_err(|e| {
+            self.denials.attestation(&e);
             if self.throttle.allow(Denial::Attestation) {
                 tracing::info!(pid = ?cred.pid, uid = cred.uid, error = %e, "attestation failed");
             }
@@ -286,6 +324,7 @@ impl Shared {
     fn entitled_or_denied(&self, caller: &Caller) -> Result<Vec<Arc<Entry>>, ApiError> {
         let entries = self.entitled(caller);
         if entries.is_empty() {
+            self.denials.no_identity.fetch_add(1, Ordering::Relaxed);
             self.log_denied(caller);
             return Err(ApiError::NoIdentity);
         }
@@ -751,6 +790,7 @@ impl WorkloadApi {
                 limits,
                 throttle: Throttle::new(limits.denial_log_lines_per_second),
                 wakeups: WakeupCounters::default(),
+                denials: DenialCounters::default(),
             }),
         }
     }
@@ -761,6 +801,18 @@ impl WorkloadApi {
         Wakeups {
             recomputed: w.recomputed.load(Ordering::Relaxed),
             filtered: w.filtered.load(Ordering::Relaxed),
+        }
+    }
+
+    /// How many callers were refused an identity since the service was built, by reason.
+    pub fn denials(&self) -> Denials {
+        let d = &self.shared.denials;
+        Denials {
+            process_gone: d.process_gone.load(Ordering::Relaxed),
+            proc_unreadable: d.proc_unreadable.load(Ordering::Relaxed),
+            plugin_failed: d.plugin_failed.load(Ordering::Relaxed),
+            no_identity: d.no_identity.load(Ordering::Relaxed),
+            not_entitled: d.not_entitled.load(Ordering::Relaxed),
         }
     }
 
@@ -966,6 +1018,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         if let Some(id) = &wanted {
             entries.retain(|e| &e.spiffe_id == id);
             if entries.is_empty() {
+                shared.denials.not_entitled.fetch_add(1, Ordering::Relaxed);
                 if shared.throttle.allow(Denial::NotEntitled) {
                     tracing::info!(pid = ?caller.cred.pid, uid = caller.cred.uid, requested = %Untrusted(&id.to_string()), "JWT-SVID denied: not entitled");
                 }

@@ -28,7 +28,7 @@ use spiffed_agent::config::{Config, ConfigError, DEFAULT_ADMIN_SOCKET_PATH};
 use spiffed_proto::admin::entry_admin_client::EntryAdminClient;
 use spiffed_proto::admin::{
     CreateEntriesRequest, DeleteEntriesRequest, Entry, EntrySpec, ExplainRequest, GetEntryRequest,
-    ListEntriesRequest, UpdateEntryRequest,
+    GetStatusRequest, ListEntriesRequest, UpdateEntryRequest,
 };
 use tonic::transport::{Channel, Endpoint};
 
@@ -621,6 +621,28 @@ pub(crate) async fn run_explain(
             args.output,
             &render::explain_text(&response),
             &render::explain_json(&response),
+        )?;
+        Ok(ExitCode::SUCCESS)
+    }
+    .await;
+    Ok(result.unwrap_or_else(|e| fail(&e)))
+}
+
+/// `spiffed status`: the agent at a glance, from the admin socket.
+pub(crate) async fn run_status(args: &AdminArgs) -> anyhow::Result<ExitCode> {
+    let result = async {
+        let mut admin = Admin::open(args).await?;
+        let response = match admin.client.get_status(GetStatusRequest {}).await {
+            Ok(response) => response.into_inner(),
+            Err(status) => return Err(admin.status(&status)),
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX));
+        print(
+            args.output,
+            &render::status_text(&response, now),
+            &render::status_json(&response),
         )?;
         Ok(ExitCode::SUCCESS)
     }

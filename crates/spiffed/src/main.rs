@@ -79,6 +79,13 @@ enum Command {
         #[command(flatten)]
         explain: admin_cli::ExplainArgs,
     },
+    /// The agent at a glance, over the admin socket: version, uptime, mode, trust domain, CA
+    /// (or agent SVID) validity, entries, SVIDs, open connections and streams, last rotation,
+    /// readiness.
+    Status {
+        #[command(flatten)]
+        admin: admin_cli::AdminArgs,
+    },
     /// Exit 0 when an agent serves on the socket, 1 otherwise.
     Healthcheck {
         #[command(flatten)]
@@ -123,6 +130,7 @@ fn main() -> ExitCode {
             Command::Healthcheck { endpoint } => client::run_healthcheck(&endpoint).await,
             Command::Entry { admin, command } => admin_cli::run_entry(&admin, command).await,
             Command::Explain { admin, explain } => admin_cli::run_explain(&admin, &explain).await,
+            Command::Status { admin } => admin_cli::run_status(&admin).await,
         };
         match result {
             Ok(code) => code,

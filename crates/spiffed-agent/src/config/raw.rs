@@ -53,6 +53,10 @@ pub(crate) struct RawConfig {
     pub(crate) spire_server: Option<Spanned<RawSpireServer>>,
     /// Envoy SDS on the Workload API socket.
     pub(crate) sds: Option<Spanned<RawSds>>,
+    /// The Prometheus endpoint (off when absent).
+    pub(crate) metrics: Option<Spanned<RawListen>>,
+    /// The HTTP health endpoints (off when absent).
+    pub(crate) health: Option<Spanned<RawListen>>,
 }
 
 /// The `[sds]` table (Envoy SDS; spire-agent's names).
@@ -64,6 +68,13 @@ pub(crate) struct RawSds {
     pub(crate) default_all_bundles_name: Option<Str>,
     pub(crate) disable_spiffe_cert_validation: Option<Spanned<bool>>,
     pub(crate) disable_sds_api: Option<Spanned<bool>>,
+}
+
+/// The `[metrics]` and `[health]` tables: where an HTTP endpoint listens.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawListen {
+    pub(crate) listen: Option<Str>,
 }
 
 /// The `[spire_server]` table (agent mode).

@@ -20,12 +20,12 @@ use toml::de::DeTable;
 use super::NewRootPolicy;
 use super::error::{ConfigError, ConfigErrorKind, line_column};
 use super::keys;
-use super::raw::{RawConfig, RawEntry, RawSds, RawX509Pop, Str, StrList};
+use super::raw::{RawConfig, RawEntry, RawListen, RawSds, RawX509Pop, Str, StrList};
 use super::{
     Config, DEFAULT_ADMIN_SOCKET_PATH, DEFAULT_CA_TTL, DEFAULT_DATA_DIR, DEFAULT_JWT_SVID_TTL,
     DEFAULT_MAX_DNS_NAMES_PER_ENTRY, DEFAULT_MAX_SELECTORS_PER_ENTRY, DEFAULT_MIN_CA_TTL,
     DEFAULT_MIN_SVID_TTL, DEFAULT_SOCKET_MODE, DEFAULT_SOCKET_PATH, DEFAULT_X509_SVID_TTL,
-    LogFormat, LogLevel, MAX_ENTRIES,
+    HttpEndpoint, LogFormat, LogLevel, MAX_ENTRIES,
 };
 use super::{
     DEFAULT_FD_RESERVE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
@@ -230,6 +230,26 @@ fn validate(
     );
     let spire_server = cx.spire_server(&raw);
     let sds = cx.sds(raw.sds.as_ref());
+    let metrics = cx.endpoint("metrics", raw.metrics.as_ref(), 9988);
+    let health = cx.endpoint("health", raw.health.as_ref(), 9989);
+    if let (Some(m), Some(h), Some(raw_h)) = (metrics, health, raw.health.as_ref())
+        && m.listen == h.listen
+    {
+        let span = raw_h
+            .get_ref()
+            .listen
+            .as_ref()
+            .map_or(raw_h.span(), |l| l.span());
+        cx.invalid(
+            span,
+            "health.listen",
+            format!(
+                "health.listen and metrics.listen are both {}",
+                m.listen
+            ),
+            "give each endpoint its own port, e.g. [metrics] listen = \"127.0.0.1:9988\" and [health] listen = \"127.0.0.1:9989\"",
+        );
+    }
     let synthetic_ids = raw.synthetic_ids.is_some_and(|s| *s.get_ref());
     let entries = cx.entries(raw.entries, trust_domain.as_ref(), ca_ok.then_some(ca_ttl));
     let max_connections_per_uid = cx.count(
@@ -322,6 +342,8 @@ fn validate(
         new_entry_store: false,
         spire_server,
         sds,
+        metrics,
+        health,
     })
 }
 
@@ -628,6 +650,51 @@ impl Cx<'_> {
             attestation: attestation?,
             sync_interval: sync_interval?,
         })
+    }
+
+    /// The `[metrics]` or `[health]` table: `listen` must be an IP address and a port (not 0).
+    fn endpoint(
+        &mut self,
+        table: &str,
+        raw: Option<&Spanned<RawListen>>,
+        example_port: u16,
+    ) -> Option<HttpEndpoint> {
+        let raw = raw?;
+        let key = format!("{table}.listen");
+        let example = format!("[{table}] listen = \"127.0.0.1:{example_port}\"");
+        let Some(listen) = &raw.get_ref().listen else {
+            self.push(
+                ConfigErrorKind::Missing,
+                raw.span(),
+                key,
+                format!("[{table}] needs listen, the address to serve on"),
+                format!(
+                    "add {example} (loopback: only this host can reach it), or remove [{table}] \
+                     to turn it off"
+                ),
+            );
+            return None;
+        };
+        let text = listen.get_ref().trim();
+        let problem = match text.parse::<std::net::SocketAddr>() {
+            Ok(addr) if addr.port() == 0 => {
+                format!("{key} {text:?} has port 0, which picks a random port nobody can find")
+            }
+            Ok(addr) => return Some(HttpEndpoint { listen: addr }),
+            Err(_) => format!(
+                "{key} {text:?} is not an IP address and port (host names are not resolved)"
+            ),
+        };
+        self.invalid(
+            listen.span(),
+            key,
+            problem,
+            format!(
+                "write {example} (IPv6: \"[::1]:{example_port}\"); 0.0.0.0 serves every \
+                 interface, which exposes it to the network"
+            ),
+        );
+        None
     }
 
     fn x509pop(&mut self, pop: &Spanned<RawX509Pop>) -> Option<NodeAttestation> {

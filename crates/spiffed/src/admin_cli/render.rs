@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use spiffed_proto::admin::{
-    DeleteResult, Entry, EntryError, EntryResult, EntrySpec, ExplainResponse,
+    DeleteResult, Entry, EntryError, EntryResult, EntrySpec, ExplainResponse, StatusResponse,
 };
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -374,6 +374,147 @@ pub(crate) fn explain_json(r: &ExplainResponse) -> Value {
     })
 }
 
+/// A time for people: `2026-12-02T10:00:00Z (in 40m)` or `(... ago)`, relative to `now`
+/// (Unix seconds); `never` for 0.
+fn when(unix_seconds: i64, now: i64) -> String {
+    let Some(at) = rfc3339(unix_seconds) else {
+        return "never".to_owned();
+    };
+    let delta = unix_seconds - now;
+    let span = humantime::format_duration(Duration::from_secs(delta.unsigned_abs()));
+    if delta >= 0 {
+        format!("{at} (in {span})")
+    } else {
+        format!("{at} ({span} ago)")
+    }
+}
+
+/// `spiffed status` for people; `now` is Unix seconds.
+pub(crate) fn status_text(s: &StatusResponse, now: i64) -> String {
+    let mut out = String::new();
+    let row = |out: &mut String, label: &str, value: &str| {
+        let _ = writeln!(out, "{:<16}{}", format!("{label}:"), value);
+    };
+    row(&mut out, "version", &clean(&s.version));
+    let uptime = humantime::format_duration(Duration::from_secs(s.uptime_seconds));
+    row(
+        &mut out,
+        "uptime",
+        &format!(
+            "{uptime} (since {})",
+            rfc3339(s.started_at).unwrap_or_else(|| "?".into())
+        ),
+    );
+    row(&mut out, "mode", &clean(&s.mode));
+    row(&mut out, "trust domain", &clean(&s.trust_domain));
+    row(&mut out, "socket", &clean(&s.socket_path));
+    let ready = if s.ready { "yes" } else { "NO" };
+    row(
+        &mut out,
+        "ready",
+        &format!("{ready}: {}", clean(&s.ready_reason)),
+    );
+    let what = if s.authority == "agent_svid" {
+        "agent SVID"
+    } else {
+        "CA"
+    };
+    let validity = match (s.authority_not_before, s.authority_not_after) {
+        (_, 0) => "none".to_owned(),
+        (0, after) => format!("expires {}", when(after, now)),
+        (before, after) => format!(
+            "valid from {} to {}",
+            rfc3339(before).unwrap_or_default(),
+            when(after, now)
+        ),
+    };
+    row(&mut out, what, &validity);
+    if s.mode == "agent" {
+        row(&mut out, "SPIRE Server", &clean(&s.server_address));
+        if !s.agent_id.is_empty() {
+            row(&mut out, "agent ID", &clean(&s.agent_id));
+        }
+        let mut readiness = clean(&s.readiness);
+        if !s.readiness_reason.is_empty() {
+            readiness = format!("{readiness}: {}", clean(&s.readiness_reason));
+        }
+        row(&mut out, "link", &readiness);
+        row(&mut out, "last sync", &when(s.last_sync, now));
+    }
+    row(&mut out, "entries", &s.entries.to_string());
+    let earliest = if s.x509_svids_cached == 0 {
+        String::new()
+    } else {
+        format!(
+            ", the first expires {}",
+            when(s.x509_svid_earliest_expiry, now)
+        )
+    };
+    row(
+        &mut out,
+        "X.509-SVIDs",
+        &format!(
+            "{} cached{earliest}; {} minted since start",
+            s.x509_svids_cached, s.x509_mints
+        ),
+    );
+    row(
+        &mut out,
+        "last rotation",
+        &format!(
+            "{} ({} rotated since start)",
+            when(s.last_rotation, now),
+            s.x509_rotations
+        ),
+    );
+    row(
+        &mut out,
+        "open",
+        &format!("{} connections, {} streams", s.connections, s.streams),
+    );
+    out
+}
+
+/// `spiffed status --output json`: times as RFC 3339 (`null`: unknown or never).
+pub(crate) fn status_json(s: &StatusResponse) -> Value {
+    let t = |secs: i64| rfc3339(secs).map_or(Value::Null, Value::from);
+    let agent = (s.mode == "agent").then(|| {
+        json!({
+            "server_address": s.server_address,
+            "agent_id": if s.agent_id.is_empty() { Value::Null } else { s.agent_id.clone().into() },
+            "readiness": s.readiness,
+            "reason": if s.readiness_reason.is_empty() { Value::Null } else { s.readiness_reason.clone().into() },
+            "last_sync": t(s.last_sync),
+        })
+    });
+    json!({
+        "version": s.version,
+        "uptime_seconds": s.uptime_seconds,
+        "started_at": t(s.started_at),
+        "mode": s.mode,
+        "trust_domain": s.trust_domain,
+        "socket_path": s.socket_path,
+        "ready": s.ready,
+        "ready_reason": s.ready_reason,
+        "authority": {
+            "kind": s.authority,
+            "not_before": t(s.authority_not_before),
+            "not_after": t(s.authority_not_after),
+        },
+        "entries": s.entries,
+        "x509_svids": {
+            "cached": s.x509_svids_cached,
+            "earliest_expiry": t(s.x509_svid_earliest_expiry),
+            "minted": s.x509_mints,
+            "rotated": s.x509_rotations,
+            "last_rotation": t(s.last_rotation),
+        },
+        "connections": s.connections,
+        "streams": s.streams,
+        "agent": agent,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use spiffed_proto::admin::EntryVerdict;
@@ -653,5 +794,59 @@ Identities:
             "{text}"
         );
         assert_eq!(explain_json(&r)["left_out"][0], json!(r.left_out[0]));
+    }
+
+    #[test]
+    fn status_text_and_json_show_what_an_operator_asks() {
+        let s = StatusResponse {
+            version: "0.1.0".into(),
+            uptime_seconds: 3700,
+            started_at: 1_800_000_000,
+            mode: "standalone".into(),
+            trust_domain: "example.org".into(),
+            authority: "ca".into(),
+            authority_not_before: 1_800_000_000,
+            authority_not_after: 1_800_086_400,
+            entries: 3,
+            x509_svids_cached: 2,
+            x509_svid_earliest_expiry: 1_800_005_400,
+            connections: 4,
+            streams: 5,
+            x509_mints: 6,
+            x509_rotations: 1,
+            last_rotation: 1_800_003_600,
+            ready: true,
+            ready_reason: "serving".into(),
+            socket_path: "/run/spiffed/public/api.sock".into(),
+            ..Default::default()
+        };
+        let text = status_text(&s, 1_800_003_700);
+        assert!(text.contains("mode:           standalone"), "{text}");
+        assert!(
+            text.contains("CA:             valid from 2027-01-15T08:00:00Z"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "X.509-SVIDs:    2 cached, the first expires 2027-01-15T09:30:00Z (in 28m 20s)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "last rotation:  2027-01-15T09:00:00Z (1m 40s ago) (1 rotated since start)"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("open:           4 connections, 5 streams"),
+            "{text}"
+        );
+        assert!(!text.contains("SPIRE Server"), "{text}");
+        let j = status_json(&s);
+        assert_eq!(j["x509_svids"]["last_rotation"], "2027-01-15T09:00:00Z");
+        assert_eq!(j["authority"]["kind"], "ca");
+        assert_eq!(j["agent"], Value::Null);
+        assert_eq!(j["streams"], 5);
     }
 }

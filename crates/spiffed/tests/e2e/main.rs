@@ -22,6 +22,7 @@ mod limits;
 mod sds;
 mod sds_probe;
 mod spire_harness;
+mod telemetry;
 mod x509;
 
 use std::path::PathBuf;
