@@ -286,6 +286,17 @@ func describeErr(err error) string {
 	return fmt.Sprintf("error (not a gRPC status): %v", err)
 }
 
+// describePlainAllRefusal: `ALL` in the plain trusted_ca form is refused by both agents, with
+// different codes, on purpose: spire-agent v1.13.3 returns a bare Go error (Internal), spiffed
+// InvalidArgument (the request asks for what this form cannot express; nothing failed inside
+// the agent). Both codes read the same here; any other answer still shows as a difference.
+func describePlainAllRefusal(err error) string {
+	if s, ok := grpcstatus.FromError(err); ok && (s.Code() == codes.Internal || s.Code() == codes.InvalidArgument) {
+		return "refused (Internal at spire-agent, InvalidArgument at spiffed)"
+	}
+	return describeErr(err)
+}
+
 // describeErrNaming also says whether the error message names `name`.
 func describeErrNaming(err error, name string) string {
 	s, ok := grpcstatus.FromError(err)
@@ -380,7 +391,11 @@ func (p *probe) fetch(what string, names []string, metadata map[string]any) {
 		Node: node(metadata), ResourceNames: names, TypeUrl: secretType,
 	})
 	if err != nil {
-		p.say("%s: %s", what, describeErr(err))
+		if len(names) == 1 && names[0] == "ALL" && metadata["disable_spiffe_cert_validation"] == "true" {
+			p.say("%s: %s", what, describePlainAllRefusal(err))
+		} else {
+			p.say("%s: %s", what, describeErr(err))
+		}
 		return
 	}
 	v := fmt.Sprintf("version %q", resp.VersionInfo)
@@ -530,7 +545,7 @@ func (p *probe) plainStream(st *stream, td string) {
 	m, err := st.next(*answerIn)
 	switch {
 	case err != nil:
-		p.say("names %s: %s", show(names), describeErr(err))
+		p.say("names %s: %s", show(names), describePlainAllRefusal(err))
 	case m == nil:
 		p.say("names %s: nothing within %s", show(names), *answerIn)
 	default:
