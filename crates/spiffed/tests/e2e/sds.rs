@@ -31,13 +31,13 @@ async fn client(agent: &Agent) -> SecretDiscoveryServiceClient<Channel> {
 }
 
 /// One open `StreamSecrets`.
-struct Sds {
+pub(crate) struct Sds {
     tx: mpsc::Sender<DiscoveryRequest>,
     rx: Streaming<DiscoveryResponse>,
 }
 
 impl Sds {
-    async fn open(agent: &Agent) -> Result<Self, tonic::Status> {
+    pub(crate) async fn open(agent: &Agent) -> Result<Self, tonic::Status> {
         let (tx, rx) = mpsc::channel(16);
         let rx = client(agent)
             .await
@@ -60,13 +60,13 @@ impl Sds {
         }
     }
 
-    async fn ask(&mut self, req: DiscoveryRequest) -> DiscoveryResponse {
+    pub(crate) async fn ask(&mut self, req: DiscoveryRequest) -> DiscoveryResponse {
         self.send(req).await;
         self.recv().await.unwrap()
     }
 }
 
-fn req(names: &[&str]) -> DiscoveryRequest {
+pub(crate) fn req(names: &[&str]) -> DiscoveryRequest {
     DiscoveryRequest {
         resource_names: names.iter().map(|n| (*n).to_owned()).collect(),
         type_url: SECRET.to_owned(),

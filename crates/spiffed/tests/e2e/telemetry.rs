@@ -13,6 +13,8 @@ use spiffed_proto::workload::JwtsvidRequest;
 use spiffed_test_support::spire::{free_port, poll_until};
 use spiffed_test_support::{config_text, with_header, x509_stream};
 
+use super::agent_mode::{Attest, node, tail, wait_ids};
+use super::sds::{Sds, req};
 use super::{SHORT_TTLS, agent_for_me, bin};
 
 /// `GET path` (or another method) on 127.0.0.1:port: (status, content type, body).
@@ -253,6 +255,132 @@ async fn not_ready_in_agent_mode_until_the_server_is_reached() {
     assert_eq!(ready["readiness"], "not_serving");
     assert!(!ready["reason"].as_str().unwrap().is_empty(), "{ready}");
     assert_eq!(http(port, "GET", "/live").0, 200);
+    drop(agent);
+}
+
+const STREAM_SECRETS: &str = "envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
+
+/// Scrapes until `f` accepts the scrape, or panics after 30 s with the last scrape's samples.
+fn scrape_until(port: u16, what: &str, f: impl Fn(&Scrape) -> bool) -> Scrape {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let s = scrape(port);
+        if f(&s) {
+            return s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 30s; last scrape: {:?}",
+            s.samples
+                .iter()
+                .filter(|x| x.metric.starts_with("spiffed_spire") || x.metric == "spiffed_ready")
+                .map(|x| (&x.metric, &x.value))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn now_secs() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// Agent mode against a real spire-server: the sync and reachability gauges follow the server
+/// going away, and SDS streams are counted under `api="sds"`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agent_mode_metrics_follow_the_server_and_count_sds_streams() {
+    use spiffed_test_support::spire::{EntrySpec, ServerOptions, SpireServer};
+    let mut server = SpireServer::start(ServerOptions::default());
+    let token = server.generate_token(None, None);
+    let agent_id = server.join_token_agent_id(&token);
+    let port = free_port();
+    let agent = node(
+        &server,
+        Attest::Token(&token),
+        &format!("[metrics]\nlisten = \"127.0.0.1:{port}\"\n"),
+    );
+    let sel = format!("unix:uid:{}", spiffed_test_support::my_uid());
+    let web = "spiffe://example.org/metrics/web";
+    server.entry_create(&EntrySpec::workload(&agent_id, web, &[&sel]));
+    wait_ids(&agent, &[web.to_owned()]).await;
+
+    let synced = scrape_until(port, "reachable after a sync", |s| {
+        value(s, "spiffed_spire_server_reachable", &[]) == Some(1.0)
+            && value(s, "spiffed_spire_last_sync_timestamp_seconds", &[]).is_some()
+    });
+    assert_eq!(
+        value(&synced, "spiffed_build", &[("mode", "agent")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        value(&synced, "spiffed_spire_serving_from_cache", &[]),
+        Some(0.0)
+    );
+    assert_eq!(value(&synced, "spiffed_ready", &[]), Some(1.0));
+    let last = value(&synced, "spiffed_spire_last_sync_timestamp_seconds", &[]).unwrap();
+    assert!(
+        (now_secs() - last).abs() < 30.0,
+        "last sync {last}, now {}",
+        now_secs()
+    );
+    assert!(value(&synced, "spiffed_agent_svid_expiry_remaining_seconds", &[]).unwrap() > 0.0);
+    assert!(value(&synced, "spiffed_entries", &[]).unwrap() >= 1.0);
+
+    // An SDS stream (Envoy's) is counted apart from the Workload API's.
+    let mut sds = Sds::open(&agent).await.unwrap();
+    let first = sds.ask(req(&["default"])).await;
+    assert_eq!(first.resources.len(), 1);
+    let during = scrape(port);
+    assert_eq!(
+        value(&during, "spiffed_streams_open", &[("api", "sds")]),
+        Some(1.0),
+        "{}",
+        tail(&agent.logs(), 20)
+    );
+    assert_eq!(
+        value(
+            &during,
+            "spiffed_rpc_started_total",
+            &[("method", STREAM_SECRETS)]
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        histogram_count(
+            &during,
+            "spiffed_rpc_latency_seconds",
+            &[("method", STREAM_SECRETS), ("code", "OK")]
+        ),
+        Some(1.0)
+    );
+    drop(sds);
+    scrape_until(port, "the SDS stream closed", |s| {
+        value(s, "spiffed_streams_open", &[("api", "sds")]) == Some(0.0)
+    });
+
+    // The server goes away: unreachable, served from the cache, the last sync stays put.
+    server.kill();
+    let away = scrape_until(port, "unreachable", |s| {
+        value(s, "spiffed_spire_server_reachable", &[]) == Some(0.0)
+    });
+    assert_eq!(
+        value(&away, "spiffed_spire_serving_from_cache", &[]),
+        Some(1.0)
+    );
+    let last_away = value(&away, "spiffed_spire_last_sync_timestamp_seconds", &[]).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        value(
+            &scrape(port),
+            "spiffed_spire_last_sync_timestamp_seconds",
+            &[]
+        ),
+        Some(last_away),
+        "no sync succeeds while the server is down"
+    );
     drop(agent);
 }
 
