@@ -699,9 +699,10 @@ step "rendering $OUT_MD"
 python3 "$HERE/render.py" --results "$RESULTS" --analysis "$HERE/ANALYSIS.md" --out "$OUT_MD" --root "$ROOT"
 # Keep only the raw data of the run that produced BENCHMARKS.md (bench/scale.sh's scale-*.jsonl,
 # bench/agent-mode.sh's agent-mode-*.jsonl and bench/fleet.sh's fleet-*.jsonl files are theirs:
-# their sections come from them).
+# their sections come from them; bench/ab.sh's ab-*.jsonl, e.g. bench/metrics-cost.sh's, are the
+# raw data of figures quoted in bench/ANALYSIS.md).
 if [[ "$OUT_MD" == "$ROOT/BENCHMARKS.md" ]]; then
-    find "$RESULTS_DIR" -maxdepth 1 -name '*.jsonl' ! -name 'scale-*' ! -name 'agent-mode-*' ! -name 'fleet-*' ! -name "$STAMP_UTC.jsonl" -delete
+    find "$RESULTS_DIR" -maxdepth 1 -name '*.jsonl' ! -name 'scale-*' ! -name 'agent-mode-*' ! -name 'fleet-*' ! -name 'ab-*' ! -name "$STAMP_UTC.jsonl" -delete
 fi
 FAILED_STEP=""
 log "done in ${total}s: $OUT_MD, raw results $RESULTS"
