@@ -180,6 +180,9 @@ fn spire_server_and_agents_work_through_the_harness() {
         "the deleted entry to leave spire-agent",
         || match agent.fetch_x509_ids() {
             Ok(ids) if ids.iter().any(|i| i == workload) => None,
+            // The CLI's own 3 s deadline passed (a loaded machine: the Go CLI's start and the
+            // call share 2 cores with the rest of the suite): no answer yet, ask again.
+            Err(e) if e.contains("DeadlineExceeded") => None,
             other => Some(other),
         },
     );
