@@ -5,8 +5,10 @@
 #   OLD=/path/to/old/spiffed NEW=/path/to/new/spiffed bench/ab.sh
 #
 # Both agents get the same config (entry set A: unix:uid:<your uid>) in their own temp data dir;
-# runs alternate (old 1, new 1, old 2, ...) and medians over RUNS are printed as a markdown table
-# (raw JSON lines in bench/results/ab-<UTC>.jsonl). LOADGEN is the loadgen binary (default: the
+# runs alternate (old 1, new 1, new 2, old 2, old 3, ...) and medians over RUNS are printed as a markdown table
+# (raw JSON lines in bench/results/ab-<UTC>.jsonl), with the agent's CPU per call (user + system
+# CPU of every thread over the run, from /proc/PID/stat, divided by the calls served): on a
+# shared machine far steadier than calls/s, which also move with the load generator's scheduling. LOADGEN is the loadgen binary (default: the
 # one next to NEW). Knobs: RUNS (3), SECONDS_PER_RUN (5), FANOUT_STREAMS (10000), FANOUT_CONNS
 # (100), FANOUT_TTL (60), STARTUP_RUNS (3), FANOUT_RUNS (RUNS; 0 skips the fan-out).
 # OLD_EXTRA / NEW_EXTRA: TOML appended to that side's config (e.g. a [metrics] table), and
@@ -35,6 +37,7 @@ OUT="$HERE/results/ab-$(date -u +%Y%m%dT%H%M%SZ).jsonl"
 TMP="$(mktemp -d)"
 AGENT_PID=""
 SCRAPER_PID=""
+TICKS_PER_S="$(getconf CLK_TCK)"
 
 cleanup() {
     [[ -n "$SCRAPER_PID" ]] && kill "$SCRAPER_PID" 2>/dev/null
@@ -115,19 +118,35 @@ scrape_stop() {
     SCRAPER_PID=""
 }
 
+# cpu_ticks: the agent's user + system CPU so far, in clock ticks (all its threads).
+cpu_ticks() {
+    # Fields after the command name, which ends at the last ')': utime is the 12th, stime the 13th.
+    local stat
+    stat="$(cat "/proc/$AGENT_PID/stat")"
+    stat="${stat##*) }"
+    awk '{ print $12 + $13 }' <<<"$stat"
+}
+
 load() {
     local name="$1" case="$2"
     shift 2
-    local line
+    local line before after cpu_ms
     scrape_start "$name"
+    before="$(cpu_ticks)"
     line="$("$LOADGEN" "$@" --socket "$TMP/$name/api.sock" --allow-errors | tail -n 1)"
+    after="$(cpu_ticks)"
     scrape_stop
-    emit "{\"agent\":\"$name\",\"case\":\"$case\",\"result\":$line}"
+    cpu_ms=$(((after - before) * 1000 / TICKS_PER_S))
+    emit "{\"agent\":\"$name\",\"case\":\"$case\",\"agent_cpu_ms\":$cpu_ms,\"result\":$line}"
 }
 
 for name in old new; do config "$name" 3600; done
 for r in $(seq 1 "$RUNS"); do
-    for name in old new; do
+    # The side that goes first alternates between runs, so that neither always runs right
+    # after the other's load (or always first after start).
+    order=(old new)
+    ((r % 2 == 0)) && order=(new old)
+    for name in "${order[@]}"; do
         bin="$OLD"; [[ "$name" == new ]] && bin="$NEW"
         echo "run $r: $name" >&2
         start "$name" "$bin"
