@@ -57,10 +57,7 @@ impl std::fmt::Debug for AgentCollector {
 
 /// Seconds since the epoch (negative before it, which no clock here shows).
 fn epoch_secs(t: SystemTime) -> f64 {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => d.as_secs_f64(),
-        Err(e) => -e.duration().as_secs_f64(),
-    }
+    secs_until(t, SystemTime::UNIX_EPOCH)
 }
 
 /// Seconds from `now` until `t` (negative once `t` passed).

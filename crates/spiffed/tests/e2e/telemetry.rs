@@ -260,25 +260,12 @@ async fn not_ready_in_agent_mode_until_the_server_is_reached() {
 
 const STREAM_SECRETS: &str = "envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
 
-/// Scrapes until `f` accepts the scrape, or panics after 30 s with the last scrape's samples.
+/// Scrapes until `f` accepts the scrape (30 s at most).
 fn scrape_until(port: u16, what: &str, f: impl Fn(&Scrape) -> bool) -> Scrape {
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    loop {
+    poll_until(Duration::from_secs(30), what, || {
         let s = scrape(port);
-        if f(&s) {
-            return s;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: not within 30s; last scrape: {:?}",
-            s.samples
-                .iter()
-                .filter(|x| x.metric.starts_with("spiffed_spire") || x.metric == "spiffed_ready")
-                .map(|x| (&x.metric, &x.value))
-                .collect::<Vec<_>>()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+        f(&s).then_some(s)
+    })
 }
 
 fn now_secs() -> f64 {
