@@ -9,6 +9,7 @@
 
 pub mod endpoint;
 pub mod fetch;
+pub mod relationship;
 pub mod tls;
 
 #[cfg(test)]
@@ -16,6 +17,7 @@ mod tests;
 
 pub use endpoint::{Document, EndpointLimits, serve, server_config};
 pub use fetch::{EndpointUrl, FetchError, FetchLimits, Profile, fetch, web_roots};
+pub use relationship::{EndpointProfile, FederatedBundles, Refreshed, Relationship};
 pub use tls::{
     CurrentCert, EndpointCertError, SpiffeEndpointVerifier, TlsError, anchors,
     certified_key_from_der, certified_key_from_files,

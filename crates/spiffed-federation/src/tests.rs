@@ -397,3 +397,164 @@ fn urls_must_be_https_with_a_host() {
         "[::1]:443"
     );
 }
+
+// ------------------------------------------------------------------- federation relationships
+
+mod relationships {
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    use spiffed_core::TrustDomain;
+    use spiffed_core::spiffe_bundle::SpiffeBundle;
+
+    use super::*;
+    use crate::relationship::{
+        DEFAULT_REFRESH_HINT, EndpointProfile, FederatedBundles, Refreshed, Relationship,
+        next_refresh, refresh_once, run,
+    };
+
+    #[derive(Default)]
+    struct Mem(Mutex<HashMap<String, SpiffeBundle>>);
+
+    impl FederatedBundles for Mem {
+        fn get(&self, td: &TrustDomain) -> Option<SpiffeBundle> {
+            self.0.lock().unwrap().get(td.as_str()).cloned()
+        }
+        fn put(&self, bundle: SpiffeBundle) -> Result<(), String> {
+            self.0
+                .lock()
+                .unwrap()
+                .insert(bundle.trust_domain.to_string(), bundle);
+            Ok(())
+        }
+    }
+
+    fn td(s: &str) -> TrustDomain {
+        s.parse().unwrap()
+    }
+
+    fn bundle(cas: &[&Ca], sequence: u64) -> SpiffeBundle {
+        SpiffeBundle {
+            x509_authorities: cas.iter().map(|c| c.der.clone()).collect(),
+            sequence: Some(sequence),
+            refresh_hint: Some(Duration::from_secs(60)),
+            ..SpiffeBundle::new(td("peer.org"))
+        }
+    }
+
+    fn doc(b: &SpiffeBundle) -> Bytes {
+        Bytes::from(b.to_json())
+    }
+
+    fn rel(addr: SocketAddr) -> Relationship {
+        Relationship {
+            trust_domain: td("peer.org"),
+            url: url("127.0.0.1", addr),
+            profile: EndpointProfile::HttpsSpiffe {
+                endpoint_id: ENDPOINT_ID.parse().unwrap(),
+            },
+            limits: FetchLimits {
+                timeout: Duration::from_secs(5),
+                ..FetchLimits::default()
+            },
+            refresh_interval: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_changed_bundle_is_stored_and_a_bad_one_keeps_the_last_good() {
+        let ca = Ca::new("peer CA", Some("spiffe://peer.org"));
+        let ep = endpoint(&ca.svid(ENDPOINT_ID), EndpointLimits::default()).await;
+        let store = Mem::default();
+        let r = rel(ep.addr);
+
+        // Without a bundle to authenticate the endpoint with, nothing is fetched.
+        let Refreshed::Failed(why) = refresh_once(&r, &store).await else {
+            panic!()
+        };
+        assert!(why.contains("no bundle of peer.org is held"), "{why}");
+
+        // Bootstrapped: the same bundle is unchanged, a new one (the peer prepared its next
+        // CA) replaces it.
+        let first = bundle(&[&ca], 1);
+        store.put(first.clone()).unwrap();
+        ep.document.send_replace(doc(&first));
+        assert_eq!(refresh_once(&r, &store).await, Refreshed::Unchanged);
+        let next_ca = Ca::new("peer CA 2", Some("spiffe://peer.org"));
+        let second = bundle(&[&ca, &next_ca], 2);
+        ep.document.send_replace(doc(&second));
+        assert_eq!(
+            refresh_once(&r, &store).await,
+            Refreshed::Updated(second.clone())
+        );
+        assert_eq!(store.get(&td("peer.org")), Some(second.clone()));
+
+        // Garbage, another trust domain's bundle, a 503: refused with the reason; kept.
+        let other = Ca::new("other CA", Some("spiffe://other.org"));
+        for (served, reason) in [
+            (
+                Bytes::from_static(b"<html>hello</html>"),
+                "is not a SPIFFE bundle",
+            ),
+            (
+                doc(&bundle(&[&other], 3)),
+                "belongs to trust domain other.org",
+            ),
+            (Bytes::new(), "the endpoint answered 503"),
+        ] {
+            ep.document.send_replace(served);
+            let Refreshed::Failed(why) = refresh_once(&r, &store).await else {
+                panic!("{reason}")
+            };
+            assert!(why.contains(reason), "{why}");
+            assert_eq!(store.get(&td("peer.org")), Some(second.clone()));
+        }
+
+        // The endpoint's new SVID under the next CA verifies: that CA is in the bundle now.
+        let (c, k) = next_ca.svid(ENDPOINT_ID);
+        ep.cert
+            .set(certified_key_from_der(std::slice::from_ref(&c), &k).unwrap());
+        let third = bundle(&[&next_ca], 4);
+        ep.document.send_replace(doc(&third));
+        assert_eq!(refresh_once(&r, &store).await, Refreshed::Updated(third));
+    }
+
+    #[tokio::test]
+    async fn the_task_follows_the_endpoint_until_stopped() {
+        let ca = Ca::new("peer CA", Some("spiffe://peer.org"));
+        let ep = endpoint(&ca.svid(ENDPOINT_ID), EndpointLimits::default()).await;
+        let store = Arc::new(Mem::default());
+        store.put(bundle(&[&ca], 1)).unwrap();
+        let mut r = rel(ep.addr);
+        r.refresh_interval = Some(Duration::from_millis(50));
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run(r, store.clone(), stop_rx));
+        let second = bundle(&[&ca], 2);
+        ep.document.send_replace(doc(&second));
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while store.get(&td("peer.org")) != Some(second.clone()) {
+            assert!(tokio::time::Instant::now() < deadline, "never refreshed");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.send_replace(true);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+
+    #[test]
+    fn the_next_refresh_is_a_quarter_of_the_hint_within_bounds() {
+        let mut b = SpiffeBundle::new(td("peer.org"));
+        assert_eq!(next_refresh(None, None), DEFAULT_REFRESH_HINT / 4);
+        assert_eq!(next_refresh(Some(&b), None), Duration::from_secs(75));
+        b.refresh_hint = Some(Duration::from_secs(3600));
+        assert_eq!(next_refresh(Some(&b), None), Duration::from_secs(900));
+        b.refresh_hint = Some(Duration::from_secs(5));
+        assert_eq!(next_refresh(Some(&b), None), Duration::from_secs(15));
+        assert_eq!(
+            next_refresh(Some(&b), Some(Duration::from_secs(2))),
+            Duration::from_secs(2)
+        );
+    }
+}
