@@ -271,6 +271,7 @@ impl SecretStream {
         let snap = Snapshot {
             ids: &self.ids,
             bundles: &self.bundles,
+            federate_all: self.svc.shared.federate_all(),
         };
         let resources = build(&names, &snap, validation, &self.svc.cfg)
             .inspect_err(|e| self.svc.log_refused(self.workload.caller().cred(), e))?;
@@ -367,6 +368,7 @@ impl SecretDiscoveryService for SdsService {
         let snap = Snapshot {
             ids: &ids,
             bundles: &bundles,
+            federate_all: self.shared.federate_all(),
         };
         let resources = build(&req.resource_names, &snap, validation, &self.cfg)
             .inspect_err(|e| self.log_refused(workload.caller().cred(), e))?;

@@ -126,6 +126,10 @@ pub(crate) struct CreateArgs {
     /// A DNS name for the X.509-SVID's SAN. Repeat it for more.
     #[arg(long = "dns-name", value_name = "NAME", conflicts_with = "from_file")]
     dns_names: Vec<String>,
+    /// A foreign trust domain (e.g. partner.example) whose federated bundle the entry's
+    /// workloads receive (see `spiffed bundle set`). Repeat it for more.
+    #[arg(long = "federates-with", value_name = "TRUST_DOMAIN", conflicts_with = "from_file")]
+    federates_with: Vec<String>,
     /// Create every entry in FILE (- for stdin): a JSON array of objects with spiffe_id,
     /// selectors and optionally x509_svid_ttl_seconds, jwt_svid_ttl_seconds, hint, dns_names
     /// (the output of `entry list --output json` is accepted). Prints one line per entry.
@@ -180,6 +184,17 @@ pub(crate) struct UpdateArgs {
     /// Remove all DNS names.
     #[arg(long)]
     clear_dns_names: bool,
+    /// A foreign trust domain whose federated bundle the entry's workloads receive. Repeat it;
+    /// the trust domains given replace all current ones.
+    #[arg(
+        long = "federates-with",
+        value_name = "TRUST_DOMAIN",
+        conflicts_with = "clear_federates_with"
+    )]
+    federates_with: Vec<String>,
+    /// Federate with no trust domain any more.
+    #[arg(long)]
+    clear_federates_with: bool,
 }
 
 /// `spiffed explain`.
@@ -415,7 +430,8 @@ async fn run_create(args: &AdminArgs, create: CreateArgs) -> Result<ExitCode, Ad
                 create.hint,
                 create.dns_names,
                 false,
-            ),
+            )
+            .with_federates_with(create.federates_with, false),
         )],
     };
     let mut admin = Admin::open(args).await?;
@@ -539,11 +555,13 @@ async fn run_update(args: &AdminArgs, update: UpdateArgs) -> Result<ExitCode, Ad
         update.hint,
         update.dns_names,
         update.clear_dns_names,
-    );
+    )
+    .with_federates_with(update.federates_with, update.clear_federates_with);
     if changes.is_empty() {
         return Err(AdminError::Usage(
             "nothing to update: pass at least one of --spiffe-id, --selector, --x509-svid-ttl, \
-             --jwt-svid-ttl, --hint, --dns-name, --clear-dns-names"
+             --jwt-svid-ttl, --hint, --dns-name, --clear-dns-names, --federates-with, \
+             --clear-federates-with"
                 .to_owned(),
         ));
     }
