@@ -14,6 +14,7 @@
 //!
 //! Exit codes: 0 on success, 1 when the agent refuses or any entry of a batch fails, 64 for a
 //! bad command line, configuration file or `--from-file`.
+mod bundle;
 mod render;
 mod spec;
 
@@ -25,6 +26,7 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use spiffed_agent::config::{Config, ConfigError, DEFAULT_ADMIN_SOCKET_PATH};
+use spiffed_proto::admin::bundle_admin_client::BundleAdminClient;
 use spiffed_proto::admin::entry_admin_client::EntryAdminClient;
 use spiffed_proto::admin::{
     CreateEntriesRequest, DeleteEntriesRequest, Entry, EntrySpec, ExplainRequest, GetEntryRequest,
@@ -36,6 +38,8 @@ use crate::cli_common::output::{OutputFormat, StdoutError, err, out, output_form
 use crate::cli_common::socket::{Api, SocketError, check_socket_file};
 use crate::cli_common::{Failure, fail};
 use spec::SpecChanges;
+
+pub(crate) use bundle::{BundleCommand, run_bundle};
 
 /// How long to wait for the admin socket to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -327,8 +331,8 @@ fn socket_path(args: &AdminArgs) -> Result<PathBuf, AdminError> {
     Ok(PathBuf::from(DEFAULT_ADMIN_SOCKET_PATH))
 }
 
-/// Connects an admin client to the socket at `path`.
-async fn connect(path: &Path) -> Result<EntryAdminClient<Channel>, AdminError> {
+/// Connects a channel to the admin socket at `path`.
+async fn connect(path: &Path) -> Result<Channel, AdminError> {
     check_socket_file(Api::Admin, path)?;
     let target = path.to_path_buf();
     let endpoint = Endpoint::try_from("http://localhost")
@@ -346,13 +350,15 @@ async fn connect(path: &Path) -> Result<EntryAdminClient<Channel>, AdminError> {
         }))
         .await
         .map_err(|e| SocketError::from_connect(Api::Admin, path, e))?;
-    Ok(EntryAdminClient::new(channel))
+    Ok(channel)
 }
 
 /// An open admin connection and where it goes, for messages.
 struct Admin {
-    /// The client.
+    /// The entry client.
     client: EntryAdminClient<Channel>,
+    /// The bundle client, on the same connection.
+    bundles: BundleAdminClient<Channel>,
     /// The socket path.
     path: PathBuf,
 }
@@ -361,8 +367,12 @@ impl Admin {
     /// Resolves the socket from `args` and connects.
     async fn open(args: &AdminArgs) -> Result<Self, AdminError> {
         let path = socket_path(args)?;
-        let client = connect(&path).await?;
-        Ok(Self { client, path })
+        let channel = connect(&path).await?;
+        Ok(Self {
+            client: EntryAdminClient::new(channel.clone()),
+            bundles: BundleAdminClient::new(channel),
+            path,
+        })
     }
 
     /// Turns a failed call into an [`AdminError`].
