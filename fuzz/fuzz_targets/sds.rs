@@ -88,6 +88,7 @@ fn check_build(f: &Fixture, names: &[String], validation: Validation) {
     let snap = Snapshot {
         ids: &f.ids,
         bundles: &f.bundles,
+        federate_all: false,
     };
     let asked: BTreeSet<String> = names.iter().filter(|n| !n.is_empty()).cloned().collect();
     match build(names, &snap, validation, &f.cfg) {

@@ -112,6 +112,8 @@ pub struct Bound {
     /// How many SDS streams are open (zero while SDS is off).
     sds_streams: SdsStreams,
     admin: AdminService,
+    /// Trust bundles on the admin socket.
+    bundle_admin: crate::bundles::BundleService,
     /// `data_dir/agent.lock`, flocked while this agent lives.
     data_dir_lock: fs::File,
     /// What status, health and metrics report.
@@ -269,7 +271,8 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
     if let Some(warning) = spiffed_attest::exe_access_warning(&entries.feed().needs()) {
         tracing::warn!("{warning}");
     }
-    let api = WorkloadApi::new(attestor.clone(), issuer, entries.feed(), cfg.synthetic_ids);
+    let api = WorkloadApi::new(attestor.clone(), issuer, entries.feed(), cfg.synthetic_ids)
+        .with_federate_all(cfg.federate_all);
     let api = apply_limits(&cfg, &backend, api);
     // The HTTP endpoints are bound first: a bad or busy address stops the start here.
     let listen = |key: &'static str, e: Option<crate::config::HttpEndpoint>| {
@@ -328,6 +331,14 @@ fn open_standalone(
         },
         rules,
     )?;
+    // Federated bundles set with `spiffed bundle set` reach workloads from the first request.
+    if let Some(store) = entries.store() {
+        match crate::bundles::load_stored(store, &authority) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(bundles = n, "federated bundles loaded from the store"),
+            Err(e) => tracing::warn!("federated bundles not loaded: {}", e.message()),
+        }
+    }
     // Loading a large store leaves parsing buffers and SQLite's page cache behind in the heap:
     // hand the free part back before serving (a few ms, once).
     spiffed_attest::release_free_memory();
@@ -418,6 +429,13 @@ fn bind(
     // Envoy SDS over the same attestation, entries, SVIDs, bundles and limits.
     let sds = cfg.sds.clone().map(|c| api.sds(c));
     let sds_streams = sds.as_ref().map(SdsService::streams).unwrap_or_default();
+    let bundle_admin = crate::bundles::BundleService {
+        sources: entries.clone(),
+        backend: backend.clone(),
+        td: cfg.trust_domain.clone(),
+        admin_uids: cfg.admin_uids.clone(),
+        own_uid,
+    };
     let admin = AdminService {
         sources: entries.clone(),
         attestor,
@@ -438,6 +456,7 @@ fn bind(
         sds,
         sds_streams,
         admin,
+        bundle_admin,
         data_dir_lock,
         facts,
         metrics_listener,
@@ -520,6 +539,7 @@ impl Bound {
             sds,
             sds_streams: _,
             admin,
+            bundle_admin,
             data_dir_lock,
             facts,
             metrics_listener,
@@ -649,6 +669,7 @@ impl Bound {
         };
         let admin_server = tonic::transport::Server::builder()
             .add_service(admin.into_server())
+            .add_service(bundle_admin.into_server())
             .serve_with_incoming_shutdown(
                 spiffed_attest::listen::incoming(admin_listener),
                 async move {

@@ -254,6 +254,10 @@ pub struct Config {
     pub metrics: Option<HttpEndpoint>,
     /// `[health] listen = "127.0.0.1:PORT"`: `/live` and `/ready` over HTTP (default off).
     pub health: Option<HttpEndpoint>,
+    /// `[federation] federate_all = true`: every workload receives every federated bundle (as
+    /// if each entry's `federates_with` named every federated trust domain). Default false:
+    /// a workload receives the federated bundles its entries' `federates_with` name.
+    pub federate_all: bool,
 }
 
 impl Config {
@@ -316,6 +320,7 @@ impl Config {
             sds: Some(spiffed_workload_api::SdsConfig::default()),
             metrics: None,
             health: None,
+            federate_all: false,
         }
     }
 
@@ -363,6 +368,7 @@ impl Config {
             sds,
             metrics,
             health,
+            federate_all,
         } = self;
         let mut changed = Vec::new();
         let mut check = |key: &'static str, differs: bool| {
@@ -388,6 +394,7 @@ impl Config {
         check("sds", *sds != new.sds);
         check("metrics", *metrics != new.metrics);
         check("health", *health != new.health);
+        check("federation.federate_all", *federate_all != new.federate_all);
         check(
             "max_selectors_per_entry",
             *max_selectors_per_entry != new.max_selectors_per_entry,
@@ -462,7 +469,7 @@ impl Config {
              jwt_cache_entries_per_identity={} max_logged_string_length={} \
              denial_log_lines_per_second={} max_selectors_per_entry={} \
              max_dns_names_per_entry={} min_svid_ttl={} min_ca_ttl={} premint_entries={} \
-             metrics={} health={} sds={}",
+             federate_all={} metrics={} health={} sds={}",
             self.trust_domain,
             self.socket_path.display(),
             self.socket_mode,
@@ -495,6 +502,7 @@ impl Config {
             humantime::format_duration(self.min_svid_ttl),
             humantime::format_duration(self.min_ca_ttl),
             self.premint_entries,
+            self.federate_all,
             self.metrics
                 .map_or_else(|| "off".to_owned(), |m| m.listen.to_string()),
             self.health
@@ -1450,10 +1458,55 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
                 .into_iter()
                 .map(|k| keys::example(keys::Table::Sds, k).unwrap().to_owned()),
         );
+        lines.push("[federation]".to_owned());
+        lines.extend(keys::names(keys::Table::Federation).into_iter().map(|k| {
+            keys::example(keys::Table::Federation, k)
+                .unwrap()
+                .to_owned()
+        }));
         let text = lines.join("\n");
         let cfg = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(cfg.entries.len(), 1);
         assert_eq!(cfg.sds, Some(spiffed_workload_api::SdsConfig::default()));
+    }
+
+    #[test]
+    fn federation_settings_and_federates_with() {
+        let cfg = parse(&doc(&[TD])).unwrap();
+        assert!(!cfg.federate_all);
+        let cfg = parse(&doc(&[TD, "[federation]", "federate_all = true"])).unwrap();
+        assert!(cfg.federate_all);
+        assert!(
+            cfg.summary().contains("federate_all=true"),
+            "{}",
+            cfg.summary()
+        );
+        let e = parse(&doc(&[TD, "[federation]", "federate_al = true"])).unwrap_err();
+        assert!(e.to_string().contains("federate_all"), "{e}");
+        let entry = |line: &str| {
+            doc(&[
+                TD,
+                "[[entries]]",
+                "spiffe_id = \"spiffe://example.org/web\"",
+                "selectors = [\"unix:uid:1000\"]",
+                line,
+            ])
+        };
+        let cfg = parse(&entry("federates_with = [\"b.org\", \"a.org\", \"b.org\"]")).unwrap();
+        let tds: Vec<&str> = cfg.entries[0]
+            .federates_with
+            .iter()
+            .map(|t| t.as_str())
+            .collect();
+        assert_eq!(tds, ["b.org", "a.org"]);
+        let e = parse(&entry("federates_with = [\"a.org\", \"Not A TD\"]")).unwrap_err();
+        assert!(
+            e.to_string().contains("entries[0].federates_with[1]"),
+            "{e}"
+        );
+        assert!(e.to_string().contains("not a valid trust domain"), "{e}");
+        let e = parse(&entry("federates_with = [\"example.org\"]")).unwrap_err();
+        assert!(e.to_string().contains("own trust domain"), "{e}");
     }
 
     #[test]

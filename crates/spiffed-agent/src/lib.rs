@@ -18,6 +18,7 @@
 mod admin;
 mod agent;
 mod agent_mode;
+mod bundles;
 pub mod config;
 mod files;
 #[doc(hidden)]

@@ -320,7 +320,12 @@ impl SdsService {
         })?;
         self.cache.get_or_build(fp, names, validation, || {
             let names: Vec<String> = names.iter().cloned().collect();
-            build(&names, &Snapshot { ids, bundles }, validation, &self.cfg)
+            let snap = Snapshot {
+                ids,
+                bundles,
+                federate_all: self.shared.federate_all(),
+            };
+            build(&names, &snap, validation, &self.cfg)
         })
     }
 

@@ -271,6 +271,7 @@ fn table_of(path: &[Seg]) -> Option<Table> {
         [] | [_] => Some(Table::Top),
         [Seg::Key(e), Seg::Index(_), _] if e == "entries" => Some(Table::Entry),
         [Seg::Key(t), _] if t == "sds" => Some(Table::Sds),
+        [Seg::Key(t), _] if t == "federation" => Some(Table::Federation),
         _ => None,
     }
 }
@@ -345,6 +346,7 @@ fn unknown_key_fix(unknown: &str, table: Option<Table>) -> String {
         Table::Top => "top-level keys",
         Table::Entry => "keys of [[entries]]",
         Table::Sds => "keys of [sds]",
+        Table::Federation => "keys of [federation]",
     };
     match near {
         Some((_, k)) => format!("did you mean `{k}`? {what}: {list}"),

@@ -10,6 +10,8 @@ pub(crate) enum Table {
     Entry,
     /// The `[sds]` table.
     Sds,
+    /// The `[federation]` table.
+    Federation,
 }
 
 const TOP: &[(&str, &str)] = &[
@@ -83,7 +85,10 @@ const ENTRY: &[(&str, &str)] = &[
     ("jwt_svid_ttl", "jwt_svid_ttl = \"5m\""),
     ("hint", "hint = \"internal\""),
     ("dns_names", "dns_names = [\"web.internal\"]"),
+    ("federates_with", "federates_with = [\"partner.example\"]"),
 ];
+
+const FEDERATION: &[(&str, &str)] = &[("federate_all", "federate_all = false")];
 
 const SDS: &[(&str, &str)] = &[
     ("default_svid_name", "default_svid_name = \"default\""),
@@ -104,6 +109,7 @@ fn table(t: Table) -> &'static [(&'static str, &'static str)] {
         Table::Top => TOP,
         Table::Entry => ENTRY,
         Table::Sds => SDS,
+        Table::Federation => FEDERATION,
     }
 }
 

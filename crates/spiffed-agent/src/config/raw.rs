@@ -57,6 +57,15 @@ pub(crate) struct RawConfig {
     pub(crate) metrics: Option<Spanned<RawListen>>,
     /// The HTTP health endpoints (off when absent).
     pub(crate) health: Option<Spanned<RawListen>>,
+    /// Federation with other trust domains.
+    pub(crate) federation: Option<Spanned<RawFederation>>,
+}
+
+/// The `[federation]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawFederation {
+    pub(crate) federate_all: Option<Spanned<bool>>,
 }
 
 /// The `[sds]` table (Envoy SDS; spire-agent's names).
@@ -109,4 +118,5 @@ pub(crate) struct RawEntry {
     pub(crate) jwt_svid_ttl: Option<Str>,
     pub(crate) hint: Option<Str>,
     pub(crate) dns_names: Option<StrList>,
+    pub(crate) federates_with: Option<StrList>,
 }

@@ -251,6 +251,11 @@ fn validate(
         );
     }
     let synthetic_ids = raw.synthetic_ids.is_some_and(|s| *s.get_ref());
+    let federate_all = raw
+        .federation
+        .as_ref()
+        .and_then(|f| f.get_ref().federate_all.as_ref())
+        .is_some_and(|b| *b.get_ref());
     let entries = cx.entries(raw.entries, trust_domain.as_ref(), ca_ok.then_some(ca_ttl));
     let max_connections_per_uid = cx.count(
         "max_connections_per_uid",
@@ -344,6 +349,7 @@ fn validate(
         sds,
         metrics,
         health,
+        federate_all,
     })
 }
 
@@ -1313,6 +1319,45 @@ impl Cx<'_> {
             .and_then(|t| self.ttl(&key("jwt_svid_ttl"), "jwt_svid_ttl", Some(t)));
         ok &= raw.jwt_svid_ttl.is_none() || jwt_svid_ttl.is_some();
 
+        let mut federates_with = Vec::new();
+        for (j, name) in raw
+            .federates_with
+            .iter()
+            .flat_map(|l| l.get_ref().iter().enumerate())
+        {
+            match TrustDomain::new(name.get_ref()) {
+                Ok(t) if td.is_some_and(|own| *own == t) => {
+                    self.invalid(
+                        name.span(),
+                        key(&format!("federates_with[{j}]")),
+                        format!(
+                            "federates_with item {:?} is the agent's own trust domain",
+                            name.get_ref()
+                        ),
+                        "list foreign trust domains only: every workload gets its own trust \
+                         domain's bundle anyway",
+                    );
+                    ok = false;
+                }
+                Ok(t) => {
+                    if !federates_with.contains(&t) {
+                        federates_with.push(t);
+                    }
+                }
+                Err(e) => {
+                    self.invalid(
+                        name.span(),
+                        key(&format!("federates_with[{j}]")),
+                        format!(
+                            "federates_with item {:?} is not a valid trust domain: {e}",
+                            name.get_ref()
+                        ),
+                        "write a trust domain name, e.g. federates_with = [\"partner.example\"]",
+                    );
+                    ok = false;
+                }
+            }
+        }
         let (Some(spiffe_id), Some(selectors), Some(td), true) = (spiffe_id, selectors, td, ok)
         else {
             return None;
@@ -1330,7 +1375,7 @@ impl Cx<'_> {
                 .as_ref()
                 .map(|d| d.get_ref().iter().map(|n| n.get_ref().clone()).collect())
                 .unwrap_or_default(),
-            federates_with: Vec::new(),
+            federates_with,
             admin: false,
             downstream: false,
         };
