@@ -62,11 +62,13 @@ pub struct Relationship {
 }
 
 /// Where federated bundles are kept and published (the agent's bundle store).
+#[async_trait::async_trait]
 pub trait FederatedBundles: Send + Sync + 'static {
     /// The bundle held for `td`, if any.
-    fn get(&self, td: &TrustDomain) -> Option<SpiffeBundle>;
-    /// Stores `bundle` and publishes it to workloads. An error keeps the previous one.
-    fn put(&self, bundle: SpiffeBundle) -> Result<(), String>;
+    async fn get(&self, td: &TrustDomain) -> Option<SpiffeBundle>;
+    /// Stores `bundle` (fetched from `url`) and publishes it to workloads. An error keeps the
+    /// previous one.
+    async fn put(&self, bundle: SpiffeBundle, url: &str) -> Result<(), String>;
 }
 
 /// What one refresh did.
@@ -95,14 +97,14 @@ pub fn next_refresh(held: Option<&SpiffeBundle>, fixed: Option<Duration>) -> Dur
 
 /// The client profile for `rel` now: for `https_spiffe`, the X.509 authorities of the bundle
 /// held for the endpoint ID's trust domain.
-fn profile(rel: &Relationship, store: &dyn FederatedBundles) -> Result<Profile, String> {
+async fn profile(rel: &Relationship, store: &dyn FederatedBundles) -> Result<Profile, String> {
     match &rel.profile {
         EndpointProfile::HttpsWeb { roots } => Ok(Profile::HttpsWeb {
             roots: roots.clone(),
         }),
         EndpointProfile::HttpsSpiffe { endpoint_id } => {
             let td = endpoint_id.trust_domain();
-            let held = store.get(td).ok_or_else(|| {
+            let held = store.get(td).await.ok_or_else(|| {
                 format!(
                     "no bundle of {td} is held to authenticate the endpoint {endpoint_id} \
                      (https_spiffe): give the relationship a bootstrap bundle \
@@ -123,7 +125,7 @@ fn profile(rel: &Relationship, store: &dyn FederatedBundles) -> Result<Profile, 
 
 /// Fetches the peer's bundle once and stores it if it changed.
 pub async fn refresh_once(rel: &Relationship, store: &dyn FederatedBundles) -> Refreshed {
-    let profile = match profile(rel, store) {
+    let profile = match profile(rel, store).await {
         Ok(p) => p,
         Err(e) => return Refreshed::Failed(e),
     };
@@ -141,7 +143,7 @@ pub async fn refresh_once(rel: &Relationship, store: &dyn FederatedBundles) -> R
         tracing::info!(trust_domain = %rel.trust_domain, url = %rel.url, "federated bundle: ignored {skipped}");
     }
     let fetched = parsed.bundle;
-    if store.get(&rel.trust_domain).as_ref() == Some(&fetched) {
+    if store.get(&rel.trust_domain).await.as_ref() == Some(&fetched) {
         return Refreshed::Unchanged;
     }
     if fetched.x509_authorities.is_empty() && fetched.jwt_authorities.is_empty() {
@@ -152,7 +154,7 @@ pub async fn refresh_once(rel: &Relationship, store: &dyn FederatedBundles) -> R
              trusted until it publishes some"
         );
     }
-    match store.put(fetched.clone()) {
+    match store.put(fetched.clone(), &rel.url.to_string()).await {
         Ok(()) => Refreshed::Updated(fetched),
         Err(e) => Refreshed::Failed(format!("the fetched bundle could not be stored: {e}")),
     }
@@ -195,7 +197,7 @@ pub async fn run(
                 );
             }
         }
-        let held = store.get(&rel.trust_domain);
+        let held = store.get(&rel.trust_domain).await;
         let wait = if held.is_none() && rel.refresh_interval.is_none() {
             // Nothing held yet: try again soon, as SPIRE does.
             MINIMUM_REFRESH_HINT / ATTEMPTS_PER_REFRESH_HINT
