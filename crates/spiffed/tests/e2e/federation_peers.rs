@@ -15,6 +15,10 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use spiffed_proto::workload::{X509BundlesRequest, X509BundlesResponse};
+use spiffed_test_support::spire::{
+    AgentAttestation, AuthorityKind, BundleFormat, EntrySpec, ServerOptions, SpireAgent,
+    SpireServer, fetch_x509,
+};
 use spiffed_test_support::{Agent, my_uid, with_header};
 
 use crate::bin;
@@ -487,4 +491,172 @@ fn b64(d: &[u8]) -> String {
 fn b64url(d: &[u8]) -> String {
     use base64::Engine as _;
     base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d)
+}
+
+/// The X.509 authorities of `td` in spire-server's `bundle list` (base64 DER `asn1`).
+fn spire_federated(server: &SpireServer, td: &str) -> Vec<Vec<u8>> {
+    use base64::Engine as _;
+    server
+        .bundle_list()
+        .iter()
+        .filter(|b| b["trust_domain"].as_str() == Some(td))
+        .flat_map(|b| {
+            b["x509_authorities"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|a| {
+            base64::engine::general_purpose::STANDARD
+                .decode(a["asn1"].as_str().unwrap_or_default())
+                .ok()
+        })
+        .collect()
+}
+
+/// Against a real peer: spire-server v1.13.3 serves its bundle endpoint (`federation {
+/// bundle_endpoint { ... } }`) and follows spiffed's (`spire-server federation create`);
+/// spiffed follows the server's. A CA rotation on either side reaches the other's workloads:
+/// spire-agent's (an entry federating with spiffed.test) and spiffed's.
+#[test]
+fn spiffed_and_spire_server_federate_through_their_bundle_endpoints() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let (spire_port, our_port) = (free_port(), free_port());
+    let server = SpireServer::start(ServerOptions {
+        extra_server_config: vec![
+            "federation {".into(),
+            "  bundle_endpoint {".into(),
+            "    address = \"127.0.0.1\"".into(),
+            format!("    port = {spire_port}"),
+            "    refresh_hint = \"1m\"".into(),
+            "  }".into(),
+            "}".into(),
+        ],
+        ..ServerOptions::default()
+    });
+    let spire_bundle = work.path().join("example.org.json");
+    server.write_bundle(&spire_bundle, BundleFormat::Spiffe);
+
+    // spiffed.test: serves https_spiffe, follows the server's endpoint (its SVID is
+    // spiffe://example.org/spire/server), bootstrapped from `bundle show -format spiffe`.
+    let ours = Agent::start_raw(&bin(), |dir| {
+        config(
+            dir,
+            "spiffed.test",
+            &format!(
+                "[federation]\nfederate_all = true\n\
+                 [federation.bundle_endpoint]\nlisten = \"127.0.0.1:{our_port}\"\nrefresh_hint = \"1m\"\n\
+                 [[federation.trust_domains]]\ntrust_domain = \"example.org\"\n\
+                 bundle_endpoint_url = \"https://127.0.0.1:{spire_port}\"\n\
+                 endpoint_spiffe_id = \"spiffe://example.org/spire/server\"\n\
+                 bundle_path = \"{}\"\nrefresh_interval = \"1s\"\n",
+                spire_bundle.display()
+            ),
+        )
+    });
+    let our_bundle = work.path().join("spiffed.test.json");
+    std::fs::write(
+        &our_bundle,
+        cli(&[
+            "bundle",
+            "show",
+            "--format",
+            "spiffe",
+            "--admin-socket",
+            ours.admin_socket.to_str().unwrap(),
+        ]),
+    )
+    .unwrap();
+    server.cli_ok(&[
+        "federation",
+        "create",
+        "-trustDomain",
+        "spiffed.test",
+        "-bundleEndpointURL",
+        &format!("https://127.0.0.1:{our_port}"),
+        "-bundleEndpointProfile",
+        "https_spiffe",
+        "-endpointSpiffeID",
+        "spiffe://spiffed.test/spiffed/bundle-endpoint",
+        "-trustDomainBundlePath",
+        our_bundle.to_str().unwrap(),
+        "-trustDomainBundleFormat",
+        "spiffe",
+    ]);
+
+    // A spire-agent workload whose entry federates with spiffed.test.
+    let token = server.generate_token(None, None);
+    let theirs = SpireAgent::start(&server, AgentAttestation::JoinToken(token.clone()));
+    let mut e = EntrySpec::workload(
+        &server.join_token_agent_id(&token),
+        "spiffe://example.org/fed",
+        &[&format!("unix:uid:{}", my_uid())],
+    );
+    e.federates_with = vec!["spiffed.test".into()];
+    server.entry_create(&e);
+    let theirs_federated = || {
+        fetch_x509(theirs.socket_path())
+            .ok()
+            .and_then(|f| f.federated_bundles.get("spiffe://spiffed.test").cloned())
+            .unwrap_or_default()
+    };
+    let wait = |what: &str, secs: u64, mut ok: Box<dyn FnMut() -> bool + '_>| {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !ok() {
+            assert!(
+                Instant::now() < deadline,
+                "{what}\n--- spiffed ---\n{}\n--- spire-server ---\n{}",
+                ours.logs(),
+                server.logs()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
+    // spiffed.test's CA, in spire-agent's workload's federated bundles.
+    let ours_now: Vec<Vec<u8>> = rt
+        .block_on(x509_bundles(&ours))
+        .into_iter()
+        .find(|(td, _)| td == "spiffe://spiffed.test")
+        .map(|(_, c)| c)
+        .unwrap();
+    wait(
+        "spire-agent's workload never received spiffed.test's bundle",
+        60,
+        Box::new(|| ours_now.iter().all(|c| theirs_federated().contains(c))),
+    );
+    // The server's CA, in spiffed's workloads' bundles.
+    let spire_now = rt.block_on(wait_bundle(
+        &ours,
+        "spiffe://example.org",
+        |c| !c.is_empty(),
+        "spiffed never served example.org's bundle",
+    ));
+
+    // spire-server prepares its next X.509 authority: it is published in the server's bundle,
+    // served by its endpoint, and reaches spiffed's workloads (spiffed polls every second).
+    server.authority_prepare(AuthorityKind::X509);
+    rt.block_on(wait_bundle(
+        &ours,
+        "spiffe://example.org",
+        |c| c.iter().any(|a| !spire_now.contains(a)),
+        "spire-server's prepared authority never reached spiffed's workloads",
+    ));
+
+    // spiffed.test's next CA (prepared at half of ca_ttl = 40s) reaches the server (which
+    // polls a quarter of the 1m refresh hint, 15 s) and spire-agent's workload.
+    wait(
+        "spiffed.test's next CA never reached spire-server",
+        120,
+        Box::new(|| {
+            spire_federated(&server, "spiffed.test")
+                .iter()
+                .any(|c| !ours_now.contains(c))
+        }),
+    );
+    wait(
+        "spiffed.test's next CA never reached spire-agent's workload",
+        60,
+        Box::new(|| theirs_federated().iter().any(|c| !ours_now.contains(c))),
+    );
 }
