@@ -360,66 +360,133 @@ async fn two_agents_federate_both_ways_through_bundle_endpoints() {
     }
 }
 
-/// A peer that answers with garbage, or not at all: refused with a logged reason, the last
-/// good bundle is kept, and the agent keeps serving.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_bad_peer_keeps_the_last_good_bundle_and_the_agent_serving() {
-    let work = tempfile::tempdir().unwrap();
-    let pki = web_pki(work.path());
-    // The "peer": a TLS listener with a valid certificate that serves whatever the test says.
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let body = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
-    let served = body.clone();
-    let tls = {
-        let certs = vec![rustls::pki_types::CertificateDer::from(x509_der(
-            &std::fs::read_to_string(&pki.cert).unwrap(),
-        ))];
-        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
-            key_der(&std::fs::read_to_string(&pki.key).unwrap()).into(),
-        );
-        std::sync::Arc::new(
-            rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-                rustls::crypto::ring::default_provider(),
-            ))
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_no_client_auth()
-            .with_single_cert(certs, key)
-            .unwrap(),
+/// What the misbehaving peer does on its next connection.
+#[derive(Clone)]
+enum PeerMode {
+    /// Serve these bytes (a valid certificate, HTTP 200).
+    Serve(Vec<u8>),
+    /// Complete TLS, then say nothing.
+    Hang,
+    /// Present this certificate chain and key instead (DER, PKCS#8).
+    Cert(Vec<u8>, Vec<u8>),
+}
+
+/// A leaf for 127.0.0.1 under `issuer`, valid from `from` to `until` (seconds from now); DER
+/// certificate and PKCS#8 key.
+fn web_leaf(
+    issuer: &rcgen::Issuer<'_, rcgen::KeyPair>,
+    from: i64,
+    until: i64,
+) -> (Vec<u8>, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+    p.subject_alt_names = vec![rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap())];
+    let now = time::OffsetDateTime::now_utc();
+    p.not_before = now + time::Duration::seconds(from);
+    p.not_after = now + time::Duration::seconds(until);
+    (
+        p.signed_by(&key, issuer).unwrap().der().to_vec(),
+        key.serialize_der(),
+    )
+}
+
+fn tls_with(cert: &[u8], key: &[u8]) -> std::sync::Arc<rustls::ServerConfig> {
+    std::sync::Arc::new(
+        rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![rustls::pki_types::CertificateDer::from(cert.to_vec())],
+            rustls::pki_types::PrivateKeyDer::Pkcs8(key.to_vec().into()),
         )
-    };
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut tcp) = stream else { continue };
-            let mut conn = rustls::ServerConnection::new(tls.clone()).unwrap();
-            let mut s = rustls::Stream::new(&mut conn, &mut tcp);
-            let mut buf = [0u8; 2048];
-            let _ = std::io::Read::read(&mut s, &mut buf);
-            let b = served.lock().unwrap().clone();
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-                b.len()
-            );
-            let _ = s.write_all(&b);
-            let _ = s.flush();
-        }
-    });
-    let peer = rcgen::KeyPair::generate().unwrap();
+        .unwrap(),
+    )
+}
+
+/// A SPIFFE bundle document with one X.509 authority: a new CA for `td`.
+fn one_ca_bundle(td: &str) -> (String, Vec<u8>) {
+    let key = rcgen::KeyPair::generate().unwrap();
     let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
     p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     p.subject_alt_names = vec![rcgen::SanType::URI(
-        "spiffe://peer.test".try_into().unwrap(),
+        format!("spiffe://{td}").try_into().unwrap(),
     )];
-    let peer_ca = p.self_signed(&peer).unwrap();
-    let good = format!(
+    let ca = p.self_signed(&key).unwrap();
+    let doc = format!(
         "{{\"keys\":[{{\"use\":\"x509-svid\",\"kty\":\"EC\",\"crv\":\"P-256\",\"x\":\"{}\",\"y\":\"{}\",\"x5c\":[\"{}\"]}}],\"spiffe_sequence\":1}}",
-        b64url(&peer.public_key_raw()[1..33]),
-        b64url(&peer.public_key_raw()[33..]),
-        b64(peer_ca.der())
+        b64url(&key.public_key_raw()[1..33]),
+        b64url(&key.public_key_raw()[33..]),
+        b64(ca.der())
     );
-    *body.lock().unwrap() = good.into_bytes();
+    (doc, ca.der().to_vec())
+}
+
+/// A peer that misbehaves in every way the issue lists (garbage, another trust domain's
+/// bundle, a 10 MB body, a certificate from another root, an expired certificate, no answer):
+/// each is refused with its reason in the log, the last good bundle stays served, and the
+/// agent keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_peer_keeps_the_last_good_bundle_and_the_agent_serving() {
+    let work = tempfile::tempdir().unwrap();
+    // The peer's Web PKI: a root the agent trusts, and another it does not.
+    let root_key = rcgen::KeyPair::generate().unwrap();
+    let mut root = rcgen::CertificateParams::new(vec![]).unwrap();
+    root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    root.distinguished_name
+        .push(rcgen::DnType::CommonName, "peer web root");
+    let root_pem = root.self_signed(&root_key).unwrap().pem();
+    let root_path = work.path().join("root.pem");
+    std::fs::write(&root_path, root_pem).unwrap();
+    let trusted = rcgen::Issuer::new(root, root_key);
+    let stranger = {
+        let k = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::new(vec![]).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "a stranger's root");
+        rcgen::Issuer::new(p, k)
+    };
+    let (good_cert, good_key) = web_leaf(&trusted, -60, 3600);
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (good_doc, good_ca) = one_ca_bundle("peer.test");
+    let mode = std::sync::Arc::new(std::sync::Mutex::new(PeerMode::Serve(
+        good_doc.into_bytes(),
+    )));
+    let peer_mode = mode.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut tcp) = stream else { continue };
+            let m = peer_mode.lock().unwrap().clone();
+            let tls = match &m {
+                PeerMode::Cert(c, k) => tls_with(c, k),
+                _ => tls_with(&good_cert, &good_key),
+            };
+            let mut conn = rustls::ServerConnection::new(tls).unwrap();
+            let mut s = rustls::Stream::new(&mut conn, &mut tcp);
+            let mut buf = [0u8; 2048];
+            let _ = std::io::Read::read(&mut s, &mut buf);
+            match m {
+                PeerMode::Serve(b) => {
+                    let _ = write!(
+                        s,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        b.len()
+                    );
+                    let _ = s.write_all(&b);
+                    let _ = s.flush();
+                }
+                PeerMode::Hang => {
+                    std::thread::sleep(Duration::from_secs(10));
+                }
+                PeerMode::Cert(..) => {}
+            }
+        }
+    });
     let agent = Agent::start_raw(&bin(), |dir| {
         config(
             dir,
@@ -430,57 +497,63 @@ async fn a_bad_peer_keeps_the_last_good_bundle_and_the_agent_serving() {
                  bundle_endpoint_url = \"https://127.0.0.1:{port}\"\n\
                  bundle_endpoint_profile = \"https_web\"\nroot_certificates_path = \"{}\"\n\
                  refresh_interval = \"1s\"\nfetch_timeout = \"2s\"\nmax_bundle_bytes = 4096\n",
-                pki.root.display()
+                root_path.display()
             ),
         )
     });
-    let good_cas = wait_bundle(
+    let served = wait_bundle(
         &agent,
         "spiffe://peer.test",
         |cas| cas.len() == 1,
         "the good bundle never arrived",
     )
     .await;
-    for (served, reason) in [
-        (b"<html>garbage</html>".to_vec(), "is not a SPIFFE bundle"),
+    assert_eq!(served, [good_ca.clone()]);
+    let (expired_cert, expired_key) = web_leaf(&trusted, -7200, -3600);
+    let (stranger_cert, stranger_key) = web_leaf(&stranger, -60, 3600);
+    for (m, reason) in [
         (
-            format!(
-                "{{\"keys\":[],\"pad\":\"{}\"}}",
-                "x".repeat(10 * 1024 * 1024)
-            )
-            .into_bytes(),
+            PeerMode::Serve(b"<html>garbage</html>".to_vec()),
+            "is not a SPIFFE bundle",
+        ),
+        (
+            PeerMode::Serve(one_ca_bundle("other.test").0.into_bytes()),
+            "belongs to trust domain other.test",
+        ),
+        (
+            PeerMode::Serve(
+                format!(
+                    "{{\"keys\":[],\"pad\":\"{}\"}}",
+                    "x".repeat(10 * 1024 * 1024)
+                )
+                .into_bytes(),
+            ),
             "larger than 4096 bytes",
         ),
+        (PeerMode::Cert(stranger_cert, stranger_key), "UnknownIssuer"),
+        (PeerMode::Cert(expired_cert, expired_key), "expired"),
+        (PeerMode::Hang, "no complete answer within 2s"),
     ] {
-        *body.lock().unwrap() = served;
+        let logged = agent.logs().len();
+        *mode.lock().unwrap() = m;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !agent.logs().contains(reason) {
+        while !agent.logs()[logged..].contains(reason) {
             assert!(
                 Instant::now() < deadline,
                 "no log line with {reason:?}:\n{}",
-                agent.logs()
+                &agent.logs()[logged..]
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+        assert!(agent.logs()[logged..].contains("keeping the last good one"));
         // Kept, and served.
         let now = x509_bundles(&agent).await;
         assert_eq!(now.len(), 2, "own and peer.test");
-        assert_eq!(now[1], ("spiffe://peer.test".to_owned(), good_cas.clone()));
+        assert_eq!(
+            now[1],
+            ("spiffe://peer.test".to_owned(), vec![good_ca.clone()])
+        );
     }
-}
-
-fn pem_body(pem: &str) -> Vec<u8> {
-    use base64::Engine as _;
-    let b: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
-    base64::engine::general_purpose::STANDARD.decode(b).unwrap()
-}
-
-fn x509_der(pem: &str) -> Vec<u8> {
-    pem_body(pem)
-}
-
-fn key_der(pem: &str) -> Vec<u8> {
-    pem_body(pem)
 }
 
 fn b64(d: &[u8]) -> String {
