@@ -508,7 +508,7 @@ async fn a_bad_peer_keeps_the_last_good_bundle_and_the_agent_serving() {
         "the good bundle never arrived",
     )
     .await;
-    assert_eq!(served, [good_ca.clone()]);
+    assert_eq!(served, std::slice::from_ref(&good_ca));
     let (expired_cert, expired_key) = web_leaf(&trusted, -7200, -3600);
     let (stranger_cert, stranger_key) = web_leaf(&stranger, -60, 3600);
     for (m, reason) in [
