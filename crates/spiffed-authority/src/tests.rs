@@ -55,6 +55,7 @@ fn cfg(dir: &Path) -> AuthorityConfig {
         jwt_svid_ttl: Duration::from_secs(300),
         new_root: NewRootPolicy::Refuse,
         premint_entries: DEFAULT_PREMINT_ENTRIES,
+        upstream: None,
     }
 }
 
