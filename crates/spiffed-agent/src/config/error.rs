@@ -271,6 +271,9 @@ fn table_of(path: &[Seg]) -> Option<Table> {
         [] | [_] => Some(Table::Top),
         [Seg::Key(e), Seg::Index(_), _] if e == "entries" => Some(Table::Entry),
         [Seg::Key(t), _] if t == "sds" => Some(Table::Sds),
+        [Seg::Key(u), Seg::Key(d), _] if u == "upstream_authority" && d == "disk" => {
+            Some(Table::UpstreamDisk)
+        }
         _ => None,
     }
 }
@@ -345,6 +348,7 @@ fn unknown_key_fix(unknown: &str, table: Option<Table>) -> String {
         Table::Top => "top-level keys",
         Table::Entry => "keys of [[entries]]",
         Table::Sds => "keys of [sds]",
+        Table::UpstreamDisk => "keys of [upstream_authority.disk]",
     };
     match near {
         Some((_, k)) => format!("did you mean `{k}`? {what}: {list}"),
