@@ -76,7 +76,7 @@ pub(crate) struct Ca {
 
 impl Ca {
     fn from_minted(m: MintedCa, state: CaState) -> Self {
-        let upstream = (!m.roots.is_empty()).then(|| UpstreamChain {
+        let upstream = (!m.roots.is_empty()).then_some(UpstreamChain {
             chain: m.chain,
             roots: m.roots,
         });

@@ -209,8 +209,8 @@ fn read_certs(key: &'static str, path: &Path) -> Result<Vec<Vec<u8>>, UpstreamEr
     Ok(certs)
 }
 
-/// The private key of a PEM file.
-fn read_key(path: &Path) -> Result<KeyPair, UpstreamError> {
+/// The private key of a PEM file, wiped from memory when dropped.
+fn read_key(path: &Path) -> Result<CaKey, UpstreamError> {
     check_file(KEY, path, true)?;
     let bytes = Zeroizing::new(fs::read(path).map_err(|e| {
         err(
@@ -274,7 +274,7 @@ fn read_key(path: &Path) -> Result<KeyPair, UpstreamError> {
             ));
         }
     }
-    KeyPair::try_from(&der[..]).map_err(|e| {
+    KeyPair::try_from(&der[..]).map(CaKey::new).map_err(|e| {
         err(
             KEY,
             path,
@@ -441,7 +441,7 @@ impl Upstream {
         };
         Ok(Self {
             cert_der: file_certs[0].clone(),
-            key: CaKey::new(pair),
+            key: pair,
             chain,
             roots,
             not_after,

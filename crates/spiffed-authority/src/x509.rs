@@ -61,6 +61,11 @@ impl CaKey {
     pub(crate) fn new(pair: KeyPair) -> Self {
         Self(pair)
     }
+
+    /// The raw public key (an uncompressed point for ECDSA), as a certificate carries it.
+    pub(crate) fn public_key_raw(&self) -> &[u8] {
+        self.0.public_key_raw()
+    }
 }
 
 impl Drop for CaKey {

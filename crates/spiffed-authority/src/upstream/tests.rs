@@ -283,7 +283,7 @@ fn hosts_sharing_an_upstream_verify_each_other_across_rotations() {
     );
     let clock = Arc::new(ManualClock::new(t0()));
     let a = open(&dir.path().join("a"), Some(up.clone()), &clock);
-    let b = open(&dir.path().join("b"), Some(up.clone()), &clock);
+    let b = open(&dir.path().join("b"), Some(up), &clock);
     let mut n = 0;
     let check = |at: SystemTime, n: &mut u32| {
         clock.set(at);
@@ -335,7 +335,7 @@ fn hosts_sharing_an_upstream_verify_each_other_across_rotations() {
         renewed_chain_seen |= chain.get(2) == Some(&j.der);
         saw_both |= roots.contains(&r.der) && roots.contains(&r2.der);
         // Nothing is ever signed under a root that is not yet published.
-        if verify(&chain.concat(), &[r2.der.clone()], at).is_ok() {
+        if verify(&chain.concat(), std::slice::from_ref(&r2.der), at).is_ok() {
             assert!(
                 roots.contains(&r2.der),
                 "at {m}m: signed under an unpublished root"
@@ -388,7 +388,7 @@ fn switching_a_data_dir_to_an_upstream_and_back_keeps_the_overlap() {
     a.tick(at(51));
     let s = fresh_svid(&a, &mut n);
     assert_eq!(split(&s.cert_chain_der).len(), 2);
-    verify(&s.cert_chain_der, &[r.der.clone()], at(51)).unwrap();
+    verify(&s.cert_chain_der, std::slice::from_ref(&r.der), at(51)).unwrap();
     // The self-signed CA expires: the bundle is the upstream root alone.
     clock.set(at(61));
     a.tick(at(61));
