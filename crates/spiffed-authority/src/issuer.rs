@@ -200,6 +200,15 @@ impl CaAuthority {
                 "upstream authority: each CA is an intermediate signed by the upstream CA, and \
                  the X.509 bundle holds the upstream roots"
             );
+            if up.not_after < now + cfg.ca_ttl {
+                tracing::warn!(
+                    cert_file = %u.cert_file_path.display(),
+                    upstream_not_after = %ca::rfc3339(up.not_after),
+                    ca_ttl = %humantime::format_duration(cfg.ca_ttl),
+                    "the upstream CA expires before ca_ttl is over: new CAs are capped to its \
+                     notAfter, and signing stops when it expires; renew the upstream certificate"
+                );
+            }
         }
         let mut keys = loaded.clone().unwrap_or_default();
         if advance_keys(&mut keys, &cfg, now, &rng, None)? || !file.exists() {

@@ -260,9 +260,22 @@ fn the_ca_never_outlives_the_upstream() {
     let dir = tempfile::tempdir().unwrap();
     let up = files(&dir.path().join("up"), &r.pem, &r.key.serialize_pem(), None);
     let clock = Arc::new(ManualClock::new(t0()));
-    let a = open(&dir.path().join("data"), Some(up), &clock);
+    let (a, logs) = crate::tests::logged(|| open(&dir.path().join("data"), Some(up), &clock));
     let (_, not_after) = a.ca_validity().unwrap();
     assert_eq!(not_after, t0() + HOUR / 2);
+    // Said at start, and again when the capped CA is made.
+    let loud = logs.loud();
+    assert!(
+        loud.iter()
+            .any(|l| l.contains("expires before ca_ttl")
+                && l.contains("renew the upstream certificate")),
+        "{loud:?}"
+    );
+    assert!(
+        loud.iter()
+            .any(|l| l.contains("capped to the upstream's notAfter")),
+        "{loud:?}"
+    );
     let svid = fresh_svid(&a, &mut 0);
     assert!(svid.not_after <= t0() + HOUR / 2);
     verify(&svid.cert_chain_der, &bundle(&a), t0()).unwrap();
@@ -372,7 +385,13 @@ fn switching_a_data_dir_to_an_upstream_and_back_keeps_the_overlap() {
     let up = files(&dir.path().join("up"), &r.pem, &r.key.serialize_pem(), None);
     let at = |m: u64| t0() + Duration::from_secs(m * 60);
     clock.set(at(1));
-    let a = open(&data, Some(up), &clock);
+    let (a, logs) = crate::tests::logged(|| open(&data, Some(up), &clock));
+    let loud = logs.loud();
+    assert!(
+        loud.iter()
+            .any(|l| l.contains("switching to the upstream authority")),
+        "{loud:?}"
+    );
     // The self-signed CA keeps signing; nothing changes before the rotation.
     assert_eq!(bundle(&a), own);
     let mut n = 0;
@@ -397,7 +416,13 @@ fn switching_a_data_dir_to_an_upstream_and_back_keeps_the_overlap() {
 
     // And back to self-signed: the new CA joins the bundle before it signs.
     clock.set(at(62));
-    let a = open(&data, None, &clock);
+    let (a, logs) = crate::tests::logged(|| open(&data, None, &clock));
+    assert!(
+        logs.text()
+            .contains("switching from the upstream authority back to self-signed CAs"),
+        "{}",
+        logs.text()
+    );
     assert_eq!(bundle(&a), vec![r.der.clone()]);
     // (An upstream-signed CA was prepared at 61m: it signs from 81m to 121m, and the
     // self-signed one is prepared at its half-life, 91m.)
@@ -498,7 +523,30 @@ fn bad_upstream_files_each_get_a_clear_error() {
         let dir = tempfile::tempdir().unwrap();
         let up = files(dir.path(), &r.pem, &rk, None);
         fs::set_permissions(&up.key_file_path, fs::Permissions::from_mode(0o644)).unwrap();
-        assert!(Upstream::load(&up, t0()).is_ok());
+        let (loaded, logs) = crate::tests::logged(|| Upstream::load(&up, t0()));
+        assert!(loaded.is_ok());
+        assert!(
+            logs.loud()
+                .iter()
+                .any(|l| l.contains("readable by group or others") && l.contains("chmod 600")),
+            "{}",
+            logs.text()
+        );
+    }
+    // A file owned by another user (only root can make one): a warning naming the fix.
+    if my_uid() == Some(0) {
+        let dir = tempfile::tempdir().unwrap();
+        let up = files(dir.path(), &r.pem, &rk, None);
+        std::os::unix::fs::chown(&up.cert_file_path, Some(65534), None).unwrap();
+        let (loaded, logs) = crate::tests::logged(|| Upstream::load(&up, t0()));
+        assert!(loaded.is_ok());
+        assert!(
+            logs.loud()
+                .iter()
+                .any(|l| l.contains("owned by another user") && l.contains("chown")),
+            "{}",
+            logs.text()
+        );
     }
     // Key formats: SEC1, encrypted, not a key, a key of no known type.
     let sec1 = rk.replace("PRIVATE KEY", "EC PRIVATE KEY");
