@@ -61,7 +61,7 @@ pub use crate::jwt_cache::{
     DEFAULT_JWT_CACHE_BYTES, DEFAULT_JWT_CACHE_ENTRIES_PER_IDENTITY, JwtCacheLimits,
 };
 pub use crate::svid_cache::SvidStats;
-pub use crate::upstream::{UpstreamConfig, UpstreamError};
+pub use crate::upstream::{UpstreamConfig, UpstreamError, check_upstream};
 
 /// Validates a JWT-SVID `token` for `audience` at `now` against the JWT authorities that
 /// `authorities` gives for the subject's trust domain (`None`: no bundle for it): the same

@@ -289,6 +289,20 @@ fn self_signed(c: &X509Certificate<'_>) -> bool {
     c.subject().as_raw() == c.issuer().as_raw() && c.verify_signature(None).is_ok()
 }
 
+/// Reads and checks the upstream files at `now`, as the next CA rotation will, and describes
+/// them in one line: what an operator asks for after renewing them (`SIGHUP`). The running
+/// CAs are not touched.
+pub fn check_upstream(cfg: &UpstreamConfig, now: SystemTime) -> Result<String, UpstreamError> {
+    let up = Upstream::load(cfg, now)?;
+    Ok(format!(
+        "upstream certificate {} valid until {}, {} certificate(s) between the agent's CAs and the root, {} root(s)",
+        fingerprint(&up.cert_der),
+        rfc3339(up.not_after),
+        up.chain.len(),
+        up.roots.len()
+    ))
+}
+
 impl Upstream {
     /// Reads and checks the upstream files at `now`.
     pub(crate) fn load(cfg: &UpstreamConfig, now: SystemTime) -> Result<Self, UpstreamError> {

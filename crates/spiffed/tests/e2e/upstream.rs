@@ -282,3 +282,51 @@ async fn a_bad_upstream_stops_the_start_with_the_file_and_the_fix() {
     );
     assert!(!err.contains("panicked"), "{err}");
 }
+
+/// Waits up to 5s for `agent`'s log to contain `what`.
+fn log_shows(agent: &Agent, what: &str) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        if agent.logs().contains(what) {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    false
+}
+
+#[test]
+fn sighup_checks_renewed_upstream_files() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("upstream");
+    upstream_pki(&dir);
+    let agent = host(&dir);
+    // A botched renewal: the key of another CA. SIGHUP says so, naming the file and the fix.
+    let good_key = fs::read(dir.join("ca.key")).unwrap();
+    fs::write(
+        dir.join("ca.key"),
+        KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    agent.signal("HUP");
+    assert!(
+        log_shows(&agent, "the upstream authority files cannot be used"),
+        "{}",
+        agent.logs()
+    );
+    let logs = agent.logs();
+    assert!(
+        logs.contains("upstream_authority.disk.key_file_path")
+            && logs.contains("does not belong to the certificate"),
+        "{logs}"
+    );
+    // Fixed: the next SIGHUP confirms the next CA will be signed by them.
+    fs::write(dir.join("ca.key"), good_key).unwrap();
+    agent.signal("HUP");
+    assert!(
+        log_shows(&agent, "upstream authority files checked"),
+        "{}",
+        agent.logs()
+    );
+    assert!(!agent.logs().contains("panicked"));
+}
