@@ -443,6 +443,30 @@ impl Upstream {
                 ));
             }
         };
+        // A root that expired anchors nothing (openssl and Go refuse it): refused, and the
+        // roots' notAfter caps the CAs as the chain's does.
+        if let Some(bundle_path) = &cfg.bundle_file_path {
+            for (i, der) in roots.iter().enumerate() {
+                let Ok((_, root)) = X509Certificate::from_der(der) else {
+                    continue;
+                };
+                let na = from_cert_time(root.validity().not_after.to_datetime());
+                if na <= now {
+                    return Err(err(
+                        BUNDLE,
+                        bundle_path,
+                        format!(
+                            "root certificate {} ({}) expired at {}",
+                            i + 1,
+                            fingerprint(der),
+                            rfc3339(na)
+                        ),
+                        "replace it with the renewed root (and remove roots no longer used)",
+                    ));
+                }
+                not_after = Some(not_after.map_or(na, |n| n.min(na)));
+            }
+        }
         // What follows the agent's CA in a chain: the file's certificates, roots excluded.
         let chain: Vec<Vec<u8>> = parsed
             .iter()

@@ -279,6 +279,18 @@ fn the_ca_never_outlives_the_upstream() {
     let svid = fresh_svid(&a, &mut 0);
     assert!(svid.not_after <= t0() + HOUR / 2);
     verify(&svid.cert_chain_der, &bundle(&a), t0()).unwrap();
+
+    // The same when only the root in bundle_file_path expires early.
+    let short_root = make(params("Short Root", t0() - DAY, t0() + HOUR / 3), None);
+    let long_int = under("Long Intermediate", &short_root);
+    let up = files(
+        &dir.path().join("up2"),
+        &long_int.pem,
+        &long_int.key.serialize_pem(),
+        Some(&short_root.pem),
+    );
+    let b = open(&dir.path().join("data2"), Some(up), &clock);
+    assert_eq!(b.ca_validity().unwrap().1, t0() + HOUR / 3);
 }
 
 /// Two hosts with their own data dirs and the same upstream verify each other's SVIDs at every
@@ -499,6 +511,18 @@ fn bad_upstream_files_each_get_a_clear_error() {
     let other = root("Other Root");
     let msg = load_err(&i.pem, &i.key.serialize_pem(), Some(&other.pem), none);
     has(&msg, &["bundle_file_path", "no root in it signed"]);
+    // An expired root in the bundle.
+    let old_root = make(params("Old Root", t0() - 2 * DAY, t0() - DAY), None);
+    let msg = load_err(
+        &i.pem,
+        &i.key.serialize_pem(),
+        Some(&format!("{}{}", r.pem, old_root.pem)),
+        none,
+    );
+    has(
+        &msg,
+        &["bundle_file_path", "root certificate 2", "expired at"],
+    );
     // Certificates out of order.
     let msg = load_err(
         &format!("{}{}", i.pem, other.pem),
