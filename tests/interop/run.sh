@@ -121,11 +121,9 @@ setup_go() {
         echo "go not found: install Go >= 1.24 (https://go.dev/doc/install, or your distribution's golang package) and put it on PATH" >"$WORK/go.setup-error"
         return
     fi
-    export GOPATH=$CACHE/go GOMODCACHE=$CACHE/go/pkg/mod GOBIN=$CACHE/bin GOCACHE=$CACHE/go-build
-    # No VCS stamping: the checkout may belong to another user, or not be a git work tree.
-    export GOFLAGS="-mod=readonly -buildvcs=false" GOWORK=off
+    local GOBIN=$CACHE/bin
     local log=$WORK/go-build.log
-    if ! (cd "$HERE/go" && go build -o "$GOBIN/interop-go" .) >"$log" 2>&1; then
+    if ! SPIFFED_INTEROP_CACHE=$CACHE "$HERE/go/build.sh" "$GOBIN" >"$log" 2>&1; then
         cat "$log" >&2
         echo "building tests/interop/go with $(go version 2>/dev/null | awk '{print $3}') failed (needs Go >= 1.24 and the Go module proxy): $(tail -n1 "$log")" >"$WORK/go.setup-error"
         return

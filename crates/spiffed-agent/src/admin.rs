@@ -87,20 +87,7 @@ impl AdminService {
     }
 
     fn authorize<T>(&self, req: &Request<T>) -> Result<PeerCred, Status> {
-        let cred = req
-            .extensions()
-            .get::<PeerCred>()
-            .cloned()
-            .ok_or_else(|| Status::internal("the connection carries no peer credentials"))?;
-        if cred.uid == self.own_uid || self.admin_uids.contains(&cred.uid) {
-            Ok(cred)
-        } else {
-            tracing::warn!(uid = cred.uid, pid = ?cred.pid, "admin call refused");
-            Err(Status::permission_denied(format!(
-                "uid {} may not administer spiffed; add it to admin_uids in the agent's config",
-                cred.uid
-            )))
-        }
+        authorize(req, self.own_uid, &self.admin_uids)
     }
 
     async fn blocking<R: Send + 'static>(
@@ -111,6 +98,29 @@ impl AdminService {
         tokio::task::spawn_blocking(move || f(&sources))
             .await
             .map_err(|e| Status::internal(format!("admin task failed: {e}")))
+    }
+}
+
+/// The caller of an admin call, if it may administer the agent: its uid is the agent's own
+/// (`own_uid`) or in `admin_uids` (SO_PEERCRED, carried by the connection).
+pub(crate) fn authorize<T>(
+    req: &Request<T>,
+    own_uid: u32,
+    admin_uids: &[u32],
+) -> Result<PeerCred, Status> {
+    let cred = req
+        .extensions()
+        .get::<PeerCred>()
+        .cloned()
+        .ok_or_else(|| Status::internal("the connection carries no peer credentials"))?;
+    if cred.uid == own_uid || admin_uids.contains(&cred.uid) {
+        Ok(cred)
+    } else {
+        tracing::warn!(uid = cred.uid, pid = ?cred.pid, "admin call refused");
+        Err(Status::permission_denied(format!(
+            "uid {} may not administer spiffed; add it to admin_uids in the agent's config",
+            cred.uid
+        )))
     }
 }
 
@@ -168,6 +178,19 @@ pub(crate) fn parse_spec(p: &pb::EntrySpec) -> Result<EntrySpec, FieldError> {
             "is reserved for a later release; leave it false",
         ));
     }
+    let mut federates_with = Vec::with_capacity(p.federates_with.len());
+    for (i, t) in p.federates_with.iter().enumerate() {
+        let td = TrustDomain::new(t).map_err(|e| {
+            field_err(
+                format!("federates_with[{i}]"),
+                format!(
+                    "{:?} is not a valid trust domain: {e}; give a name such as partner.example",
+                    spiffed_core::untrusted::clip(t)
+                ),
+            )
+        })?;
+        federates_with.push(td);
+    }
     Ok(EntrySpec {
         spiffe_id,
         selectors,
@@ -176,6 +199,7 @@ pub(crate) fn parse_spec(p: &pb::EntrySpec) -> Result<EntrySpec, FieldError> {
         hint: (!p.hint.is_empty()).then(|| p.hint.clone()),
         dns_names: p.dns_names.clone(),
         admin: false,
+        federates_with,
     })
 }
 
@@ -249,6 +273,7 @@ pub(crate) fn spec_of(e: &Entry, admin: bool) -> pb::EntrySpec {
         hint: e.hint.clone().unwrap_or_default(),
         dns_names: e.dns_names.clone(),
         admin,
+        federates_with: e.federates_with.iter().map(ToString::to_string).collect(),
     }
 }
 

@@ -74,6 +74,10 @@ pub enum AgentError {
     /// key and the fix).
     #[error("{0}")]
     Listen(String),
+    /// Federation could not start: a bootstrap bundle, the bundle endpoint's certificate or a
+    /// relationship's roots are unusable (the message names the file and the fix).
+    #[error("{0}")]
+    Federation(String),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> AgentError + 'a {
@@ -112,6 +116,8 @@ pub struct Bound {
     /// How many SDS streams are open (zero while SDS is off).
     sds_streams: SdsStreams,
     admin: AdminService,
+    /// Trust bundles on the admin socket.
+    bundle_admin: crate::bundles::BundleService,
     /// `data_dir/agent.lock`, flocked while this agent lives.
     data_dir_lock: fs::File,
     /// What status, health and metrics report.
@@ -119,6 +125,8 @@ pub struct Bound {
     /// `[metrics]` and `[health]`, bound.
     metrics_listener: Option<std::net::TcpListener>,
     health_listener: Option<std::net::TcpListener>,
+    /// Federation (standalone mode), prepared.
+    federation: Option<crate::federation::Prepared>,
 }
 
 impl std::fmt::Debug for Bound {
@@ -262,6 +270,12 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
             (Backend::Standalone(authority), None, entries)
         }
     };
+    // Federation (standalone): the endpoint bound and the bootstrap bundles stored before
+    // anything serves, so a bad address or file stops the start here.
+    let federation = match &backend {
+        Backend::Standalone(ca) => crate::federation::prepare(&cfg, ca, &entries)?,
+        Backend::Agent { .. } => None,
+    };
     let issuer: Arc<dyn spiffed_core::Issuer> = match &backend {
         Backend::Standalone(authority) => Arc::new(authority.clone()),
         Backend::Agent { issuer, .. } => Arc::new(issuer.clone()),
@@ -269,7 +283,8 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
     if let Some(warning) = spiffed_attest::exe_access_warning(&entries.feed().needs()) {
         tracing::warn!("{warning}");
     }
-    let api = WorkloadApi::new(attestor.clone(), issuer, entries.feed(), cfg.synthetic_ids);
+    let api = WorkloadApi::new(attestor.clone(), issuer, entries.feed(), cfg.synthetic_ids)
+        .with_federate_all(cfg.federate_all);
     let api = apply_limits(&cfg, &backend, api);
     // The HTTP endpoints are bound first: a bad or busy address stops the start here.
     let listen = |key: &'static str, e: Option<crate::config::HttpEndpoint>| {
@@ -289,6 +304,7 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         attestor,
         data_dir_lock,
         (facts, metrics_listener, health_listener),
+        federation,
     )
 }
 
@@ -329,6 +345,14 @@ fn open_standalone(
         },
         rules,
     )?;
+    // Federated bundles set with `spiffed bundle set` reach workloads from the first request.
+    if let Some(store) = entries.store() {
+        match crate::bundles::load_stored(store, &authority) {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(bundles = n, "federated bundles loaded from the store"),
+            Err(e) => tracing::warn!("federated bundles not loaded: {}", e.message()),
+        }
+    }
     // Loading a large store leaves parsing buffers and SQLite's page cache behind in the heap:
     // hand the free part back before serving (a few ms, once).
     spiffed_attest::release_free_memory();
@@ -364,6 +388,7 @@ fn bind(
     attestor: Arc<spiffed_attest::CompositeAttestor>,
     data_dir_lock: fs::File,
     (facts, metrics_listener, health_listener): Telemetry,
+    federation: Option<crate::federation::Prepared>,
 ) -> Result<Bound, AgentError> {
     // An owner-only socket (mode without group/other bits) also gets an owner-only directory.
     let dir_mode = if cfg.socket_mode & 0o077 == 0 {
@@ -419,6 +444,13 @@ fn bind(
     // Envoy SDS over the same attestation, entries, SVIDs, bundles and limits.
     let sds = cfg.sds.clone().map(|c| api.sds(c));
     let sds_streams = sds.as_ref().map(SdsService::streams).unwrap_or_default();
+    let bundle_admin = crate::bundles::BundleService {
+        sources: entries.clone(),
+        backend: backend.clone(),
+        td: cfg.trust_domain.clone(),
+        admin_uids: cfg.admin_uids.clone(),
+        own_uid,
+    };
     let admin = AdminService {
         sources: entries.clone(),
         attestor,
@@ -439,10 +471,12 @@ fn bind(
         sds,
         sds_streams,
         admin,
+        bundle_admin,
         data_dir_lock,
         facts,
         metrics_listener,
         health_listener,
+        federation,
     })
 }
 
@@ -521,10 +555,12 @@ impl Bound {
             sds,
             sds_streams: _,
             admin,
+            bundle_admin,
             data_dir_lock,
             facts,
             metrics_listener,
             health_listener,
+            federation,
         } = self;
         // Connections and streams one uid may hold, and the descriptors they may use.
         let fds = limits::raise_fd_limit();
@@ -590,6 +626,9 @@ impl Bound {
                 stop_rx.clone(),
             )));
         }
+        if let (Some(prepared), Backend::Standalone(ca)) = (federation, &backend) {
+            tasks.extend(crate::federation::spawn(prepared, ca, &stop_rx)?);
+        }
         let status_service = match (&backend, agent_mode) {
             (Backend::Standalone(authority), _) => {
                 tasks.push(tokio::spawn(
@@ -650,6 +689,7 @@ impl Bound {
         };
         let admin_server = tonic::transport::Server::builder()
             .add_service(admin.into_server())
+            .add_service(bundle_admin.into_server())
             .serve_with_incoming_shutdown(
                 spiffed_attest::listen::incoming(admin_listener),
                 async move {

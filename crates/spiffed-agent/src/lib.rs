@@ -18,7 +18,9 @@
 mod admin;
 mod agent;
 mod agent_mode;
+mod bundles;
 pub mod config;
+mod federation;
 mod files;
 #[doc(hidden)]
 pub mod fuzzing;

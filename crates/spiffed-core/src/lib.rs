@@ -15,6 +15,7 @@ mod index;
 mod log_gate;
 mod peer;
 mod selector;
+pub mod spiffe_bundle;
 pub mod untrusted;
 
 pub use entry::{Entry, EntryError, EntryId, EntryLimits, EntryRules, MAX_HINT_LEN, MAX_TTL};

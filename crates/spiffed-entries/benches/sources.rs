@@ -96,6 +96,7 @@ fn main() {
             hint: None,
             dns_names: vec![],
             admin: false,
+            federates_with: vec![],
         };
         let start = Instant::now();
         sources.create(vec![spec]).unwrap().remove(0).unwrap();

@@ -34,6 +34,7 @@
 //!     hint: None,
 //!     dns_names: vec![],
 //!     admin: false,
+//!     federates_with: vec![],
 //! }])?;
 //! assert!(created[0].is_ok());
 //! assert_eq!(feed.read().len(), 1);

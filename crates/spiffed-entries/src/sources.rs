@@ -138,7 +138,7 @@ impl Rules {
             jwt_svid_ttl: spec.jwt_svid_ttl,
             hint: spec.hint,
             dns_names: spec.dns_names,
-            federates_with: Vec::new(),
+            federates_with: spec.federates_with,
             admin: false,
             downstream: false,
         })?;
@@ -150,6 +150,7 @@ impl Rules {
             hint: entry.hint,
             dns_names: entry.dns_names,
             admin,
+            federates_with: entry.federates_with,
         })
     }
 }
@@ -903,6 +904,7 @@ mod tests {
             hint: None,
             dns_names: vec![],
             admin: false,
+            federates_with: vec![],
         }
     }
 

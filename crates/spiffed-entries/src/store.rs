@@ -24,6 +24,7 @@
 //!     hint: None,
 //!     dns_names: vec![],
 //!     admin: false,
+//!     federates_with: vec![],
 //! };
 //! let created = store.create(vec![spec])?.remove(0)?;
 //! assert_eq!(created.revision, 1);
@@ -45,14 +46,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use ring::rand::{SecureRandom, SystemRandom};
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, ErrorCode, OpenFlags, OptionalExtension, Row, TransactionBehavior};
-use spiffed_core::{Entry, EntryId, Selector, SpiffeId};
+use spiffed_core::{Entry, EntryId, Selector, SpiffeId, TrustDomain};
 
 /// How long a call waits for another process's write lock before it fails.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The columns of `entries`, in the order [`decode`] reads them.
 const COLUMNS: &str = "id, spiffe_id, selectors, x509_svid_ttl_ms, jwt_svid_ttl_ms, hint, \
-                       dns_names, admin, created_at_ms, updated_at_ms, revision";
+                       dns_names, admin, created_at_ms, updated_at_ms, revision, federates_with";
 
 /// [`COLUMNS`] of the table aliased `e`.
 fn e_columns() -> String {
@@ -117,6 +118,24 @@ pub struct EntrySpec {
     pub dns_names: Vec<String>,
     /// Whether callers matching this entry may use the admin API.
     pub admin: bool,
+    /// Trust domains whose federated bundles the entry's workloads receive; the store sorts
+    /// them and removes duplicates.
+    pub federates_with: Vec<TrustDomain>,
+}
+
+/// A federated trust domain's bundle kept in the store (set with `spiffed bundle set`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredBundle {
+    /// The foreign trust domain.
+    pub trust_domain: TrustDomain,
+    /// The bundle in the SPIFFE bundle format (JWKS), as the agent wrote it after checking it.
+    pub document: String,
+    /// Where the operator took it from (a file path, or `stdin`), for `bundle list`.
+    pub source: String,
+    /// When the trust domain's bundle was first stored (millisecond precision).
+    pub created_at: SystemTime,
+    /// When it was last replaced (millisecond precision).
+    pub updated_at: SystemTime,
 }
 
 /// Why a store operation failed.
@@ -458,7 +477,7 @@ impl Store {
         tx.prepare_cached(
             "UPDATE entries SET spiffe_id = ?2, selectors = ?3, x509_svid_ttl_ms = ?4, \
              jwt_svid_ttl_ms = ?5, hint = ?6, dns_names = ?7, admin = ?8, updated_at_ms = ?9, \
-             revision = ?10 WHERE id = ?1",
+             revision = ?10, federates_with = ?11 WHERE id = ?1",
         )
         .and_then(|mut s| {
             s.execute(rusqlite::params![
@@ -472,6 +491,7 @@ impl Store {
                 spec.admin,
                 now_ms(),
                 revision,
+                row.federates_with,
             ])
         })
         .map_err(|e| self.db(op, e))?;
@@ -504,6 +524,95 @@ impl Store {
             .collect())
     }
 
+    /// Every stored federated bundle, ordered by trust domain.
+    pub fn bundles(&self) -> Result<Vec<StoredBundle>, StoreError> {
+        let op = "list federated bundles";
+        let conn = self.lock();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT trust_domain, document, source, created_at_ms, updated_at_ms \
+                 FROM federated_bundles ORDER BY trust_domain",
+            )
+            .map_err(|e| self.db(op, e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)?,
+                ))
+            })
+            .map_err(|e| self.db(op, e))?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (td, document, source, created, updated) = row.map_err(|e| self.db(op, e))?;
+            let trust_domain = TrustDomain::new(&td).map_err(|e| StoreError::Corrupt {
+                path: self.path.clone(),
+                why: format!("a federated bundle's trust domain {td:?} is not valid: {e}"),
+            })?;
+            out.push(StoredBundle {
+                trust_domain,
+                document,
+                source,
+                created_at: ms_time(created),
+                updated_at: ms_time(updated),
+            });
+        }
+        Ok(out)
+    }
+
+    /// Stores (adds or replaces) the federated bundle of `trust_domain`, durably committed
+    /// before this returns; a replacement keeps `created_at`.
+    pub fn put_bundle(
+        &self,
+        trust_domain: &TrustDomain,
+        document: &str,
+        source: &str,
+    ) -> Result<StoredBundle, StoreError> {
+        let op = "store a federated bundle";
+        let now = now_ms();
+        let conn = self.lock();
+        conn.prepare_cached(
+            "INSERT INTO federated_bundles \
+             (trust_domain, document, source, created_at_ms, updated_at_ms) \
+             VALUES (?1, ?2, ?3, ?4, ?4) \
+             ON CONFLICT (trust_domain) DO UPDATE SET document = excluded.document, \
+             source = excluded.source, updated_at_ms = excluded.updated_at_ms",
+        )
+        .and_then(|mut s| {
+            s.execute(rusqlite::params![
+                trust_domain.as_str(),
+                document,
+                source,
+                now
+            ])
+        })
+        .map_err(|e| self.db(op, e))?;
+        let created: i64 = conn
+            .prepare_cached("SELECT created_at_ms FROM federated_bundles WHERE trust_domain = ?1")
+            .and_then(|mut s| s.query_row([trust_domain.as_str()], |r| r.get(0)))
+            .map_err(|e| self.db(op, e))?;
+        Ok(StoredBundle {
+            trust_domain: trust_domain.clone(),
+            document: document.to_owned(),
+            source: source.to_owned(),
+            created_at: ms_time(created),
+            updated_at: ms_time(now),
+        })
+    }
+
+    /// Deletes the federated bundle of `trust_domain`; false when there was none.
+    pub fn delete_bundle(&self, trust_domain: &TrustDomain) -> Result<bool, StoreError> {
+        let n = self
+            .lock()
+            .prepare_cached("DELETE FROM federated_bundles WHERE trust_domain = ?1")
+            .and_then(|mut s| s.execute([trust_domain.as_str()]))
+            .map_err(|e| self.db("delete a federated bundle", e))?;
+        Ok(n > 0)
+    }
+
     fn create_one(
         &self,
         conn: &mut Connection,
@@ -518,7 +627,7 @@ impl Store {
         self.check_duplicate(&tx, &spec.spiffe_id, &row, None, op)?;
         let now = now_ms();
         tx.prepare_cached(&format!(
-            "INSERT INTO entries ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+            "INSERT INTO entries ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"
         ))
         .and_then(|mut s| {
             s.execute(rusqlite::params![
@@ -533,6 +642,7 @@ impl Store {
                 now,
                 now,
                 1_i64,
+                row.federates_with,
             ])
         })
         .map_err(|e| self.db(op, e))?;
@@ -755,6 +865,8 @@ struct Encoded {
     x509_svid_ttl_ms: Option<i64>,
     jwt_svid_ttl_ms: Option<i64>,
     dns_names: String,
+    /// Canonical: sorted, without duplicates, `'\n'`-joined.
+    federates_with: String,
 }
 
 impl Encoded {
@@ -777,6 +889,16 @@ impl Encoded {
             x509_svid_ttl_ms: ttl_ms(spec.x509_svid_ttl, "x509_svid_ttl")?,
             jwt_svid_ttl_ms: ttl_ms(spec.jwt_svid_ttl, "jwt_svid_ttl")?,
             dns_names: spec.dns_names.join("\n"),
+            federates_with: {
+                let mut tds: Vec<&str> = spec
+                    .federates_with
+                    .iter()
+                    .map(TrustDomain::as_str)
+                    .collect();
+                tds.sort_unstable();
+                tds.dedup();
+                tds.join("\n")
+            },
         })
     }
 }
@@ -797,6 +919,11 @@ fn ttl_ms(ttl: Option<Duration>, field: &'static str) -> Result<Option<i64>, Sto
             field,
             why: "it is too long",
         })
+}
+
+/// A time stored as milliseconds since the Unix epoch (the epoch for a negative one).
+fn ms_time(ms: i64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(u64::try_from(ms).unwrap_or(0))
 }
 
 /// Milliseconds since the Unix epoch (0 for a clock set before 1970).
@@ -892,6 +1019,15 @@ fn decode(row: &Row<'_>) -> Result<StoredEntry, String> {
     };
     let revision =
         u64::try_from(required(10, "revision")?).map_err(|_| bad("revision", &"is negative"))?;
+    let federates_text = text(11, "federates_with")?;
+    let federates_with = if federates_text.is_empty() {
+        Vec::new()
+    } else {
+        federates_text
+            .split('\n')
+            .map(|t| TrustDomain::new(t).map_err(|e| bad("federates_with", &e)))
+            .collect::<Result<Vec<_>, _>>()?
+    };
     Ok(StoredEntry {
         entry: Entry {
             spiffe_id,
@@ -901,7 +1037,7 @@ fn decode(row: &Row<'_>) -> Result<StoredEntry, String> {
             hint,
             dns_names,
             id: EntryId::new(id.clone()),
-            federates_with: Vec::new(),
+            federates_with,
             admin: false,
             downstream: false,
         },
@@ -926,6 +1062,7 @@ mod tests {
             hint: None,
             dns_names: vec![],
             admin: false,
+            federates_with: vec![],
         }
     }
 
@@ -958,6 +1095,11 @@ mod tests {
             hint: Some("internal\0\u{1b}[31m\n\u{202e}ü".to_owned()),
             dns_names: vec!["web.internal".to_owned(), "*.svc.local".to_owned()],
             admin: true,
+            federates_with: vec![
+                TrustDomain::new("z.org").unwrap(),
+                TrustDomain::new("a.org").unwrap(),
+                TrustDomain::new("z.org").unwrap(),
+            ],
         };
         let before = SystemTime::now();
         let got = created(&store, s.clone());
@@ -979,6 +1121,13 @@ mod tests {
         assert_eq!(got.entry.jwt_svid_ttl, s.jwt_svid_ttl);
         assert_eq!(got.entry.hint, s.hint);
         assert_eq!(got.entry.dns_names, s.dns_names);
+        let tds: Vec<&str> = got
+            .entry
+            .federates_with
+            .iter()
+            .map(|t| t.as_str())
+            .collect();
+        assert_eq!(tds, ["a.org", "z.org"]);
         assert!(got.admin);
         assert_eq!(got.revision, 1);
         assert_eq!(got.created_at, got.updated_at);
@@ -988,6 +1137,47 @@ mod tests {
         assert_eq!(store.list().unwrap(), vec![got]);
         assert_eq!(store.get(&EntryId::new("entry-none")).unwrap(), None);
         assert_eq!(store.path(), path);
+    }
+
+    #[test]
+    fn federated_bundles_are_stored_replaced_and_deleted() {
+        let (_dir, path) = temp();
+        let store = Store::open(&path).unwrap();
+        let b = TrustDomain::new("b.org").unwrap();
+        let a = TrustDomain::new("a.org").unwrap();
+        assert_eq!(store.bundles().unwrap(), vec![]);
+        let first = store
+            .put_bundle(&b, r#"{"keys":[]}"#, "/tmp/b.json")
+            .unwrap();
+        store.put_bundle(&a, r#"{"keys":[1]}"#, "stdin").unwrap();
+        std::thread::sleep(Duration::from_millis(2));
+        let replaced = store.put_bundle(&b, r#"{"keys":[2]}"#, "stdin").unwrap();
+        assert_eq!(replaced.created_at, first.created_at);
+        assert!(replaced.updated_at > first.updated_at);
+        drop(store);
+        // Survives a reopen, ordered by trust domain.
+        let store = Store::open(&path).unwrap();
+        let all = store.bundles().unwrap();
+        let got: Vec<(&str, &str, &str)> = all
+            .iter()
+            .map(|s| {
+                (
+                    s.trust_domain.as_str(),
+                    s.document.as_str(),
+                    s.source.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("a.org", r#"{"keys":[1]}"#, "stdin"),
+                ("b.org", r#"{"keys":[2]}"#, "stdin")
+            ]
+        );
+        assert!(store.delete_bundle(&a).unwrap());
+        assert!(!store.delete_bundle(&a).unwrap());
+        assert_eq!(store.bundles().unwrap().len(), 1);
     }
 
     #[test]
@@ -1089,7 +1279,7 @@ mod tests {
             .execute(
                 "INSERT INTO entries SELECT 'entry-x', spiffe_id, selectors, x509_svid_ttl_ms, \
                  jwt_svid_ttl_ms, hint, dns_names, admin, created_at_ms, updated_at_ms, \
-                 revision FROM entries WHERE id = ?1",
+                 revision, federates_with FROM entries WHERE id = ?1",
                 [first.entry.id.as_str()],
             )
             .unwrap_err();
@@ -1204,7 +1394,7 @@ mod tests {
         }
         let err = Store::open(&path).unwrap_err();
         assert!(
-            matches!(&err, StoreError::TooNew { path: p, found: 99, known: 2 } if *p == path),
+            matches!(&err, StoreError::TooNew { path: p, found: 99, known: 3 } if *p == path),
             "{err:?}"
         );
         assert!(err.to_string().contains("newer spiffed"));
@@ -1238,6 +1428,10 @@ mod tests {
             ("admin", rusqlite::types::Value::Integer(7)),
             ("created_at_ms", rusqlite::types::Value::Integer(-1)),
             ("revision", rusqlite::types::Value::Real(1.5)),
+            (
+                "federates_with",
+                rusqlite::types::Value::Text("not a td!".into()),
+            ),
         ];
         for (column, value) in bad {
             // Restore the row, then damage one column.
@@ -1247,7 +1441,7 @@ mod tests {
                 conn.execute(
                     &format!(
                         "INSERT INTO entries ({COLUMNS}) VALUES (?1, 'spiffe://td/a', \
-                         'unix:uid:1', NULL, NULL, NULL, '', 0, 0, 0, 1)"
+                         'unix:uid:1', NULL, NULL, NULL, '', 0, 0, 0, 1, '')"
                     ),
                     [a.entry.id.as_str()],
                 )

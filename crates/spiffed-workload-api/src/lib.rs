@@ -39,5 +39,7 @@ pub use limits::{
     DEFAULT_MAX_JWT_AUDIENCES, DEFAULT_MAX_JWT_TOKEN_LENGTH, RequestLimits,
 };
 pub use sds::{SdsConfig, SdsService, SdsStreams};
-pub use service::{Denials, Wakeups, WorkloadApi, synthetic_entry, x509_svid_response};
+pub use service::{
+    Denials, Wakeups, WorkloadApi, synthetic_entry, x509_svid_response, x509_svid_response_for,
+};
 pub use status::ApiError;

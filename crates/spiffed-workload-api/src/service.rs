@@ -42,6 +42,9 @@ pub(crate) struct Shared {
     issuer: Arc<dyn Issuer>,
     entries: EntryFeed,
     synthetic_ids: bool,
+    /// Every caller receives every federated bundle (`[federation] federate_all`), not only
+    /// those its entries' `federates_with` name.
+    federate_all: bool,
     responses: Responses,
     /// What one request may carry.
     limits: RequestLimits,
@@ -344,7 +347,7 @@ impl Shared {
         if let Some(enc) = lock(&self.responses.x509).get(fp) {
             return enc.clone();
         }
-        let enc = x509_svid_response(ids, set);
+        let enc = x509_svid_response_for(ids, set, self.federate_all);
         let mut cache = lock(&self.responses.x509);
         let stale = cache.keys().next().is_some_and(|(_, seq)| *seq != fp.1);
         if stale || cache.len() >= MAX_SHARED_RESPONSES {
@@ -405,6 +408,23 @@ fn visible<'a>(
     )
 }
 
+impl Shared {
+    /// The federated trust domains a caller holding `entries` receives the bundles of: those
+    /// the entries federate with, or every one in `set` with `federate_all`.
+    pub(crate) fn federates(&self, set: &BundleSet, entries: &[Arc<Entry>]) -> Vec<TrustDomain> {
+        if self.federate_all {
+            set.federated().map(|b| b.trust_domain().clone()).collect()
+        } else {
+            federates_of(entries.iter())
+        }
+    }
+
+    /// Whether every caller receives every federated bundle.
+    pub(crate) fn federate_all(&self) -> bool {
+        self.federate_all
+    }
+}
+
 /// The trust domains the entries federate with, sorted, without duplicates.
 fn federates_of<'a>(entries: impl Iterator<Item = &'a Arc<Entry>>) -> Vec<TrustDomain> {
     let mut tds: Vec<TrustDomain> = entries
@@ -434,6 +454,15 @@ fn x509_bundle_map<'a>(
 /// The agent encodes each distinct message once per change and shares it between the streams
 /// that send it; public for the encoding benchmark.
 pub fn x509_svid_response(ids: &[Identity], set: &BundleSet) -> Encoded<X509svidResponse> {
+    x509_svid_response_for(ids, set, false)
+}
+
+/// [`x509_svid_response`], with every federated bundle of `set` when `federate_all`.
+pub fn x509_svid_response_for(
+    ids: &[Identity],
+    set: &BundleSet,
+    federate_all: bool,
+) -> Encoded<X509svidResponse> {
     let der = set.own().x509.concatenated_der();
     let msg = X509svidResponse {
         svids: ids
@@ -448,8 +477,10 @@ pub fn x509_svid_response(ids: &[Identity], set: &BundleSet) -> Encoded<X509svid
             .collect(),
         crl: vec![],
         federated_bundles: x509_bundle_map(set.federated().filter(|b| {
-            ids.iter()
-                .any(|i| i.entry.federates_with.contains(b.trust_domain()))
+            federate_all
+                || ids
+                    .iter()
+                    .any(|i| i.entry.federates_with.contains(b.trust_domain()))
         })),
     };
     let enc = Encoded::new(&msg);
@@ -463,7 +494,7 @@ pub fn x509_svid_response(ids: &[Identity], set: &BundleSet) -> Encoded<X509svid
 /// What a stream last sent, to send only real changes: each SVID by entry and serial with its
 /// hint and the trust domains it federates with (an entry's hint or federation can change
 /// without a new SVID), and the bundle set's sequence.
-type X509Fingerprint = (
+pub(crate) type X509Fingerprint = (
     Vec<(EntryId, Vec<u8>, Option<String>, Vec<TrustDomain>)>,
     u64,
 );
@@ -660,6 +691,12 @@ impl X509Stream {
         Some((ids, set))
     }
 
+    /// The fingerprint of the snapshot last taken (entry, serial, hint and federation of each
+    /// SVID, and the bundle set sequence): it determines what the workload holds completely.
+    pub(crate) fn fingerprint(&self) -> Option<&X509Fingerprint> {
+        self.last.as_ref()
+    }
+
     /// The message for the current SVIDs and bundles, and `None` when it is what was last sent.
     fn next_message(&mut self) -> Option<(Vec<Identity>, Encoded<X509svidResponse>)> {
         let (ids, set) = self.next_snapshot()?;
@@ -754,7 +791,7 @@ impl WorkloadApi {
             attestor,
             issuer,
             entries,
-            synthetic_ids,
+            (synthetic_ids, false),
             RequestLimits::default(),
         )
     }
@@ -767,8 +804,22 @@ impl WorkloadApi {
             s.attestor.clone(),
             s.issuer.clone(),
             s.entries.clone(),
-            s.synthetic_ids,
+            (s.synthetic_ids, s.federate_all),
             limits,
+        )
+    }
+
+    /// The same service giving every caller every federated bundle when `federate_all` (the
+    /// agent's `[federation] federate_all`), instead of those its entries' `federates_with`
+    /// name (the default). Call it before serving: the counters start again from zero.
+    pub fn with_federate_all(self, federate_all: bool) -> Self {
+        let s = &self.shared;
+        Self::build(
+            s.attestor.clone(),
+            s.issuer.clone(),
+            s.entries.clone(),
+            (s.synthetic_ids, federate_all),
+            s.limits,
         )
     }
 
@@ -777,7 +828,7 @@ impl WorkloadApi {
         attestor: Arc<dyn Attestor>,
         issuer: Arc<dyn Issuer>,
         entries: EntryFeed,
-        synthetic_ids: bool,
+        (synthetic_ids, federate_all): (bool, bool),
         limits: RequestLimits,
     ) -> Self {
         Self {
@@ -786,6 +837,7 @@ impl WorkloadApi {
                 issuer,
                 entries,
                 synthetic_ids,
+                federate_all,
                 responses: Responses::default(),
                 limits,
                 throttle: Throttle::new(limits.denial_log_lines_per_second),
@@ -847,7 +899,9 @@ fn bundle_stream<T: Send + 'static>(
     make: fn(&Shared, &BundleSet, &[TrustDomain]) -> Encoded<T>,
 ) -> BoxStream<Encoded<T>> {
     let set = sub.bundle_set();
-    let federates = federates_of(sub.shared.entitled(&sub.caller).iter());
+    let federates = sub
+        .shared
+        .federates(&set, &sub.shared.entitled(&sub.caller));
     let first = make(&sub.shared, &set, &federates);
     let state = (sub, first.clone(), Some(first), false);
     Box::pin(futures::stream::unfold(
@@ -879,7 +933,9 @@ fn bundle_stream<T: Send + 'static>(
                     Wake::Svid(..) => continue,
                 }
                 let set = sub.bundle_set();
-                let federates = federates_of(sub.shared.entitled(&sub.caller).iter());
+                let federates = sub
+                    .shared
+                    .federates(&set, &sub.shared.entitled(&sub.caller));
                 let msg = make(&sub.shared, &set, &federates);
                 if msg == last {
                     continue;
@@ -1079,10 +1135,13 @@ impl SpiffeWorkloadApi for WorkloadApi {
             return Err(e.into());
         }
         // A token of a federated trust domain is checked only against a bundle the caller's
-        // entries federate with (as spire-agent: the caller's own view of the bundles).
+        // entries federate with (as spire-agent: the caller's own view of the bundles), or
+        // any federated bundle with `federate_all`.
         let v = crate::jwt::subject_trust_domain(&req.svid)
             .filter(|td| td != shared.issuer.trust_domain())
-            .filter(|td| !federates_of(shared.entitled(&caller).iter()).contains(td))
+            .filter(|td| {
+                !shared.federate_all && !federates_of(shared.entitled(&caller).iter()).contains(td)
+            })
             .map_or_else(
                 || shared.issuer.validate_jwt(&req.svid, &req.audience),
                 |td| Err(JwtError::NoBundle(td.as_str().to_owned())),

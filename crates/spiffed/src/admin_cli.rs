@@ -14,6 +14,7 @@
 //!
 //! Exit codes: 0 on success, 1 when the agent refuses or any entry of a batch fails, 64 for a
 //! bad command line, configuration file or `--from-file`.
+mod bundle;
 mod render;
 mod spec;
 
@@ -25,6 +26,7 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use serde_json::Value;
 use spiffed_agent::config::{Config, ConfigError, DEFAULT_ADMIN_SOCKET_PATH};
+use spiffed_proto::admin::bundle_admin_client::BundleAdminClient;
 use spiffed_proto::admin::entry_admin_client::EntryAdminClient;
 use spiffed_proto::admin::{
     CreateEntriesRequest, DeleteEntriesRequest, Entry, EntrySpec, ExplainRequest, GetEntryRequest,
@@ -36,6 +38,8 @@ use crate::cli_common::output::{OutputFormat, StdoutError, err, out, output_form
 use crate::cli_common::socket::{Api, SocketError, check_socket_file};
 use crate::cli_common::{Failure, fail};
 use spec::SpecChanges;
+
+pub(crate) use bundle::{BundleCommand, run_bundle};
 
 /// How long to wait for the admin socket to accept a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -126,6 +130,14 @@ pub(crate) struct CreateArgs {
     /// A DNS name for the X.509-SVID's SAN. Repeat it for more.
     #[arg(long = "dns-name", value_name = "NAME", conflicts_with = "from_file")]
     dns_names: Vec<String>,
+    /// A foreign trust domain (e.g. partner.example) whose federated bundle the entry's
+    /// workloads receive (see `spiffed bundle set`). Repeat it for more.
+    #[arg(
+        long = "federates-with",
+        value_name = "TRUST_DOMAIN",
+        conflicts_with = "from_file"
+    )]
+    federates_with: Vec<String>,
     /// Create every entry in FILE (- for stdin): a JSON array of objects with spiffe_id,
     /// selectors and optionally x509_svid_ttl_seconds, jwt_svid_ttl_seconds, hint, dns_names
     /// (the output of `entry list --output json` is accepted). Prints one line per entry.
@@ -180,6 +192,17 @@ pub(crate) struct UpdateArgs {
     /// Remove all DNS names.
     #[arg(long)]
     clear_dns_names: bool,
+    /// A foreign trust domain whose federated bundle the entry's workloads receive. Repeat it;
+    /// the trust domains given replace all current ones.
+    #[arg(
+        long = "federates-with",
+        value_name = "TRUST_DOMAIN",
+        conflicts_with = "clear_federates_with"
+    )]
+    federates_with: Vec<String>,
+    /// Federate with no trust domain any more.
+    #[arg(long)]
+    clear_federates_with: bool,
 }
 
 /// `spiffed explain`.
@@ -312,8 +335,8 @@ fn socket_path(args: &AdminArgs) -> Result<PathBuf, AdminError> {
     Ok(PathBuf::from(DEFAULT_ADMIN_SOCKET_PATH))
 }
 
-/// Connects an admin client to the socket at `path`.
-async fn connect(path: &Path) -> Result<EntryAdminClient<Channel>, AdminError> {
+/// Connects a channel to the admin socket at `path`.
+async fn connect(path: &Path) -> Result<Channel, AdminError> {
     check_socket_file(Api::Admin, path)?;
     let target = path.to_path_buf();
     let endpoint = Endpoint::try_from("http://localhost")
@@ -331,13 +354,15 @@ async fn connect(path: &Path) -> Result<EntryAdminClient<Channel>, AdminError> {
         }))
         .await
         .map_err(|e| SocketError::from_connect(Api::Admin, path, e))?;
-    Ok(EntryAdminClient::new(channel))
+    Ok(channel)
 }
 
 /// An open admin connection and where it goes, for messages.
 struct Admin {
-    /// The client.
+    /// The entry client.
     client: EntryAdminClient<Channel>,
+    /// The bundle client, on the same connection.
+    bundles: BundleAdminClient<Channel>,
     /// The socket path.
     path: PathBuf,
 }
@@ -346,8 +371,12 @@ impl Admin {
     /// Resolves the socket from `args` and connects.
     async fn open(args: &AdminArgs) -> Result<Self, AdminError> {
         let path = socket_path(args)?;
-        let client = connect(&path).await?;
-        Ok(Self { client, path })
+        let channel = connect(&path).await?;
+        Ok(Self {
+            client: EntryAdminClient::new(channel.clone()),
+            bundles: BundleAdminClient::new(channel),
+            path,
+        })
     }
 
     /// Turns a failed call into an [`AdminError`].
@@ -415,7 +444,8 @@ async fn run_create(args: &AdminArgs, create: CreateArgs) -> Result<ExitCode, Ad
                 create.hint,
                 create.dns_names,
                 false,
-            ),
+            )
+            .with_federates_with(create.federates_with, false),
         )],
     };
     let mut admin = Admin::open(args).await?;
@@ -539,11 +569,13 @@ async fn run_update(args: &AdminArgs, update: UpdateArgs) -> Result<ExitCode, Ad
         update.hint,
         update.dns_names,
         update.clear_dns_names,
-    );
+    )
+    .with_federates_with(update.federates_with, update.clear_federates_with);
     if changes.is_empty() {
         return Err(AdminError::Usage(
             "nothing to update: pass at least one of --spiffe-id, --selector, --x509-svid-ttl, \
-             --jwt-svid-ttl, --hint, --dns-name, --clear-dns-names"
+             --jwt-svid-ttl, --hint, --dns-name, --clear-dns-names, --federates-with, \
+             --clear-federates-with"
                 .to_owned(),
         ));
     }

@@ -71,6 +71,14 @@ enum Command {
         #[command(subcommand)]
         command: admin_cli::EntryCommand,
     },
+    /// Trust bundles over the admin socket: show this agent's own, and list, set or delete
+    /// federated bundles (other trust domains' bundles that workloads receive).
+    Bundle {
+        #[command(flatten)]
+        admin: admin_cli::AdminArgs,
+        #[command(subcommand)]
+        command: admin_cli::BundleCommand,
+    },
     /// Why does a process get, or not get, an identity? Shows the selectors the agent derives
     /// for it, every entry that matches or nearly matches, and the identities it would issue.
     Explain {
@@ -129,6 +137,7 @@ fn main() -> ExitCode {
             Command::Api { endpoint, command } => client::run_api(&endpoint, command).await,
             Command::Healthcheck { endpoint } => client::run_healthcheck(&endpoint).await,
             Command::Entry { admin, command } => admin_cli::run_entry(&admin, command).await,
+            Command::Bundle { admin, command } => admin_cli::run_bundle(&admin, command).await,
             Command::Explain { admin, explain } => admin_cli::run_explain(&admin, &explain).await,
             Command::Status { admin } => admin_cli::run_status(&admin).await,
         };

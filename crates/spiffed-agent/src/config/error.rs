@@ -274,6 +274,15 @@ fn table_of(path: &[Seg]) -> Option<Table> {
         [Seg::Key(u), Seg::Key(d), _] if u == "upstream_authority" && d == "disk" => {
             Some(Table::UpstreamDisk)
         }
+        [Seg::Key(t), _] if t == "federation" => Some(Table::Federation),
+        [Seg::Key(t), Seg::Key(b), _] if t == "federation" && b == "bundle_endpoint" => {
+            Some(Table::BundleEndpoint)
+        }
+        [Seg::Key(t), Seg::Key(r), Seg::Index(_), _]
+            if t == "federation" && r == "trust_domains" =>
+        {
+            Some(Table::Relationship)
+        }
         _ => None,
     }
 }
@@ -349,6 +358,9 @@ fn unknown_key_fix(unknown: &str, table: Option<Table>) -> String {
         Table::Entry => "keys of [[entries]]",
         Table::Sds => "keys of [sds]",
         Table::UpstreamDisk => "keys of [upstream_authority.disk]",
+        Table::Federation => "keys of [federation]",
+        Table::BundleEndpoint => "keys of [federation.bundle_endpoint]",
+        Table::Relationship => "keys of [[federation.trust_domains]]",
     };
     match near {
         Some((_, k)) => format!("did you mean `{k}`? {what}: {list}"),

@@ -52,8 +52,23 @@ WITH RECURSIVE split (entry_id, selector, rest) AS (
 SELECT DISTINCT selector, entry_id FROM split WHERE selector <> '';
 ";
 
+/// Version 3: entries' `federates_with` (trust domain names, `'\n'`-joined, sorted, without
+/// duplicates; empty for none), and the federated trust bundles set through the admin API
+/// (`spiffed bundle set`): one row per foreign trust domain, its document in the SPIFFE bundle
+/// format as the agent re-wrote it after checking it, and where the operator took it from.
+const MIGRATION_3: &str = "
+ALTER TABLE entries ADD COLUMN federates_with TEXT NOT NULL DEFAULT '';
+CREATE TABLE federated_bundles (
+    trust_domain TEXT PRIMARY KEY NOT NULL,
+    document TEXT NOT NULL,
+    source TEXT NOT NULL,
+    created_at_ms INTEGER NOT NULL,
+    updated_at_ms INTEGER NOT NULL
+);
+";
+
 /// Every migration, in order; the schema version this code writes is its length.
-pub(super) const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2];
+pub(super) const MIGRATIONS: &[&str] = &[MIGRATION_1, MIGRATION_2, MIGRATION_3];
 
 /// The newest schema version this code knows.
 pub(super) const VERSION: i64 = MIGRATIONS.len() as i64;

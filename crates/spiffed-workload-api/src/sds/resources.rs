@@ -111,15 +111,19 @@ pub struct Snapshot<'a> {
     pub ids: &'a [Identity],
     /// Every bundle; the workload sees the own one and those its entries federate with.
     pub bundles: &'a BundleSet,
+    /// The workload sees every federated bundle (`[federation] federate_all`).
+    pub federate_all: bool,
 }
 
 impl Snapshot<'_> {
     /// The federated bundles the workload is entitled to, by trust domain.
     fn federated(&self) -> impl Iterator<Item = &TrustBundle> {
         self.bundles.federated().filter(|b| {
-            self.ids
-                .iter()
-                .any(|i| i.entry.federates_with.contains(b.trust_domain()))
+            self.federate_all
+                || self
+                    .ids
+                    .iter()
+                    .any(|i| i.entry.federates_with.contains(b.trust_domain()))
         })
     }
 

@@ -3,7 +3,8 @@
 //! Every function here is pure. Text output passes strings from the agent through [`clean`],
 //! so an entry's hint or selector cannot send escape sequences to a terminal. JSON field names
 //! are stable (they are the CLI's public interface): `id`, `spiffe_id`, `selectors`,
-//! `x509_svid_ttl_seconds`, `jwt_svid_ttl_seconds`, `hint`, `dns_names`, `source`, `revision`,
+//! `x509_svid_ttl_seconds`, `jwt_svid_ttl_seconds`, `hint`, `dns_names`, `federates_with`,
+//! `source`, `revision`,
 //! `created_at`, `updated_at`. A TTL of "agent default" is `null`, no hint is `null`, and the
 //! times are RFC 3339 (`null` for config-file entries, which have none).
 
@@ -77,6 +78,7 @@ pub(crate) fn entry_json(entry: &Entry) -> Value {
         "jwt_svid_ttl_seconds": ttl_json(spec.jwt_svid_ttl_seconds),
         "hint": (!spec.hint.is_empty()).then_some(spec.hint),
         "dns_names": spec.dns_names,
+        "federates_with": spec.federates_with,
         "source": entry.source,
         "revision": entry.revision,
         "created_at": rfc3339(entry.created_at),
@@ -114,6 +116,7 @@ pub(crate) fn entry_text(entry: &Entry) -> String {
     };
     let _ = writeln!(out, "Hint:            {hint}");
     push_list(&mut out, "DNS names:       ", &spec.dns_names);
+    push_list(&mut out, "Federates with:  ", &spec.federates_with);
     let _ = writeln!(out, "Source:          {}", clean(&entry.source));
     let _ = writeln!(out, "Revision:        {}", entry.revision);
     let created = rfc3339(entry.created_at).unwrap_or_else(|| "-".to_owned());
@@ -535,6 +538,7 @@ mod tests {
                 hint: "internal".to_owned(),
                 dns_names: vec!["web.internal".to_owned()],
                 admin: false,
+                federates_with: vec!["partner.example".to_owned()],
             }),
             source: "store".to_owned(),
             revision: 3,
@@ -596,6 +600,7 @@ X.509-SVID TTL:  10m
 JWT-SVID TTL:    agent default
 Hint:            internal
 DNS names:       web.internal
+Federates with:  partner.example
 Source:          store
 Revision:        3
 Created:         2023-11-14T22:13:20Z
@@ -627,6 +632,7 @@ Updated:         2023-11-14T22:23:20Z";
                 "jwt_svid_ttl_seconds": null,
                 "hint": "internal",
                 "dns_names": ["web.internal"],
+                "federates_with": ["partner.example"],
                 "source": "store",
                 "revision": 3,
                 "created_at": "2023-11-14T22:13:20Z",

@@ -36,6 +36,9 @@ pub(crate) struct SpecChanges {
     pub(crate) hint: Option<String>,
     /// `--dns-name`, repeated (or `--clear-dns-names`: an empty list): replaces the whole list.
     pub(crate) dns_names: Option<Vec<String>>,
+    /// `--federates-with`, repeated (or `--clear-federates-with`: an empty list): replaces the
+    /// whole list.
+    pub(crate) federates_with: Option<Vec<String>>,
 }
 
 impl SpecChanges {
@@ -57,7 +60,15 @@ impl SpecChanges {
             jwt_svid_ttl_seconds,
             hint,
             dns_names: (clear_dns_names || !dns_names.is_empty()).then_some(dns_names),
+            federates_with: None,
         }
+    }
+
+    /// The same changes with `--federates-with` (replacing the list when given, or emptying
+    /// it with `clear`).
+    pub(crate) fn with_federates_with(mut self, federates_with: Vec<String>, clear: bool) -> Self {
+        self.federates_with = (clear || !federates_with.is_empty()).then_some(federates_with);
+        self
     }
 
     /// Whether no field is given.
@@ -88,6 +99,9 @@ pub(crate) fn overlay(current: &EntrySpec, changes: &SpecChanges) -> EntrySpec {
     if let Some(names) = &changes.dns_names {
         spec.dns_names.clone_from(names);
     }
+    if let Some(tds) = &changes.federates_with {
+        spec.federates_with.clone_from(tds);
+    }
     spec
 }
 
@@ -114,6 +128,9 @@ struct FileSpec {
     /// DNS names for the X.509 SAN.
     #[serde(default)]
     dns_names: Vec<String>,
+    /// Foreign trust domains whose federated bundles the entry's workloads receive.
+    #[serde(default)]
+    federates_with: Vec<String>,
     /// Ignored (set by the agent).
     #[serde(default, rename = "id")]
     _id: IgnoredAny,
@@ -141,6 +158,7 @@ impl From<FileSpec> for EntrySpec {
             hint: f.hint.unwrap_or_default(),
             dns_names: f.dns_names,
             admin: false,
+            federates_with: f.federates_with,
         }
     }
 }
@@ -151,7 +169,7 @@ pub(crate) fn parse_spec_file(text: &str) -> Result<Vec<EntrySpec>, String> {
     let specs: Vec<FileSpec> = serde_json::from_str(text).map_err(|e| {
         format!(
             "{e} (expected a JSON array of objects with spiffe_id, selectors and optionally \
-             x509_svid_ttl_seconds, jwt_svid_ttl_seconds, hint, dns_names)"
+             x509_svid_ttl_seconds, jwt_svid_ttl_seconds, hint, dns_names, federates_with)"
         )
     })?;
     if specs.is_empty() {
@@ -173,6 +191,7 @@ mod tests {
             hint: "internal".to_owned(),
             dns_names: vec!["web.internal".to_owned()],
             admin: false,
+            federates_with: vec!["partner.example".to_owned()],
         }
     }
 
@@ -243,7 +262,18 @@ mod tests {
                 hint: "external".to_owned(),
                 dns_names: vec!["a.example".to_owned(), "b.example".to_owned()],
                 admin: false,
+                federates_with: vec!["partner.example".to_owned()],
             }
+        );
+        // --federates-with replaces the list; --clear-federates-with empties it.
+        let changes = SpecChanges::default().with_federates_with(vec!["x.org".into()], false);
+        assert_eq!(overlay(&current(), &changes).federates_with, ["x.org"]);
+        let changes = SpecChanges::default().with_federates_with(vec![], true);
+        assert!(overlay(&current(), &changes).federates_with.is_empty());
+        assert!(
+            SpecChanges::default()
+                .with_federates_with(vec![], false)
+                .is_empty()
         );
     }
 
