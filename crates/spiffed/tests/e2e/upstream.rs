@@ -131,19 +131,63 @@ fn openssl_verify(chain: &[u8], bundle: &[u8], dir: &Path) -> Option<Result<(), 
     })
 }
 
+/// A host with 6s CAs (rotating within seconds) and the upstream files in `upstream`.
 fn host(upstream: &Path) -> Agent {
+    host_with(
+        upstream,
+        "x509_svid_ttl = \"2s\"\njwt_svid_ttl = \"2s\"\nca_ttl = \"6s\"\nmin_svid_ttl = \"1s\"\n\
+         min_ca_ttl = \"1s\"\n",
+    )
+}
+
+fn host_with(upstream: &Path, ttls: &str) -> Agent {
     let uid = my_uid();
     Agent::start(
         &bin(),
         &format!(
-            "x509_svid_ttl = \"2s\"\njwt_svid_ttl = \"2s\"\nca_ttl = \"6s\"\nmin_svid_ttl = \"1s\"\n\
-             min_ca_ttl = \"1s\"\n\
+            "{ttls}\
              [[entries]]\nspiffe_id = \"spiffe://example.org/web\"\nselectors = [\"unix:uid:{uid}\"]\n\
              [upstream_authority.disk]\ncert_file_path = \"{0}/ca.crt\"\n\
              key_file_path = \"{0}/ca.key\"\nbundle_file_path = \"{0}/root.crt\"\n",
             upstream.display()
         ),
     )
+}
+
+/// The first X.509-SVID message of `agent`: (chain, bundle).
+async fn first_svid(agent: &Agent) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+    let mut client = agent.client().await;
+    let mut stream = x509_stream(&mut client).await;
+    let m = stream.message().await.unwrap().unwrap();
+    (
+        split_der(&m.svids[0].x509_svid),
+        split_der(&m.svids[0].bundle),
+    )
+}
+
+#[tokio::test]
+async fn kill_9_and_restart_serve_the_same_chain_whatever_the_files_say_now() {
+    let scratch = tempfile::tempdir().unwrap();
+    let dir = scratch.path().join("upstream");
+    let pki = upstream_pki(&dir);
+    let mut agent = host_with(&dir, "");
+    let (chain, bundle) = first_svid(&agent).await;
+    assert_eq!(chain.len(), 3);
+    assert_eq!(bundle, vec![pki.root_der.clone()]);
+    // The upstream is renewed (another intermediate under another root) while the agent is
+    // killed: the restarted agent serves the CA and chain recorded in ca.json, not a CA
+    // signed again; the renewed files only sign the next CA.
+    upstream_pki(&dir);
+    agent.kill9();
+    agent.spawn();
+    let (again, bundle_again) = first_svid(&agent).await;
+    assert_eq!(
+        again[1..],
+        chain[1..],
+        "the same CA and upstream chain after kill -9"
+    );
+    assert_eq!(bundle_again, bundle);
+    webpki_verify(&again.concat(), &bundle_again.concat()).unwrap();
 }
 
 /// What a host last sent: its SVID chain and its bundle.
