@@ -44,6 +44,7 @@ fn fixture() -> &'static Fixture {
             jwt_svid_ttl: Duration::from_secs(300),
             new_root: NewRootPolicy::Refuse,
             premint_entries: 0,
+            upstream: None,
         })
         .unwrap();
         let entry = Arc::new(Entry {

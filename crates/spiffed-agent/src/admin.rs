@@ -46,6 +46,26 @@ impl Reloader {
             .map(drop)
             .map_err(|e| e.to_string())
     }
+
+    /// Reads and checks the files of `cfg`'s `[upstream_authority.disk]`, if any, and logs the
+    /// outcome: after renewing them, `SIGHUP` tells whether the next CA rotation can use them.
+    /// The running CAs are not touched (the files are read again when the next CA is made).
+    pub fn check_upstream(&self, cfg: &crate::config::Config) {
+        let Some(up) = &cfg.upstream_authority else {
+            return;
+        };
+        match spiffed_authority::check_upstream(up, std::time::SystemTime::now()) {
+            Ok(what) => tracing::info!(
+                upstream = %what,
+                "upstream authority files checked: the next CA will be signed by them"
+            ),
+            Err(e) => tracing::error!(
+                error = %e,
+                "the upstream authority files cannot be used: the current CAs keep signing, but \
+                 the next CA rotation fails until they are fixed"
+            ),
+        }
+    }
 }
 
 /// The admin gRPC service.

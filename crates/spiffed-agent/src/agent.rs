@@ -322,6 +322,7 @@ fn open_standalone(
         jwt_svid_ttl: cfg.jwt_svid_ttl,
         new_root: cfg.new_trust_root,
         premint_entries: cfg.premint_entries,
+        upstream: cfg.upstream_authority.clone(),
     })?;
     let store = Store::open(&cfg.data_dir.join("entries.sqlite"))?;
     // Every entry, from the config file or the store, is checked by the same rules

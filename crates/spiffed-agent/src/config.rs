@@ -345,6 +345,10 @@ pub struct Config {
     pub metrics: Option<HttpEndpoint>,
     /// `[health] listen = "127.0.0.1:PORT"`: `/live` and `/ready` over HTTP (default off).
     pub health: Option<HttpEndpoint>,
+    /// Standalone mode: `[upstream_authority.disk]`, an upstream CA from files that signs the
+    /// agent's CAs (`None`: self-signed CAs). Its files are read again at each CA rotation, so a
+    /// renewed upstream needs no restart; changing the paths does.
+    pub upstream_authority: Option<spiffed_authority::UpstreamConfig>,
     /// `[federation] federate_all = true`: every workload receives every federated bundle (as
     /// if each entry's `federates_with` named every federated trust domain). Default false:
     /// a workload receives the federated bundles its entries' `federates_with` name.
@@ -415,6 +419,7 @@ impl Config {
             sds: Some(spiffed_workload_api::SdsConfig::default()),
             metrics: None,
             health: None,
+            upstream_authority: None,
             federate_all: false,
             bundle_endpoint: None,
             federation: Vec::new(),
@@ -465,6 +470,7 @@ impl Config {
             sds,
             metrics,
             health,
+            upstream_authority,
             federate_all,
             bundle_endpoint,
             federation,
@@ -499,6 +505,10 @@ impl Config {
             *bundle_endpoint != new.bundle_endpoint,
         );
         check("federation.trust_domains", *federation != new.federation);
+        check(
+            "upstream_authority",
+            *upstream_authority != new.upstream_authority,
+        );
         check(
             "max_selectors_per_entry",
             *max_selectors_per_entry != new.max_selectors_per_entry,
@@ -573,7 +583,7 @@ impl Config {
              jwt_cache_entries_per_identity={} max_logged_string_length={} \
              denial_log_lines_per_second={} max_selectors_per_entry={} \
              max_dns_names_per_entry={} min_svid_ttl={} min_ca_ttl={} premint_entries={} \
-             federate_all={} bundle_endpoint={} federation={:?} metrics={} health={} sds={}",
+             upstream_authority={} federate_all={} bundle_endpoint={} federation={:?} metrics={} health={} sds={}",
             self.trust_domain,
             self.socket_path.display(),
             self.socket_mode,
@@ -606,6 +616,10 @@ impl Config {
             humantime::format_duration(self.min_svid_ttl),
             humantime::format_duration(self.min_ca_ttl),
             self.premint_entries,
+            self.upstream_authority.as_ref().map_or_else(
+                || "off".to_owned(),
+                |u| format!("disk(cert_file_path={})", u.cert_file_path.display())
+            ),
             self.federate_all,
             self.bundle_endpoint
                 .as_ref()
@@ -2179,5 +2193,94 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
             5,
             "spire_server.server_port",
         );
+    }
+
+    const UPSTREAM: &str = "[upstream_authority.disk]";
+
+    #[test]
+    fn upstream_authority_disk_table() {
+        let cfg = parse(&doc(&[TD])).unwrap();
+        assert_eq!(cfg.upstream_authority, None);
+        assert!(cfg.summary().contains("upstream_authority=off"));
+        let cfg = parse(&doc(&[
+            TD,
+            UPSTREAM,
+            "cert_file_path = \"/etc/up/ca.crt\"",
+            "key_file_path = \"/etc/up/ca.key\"",
+            "bundle_file_path = \"/etc/up/root.crt\"",
+        ]))
+        .unwrap();
+        assert_eq!(
+            cfg.upstream_authority,
+            Some(spiffed_authority::UpstreamConfig {
+                cert_file_path: "/etc/up/ca.crt".into(),
+                key_file_path: "/etc/up/ca.key".into(),
+                bundle_file_path: Some("/etc/up/root.crt".into()),
+            })
+        );
+        assert!(
+            cfg.summary()
+                .contains("upstream_authority=disk(cert_file_path=/etc/up/ca.crt)"),
+            "{}",
+            cfg.summary()
+        );
+        // A change of the paths needs a restart (the files' contents do not).
+        let plain = parse(&doc(&[TD])).unwrap();
+        assert_eq!(plain.changes_needing_restart(&cfg), ["upstream_authority"]);
+        // The bundle is optional.
+        let cfg = parse(&doc(&[
+            TD,
+            UPSTREAM,
+            "cert_file_path = \"/etc/up/ca.crt\"",
+            "key_file_path = \"/etc/up/ca.key\"",
+        ]))
+        .unwrap();
+        assert_eq!(cfg.upstream_authority.unwrap().bundle_file_path, None);
+    }
+
+    #[test]
+    fn upstream_authority_errors_name_the_key_and_the_fix() {
+        let e = fails_at(
+            &[TD, UPSTREAM, "cert_file_path = \"/etc/up/ca.crt\""],
+            2,
+            "upstream_authority.disk.key_file_path",
+        );
+        assert!(e.fix.contains("PKCS#8"), "{e}");
+        let e = fails_at(
+            &[
+                TD,
+                UPSTREAM,
+                "cert_file_path = \"ca.crt\"",
+                "key_file_path = \"/etc/up/ca.key\"",
+            ],
+            3,
+            "upstream_authority.disk.cert_file_path",
+        );
+        assert!(e.message.contains("not an absolute path"), "{e}");
+        let e = fails_at(
+            &[
+                TD,
+                UPSTREAM,
+                "cert_file_path = \"/etc/up/ca.crt\"",
+                "key_file = \"/etc/up/ca.key\"",
+            ],
+            4,
+            "upstream_authority.disk.key_file",
+        );
+        assert!(e.fix.contains("key_file_path"), "{e}");
+        let e = parse(&doc(&[TD, "[upstream_authority]"])).unwrap_err();
+        assert!(e.fix.contains("[upstream_authority.disk]"), "{e}");
+        let e = parse(&doc(&[
+            TD,
+            SPIRE,
+            "address = \"h:1\"",
+            "insecure_bootstrap = true",
+            "join_token = \"t\"",
+            UPSTREAM,
+            "cert_file_path = \"/etc/up/ca.crt\"",
+            "key_file_path = \"/etc/up/ca.key\"",
+        ]))
+        .unwrap_err();
+        assert!(e.message.contains("agent mode"), "{e}");
     }
 }

@@ -41,6 +41,7 @@ fn open(dir: &std::path::Path, premint_entries: usize) -> CaAuthority {
         jwt_svid_ttl: Duration::from_secs(300),
         new_root: spiffed_authority::NewRootPolicy::Refuse,
         premint_entries,
+        upstream: None,
     })
     .unwrap()
 }

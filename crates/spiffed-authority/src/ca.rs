@@ -17,6 +17,7 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::Error;
+use crate::upstream::{Upstream, UpstreamConfig};
 use crate::x509::{MintedCa, NOT_BEFORE_CUSHION, from_cert_time, mint_ca};
 
 /// The role of one signing key in the rotation.
@@ -48,6 +49,18 @@ pub(crate) enum Material {
     },
 }
 
+/// What an upstream CA signed an X.509 CA under, as it was when it signed: kept with the CA
+/// (and in `ca.json`) so that the chain served and the roots published stay those of the
+/// signature, whatever the upstream files say later.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct UpstreamChain {
+    /// What follows the CA's certificate in an SVID chain: the upstream signing certificate
+    /// and its intermediates, up to but excluding the root (DER).
+    pub(crate) chain: Vec<Vec<u8>>,
+    /// The upstream roots, published in the bundle instead of the CA's own certificate (DER).
+    pub(crate) roots: Vec<Vec<u8>>,
+}
+
 /// One signing key: material, private key and role.
 #[derive(Clone)]
 pub(crate) struct Ca {
@@ -57,11 +70,18 @@ pub(crate) struct Ca {
     pub(crate) state: CaState,
     /// When it was made.
     pub(crate) created: SystemTime,
+    /// For an X.509 CA signed by an upstream: its chain and roots (`None`: self-signed).
+    pub(crate) upstream: Option<UpstreamChain>,
 }
 
 impl Ca {
     fn from_minted(m: MintedCa, state: CaState) -> Self {
+        let upstream = (!m.roots.is_empty()).then_some(UpstreamChain {
+            chain: m.chain,
+            roots: m.roots,
+        });
         Self {
+            upstream,
             created: m.not_before + NOT_BEFORE_CUSHION,
             material: Material::X509 {
                 cert_der: m.cert_der,
@@ -102,7 +122,7 @@ impl Ca {
     }
 
     /// When the next key is prepared: half way through this one's life.
-    fn prepare_at(&self) -> SystemTime {
+    pub(crate) fn prepare_at(&self) -> SystemTime {
         self.created + self.lifetime() / 2
     }
 
@@ -141,6 +161,13 @@ struct FileCa {
     key: String,
     #[zeroize(skip)]
     state: CaState,
+    /// Signed by an upstream: the certificates after `cert` in a chain (base64 DER).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    upstream_chain: Vec<String>,
+    /// Signed by an upstream: the upstream roots it chains to (base64 DER). Empty: `cert` is
+    /// self-signed and is its own root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    upstream_roots: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize, Zeroize)]
@@ -189,12 +216,25 @@ impl CaSet {
         self.cas.iter().find(|c| c.state == CaState::Active)
     }
 
-    /// DER of every X.509 CA in the bundle, oldest first.
+    /// DER of the trust roots of every X.509 CA held, oldest first, each once: a self-signed
+    /// CA's own certificate, or the upstream roots an upstream-signed CA chains to. A prepared
+    /// CA's roots join the bundle when it is prepared, before it signs anything, so a switch
+    /// to (or from, or between) upstreams keeps the overlap of a scheduled rotation.
     pub(crate) fn bundle(&self) -> Vec<Vec<u8>> {
-        self.cas
-            .iter()
-            .filter_map(|c| c.cert_der().map(<[u8]>::to_vec))
-            .collect()
+        let mut out: Vec<Vec<u8>> = Vec::new();
+        for c in &self.cas {
+            let roots = match (&c.upstream, c.cert_der()) {
+                (Some(up), _) => up.roots.clone(),
+                (None, Some(cert)) => vec![cert.to_vec()],
+                (None, None) => vec![],
+            };
+            for r in roots {
+                if !out.contains(&r) {
+                    out.push(r);
+                }
+            }
+        }
+        out
     }
 
     /// Why advancing to `now` would need a key that signs at once with no predecessor in the
@@ -324,17 +364,27 @@ impl CaSet {
     }
 }
 
-/// Mints an X.509 CA for [`CaSet::advance`].
+/// Mints an X.509 CA for [`CaSet::advance`]: self-signed, or signed by the upstream whose
+/// files are read (and checked) again at each mint, so a renewed upstream signs the next CA.
 pub(crate) fn x509_minter<'a>(
     td: &'a TrustDomain,
     ttl: Duration,
     rng: &'a SystemRandom,
+    upstream: Option<&'a UpstreamConfig>,
 ) -> impl FnMut(SystemTime) -> Result<Ca, Error> + 'a {
     move |now| {
-        Ok(Ca::from_minted(
-            mint_ca(td, ttl, now, rng)?,
-            CaState::Prepared,
-        ))
+        let up = upstream.map(|u| Upstream::load(u, now)).transpose()?;
+        let ca = Ca::from_minted(mint_ca(td, ttl, now, rng, up.as_ref())?, CaState::Prepared);
+        if let Some(up) = &up {
+            tracing::info!(
+                fingerprint = %ca.fingerprint(),
+                upstream = %fingerprint(&up.cert_der),
+                upstream_roots = up.roots.len(),
+                not_after = %rfc3339(ca.not_after),
+                "the new CA is signed by the upstream authority"
+            );
+        }
+        Ok(ca)
     }
 }
 
@@ -387,7 +437,27 @@ impl KeyFile {
             .map_err(corrupt)?;
             let not_before = from_cert_time(cert.validity().not_before.to_datetime());
             let not_after = from_cert_time(cert.validity().not_after.to_datetime());
+            let ders = |list: &[String], name: &str| -> Result<Vec<Vec<u8>>, Error> {
+                list.iter()
+                    .enumerate()
+                    .map(|(j, b)| {
+                        let der = B64.decode(b).map_err(|e| corrupt(e.to_string()))?;
+                        X509Certificate::from_der(&der)
+                            .map_err(|e| corrupt(format!("authorities[{i}].{name}[{j}]: {e}")))?;
+                        Ok(der)
+                    })
+                    .collect()
+            };
+            let chain = ders(&f.upstream_chain, "upstream_chain")?;
+            let roots = ders(&f.upstream_roots, "upstream_roots")?;
+            if roots.is_empty() && !chain.is_empty() {
+                return Err(corrupt(format!(
+                    "authorities[{i}] has an upstream_chain but no upstream_roots"
+                )));
+            }
+            let upstream = (!roots.is_empty()).then_some(UpstreamChain { chain, roots });
             x509.cas.push(Ca {
+                upstream,
                 created: not_before + NOT_BEFORE_CUSHION,
                 material: Material::X509 { cert_der },
                 key_pkcs8,
@@ -405,6 +475,7 @@ impl KeyFile {
             let what = format!("jwt_keys[{i}] (kid {:?})", k.kid);
             key_matches(&key_pkcs8, &public, &what, "its public key").map_err(corrupt)?;
             jwt.cas.push(Ca {
+                upstream: None,
                 material: Material::Jwt {
                     kid: k.kid.clone(),
                     public,
@@ -429,10 +500,16 @@ impl KeyFile {
                 .cas
                 .iter()
                 .filter_map(|c| {
+                    let b64 = |list: Option<&Vec<Vec<u8>>>| -> Vec<String> {
+                        list.map(|l| l.iter().map(|d| B64.encode(d)).collect())
+                            .unwrap_or_default()
+                    };
                     c.cert_der().map(|cert| FileCa {
                         cert: B64.encode(cert),
                         key: B64.encode(&c.key_pkcs8[..]),
                         state: c.state,
+                        upstream_chain: b64(c.upstream.as_ref().map(|u| &u.chain)),
+                        upstream_roots: b64(c.upstream.as_ref().map(|u| &u.roots)),
                     })
                 })
                 .collect(),
@@ -519,7 +596,7 @@ mod tests {
         let ttl = Duration::from_secs(600);
         let t0 = SystemTime::now();
         let td = td();
-        let mut mint = x509_minter(&td, ttl, &rng);
+        let mut mint = x509_minter(&td, ttl, &rng, None);
         let mut set = CaSet::default();
         assert!(set.advance(t0, &mut mint, None).unwrap());
         assert_eq!(set.cas.len(), 1);
@@ -572,7 +649,7 @@ mod tests {
         file.x509
             .advance(
                 SystemTime::now(),
-                &mut x509_minter(&td, Duration::from_secs(600), &rng),
+                &mut x509_minter(&td, Duration::from_secs(600), &rng, None),
                 None,
             )
             .unwrap();
@@ -607,7 +684,7 @@ mod tests {
         let mut file = KeyFile::default();
         for t in [t0, t0 + Duration::from_secs(301)] {
             file.x509
-                .advance(t, &mut x509_minter(td, ttl, &rng), None)
+                .advance(t, &mut x509_minter(td, ttl, &rng, None), None)
                 .unwrap();
             file.jwt
                 .advance(t, &mut crate::jwt::minter(ttl, &rng), None)
@@ -667,7 +744,7 @@ mod tests {
         let ttl = Duration::from_secs(600);
         let t0 = SystemTime::now();
         let file = Path::new("/data/ca.json");
-        let mut mint = x509_minter(&td, ttl, &rng);
+        let mut mint = x509_minter(&td, ttl, &rng, None);
         let refuse = |set: &mut CaSet, now, mint: &mut Mint<'_>| {
             let before = set.bundle();
             let err = set.advance(now, mint, Some(file)).expect_err("must refuse");

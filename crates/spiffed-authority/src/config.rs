@@ -67,6 +67,10 @@ pub enum Error {
     /// No CA (or JWT key) is valid at this moment, so nothing may be signed.
     #[error("no CA is valid now: {0}")]
     NoValidCa(String),
+    /// The upstream authority's files cannot be used (at start, or when a rotation reads
+    /// them again).
+    #[error(transparent)]
+    Upstream(#[from] crate::upstream::UpstreamError),
     /// A federated bundle was given for the agent's own trust domain, whose bundle only the
     /// embedded CA sets.
     #[error(
@@ -131,6 +135,9 @@ pub struct AuthorityConfig {
     /// Memory grows with this budget plus what workloads use, not with the number of entries
     /// (about 2 KiB per SVID). 0 pre-mints nothing.
     pub premint_entries: usize,
+    /// An upstream CA from files: the CAs become intermediates it signs, and the X.509
+    /// bundle holds its roots (`None`: self-signed CAs, each its own root).
+    pub upstream: Option<crate::UpstreamConfig>,
 }
 
 /// The entry store's file in `data_dir`: its presence shows the data dir was used before.

@@ -28,6 +28,7 @@ use crate::jwt;
 use crate::jwt_cache::{JwtCache, JwtCacheLimits, JwtSlot};
 use crate::keys::{Built, Keys, Report, advance_keys, log_created};
 use crate::svid_cache::{Lookup, SvidCache, SvidStats, refresh_at};
+use crate::upstream::Upstream;
 use crate::x509::{self, Signer};
 
 /// How often a request looks again after waiting for another request's mint of the same
@@ -89,6 +90,42 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
+/// Logs, at start, when the active CA was not signed the way the config now asks (a data dir
+/// switched from self-signed to an upstream, back, or to another upstream root): the switch
+/// happens through the scheduled rotation, so the new roots are in every workload's bundle
+/// before anything is signed under them.
+fn log_switch(keys: &KeyFile, upstream: Option<&Upstream>) {
+    let Some(active) = keys.x509.active() else {
+        return;
+    };
+    let prepared = keys.x509.cas.iter().any(|c| c.state == CaState::Prepared);
+    let next = if prepared {
+        "after the CA already prepared has served its term".to_owned()
+    } else {
+        format!("prepared at {}", ca::rfc3339(active.prepare_at()))
+    };
+    let msg = match (&active.upstream, upstream) {
+        (None, Some(_)) => Some(
+            "switching to the upstream authority: the active CA is self-signed and keeps              signing until the next rotation; the next CA is signed by the upstream, whose              roots join the bundle when it is prepared, before it signs",
+        ),
+        (Some(_), None) => Some(
+            "switching from the upstream authority back to self-signed CAs: the active CA              (signed by the upstream) keeps signing until the next rotation; the next CA is              self-signed and joins the bundle when it is prepared, before it signs",
+        ),
+        (Some(was), Some(now)) if was.roots != now.roots => Some(
+            "the upstream roots changed: the active CA keeps its chain until the next              rotation; the next CA is signed by the upstream as configured now, and its roots              join the bundle when it is prepared, before it signs",
+        ),
+        _ => None,
+    };
+    if let Some(msg) = msg {
+        tracing::warn!(
+            active = %active.fingerprint(),
+            active_not_after = %ca::rfc3339(active.not_after),
+            next_ca = %next,
+            "{msg}"
+        );
+    }
+}
+
 /// The starting sequence of the bundle set: grows with both persisted key-set sequences.
 fn first_sequence(keys: &KeyFile) -> u64 {
     keys.x509.sequence.saturating_add(keys.jwt.sequence)
@@ -146,11 +183,39 @@ impl CaAuthority {
                 "--new-trust-root is not needed: the CA file holds a CA that can sign; keeping it"
             );
         }
+        // The upstream files are checked at every start, even when no CA is due: a broken
+        // upstream is reported now, not at the next rotation hours later.
+        let upstream = cfg
+            .upstream
+            .as_ref()
+            .map(|u| Upstream::load(u, now).map(|up| (u, up)))
+            .transpose()?;
+        if let Some((u, up)) = &upstream {
+            tracing::info!(
+                cert_file = %u.cert_file_path.display(),
+                upstream = %ca::fingerprint(&up.cert_der),
+                upstream_not_after = %ca::rfc3339(up.not_after),
+                intermediates = up.chain.len(),
+                roots = up.roots.len(),
+                "upstream authority: each CA is an intermediate signed by the upstream CA, and \
+                 the X.509 bundle holds the upstream roots"
+            );
+            if up.not_after < now + cfg.ca_ttl {
+                tracing::warn!(
+                    cert_file = %u.cert_file_path.display(),
+                    upstream_not_after = %ca::rfc3339(up.not_after),
+                    ca_ttl = %humantime::format_duration(cfg.ca_ttl),
+                    "the upstream CA expires before ca_ttl is over: new CAs are capped to its \
+                     notAfter, and signing stops when it expires; renew the upstream certificate"
+                );
+            }
+        }
         let mut keys = loaded.clone().unwrap_or_default();
         if advance_keys(&mut keys, &cfg, now, &rng, None)? || !file.exists() {
             keys.save(&file, td)?;
         }
         log_created(loaded.as_ref(), &keys, replaces.as_deref(), &file);
+        log_switch(&keys, upstream.as_ref().map(|(_, up)| up));
         let sequence = first_sequence(&keys);
         let built = Built::new(keys, td, &rng)?;
         let (bundles, _) = watch::channel(Arc::new(BundleSet::new(built.bundle.clone(), sequence)));

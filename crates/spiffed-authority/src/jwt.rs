@@ -52,6 +52,7 @@ pub(crate) fn minter<'a>(
                     .as_secs(),
             );
         Ok(Ca {
+            upstream: None,
             material: Material::Jwt {
                 kid: B64URL.encode(kid),
                 public: pair.public_key().as_ref().to_vec(),

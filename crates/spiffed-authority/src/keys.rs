@@ -290,7 +290,7 @@ pub(crate) fn advance_keys(
     let td = &cfg.trust_domain;
     let a = keys.x509.advance(
         now,
-        &mut ca::x509_minter(td, cfg.ca_ttl, rng),
+        &mut ca::x509_minter(td, cfg.ca_ttl, rng, cfg.upstream.as_ref()),
         refuse_new_root,
     )?;
     let jwt_gate = refuse_new_root.filter(|_| !keys.jwt.cas.is_empty());
@@ -355,7 +355,13 @@ pub(crate) fn make_signers(keys: &KeyFile) -> Result<Vec<(CaState, Arc<Signer>)>
             let cert = c
                 .cert_der()
                 .ok_or_else(|| Error::Crypto("an X.509 CA has no certificate".into()))?;
-            let signer = Signer::new(cert, &c.key_pkcs8, c.not_before(), c.not_after)?;
+            let signer = Signer::new(
+                cert,
+                &c.key_pkcs8,
+                c.not_before(),
+                c.not_after,
+                c.upstream.as_ref().map(|u| u.chain.as_slice()),
+            )?;
             Ok((c.state, Arc::new(signer)))
         })
         .collect()

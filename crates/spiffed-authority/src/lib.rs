@@ -30,6 +30,7 @@
 //!     jwt_svid_ttl: Duration::from_secs(300),
 //!     new_root: spiffed_authority::NewRootPolicy::Refuse,
 //!     premint_entries: DEFAULT_PREMINT_ENTRIES,
+//!     upstream: None,
 //! };
 //! let authority = CaAuthority::open(cfg)?;
 //! let (_stop, stopped) = tokio::sync::watch::channel(false);
@@ -50,6 +51,7 @@ mod jwt_cache;
 mod keys;
 mod rotation;
 mod svid_cache;
+mod upstream;
 mod x509;
 
 pub use crate::clock::{Clock, SystemClock};
@@ -59,6 +61,7 @@ pub use crate::jwt_cache::{
     DEFAULT_JWT_CACHE_BYTES, DEFAULT_JWT_CACHE_ENTRIES_PER_IDENTITY, JwtCacheLimits,
 };
 pub use crate::svid_cache::SvidStats;
+pub use crate::upstream::{UpstreamConfig, UpstreamError, check_upstream};
 
 /// Validates a JWT-SVID `token` for `audience` at `now` against the JWT authorities that
 /// `authorities` gives for the subject's trust domain (`None`: no bundle for it): the same

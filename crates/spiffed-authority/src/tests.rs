@@ -55,6 +55,7 @@ fn cfg(dir: &Path) -> AuthorityConfig {
         jwt_svid_ttl: Duration::from_secs(300),
         new_root: NewRootPolicy::Refuse,
         premint_entries: DEFAULT_PREMINT_ENTRIES,
+        upstream: None,
     }
 }
 
@@ -672,7 +673,7 @@ fn jwt_svids_validate_against_their_own_trust_domain_in_the_set() {
 
 /// Collects what the authority logs (text, no colours) while a test runs.
 #[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
+pub(crate) struct Logs(Arc<Mutex<Vec<u8>>>);
 
 impl std::io::Write for Logs {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -692,11 +693,11 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
 }
 
 impl Logs {
-    fn text(&self) -> String {
+    pub(crate) fn text(&self) -> String {
         String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
     }
     /// Lines at WARN or ERROR.
-    fn loud(&self) -> Vec<String> {
+    pub(crate) fn loud(&self) -> Vec<String> {
         self.text()
             .lines()
             .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
@@ -706,7 +707,7 @@ impl Logs {
 }
 
 /// Runs `f` with the authority's logs captured.
-fn logged<T>(f: impl FnOnce() -> T) -> (T, Logs) {
+pub(crate) fn logged<T>(f: impl FnOnce() -> T) -> (T, Logs) {
     let logs = Logs::default();
     let sub = tracing_subscriber::fmt()
         .with_writer(logs.clone())

@@ -13,6 +13,7 @@ use time::OffsetDateTime;
 use zeroize::{Zeroize, Zeroizing};
 
 use crate::Error;
+use crate::upstream::Upstream;
 
 /// How far notBefore is backdated, for clock skew between hosts (as SPIRE does).
 pub(crate) const NOT_BEFORE_CUSHION: Duration = Duration::from_secs(10);
@@ -56,6 +57,17 @@ pub(crate) fn new_key() -> Result<Zeroizing<KeyPair>, Error> {
 /// cannot be wiped: ring has no zeroization and does not expose it.
 pub(crate) struct CaKey(KeyPair);
 
+impl CaKey {
+    pub(crate) fn new(pair: KeyPair) -> Self {
+        Self(pair)
+    }
+
+    /// The raw public key (an uncompressed point for ECDSA), as a certificate carries it.
+    pub(crate) fn public_key_raw(&self) -> &[u8] {
+        self.0.public_key_raw()
+    }
+}
+
 impl Drop for CaKey {
     fn drop(&mut self) {
         self.0.zeroize();
@@ -78,20 +90,26 @@ impl SigningKey for CaKey {
     }
 }
 
-/// A freshly minted self-signed CA certificate and its key.
+/// A freshly minted CA certificate and its key.
 pub(crate) struct MintedCa {
     pub(crate) cert_der: Vec<u8>,
     pub(crate) key_pkcs8: Zeroizing<Vec<u8>>,
     pub(crate) not_before: SystemTime,
     pub(crate) not_after: SystemTime,
+    /// Signed by an upstream: the certificates that follow it in a chain (empty: self-signed).
+    pub(crate) chain: Vec<Vec<u8>>,
+    /// Signed by an upstream: the upstream roots it chains to (empty: it is its own root).
+    pub(crate) roots: Vec<Vec<u8>>,
 }
 
-/// Mints a self-signed root for `td`, valid from now (minus the cushion) for `ttl`.
+/// Mints a CA for `td`, valid from now (minus the cushion) for `ttl`: self-signed, or signed
+/// by `upstream` and then valid no longer than the upstream's chain.
 pub(crate) fn mint_ca(
     td: &TrustDomain,
     ttl: Duration,
     now: SystemTime,
     rng: &SystemRandom,
+    upstream: Option<&Upstream>,
 ) -> Result<MintedCa, Error> {
     let key = new_key()?;
     let serial = random_serial(rng)?;
@@ -117,18 +135,40 @@ pub(crate) fn mint_ca(
             .try_into()
             .map_err(|e: rcgen::Error| Error::Crypto(e.to_string()))?,
     )];
+    let mut not_after = now + ttl;
+    if let Some(up) = upstream
+        && up.not_after < not_after
+    {
+        tracing::warn!(
+            ca_ttl = %humantime::format_duration(ttl),
+            upstream_not_after = %crate::ca::rfc3339(up.not_after),
+            "the upstream CA expires before ca_ttl is over: the new CA is capped to the \
+             upstream's notAfter; renew the upstream certificate"
+        );
+        not_after = up.not_after;
+    }
     let nb = to_cert_time(now - NOT_BEFORE_CUSHION)?;
-    let na = to_cert_time(now + ttl)?;
+    let na = to_cert_time(not_after)?;
     p.not_before = nb;
     p.not_after = na;
-    let cert = p
-        .self_signed(&*key)
-        .map_err(|e| Error::Crypto(e.to_string()))?;
+    let bad = |e: rcgen::Error| Error::Crypto(e.to_string());
+    let (cert, chain, roots) = match upstream {
+        None => (p.self_signed(&*key).map_err(bad)?, vec![], vec![]),
+        Some(up) => {
+            p.use_authority_key_identifier_extension = true;
+            let issuer =
+                Issuer::from_ca_cert_der(&up.cert_der.as_slice().into(), &up.key).map_err(bad)?;
+            let cert = p.signed_by(&*key, &issuer).map_err(bad)?;
+            (cert, up.chain.clone(), up.roots.clone())
+        }
+    };
     Ok(MintedCa {
         cert_der: cert.der().to_vec(),
         key_pkcs8: Zeroizing::new(key.serialize_der()),
         not_before: from_cert_time(nb),
         not_after: from_cert_time(na),
+        chain,
+        roots,
     })
 }
 
@@ -138,23 +178,39 @@ pub(crate) struct Signer {
     pub(crate) cert_der: Vec<u8>,
     pub(crate) not_before: SystemTime,
     pub(crate) not_after: SystemTime,
+    /// What follows the leaf in an SVID chain (DER, concatenated): nothing under a
+    /// self-signed CA, whose certificate is in the bundle; this CA's certificate and the
+    /// upstream intermediates under an upstream, whose roots are the bundle.
+    pub(crate) chain_tail: Vec<u8>,
 }
 
 impl Signer {
+    /// A signer for the CA `cert_der` with key `key_pkcs8`; `upstream_chain` is what follows
+    /// it in a chain when an upstream signed it (`None`: self-signed).
     pub(crate) fn new(
         cert_der: &[u8],
         key_pkcs8: &[u8],
         not_before: SystemTime,
         not_after: SystemTime,
+        upstream_chain: Option<&[Vec<u8>]>,
     ) -> Result<Self, Error> {
         let key = CaKey(KeyPair::try_from(key_pkcs8).map_err(|e| Error::Crypto(e.to_string()))?);
         let issuer = Issuer::from_ca_cert_der(&cert_der.into(), key)
             .map_err(|e| Error::Crypto(e.to_string()))?;
+        let chain_tail = match upstream_chain {
+            None => vec![],
+            Some(rest) => std::iter::once(cert_der)
+                .chain(rest.iter().map(Vec::as_slice))
+                .flatten()
+                .copied()
+                .collect(),
+        };
         Ok(Self {
             issuer,
             cert_der: cert_der.to_vec(),
             not_before,
             not_after,
+            chain_tail,
         })
     }
 
@@ -230,8 +286,11 @@ pub(crate) fn mint_svid(
     p.not_before = nb;
     p.not_after = na;
     let cert = p.signed_by(&*key, &signer.issuer).map_err(bad)?;
+    let mut chain_der = Vec::with_capacity(cert.der().len() + signer.chain_tail.len());
+    chain_der.extend_from_slice(cert.der());
+    chain_der.extend_from_slice(&signer.chain_tail);
     Ok(MintedSvid {
-        chain_der: cert.der().to_vec(),
+        chain_der,
         key: PrivateKey::new(Zeroizing::new(key.serialize_der())),
         serial,
         not_before: from_cert_time(nb),
@@ -253,8 +312,15 @@ mod tests {
         let rng = SystemRandom::new();
         let td = TrustDomain::new("example.org").unwrap();
         let now = SystemTime::now();
-        let ca = mint_ca(&td, Duration::from_secs(3600), now, &rng).unwrap();
-        let signer = Signer::new(&ca.cert_der, &ca.key_pkcs8, ca.not_before, ca.not_after).unwrap();
+        let ca = mint_ca(&td, Duration::from_secs(3600), now, &rng, None).unwrap();
+        let signer = Signer::new(
+            &ca.cert_der,
+            &ca.key_pkcs8,
+            ca.not_before,
+            ca.not_after,
+            None,
+        )
+        .unwrap();
         let id = SpiffeId::new("spiffe://example.org/web").unwrap();
         let svid = mint_svid(
             &signer,

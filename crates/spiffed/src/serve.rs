@@ -240,6 +240,9 @@ async fn serve(
                                 ),
                             }
                         }
+                        if old.upstream_authority == new.upstream_authority {
+                            reloader.check_upstream(&new);
+                        }
                         let n = new.entries.len();
                         match reloader.reload_config_entries(new.entries) {
                             Ok(()) => {

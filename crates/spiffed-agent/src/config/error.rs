@@ -271,6 +271,9 @@ fn table_of(path: &[Seg]) -> Option<Table> {
         [] | [_] => Some(Table::Top),
         [Seg::Key(e), Seg::Index(_), _] if e == "entries" => Some(Table::Entry),
         [Seg::Key(t), _] if t == "sds" => Some(Table::Sds),
+        [Seg::Key(u), Seg::Key(d), _] if u == "upstream_authority" && d == "disk" => {
+            Some(Table::UpstreamDisk)
+        }
         [Seg::Key(t), _] if t == "federation" => Some(Table::Federation),
         [Seg::Key(t), Seg::Key(b), _] if t == "federation" && b == "bundle_endpoint" => {
             Some(Table::BundleEndpoint)
@@ -354,6 +357,7 @@ fn unknown_key_fix(unknown: &str, table: Option<Table>) -> String {
         Table::Top => "top-level keys",
         Table::Entry => "keys of [[entries]]",
         Table::Sds => "keys of [sds]",
+        Table::UpstreamDisk => "keys of [upstream_authority.disk]",
         Table::Federation => "keys of [federation]",
         Table::BundleEndpoint => "keys of [federation.bundle_endpoint]",
         Table::Relationship => "keys of [[federation.trust_domains]]",

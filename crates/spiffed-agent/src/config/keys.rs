@@ -10,6 +10,8 @@ pub(crate) enum Table {
     Entry,
     /// The `[sds]` table.
     Sds,
+    /// The `[upstream_authority.disk]` table.
+    UpstreamDisk,
     /// The `[federation]` table.
     Federation,
     /// The `[federation.bundle_endpoint]` table.
@@ -162,11 +164,27 @@ const SDS: &[(&str, &str)] = &[
     ("disable_sds_api", "disable_sds_api = false"),
 ];
 
+const UPSTREAM_DISK: &[(&str, &str)] = &[
+    (
+        "cert_file_path",
+        "cert_file_path = \"/etc/spiffed/upstream/ca.crt\"",
+    ),
+    (
+        "key_file_path",
+        "key_file_path = \"/etc/spiffed/upstream/ca.key\"",
+    ),
+    (
+        "bundle_file_path",
+        "bundle_file_path = \"/etc/spiffed/upstream/root.crt\"",
+    ),
+];
+
 fn table(t: Table) -> &'static [(&'static str, &'static str)] {
     match t {
         Table::Top => TOP,
         Table::Entry => ENTRY,
         Table::Sds => SDS,
+        Table::UpstreamDisk => UPSTREAM_DISK,
         Table::Federation => FEDERATION,
         Table::BundleEndpoint => BUNDLE_ENDPOINT,
         Table::Relationship => RELATIONSHIP,

@@ -57,8 +57,26 @@ pub(crate) struct RawConfig {
     pub(crate) metrics: Option<Spanned<RawListen>>,
     /// The HTTP health endpoints (off when absent).
     pub(crate) health: Option<Spanned<RawListen>>,
+    /// Standalone mode: an upstream CA that signs the agent's CAs.
+    pub(crate) upstream_authority: Option<Spanned<RawUpstreamAuthority>>,
     /// Federation with other trust domains.
     pub(crate) federation: Option<Spanned<RawFederation>>,
+}
+
+/// The `[upstream_authority]` table: one kind of upstream, as SPIRE's UpstreamAuthority plugins.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstreamAuthority {
+    pub(crate) disk: Option<Spanned<RawUpstreamDisk>>,
+}
+
+/// The `[upstream_authority.disk]` table (SPIRE's `disk` UpstreamAuthority names).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawUpstreamDisk {
+    pub(crate) cert_file_path: Option<Str>,
+    pub(crate) key_file_path: Option<Str>,
+    pub(crate) bundle_file_path: Option<Str>,
 }
 
 /// The `[federation]` table.

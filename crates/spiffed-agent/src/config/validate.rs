@@ -39,6 +39,7 @@ use super::{
     DEFAULT_FD_RESERVE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_STREAMS_PER_CONNECTION, DEFAULT_MAX_STREAMS_PER_UID,
 };
+use spiffed_authority::UpstreamConfig;
 use spiffed_spire::config::{
     Bootstrap, BundleFormat, DEFAULT_SYNC_INTERVAL, JoinToken, NodeAttestation, ServerAddress,
     SpireConfig,
@@ -237,6 +238,7 @@ fn validate(
         LogFormat::default(),
     );
     let spire_server = cx.spire_server(&raw);
+    let upstream_authority = cx.upstream_authority(&raw);
     let sds = cx.sds(raw.sds.as_ref());
     let metrics = cx.endpoint("metrics", raw.metrics.as_ref(), 9988);
     let health = cx.endpoint("health", raw.health.as_ref(), 9989);
@@ -358,6 +360,7 @@ fn validate(
         sds,
         metrics,
         health,
+        upstream_authority,
         federate_all,
         bundle_endpoint,
         federation,
@@ -1179,6 +1182,64 @@ impl Cx<'_> {
             certificate_path: certificate_path?,
             private_key_path: private_key_path?,
             intermediates_path,
+        })
+    }
+
+    /// The `[upstream_authority.disk]` table (standalone mode only): the files of an upstream CA
+    /// that signs the agent's CAs. The files themselves are read and checked when the CA opens
+    /// (and at every rotation), where their errors name them.
+    fn upstream_authority(&mut self, raw: &RawConfig) -> Option<UpstreamConfig> {
+        let table = raw.upstream_authority.as_ref()?;
+        if raw.spire_server.is_some() {
+            self.invalid(
+                table.span(),
+                "upstream_authority",
+                "[upstream_authority] has no effect in agent mode: the SPIRE Server is the CA \
+                 (configure an UpstreamAuthority plugin on the server instead)",
+                "remove [upstream_authority.disk], or remove [spire_server] to run standalone",
+            );
+            return None;
+        }
+        let Some(disk) = table.get_ref().disk.as_ref() else {
+            self.push(
+                ConfigErrorKind::Missing,
+                table.span(),
+                "upstream_authority.disk",
+                "[upstream_authority] names no upstream",
+                "add an [upstream_authority.disk] table with cert_file_path and key_file_path \
+                 (and bundle_file_path when the certificate is not self-signed)",
+            );
+            return None;
+        };
+        let d = disk.get_ref();
+        let file = |cx: &mut Self, key: &str, raw: Option<&Str>, required: bool| {
+            let full = format!("upstream_authority.disk.{key}");
+            let default = keys::example(keys::Table::UpstreamDisk, key)
+                .and_then(|e| e.split('"').nth(1))
+                .unwrap_or("/etc/spiffed/upstream/ca.crt");
+            match raw {
+                Some(r) => Some(cx.path(&full, Some(r), default, false)),
+                None if required => {
+                    cx.push(
+                        ConfigErrorKind::Missing,
+                        disk.span(),
+                        full,
+                        format!("[upstream_authority.disk] needs {key}"),
+                        "add cert_file_path and key_file_path: the PEM upstream CA certificate \
+                         and its PKCS#8 private key",
+                    );
+                    None
+                }
+                None => None,
+            }
+        };
+        let cert = file(self, "cert_file_path", d.cert_file_path.as_ref(), true);
+        let key = file(self, "key_file_path", d.key_file_path.as_ref(), true);
+        let bundle = file(self, "bundle_file_path", d.bundle_file_path.as_ref(), false);
+        Some(UpstreamConfig {
+            cert_file_path: cert?,
+            key_file_path: key?,
+            bundle_file_path: bundle,
         })
     }
 

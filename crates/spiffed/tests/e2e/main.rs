@@ -24,6 +24,7 @@ mod sds;
 mod sds_probe;
 mod spire_harness;
 mod telemetry;
+mod upstream;
 mod x509;
 
 use std::path::PathBuf;
