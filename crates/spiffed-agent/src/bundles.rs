@@ -72,7 +72,9 @@ pub(crate) fn load_stored(store: &Store, ca: &CaAuthority) -> Result<usize, Stat
         match SpiffeBundle::parse(&s.trust_domain, s.document.as_bytes()) {
             Ok(p) => match ca.set_federated(p.bundle.to_trust_bundle()) {
                 Ok(()) => n += 1,
-                Err(e) => tracing::warn!(trust_domain = %s.trust_domain, "stored federated bundle not served: {e}"),
+                Err(e) => {
+                    tracing::warn!(trust_domain = %s.trust_domain, "stored federated bundle not served: {e}")
+                }
             },
             Err(e) => tracing::warn!(
                 trust_domain = %s.trust_domain,
@@ -194,16 +196,14 @@ impl BundleAdmin for BundleService {
         let bundles = match (&self.backend, self.sources.store()) {
             (Backend::Standalone(_), Some(_)) => {
                 let sources = self.sources.clone();
-                tokio::task::spawn_blocking(move || {
-                    sources.store().map(Store::bundles).transpose()
-                })
-                .await
-                .map_err(|e| Status::internal(format!("admin task failed: {e}")))?
-                .map_err(|e| Status::unavailable(e.to_string()))?
-                .unwrap_or_default()
-                .iter()
-                .map(stored_msg)
-                .collect()
+                tokio::task::spawn_blocking(move || sources.store().map(Store::bundles).transpose())
+                    .await
+                    .map_err(|e| Status::internal(format!("admin task failed: {e}")))?
+                    .map_err(|e| Status::unavailable(e.to_string()))?
+                    .unwrap_or_default()
+                    .iter()
+                    .map(stored_msg)
+                    .collect()
             }
             _ => {
                 let set = self.bundles().borrow().clone();
@@ -321,7 +321,10 @@ mod tests {
         let m = msg(req("example.org", "spiffe", r#"{"keys":[]}"#));
         assert!(m.contains("own trust domain"), "{m}");
         let m = msg(req("other.org", "spiffe", "garbage"));
-        assert!(m.starts_with("the bundle from b.json is not a SPIFFE bundle"), "{m}");
+        assert!(
+            m.starts_with("the bundle from b.json is not a SPIFFE bundle"),
+            "{m}"
+        );
         assert!(m.contains("--format pem"), "{m}");
         let m = msg(req("other.org", "pem", "garbage"));
         assert!(m.contains("holds no PEM certificate"), "{m}");

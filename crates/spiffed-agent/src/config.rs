@@ -1459,11 +1459,11 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
                 .map(|k| keys::example(keys::Table::Sds, k).unwrap().to_owned()),
         );
         lines.push("[federation]".to_owned());
-        lines.extend(
-            keys::names(keys::Table::Federation)
-                .into_iter()
-                .map(|k| keys::example(keys::Table::Federation, k).unwrap().to_owned()),
-        );
+        lines.extend(keys::names(keys::Table::Federation).into_iter().map(|k| {
+            keys::example(keys::Table::Federation, k)
+                .unwrap()
+                .to_owned()
+        }));
         let text = lines.join("\n");
         let cfg = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(cfg.entries.len(), 1);
@@ -1476,7 +1476,11 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
         assert!(!cfg.federate_all);
         let cfg = parse(&doc(&[TD, "[federation]", "federate_all = true"])).unwrap();
         assert!(cfg.federate_all);
-        assert!(cfg.summary().contains("federate_all=true"), "{}", cfg.summary());
+        assert!(
+            cfg.summary().contains("federate_all=true"),
+            "{}",
+            cfg.summary()
+        );
         let e = parse(&doc(&[TD, "[federation]", "federate_al = true"])).unwrap_err();
         assert!(e.to_string().contains("federate_all"), "{e}");
         let entry = |line: &str| {
@@ -1489,10 +1493,17 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
             ])
         };
         let cfg = parse(&entry("federates_with = [\"b.org\", \"a.org\", \"b.org\"]")).unwrap();
-        let tds: Vec<&str> = cfg.entries[0].federates_with.iter().map(|t| t.as_str()).collect();
+        let tds: Vec<&str> = cfg.entries[0]
+            .federates_with
+            .iter()
+            .map(|t| t.as_str())
+            .collect();
         assert_eq!(tds, ["b.org", "a.org"]);
         let e = parse(&entry("federates_with = [\"a.org\", \"Not A TD\"]")).unwrap_err();
-        assert!(e.to_string().contains("entries[0].federates_with[1]"), "{e}");
+        assert!(
+            e.to_string().contains("entries[0].federates_with[1]"),
+            "{e}"
+        );
         assert!(e.to_string().contains("not a valid trust domain"), "{e}");
         let e = parse(&entry("federates_with = [\"example.org\"]")).unwrap_err();
         assert!(e.to_string().contains("own trust domain"), "{e}");

@@ -566,9 +566,8 @@ mod tests {
         let mut params = CertificateParams::new(vec![]).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
         if let Some(t) = uri_td {
-            params.subject_alt_names = vec![SanType::URI(
-                format!("spiffe://{t}").try_into().unwrap(),
-            )];
+            params.subject_alt_names =
+                vec![SanType::URI(format!("spiffe://{t}").try_into().unwrap())];
         }
         params.self_signed(&key).unwrap().der().to_vec()
     }
@@ -769,7 +768,10 @@ mod tests {
             }
         );
         let e = SpiffeBundle::parse_pem(&td("third.org"), b.to_pem().as_bytes()).unwrap_err();
-        assert!(e.to_string().contains("belongs to trust domain other.org"), "{e}");
+        assert!(
+            e.to_string().contains("belongs to trust domain other.org"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -783,7 +785,10 @@ mod tests {
             SpiffeBundle::parse_pem(&td("x.org"), big.as_bytes()),
             Err(BundleError::TooLarge { .. })
         ));
-        let exact = format!(r#"{{"keys":[],"p":"{}"}}"#, "x".repeat(MAX_BUNDLE_BYTES - 18));
+        let exact = format!(
+            r#"{{"keys":[],"p":"{}"}}"#,
+            "x".repeat(MAX_BUNDLE_BYTES - 18)
+        );
         assert_eq!(exact.len(), MAX_BUNDLE_BYTES);
         assert!(SpiffeBundle::parse(&td("x.org"), exact.as_bytes()).is_ok());
         let keys = |n: usize| {
@@ -800,7 +805,11 @@ mod tests {
     #[test]
     fn bad_pem_is_refused_naming_the_problem() {
         let t = td("x.org");
-        let e = |doc: &str| SpiffeBundle::parse_pem(&t, doc.as_bytes()).unwrap_err().to_string();
+        let e = |doc: &str| {
+            SpiffeBundle::parse_pem(&t, doc.as_bytes())
+                .unwrap_err()
+                .to_string()
+        };
         assert!(e("nothing").contains("holds no PEM certificate"));
         assert!(
             e("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")

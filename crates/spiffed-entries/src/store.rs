@@ -581,7 +581,14 @@ impl Store {
              ON CONFLICT (trust_domain) DO UPDATE SET document = excluded.document, \
              source = excluded.source, updated_at_ms = excluded.updated_at_ms",
         )
-        .and_then(|mut s| s.execute(rusqlite::params![trust_domain.as_str(), document, source, now]))
+        .and_then(|mut s| {
+            s.execute(rusqlite::params![
+                trust_domain.as_str(),
+                document,
+                source,
+                now
+            ])
+        })
         .map_err(|e| self.db(op, e))?;
         let created: i64 = conn
             .prepare_cached("SELECT created_at_ms FROM federated_bundles WHERE trust_domain = ?1")
@@ -883,7 +890,11 @@ impl Encoded {
             jwt_svid_ttl_ms: ttl_ms(spec.jwt_svid_ttl, "jwt_svid_ttl")?,
             dns_names: spec.dns_names.join("\n"),
             federates_with: {
-                let mut tds: Vec<&str> = spec.federates_with.iter().map(TrustDomain::as_str).collect();
+                let mut tds: Vec<&str> = spec
+                    .federates_with
+                    .iter()
+                    .map(TrustDomain::as_str)
+                    .collect();
                 tds.sort_unstable();
                 tds.dedup();
                 tds.join("\n")
@@ -1110,7 +1121,12 @@ mod tests {
         assert_eq!(got.entry.jwt_svid_ttl, s.jwt_svid_ttl);
         assert_eq!(got.entry.hint, s.hint);
         assert_eq!(got.entry.dns_names, s.dns_names);
-        let tds: Vec<&str> = got.entry.federates_with.iter().map(|t| t.as_str()).collect();
+        let tds: Vec<&str> = got
+            .entry
+            .federates_with
+            .iter()
+            .map(|t| t.as_str())
+            .collect();
         assert_eq!(tds, ["a.org", "z.org"]);
         assert!(got.admin);
         assert_eq!(got.revision, 1);
@@ -1130,7 +1146,9 @@ mod tests {
         let b = TrustDomain::new("b.org").unwrap();
         let a = TrustDomain::new("a.org").unwrap();
         assert_eq!(store.bundles().unwrap(), vec![]);
-        let first = store.put_bundle(&b, r#"{"keys":[]}"#, "/tmp/b.json").unwrap();
+        let first = store
+            .put_bundle(&b, r#"{"keys":[]}"#, "/tmp/b.json")
+            .unwrap();
         store.put_bundle(&a, r#"{"keys":[1]}"#, "stdin").unwrap();
         std::thread::sleep(Duration::from_millis(2));
         let replaced = store.put_bundle(&b, r#"{"keys":[2]}"#, "stdin").unwrap();
@@ -1142,11 +1160,20 @@ mod tests {
         let all = store.bundles().unwrap();
         let got: Vec<(&str, &str, &str)> = all
             .iter()
-            .map(|s| (s.trust_domain.as_str(), s.document.as_str(), s.source.as_str()))
+            .map(|s| {
+                (
+                    s.trust_domain.as_str(),
+                    s.document.as_str(),
+                    s.source.as_str(),
+                )
+            })
             .collect();
         assert_eq!(
             got,
-            [("a.org", r#"{"keys":[1]}"#, "stdin"), ("b.org", r#"{"keys":[2]}"#, "stdin")]
+            [
+                ("a.org", r#"{"keys":[1]}"#, "stdin"),
+                ("b.org", r#"{"keys":[2]}"#, "stdin")
+            ]
         );
         assert!(store.delete_bundle(&a).unwrap());
         assert!(!store.delete_bundle(&a).unwrap());
@@ -1401,7 +1428,10 @@ mod tests {
             ("admin", rusqlite::types::Value::Integer(7)),
             ("created_at_ms", rusqlite::types::Value::Integer(-1)),
             ("revision", rusqlite::types::Value::Real(1.5)),
-            ("federates_with", rusqlite::types::Value::Text("not a td!".into())),
+            (
+                "federates_with",
+                rusqlite::types::Value::Text("not a td!".into()),
+            ),
         ];
         for (column, value) in bad {
             // Restore the row, then damage one column.

@@ -113,8 +113,12 @@ mod tests {
         )
         .unwrap();
         let e = read_authorities(&p, BundleFormat::Pem, &td()).unwrap_err();
-        assert!(e.contains("certificate #1: the certificate is not DER"), "{e}");
-        let e = read_authorities(&dir.path().join("missing"), BundleFormat::Pem, &td()).unwrap_err();
+        assert!(
+            e.contains("certificate #1: the certificate is not DER"),
+            "{e}"
+        );
+        let e =
+            read_authorities(&dir.path().join("missing"), BundleFormat::Pem, &td()).unwrap_err();
         assert!(e.contains("cannot read the trust bundle"), "{e}");
     }
 }

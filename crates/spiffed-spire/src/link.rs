@@ -278,8 +278,8 @@ impl ServerLink {
                         reason: format!("its bundle: {reason}"),
                     })?,
                 (None, Bootstrap::Bundle { path, format }) => {
-                    let ders =
-                        bootstrap::read_authorities(path, *format, &td).map_err(LinkError::Bootstrap)?;
+                    let ders = bootstrap::read_authorities(path, *format, &td)
+                        .map_err(LinkError::Bootstrap)?;
                     RootSet::from_ders(&ders, RootSource::Bootstrap(path.clone())).map_err(|e| {
                         LinkError::Bootstrap(format!("the trust bundle {}: {e}", path.display()))
                     })?

@@ -893,7 +893,9 @@ fn bundle_stream<T: Send + 'static>(
     make: fn(&Shared, &BundleSet, &[TrustDomain]) -> Encoded<T>,
 ) -> BoxStream<Encoded<T>> {
     let set = sub.bundle_set();
-    let federates = sub.shared.federates(&set, &sub.shared.entitled(&sub.caller));
+    let federates = sub
+        .shared
+        .federates(&set, &sub.shared.entitled(&sub.caller));
     let first = make(&sub.shared, &set, &federates);
     let state = (sub, first.clone(), Some(first), false);
     Box::pin(futures::stream::unfold(
@@ -925,7 +927,9 @@ fn bundle_stream<T: Send + 'static>(
                     Wake::Svid(..) => continue,
                 }
                 let set = sub.bundle_set();
-                let federates = sub.shared.federates(&set, &sub.shared.entitled(&sub.caller));
+                let federates = sub
+                    .shared
+                    .federates(&set, &sub.shared.entitled(&sub.caller));
                 let msg = make(&sub.shared, &set, &federates);
                 if msg == last {
                     continue;

@@ -132,7 +132,11 @@ pub(crate) struct CreateArgs {
     dns_names: Vec<String>,
     /// A foreign trust domain (e.g. partner.example) whose federated bundle the entry's
     /// workloads receive (see `spiffed bundle set`). Repeat it for more.
-    #[arg(long = "federates-with", value_name = "TRUST_DOMAIN", conflicts_with = "from_file")]
+    #[arg(
+        long = "federates-with",
+        value_name = "TRUST_DOMAIN",
+        conflicts_with = "from_file"
+    )]
     federates_with: Vec<String>,
     /// Create every entry in FILE (- for stdin): a JSON array of objects with spiffe_id,
     /// selectors and optionally x509_svid_ttl_seconds, jwt_svid_ttl_seconds, hint, dns_names

@@ -1320,13 +1320,20 @@ impl Cx<'_> {
         ok &= raw.jwt_svid_ttl.is_none() || jwt_svid_ttl.is_some();
 
         let mut federates_with = Vec::new();
-        for (j, name) in raw.federates_with.iter().flat_map(|l| l.get_ref().iter().enumerate()) {
+        for (j, name) in raw
+            .federates_with
+            .iter()
+            .flat_map(|l| l.get_ref().iter().enumerate())
+        {
             match TrustDomain::new(name.get_ref()) {
                 Ok(t) if td.is_some_and(|own| *own == t) => {
                     self.invalid(
                         name.span(),
                         key(&format!("federates_with[{j}]")),
-                        format!("federates_with item {:?} is the agent's own trust domain", name.get_ref()),
+                        format!(
+                            "federates_with item {:?} is the agent's own trust domain",
+                            name.get_ref()
+                        ),
                         "list foreign trust domains only: every workload gets its own trust \
                          domain's bundle anyway",
                     );
@@ -1341,7 +1348,10 @@ impl Cx<'_> {
                     self.invalid(
                         name.span(),
                         key(&format!("federates_with[{j}]")),
-                        format!("federates_with item {:?} is not a valid trust domain: {e}", name.get_ref()),
+                        format!(
+                            "federates_with item {:?} is not a valid trust domain: {e}",
+                            name.get_ref()
+                        ),
                         "write a trust domain name, e.g. federates_with = [\"partner.example\"]",
                     );
                     ok = false;

@@ -333,7 +333,13 @@ mod tests {
     fn list_shows_counts_sequence_hint_and_source() {
         let t = list_table(&[bundle()]);
         let lines: Vec<&str> = t.lines().collect();
-        for h in ["TRUST DOMAIN", "X.509 AUTHORITIES", "JWT KEYS", "SEQUENCE", "REFRESH HINT"] {
+        for h in [
+            "TRUST DOMAIN",
+            "X.509 AUTHORITIES",
+            "JWT KEYS",
+            "SEQUENCE",
+            "REFRESH HINT",
+        ] {
             assert!(lines[0].contains(h), "{}", lines[0]);
         }
         let cells: Vec<&str> = lines[1].split_whitespace().collect();
@@ -374,7 +380,9 @@ mod tests {
         std::fs::write(&big, vec![b' '; MAX_BUNDLE_BYTES + 1]).unwrap();
         let e = read_document(&big).unwrap_err().to_string();
         assert!(e.contains("larger than 1048576 bytes"), "{e}");
-        let e = read_document(&dir.path().join("nope")).unwrap_err().to_string();
+        let e = read_document(&dir.path().join("nope"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("cannot read"), "{e}");
         let ok = dir.path().join("ok.json");
         std::fs::write(&ok, vec![b' '; MAX_BUNDLE_BYTES]).unwrap();

@@ -270,7 +270,11 @@ mod tests {
         assert_eq!(overlay(&current(), &changes).federates_with, ["x.org"]);
         let changes = SpecChanges::default().with_federates_with(vec![], true);
         assert!(overlay(&current(), &changes).federates_with.is_empty());
-        assert!(SpecChanges::default().with_federates_with(vec![], false).is_empty());
+        assert!(
+            SpecChanges::default()
+                .with_federates_with(vec![], false)
+                .is_empty()
+        );
     }
 
     #[test]
