@@ -199,11 +199,12 @@ fn entry_field_error(e: &EntryError, p: &pb::EntrySpec) -> FieldError {
             .iter()
             .position(|s| s == item)
             .map_or_else(|| "selectors".to_owned(), |i| format!("selectors[{i}]")),
-        ("federates_with", Some(item)) => p
-            .federates_with
-            .iter()
-            .position(|t| t == item)
-            .map_or_else(|| "federates_with".to_owned(), |i| format!("federates_with[{i}]")),
+        ("federates_with", Some(item)) => {
+            p.federates_with.iter().position(|t| t == item).map_or_else(
+                || "federates_with".to_owned(),
+                |i| format!("federates_with[{i}]"),
+            )
+        }
         (field, _) => field.to_owned(),
     };
     field_err(field, e.message())

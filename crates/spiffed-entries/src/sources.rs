@@ -130,7 +130,11 @@ impl Rules {
     /// removed, every rule of [`Entry::checked`] met.
     pub fn check_spec(&self, spec: EntrySpec) -> Result<EntrySpec, EntryError> {
         let admin = spec.admin;
-        if let Some(own) = spec.federates_with.iter().find(|t| **t == self.trust_domain) {
+        if let Some(own) = spec
+            .federates_with
+            .iter()
+            .find(|t| **t == self.trust_domain)
+        {
             return Err(EntryError::FederatesWithOwn(own.to_string()));
         }
         let entry = self.check(Entry {
