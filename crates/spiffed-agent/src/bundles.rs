@@ -29,6 +29,9 @@ pub(crate) struct BundleService {
     pub(crate) td: TrustDomain,
     pub(crate) admin_uids: Vec<u32>,
     pub(crate) own_uid: u32,
+    /// Held from store to publish by each set and delete, so that concurrent calls for one
+    /// trust domain leave the store and the published set agreeing.
+    pub(crate) writes: tokio::sync::Mutex<()>,
 }
 
 impl BundleService {
@@ -226,6 +229,7 @@ impl BundleAdmin for BundleService {
             tracing::info!(uid = who.uid, reason = %e.message(), "federated bundle refused");
         })?;
         let document = parsed.bundle.to_json();
+        let _write = self.writes.lock().await;
         let source = if req.source.is_empty() {
             "admin API".to_owned()
         } else {
@@ -277,6 +281,7 @@ impl BundleAdmin for BundleService {
                 spiffed_core::untrusted::clip(&name)
             ))
         })?;
+        let _write = self.writes.lock().await;
         let deleted = {
             let td = td.clone();
             tokio::task::spawn_blocking(move || sources.store().map(|s| s.delete_bundle(&td)))
