@@ -397,7 +397,7 @@ fn uint_member(top: &Map<String, Value>, member: &'static str) -> Result<Option<
         None | Some(Value::Null) => Ok(None),
         Some(v) => v.as_u64().map(Some).ok_or_else(|| BundleError::Member {
             member,
-            value: crate::untrusted::clip(&v.to_string()).to_string(),
+            value: crate::untrusted::clip(&v.to_string()),
         }),
     }
 }
@@ -459,7 +459,7 @@ fn check_authority(der: &[u8], td: &TrustDomain, index: usize) -> Result<(), Aut
             }
             let found = TrustDomain::new(uri)
                 .map(|t| t.to_string())
-                .unwrap_or_else(|_| crate::untrusted::clip(uri).to_string());
+                .unwrap_or_else(|_| crate::untrusted::clip(uri));
             if found != td.as_str() {
                 return Err(AuthorityFault::Mismatch(BundleError::TrustDomainMismatch {
                     index,

@@ -931,6 +931,7 @@ pub fn admin_create_spec(trust_domain: &str, uid: u32, x509_svid_ttl_seconds: u6
         hint: String::new(),
         dns_names: Vec::new(),
         admin: false,
+        federates_with: Vec::new(),
     }
 }
 

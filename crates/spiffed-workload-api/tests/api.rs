@@ -574,7 +574,7 @@ async fn federate_all_gives_every_workload_every_federated_bundle() {
         .add_federated("other.org", vec![fake_ca("other.org", 1)], "other-1");
     let server = f.serve();
     let mut c = server.client().await;
-    let all = vec![
+    let all = [
         format!("spiffe://{TD}"),
         "spiffe://fed.org".to_owned(),
         "spiffe://other.org".to_owned(),
