@@ -528,3 +528,76 @@ async fn bundle_show_prints_the_own_bundle_as_pem_and_spiffe() {
             .starts_with("-----BEGIN CERTIFICATE-----")
     );
 }
+
+#[tokio::test]
+async fn a_pem_bundle_is_read_from_stdin() {
+    use std::io::Write as _;
+    let agent = crate::agent_for_me("[federation]\nfederate_all = true\n");
+    let f = foreign("pem.org");
+    let pem = format!(
+        "-----BEGIN CERTIFICATE-----\n{}\n-----END CERTIFICATE-----\n",
+        B64.encode(&f.ca_der)
+    );
+    let mut child = Command::new(bin())
+        .args([
+            "bundle",
+            "set",
+            "--trust-domain",
+            "pem.org",
+            "--format",
+            "pem",
+            "-",
+        ])
+        .arg("--admin-socket")
+        .arg(&agent.admin_socket)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(pem.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let listed = list(&agent);
+    assert_eq!(listed[0]["trust_domain"], "pem.org");
+    assert_eq!(listed[0]["source"], "stdin");
+    assert_eq!(listed[0]["x509_authorities"], 1);
+    assert_eq!(listed[0]["jwt_authorities"], 0);
+    let mut c = agent.client().await;
+    let m = c
+        .fetch_x509_bundles(with_header(X509BundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(m.bundles.get("spiffe://pem.org"), Some(&f.ca_der));
+    // A trust domain with X.509 authorities only has no JWT bundle to send.
+    let jwt = c
+        .fetch_jwt_bundles(with_header(JwtBundlesRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .message()
+        .await
+        .unwrap()
+        .unwrap();
+    let keys: Value = serde_json::from_slice(
+        jwt.bundles
+            .get("spiffe://pem.org")
+            .map_or(&b"{\"keys\":[]}"[..], Vec::as_slice),
+    )
+    .unwrap();
+    assert_eq!(keys["keys"], json!([]));
+}
