@@ -109,10 +109,15 @@ fn bundle_msg(b: &SpiffeBundle, source: &str, updated_at: i64) -> pb::Bundle {
     }
 }
 
+/// A stored bundle as `ListFederatedBundles` reports it: without the document (`bundle show`
+/// and `set` carry it), so that a list of many large bundles stays one small message.
 fn stored_msg(s: &StoredBundle) -> pb::Bundle {
     let b = SpiffeBundle::parse(&s.trust_domain, s.document.as_bytes())
         .map_or_else(|_| SpiffeBundle::new(s.trust_domain.clone()), |p| p.bundle);
-    bundle_msg(&b, &s.source, secs(s.updated_at))
+    pb::Bundle {
+        spiffe_json: String::new(),
+        ..bundle_msg(&b, &s.source, secs(s.updated_at))
+    }
 }
 
 fn published_msg(b: &TrustBundle, source: &str) -> pb::Bundle {
