@@ -27,7 +27,7 @@ use libfuzzer_sys::fuzz_target;
 use prost::Message as _;
 use spiffed_core::{BundleSet, Identity, PrivateKey, X509Svid};
 use spiffed_test_support::doubles::{entry, fake_ca, fake_der, trust_bundle};
-use spiffed_workload_api::sds::{NodePrefs, Snapshot, Validation, XdsState, build};
+use spiffed_workload_api::sds::{NodePrefs, Resources, Snapshot, Validation, XdsState, build};
 use spiffed_workload_api::{ApiError, SdsConfig};
 
 struct Fixture {
@@ -88,6 +88,7 @@ fn check_build(f: &Fixture, names: &[String], validation: Validation) {
     let snap = Snapshot {
         ids: &f.ids,
         bundles: &f.bundles,
+        federate_all: false,
     };
     let asked: BTreeSet<String> = names.iter().filter(|n| !n.is_empty()).cloned().collect();
     match build(names, &snap, validation, &f.cfg) {
@@ -150,7 +151,7 @@ fn respond(
         .cloned()
         .collect();
     check_build(f, &names, validation);
-    let resp = xds.respond(vec![]);
+    let resp = xds.respond(Resources::default());
     assert_eq!(resp.version_info, updates.to_string());
     assert_eq!(resp.nonce.len(), 8);
     assert!(resp.nonce.bytes().all(|b| b.is_ascii_hexdigit()));

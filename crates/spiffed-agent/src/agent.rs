@@ -74,6 +74,10 @@ pub enum AgentError {
     /// key and the fix).
     #[error("{0}")]
     Listen(String),
+    /// Federation could not start: a bootstrap bundle, the bundle endpoint's certificate or a
+    /// relationship's roots are unusable (the message names the file and the fix).
+    #[error("{0}")]
+    Federation(String),
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> AgentError + 'a {
@@ -121,6 +125,8 @@ pub struct Bound {
     /// `[metrics]` and `[health]`, bound.
     metrics_listener: Option<std::net::TcpListener>,
     health_listener: Option<std::net::TcpListener>,
+    /// Federation (standalone mode), prepared.
+    federation: Option<crate::federation::Prepared>,
 }
 
 impl std::fmt::Debug for Bound {
@@ -264,6 +270,12 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
             (Backend::Standalone(authority), None, entries)
         }
     };
+    // Federation (standalone): the endpoint bound and the bootstrap bundles stored before
+    // anything serves, so a bad address or file stops the start here.
+    let federation = match &backend {
+        Backend::Standalone(ca) => crate::federation::prepare(&cfg, ca, &entries)?,
+        Backend::Agent { .. } => None,
+    };
     let issuer: Arc<dyn spiffed_core::Issuer> = match &backend {
         Backend::Standalone(authority) => Arc::new(authority.clone()),
         Backend::Agent { issuer, .. } => Arc::new(issuer.clone()),
@@ -292,6 +304,7 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         attestor,
         data_dir_lock,
         (facts, metrics_listener, health_listener),
+        federation,
     )
 }
 
@@ -374,6 +387,7 @@ fn bind(
     attestor: Arc<spiffed_attest::CompositeAttestor>,
     data_dir_lock: fs::File,
     (facts, metrics_listener, health_listener): Telemetry,
+    federation: Option<crate::federation::Prepared>,
 ) -> Result<Bound, AgentError> {
     // An owner-only socket (mode without group/other bits) also gets an owner-only directory.
     let dir_mode = if cfg.socket_mode & 0o077 == 0 {
@@ -462,6 +476,7 @@ fn bind(
         facts,
         metrics_listener,
         health_listener,
+        federation,
     })
 }
 
@@ -545,6 +560,7 @@ impl Bound {
             facts,
             metrics_listener,
             health_listener,
+            federation,
         } = self;
         // Connections and streams one uid may hold, and the descriptors they may use.
         let fds = limits::raise_fd_limit();
@@ -609,6 +625,9 @@ impl Bound {
                 every,
                 stop_rx.clone(),
             )));
+        }
+        if let (Some(prepared), Backend::Standalone(ca)) = (federation, &backend) {
+            tasks.extend(crate::federation::spawn(prepared, ca, &stop_rx)?);
         }
         let status_service = match (&backend, agent_mode) {
             (Backend::Standalone(authority), _) => {

@@ -94,6 +94,97 @@ pub struct HttpEndpoint {
     pub listen: std::net::SocketAddr,
 }
 
+/// Default `[federation.bundle_endpoint] refresh_hint`: how often peers are told to fetch
+/// the bundle again (SPIRE Server's default).
+pub const DEFAULT_BUNDLE_REFRESH_HINT: Duration = Duration::from_secs(300);
+/// Default `[federation.bundle_endpoint] max_connections`.
+pub const DEFAULT_BUNDLE_ENDPOINT_CONNECTIONS: usize = 64;
+/// Default `[[federation.trust_domains]] fetch_timeout`.
+pub const DEFAULT_FETCH_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default `[[federation.trust_domains]] max_bundle_bytes` (the bundle parser's limit too).
+pub const DEFAULT_MAX_BUNDLE_BYTES: usize = spiffed_core::spiffe_bundle::MAX_BUNDLE_BYTES;
+
+/// `[federation.bundle_endpoint]`: the own trust domain's bundle served to federated peers,
+/// in the SPIFFE bundle format over HTTPS (standalone mode).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BundleEndpointConfig {
+    /// The TCP address it listens on (peers on other hosts must reach it).
+    pub listen: std::net::SocketAddr,
+    /// How it authenticates to peers.
+    pub profile: EndpointServing,
+    /// The `spiffe_refresh_hint` it publishes (default [`DEFAULT_BUNDLE_REFRESH_HINT`]).
+    pub refresh_hint: Duration,
+    /// Most connections served at once (default [`DEFAULT_BUNDLE_ENDPOINT_CONNECTIONS`]).
+    pub max_connections: usize,
+}
+
+/// How the bundle endpoint authenticates to peers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndpointServing {
+    /// `https_spiffe` (the default): an X.509-SVID with this ID, minted and rotated by the
+    /// agent's CA (default `spiffe://TD/spiffed/bundle-endpoint`).
+    HttpsSpiffe {
+        /// The endpoint's SPIFFE ID, which peers configure as `endpoint_spiffe_id`.
+        endpoint_spiffe_id: spiffed_core::SpiffeId,
+    },
+    /// `https_web`: a Web PKI certificate and key from files.
+    HttpsWeb {
+        /// PEM certificate chain, leaf first.
+        certificate_path: PathBuf,
+        /// PEM private key.
+        private_key_path: PathBuf,
+    },
+}
+
+/// How a foreign bundle endpoint authenticates (`bundle_endpoint_profile`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RelationshipProfile {
+    /// `https_spiffe`: the endpoint's SVID has exactly this ID and chains to the bundle held for
+    /// its trust domain (bootstrapped from `bundle_path` or `spiffed bundle set`).
+    HttpsSpiffe {
+        /// `endpoint_spiffe_id`.
+        endpoint_spiffe_id: spiffed_core::SpiffeId,
+    },
+    /// `https_web`: a Web PKI certificate for the URL's host, chaining to the host's roots or
+    /// to those of `root_certificates_path`.
+    HttpsWeb {
+        /// Extra PEM roots.
+        root_certificates_path: Option<PathBuf>,
+    },
+}
+
+/// The format of a bootstrap bundle file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BundleFileFormat {
+    /// A SPIFFE bundle (JWKS), as `spire-server bundle show -format spiffe` writes it.
+    #[default]
+    Spiffe,
+    /// PEM certificates (X.509 authorities only).
+    Pem,
+}
+
+/// One `[[federation.trust_domains]]`: a foreign trust domain whose bundle is fetched from
+/// its bundle endpoint and kept fresh.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FederationRelationship {
+    /// The foreign trust domain.
+    pub trust_domain: TrustDomain,
+    /// Its bundle endpoint (`https://...`).
+    pub bundle_endpoint_url: spiffed_federation::EndpointUrl,
+    /// How the endpoint authenticates.
+    pub profile: RelationshipProfile,
+    /// A bootstrap bundle of the trust domain, used when none is stored yet.
+    pub bundle_path: Option<PathBuf>,
+    /// The format of `bundle_path`.
+    pub bundle_format: BundleFileFormat,
+    /// A fixed interval between fetches instead of a quarter of the peer's refresh hint.
+    pub refresh_interval: Option<Duration>,
+    /// The deadline of one fetch (default [`DEFAULT_FETCH_TIMEOUT`]).
+    pub fetch_timeout: Duration,
+    /// The largest bundle accepted (default [`DEFAULT_MAX_BUNDLE_BYTES`]).
+    pub max_bundle_bytes: usize,
+}
+
 /// How much the agent logs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub enum LogLevel {
@@ -258,6 +349,10 @@ pub struct Config {
     /// if each entry's `federates_with` named every federated trust domain). Default false:
     /// a workload receives the federated bundles its entries' `federates_with` name.
     pub federate_all: bool,
+    /// `[federation.bundle_endpoint]` (default off).
+    pub bundle_endpoint: Option<BundleEndpointConfig>,
+    /// `[[federation.trust_domains]]`, in file order (trust domains unique).
+    pub federation: Vec<FederationRelationship>,
 }
 
 impl Config {
@@ -321,6 +416,8 @@ impl Config {
             metrics: None,
             health: None,
             federate_all: false,
+            bundle_endpoint: None,
+            federation: Vec::new(),
         }
     }
 
@@ -369,6 +466,8 @@ impl Config {
             metrics,
             health,
             federate_all,
+            bundle_endpoint,
+            federation,
         } = self;
         let mut changed = Vec::new();
         let mut check = |key: &'static str, differs: bool| {
@@ -395,6 +494,11 @@ impl Config {
         check("metrics", *metrics != new.metrics);
         check("health", *health != new.health);
         check("federation.federate_all", *federate_all != new.federate_all);
+        check(
+            "federation.bundle_endpoint",
+            *bundle_endpoint != new.bundle_endpoint,
+        );
+        check("federation.trust_domains", *federation != new.federation);
         check(
             "max_selectors_per_entry",
             *max_selectors_per_entry != new.max_selectors_per_entry,
@@ -469,7 +573,7 @@ impl Config {
              jwt_cache_entries_per_identity={} max_logged_string_length={} \
              denial_log_lines_per_second={} max_selectors_per_entry={} \
              max_dns_names_per_entry={} min_svid_ttl={} min_ca_ttl={} premint_entries={} \
-             federate_all={} metrics={} health={} sds={}",
+             federate_all={} bundle_endpoint={} federation={:?} metrics={} health={} sds={}",
             self.trust_domain,
             self.socket_path.display(),
             self.socket_mode,
@@ -503,6 +607,13 @@ impl Config {
             humantime::format_duration(self.min_ca_ttl),
             self.premint_entries,
             self.federate_all,
+            self.bundle_endpoint
+                .as_ref()
+                .map_or_else(|| "off".to_owned(), |b| b.listen.to_string()),
+            self.federation
+                .iter()
+                .map(|f| f.trust_domain.to_string())
+                .collect::<Vec<_>>(),
             self.metrics
                 .map_or_else(|| "off".to_owned(), |m| m.listen.to_string()),
             self.health
@@ -1459,15 +1570,204 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
                 .map(|k| keys::example(keys::Table::Sds, k).unwrap().to_owned()),
         );
         lines.push("[federation]".to_owned());
-        lines.extend(keys::names(keys::Table::Federation).into_iter().map(|k| {
-            keys::example(keys::Table::Federation, k)
-                .unwrap()
-                .to_owned()
-        }));
+        lines.extend(
+            keys::names(keys::Table::Federation)
+                .into_iter()
+                .filter(|k| !matches!(*k, "bundle_endpoint" | "trust_domains"))
+                .map(|k| {
+                    keys::example(keys::Table::Federation, k)
+                        .unwrap()
+                        .to_owned()
+                }),
+        );
+        // The profile-specific keys are exclusive: the endpoint in https_spiffe form, the
+        // relationship in https_web form, and the other form's keys checked apart below.
+        lines.push("[federation.bundle_endpoint]".to_owned());
+        lines.extend(
+            keys::names(keys::Table::BundleEndpoint)
+                .into_iter()
+                .filter(|k| !matches!(*k, "certificate_path" | "private_key_path"))
+                .map(|k| {
+                    keys::example(keys::Table::BundleEndpoint, k)
+                        .unwrap()
+                        .to_owned()
+                }),
+        );
+        lines.push("[[federation.trust_domains]]".to_owned());
+        lines.extend(
+            keys::names(keys::Table::Relationship)
+                .into_iter()
+                .filter(|k| *k != "endpoint_spiffe_id" && *k != "bundle_endpoint_profile")
+                .map(|k| {
+                    keys::example(keys::Table::Relationship, k)
+                        .unwrap()
+                        .to_owned()
+                }),
+        );
+        lines.push("bundle_endpoint_profile = \"https_web\"".to_owned());
         let text = lines.join("\n");
         let cfg = parse(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
         assert_eq!(cfg.entries.len(), 1);
         assert_eq!(cfg.sds, Some(spiffed_workload_api::SdsConfig::default()));
+    }
+
+    #[test]
+    fn bundle_endpoint_and_relationships() {
+        let cfg = parse(&doc(&[
+            TD,
+            "[federation.bundle_endpoint]",
+            "listen = \"127.0.0.1:8443\"",
+            "[[federation.trust_domains]]",
+            "trust_domain = \"partner.example\"",
+            "bundle_endpoint_url = \"https://127.0.0.1:9443\"",
+            "endpoint_spiffe_id = \"spiffe://partner.example/spire/server\"",
+            "bundle_path = \"/etc/spiffed/partner.json\"",
+            "[[federation.trust_domains]]",
+            "trust_domain = \"web.example\"",
+            "bundle_endpoint_url = \"https://bundle.web.example/\"",
+            "bundle_endpoint_profile = \"https_web\"",
+            "refresh_interval = \"30s\"",
+        ]))
+        .unwrap();
+        let ep = cfg.bundle_endpoint.clone().unwrap();
+        assert_eq!(ep.listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(ep.refresh_hint, DEFAULT_BUNDLE_REFRESH_HINT);
+        assert_eq!(
+            ep.profile,
+            EndpointServing::HttpsSpiffe {
+                endpoint_spiffe_id: "spiffe://example.org/spiffed/bundle-endpoint"
+                    .parse()
+                    .unwrap()
+            }
+        );
+        assert_eq!(cfg.federation.len(), 2);
+        assert_eq!(cfg.federation[0].bundle_format, BundleFileFormat::Spiffe);
+        assert_eq!(
+            cfg.federation[1].profile,
+            RelationshipProfile::HttpsWeb {
+                root_certificates_path: None
+            }
+        );
+        assert_eq!(
+            cfg.federation[1].refresh_interval,
+            Some(Duration::from_secs(30))
+        );
+        assert!(cfg.summary().contains("bundle_endpoint=127.0.0.1:8443"));
+
+        // https_web endpoint needs its files; each mistake is named with its key.
+        for (lines, key, says) in [
+            (
+                vec![
+                    "[federation.bundle_endpoint]",
+                    "profile = \"https_web\"",
+                    "listen = \"127.0.0.1:1\"",
+                ],
+                "federation.bundle_endpoint.certificate_path",
+                "needs certificate_path",
+            ),
+            (
+                vec![
+                    "[federation.bundle_endpoint]",
+                    "listen = \"localhost:8443\"",
+                ],
+                "federation.bundle_endpoint.listen",
+                "not an IP address",
+            ),
+            (
+                vec![
+                    "[federation.bundle_endpoint]",
+                    "listen = \"127.0.0.1:1\"",
+                    "certificate_path = \"/x\"",
+                ],
+                "federation.bundle_endpoint.certificate_path",
+                "is for profile = \"https_web\"",
+            ),
+            (
+                vec![
+                    "[[federation.trust_domains]]",
+                    "trust_domain = \"p.example\"",
+                    "bundle_endpoint_url = \"http://p.example/\"",
+                    "endpoint_spiffe_id = \"spiffe://p.example/x\"",
+                ],
+                "federation.trust_domains[0].bundle_endpoint_url",
+                "must start with https://",
+            ),
+            (
+                vec![
+                    "[[federation.trust_domains]]",
+                    "trust_domain = \"p.example\"",
+                    "bundle_endpoint_url = \"https://p.example/\"",
+                ],
+                "federation.trust_domains[0].endpoint_spiffe_id",
+                "needs endpoint_spiffe_id",
+            ),
+            (
+                vec![
+                    "[[federation.trust_domains]]",
+                    "trust_domain = \"example.org\"",
+                    "bundle_endpoint_url = \"https://p.example/\"",
+                    "bundle_endpoint_profile = \"https_web\"",
+                ],
+                "federation.trust_domains[0].trust_domain",
+                "own trust domain",
+            ),
+            (
+                vec![
+                    "[[federation.trust_domains]]",
+                    "trust_domain = \"p.example\"",
+                    "bundle_endpoint_url = \"https://p.example/\"",
+                    "bundle_endpoint_profile = \"https_web\"",
+                    "max_bundle_bytes = 10485760",
+                ],
+                "federation.trust_domains[0].max_bundle_bytes",
+                "out of range",
+            ),
+            (
+                vec![
+                    "[[federation.trust_domains]]",
+                    "trust_domain = \"p.example\"",
+                    "bundle_endpoint_url = \"https://p.example/\"",
+                    "bundle_endpoint_profile = \"https_web\"",
+                    "bundle_endpoint = 1",
+                ],
+                "bundle_endpoint",
+                "keys of [[federation.trust_domains]]",
+            ),
+        ] {
+            let mut all = vec![TD];
+            all.extend(lines.iter().copied());
+            let e = parse(&doc(&all)).unwrap_err();
+            assert!(e.to_string().contains(key), "{key}: {e}");
+            assert!(e.to_string().contains(says), "{says}: {e}");
+        }
+        // Two relationships for one trust domain.
+        let rel = [
+            "[[federation.trust_domains]]",
+            "trust_domain = \"p.example\"",
+            "bundle_endpoint_url = \"https://p.example/\"",
+            "bundle_endpoint_profile = \"https_web\"",
+        ];
+        let mut twice = vec![TD];
+        twice.extend(rel);
+        twice.extend(rel);
+        let e = parse(&doc(&twice)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("has two [[federation.trust_domains]]"),
+            "{e}"
+        );
+        // Agent mode refuses both: the server federates.
+        let e = parse(&doc(&[
+            TD,
+            "[spire_server]",
+            "address = \"127.0.0.1:8081\"",
+            "insecure_bootstrap = true",
+            "join_token = \"t\"",
+            "[federation.bundle_endpoint]",
+            "listen = \"127.0.0.1:1\"",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("no effect in agent mode"), "{e}");
     }
 
     #[test]

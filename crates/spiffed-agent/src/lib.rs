@@ -20,6 +20,7 @@ mod agent;
 mod agent_mode;
 mod bundles;
 pub mod config;
+mod federation;
 mod files;
 #[doc(hidden)]
 pub mod fuzzing;

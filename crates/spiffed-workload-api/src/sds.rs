@@ -14,18 +14,27 @@
 //! bundle), `ALL` (own plus entitled federated bundles, SPIFFE validator only), a SPIFFE ID, a
 //! trust domain ID, or none (everything); the first three are configurable ([`SdsConfig`]).
 
+mod cache;
 mod protocol;
 mod resources;
+mod wire;
 
+/// The generated SDS server over spiffed's codec (see `build.rs`).
+#[allow(missing_docs, unreachable_pub, clippy::all, reason = "generated code")]
+mod server {
+    include!(concat!(
+        env!("OUT_DIR"),
+        "/envoy.service.secret.v3.SecretDiscoveryService.rs"
+    ));
+}
+
+use std::collections::BTreeSet;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
-    SecretDiscoveryService, SecretDiscoveryServiceServer,
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
 };
 use futures::{Stream, StreamExt as _};
 use spiffed_core::untrusted::{Untrusted, UntrustedList};
@@ -34,6 +43,10 @@ use tonic::{Request, Response, Status, Streaming};
 use crate::limits::Denial;
 use crate::service::{Shared, X509Stream, log_issued};
 use crate::{ApiError, WorkloadApi};
+pub use server::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+pub use wire::{Resources, SdsResponse};
 
 pub use protocol::{
     MAX_RESOURCE_NAME_BYTES, MAX_RESOURCE_NAMES, MAX_TYPE_URL_BYTES, Received, XdsState,
@@ -112,6 +125,7 @@ pub struct SdsService {
     shared: Arc<Shared>,
     cfg: Arc<SdsConfig>,
     streams: SdsStreams,
+    cache: Arc<cache::Cache>,
 }
 
 impl std::fmt::Debug for SdsService {
@@ -131,6 +145,7 @@ impl WorkloadApi {
             shared: self.shared().clone(),
             cfg: Arc::new(cfg),
             streams: SdsStreams::default(),
+            cache: Arc::default(),
         }
     }
 }
@@ -181,7 +196,7 @@ struct SecretStream {
 impl SecretStream {
     /// The next response to send; `None` when the stream ends quietly (the client closed its
     /// side, or the agent stops); an error ends it with that status.
-    async fn next(&mut self) -> Option<Result<DiscoveryResponse, ApiError>> {
+    async fn next(&mut self) -> Option<Result<SdsResponse, ApiError>> {
         loop {
             tokio::select! {
                 req = self.requests.next() => {
@@ -258,24 +273,18 @@ impl SecretStream {
     }
 
     /// The response for the names last requested, from the last update.
-    fn respond(&mut self) -> Result<DiscoveryResponse, ApiError> {
-        let names: Vec<String> = self
-            .xds
-            .names()
-            .map(|n| n.iter().cloned().collect())
-            .unwrap_or_default();
+    fn respond(&mut self) -> Result<SdsResponse, ApiError> {
+        let none = BTreeSet::new();
+        let names = self.xds.names().unwrap_or(&none);
         let validation = self
             .xds
             .node()
             .validation(self.svc.cfg.disable_spiffe_cert_validation);
-        let snap = Snapshot {
-            ids: &self.ids,
-            bundles: &self.bundles,
-            federate_all: self.svc.shared.federate_all(),
-        };
-        let resources = build(&names, &snap, validation, &self.svc.cfg)
+        let built = self
+            .svc
+            .resources(&self.workload, names, validation, &self.ids, &self.bundles)
             .inspect_err(|e| self.svc.log_refused(self.workload.caller().cred(), e))?;
-        let resp = self.xds.respond(resources);
+        let resp = self.xds.respond(built);
         let cred = self.workload.caller().cred();
         tracing::debug!(
             pid = ?cred.pid,
@@ -296,6 +305,30 @@ impl SecretStream {
 }
 
 impl SdsService {
+    /// The resources for `names` from the workload's last snapshot (`ids` and `bundles`), built
+    /// once for every stream with the same snapshot, names and form.
+    fn resources(
+        &self,
+        workload: &X509Stream,
+        names: &BTreeSet<String>,
+        validation: Validation,
+        ids: &[spiffed_core::Identity],
+        bundles: &spiffed_core::BundleSet,
+    ) -> Result<Resources, ApiError> {
+        let fp = workload.fingerprint().ok_or_else(|| {
+            ApiError::Internal("an SDS response before the first snapshot".into())
+        })?;
+        self.cache.get_or_build(fp, names, validation, || {
+            let names: Vec<String> = names.iter().cloned().collect();
+            let snap = Snapshot {
+                ids,
+                bundles,
+                federate_all: self.shared.federate_all(),
+            };
+            build(&names, &snap, validation, &self.cfg)
+        })
+    }
+
     /// Logs (throttled) a request refused for its names.
     fn log_refused(&self, cred: &spiffed_core::PeerCred, e: &ApiError) {
         if self.shared.log_allowed(Denial::SdsNotAuthorized) {
@@ -306,7 +339,7 @@ impl SdsService {
 
 #[tonic::async_trait]
 impl SecretDiscoveryService for SdsService {
-    type StreamSecretsStream = BoxStream<DiscoveryResponse>;
+    type StreamSecretsStream = BoxStream<SdsResponse>;
     type DeltaSecretsStream = BoxStream<DeltaDiscoveryResponse>;
 
     async fn stream_secrets(
@@ -354,7 +387,7 @@ impl SecretDiscoveryService for SdsService {
     async fn fetch_secrets(
         &self,
         request: Request<DiscoveryRequest>,
-    ) -> Result<Response<DiscoveryResponse>, Status> {
+    ) -> Result<Response<SdsResponse>, Status> {
         check_request(request.get_ref())?;
         let mut workload = self.subscribe(&request).await?;
         let (ids, bundles) = first_snapshot(&mut workload)?;
@@ -365,12 +398,14 @@ impl SecretDiscoveryService for SdsService {
             .map(NodePrefs::of)
             .unwrap_or_default()
             .validation(self.cfg.disable_spiffe_cert_validation);
-        let snap = Snapshot {
-            ids: &ids,
-            bundles: &bundles,
-            federate_all: self.shared.federate_all(),
-        };
-        let resources = build(&req.resource_names, &snap, validation, &self.cfg)
+        let names: BTreeSet<String> = req
+            .resource_names
+            .iter()
+            .filter(|n| !n.is_empty())
+            .cloned()
+            .collect();
+        let resources = self
+            .resources(&workload, &names, validation, &ids, &bundles)
             .inspect_err(|e| self.log_refused(workload.caller().cred(), e))?;
         log_issued(workload.caller(), &ids, "X.509-SVID (SDS fetch)");
         Ok(Response::new(fetch_response(&req, resources)))

@@ -494,7 +494,7 @@ pub fn x509_svid_response_for(
 /// What a stream last sent, to send only real changes: each SVID by entry and serial with its
 /// hint and the trust domains it federates with (an entry's hint or federation can change
 /// without a new SVID), and the bundle set's sequence.
-type X509Fingerprint = (
+pub(crate) type X509Fingerprint = (
     Vec<(EntryId, Vec<u8>, Option<String>, Vec<TrustDomain>)>,
     u64,
 );
@@ -689,6 +689,12 @@ impl X509Stream {
         }
         self.last = Some(fp);
         Some((ids, set))
+    }
+
+    /// The fingerprint of the snapshot last taken (entry, serial, hint and federation of each
+    /// SVID, and the bundle set sequence): it determines what the workload holds completely.
+    pub(crate) fn fingerprint(&self) -> Option<&X509Fingerprint> {
+        self.last.as_ref()
     }
 
     /// The message for the current SVIDs and bundles, and `None` when it is what was last sent.

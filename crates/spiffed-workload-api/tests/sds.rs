@@ -588,3 +588,145 @@ async fn open_streams_are_counted_and_hold_their_svids() {
     assert_eq!(f.issuer.holders(&EntryId::new("a")), 1);
     drop(b);
 }
+
+/// Answers are built once per snapshot, names and validation form and shared by the streams
+/// that send them: streams of one workload get the same secrets (each with its own version and
+/// nonce), another workload never gets them, and a rotation reaches every holder.
+#[tokio::test]
+async fn streams_share_answers_only_with_the_same_workload_and_form() {
+    let f = fixture(three_entries(), SdsConfig::default());
+    let names = ["default", "ROOTCA"];
+    let mut one = f.open(1000).await;
+    let mut two = f.open(1000).await;
+    let mut other = f.open(2000).await;
+    let mut plain = f.open(1000).await;
+    let r1 = one.ask(req(&names)).await;
+    let r2 = two.ask(req(&names)).await;
+    let ro = other.ask(req(&names)).await;
+    let rp = plain
+        .ask(with_node(
+            req(&names),
+            metadata_node(value::Kind::BoolValue(true)),
+        ))
+        .await;
+    assert_eq!(r1.resources, r2.resources, "one workload, one answer");
+    assert_ne!(r1.nonce, r2.nonce);
+    let cert = |r: &DiscoveryResponse| {
+        secrets(r)
+            .iter()
+            .map(held)
+            .find_map(|h| match h {
+                Held::Cert(chain, _) => Some(chain),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let serial = |e: &str| f.issuer.serial(&EntryId::new(e)).unwrap();
+    assert_eq!(cert(&r1), leaf(&id("a"), serial("a")));
+    assert_eq!(
+        cert(&ro),
+        leaf(&id("c"), serial("c")),
+        "uid 2000 holds c only"
+    );
+    let roots = |r: &DiscoveryResponse| held(&secrets(r)[0]);
+    assert!(matches!(roots(&r1), Held::Spiffe(_)));
+    assert!(
+        matches!(roots(&rp), Held::Ca(_)),
+        "the node's form is its own, not the shared answer of the others"
+    );
+    assert_eq!(cert(&rp), cert(&r1));
+
+    for (s, r) in [(&one, &r1), (&two, &r2), (&other, &ro), (&plain, &rp)] {
+        s.send(ack(&names, r)).await;
+    }
+    assert!(f.issuer.rotate(&EntryId::new("a")));
+    let (n1, n2, np) = (
+        one.recv().await.unwrap(),
+        two.recv().await.unwrap(),
+        plain.recv().await.unwrap(),
+    );
+    for r in [&n1, &n2, &np] {
+        assert_eq!(r.version_info, "2");
+        assert_eq!(cert(r), leaf(&id("a"), serial("a")));
+    }
+    assert_eq!(n1.resources, n2.resources);
+    // uid 2000's stream saw no update: its next message is the one a rotation of c causes.
+    assert!(f.issuer.rotate(&EntryId::new("c")));
+    let no = other.recv().await.unwrap();
+    assert_eq!(no.version_info, "2");
+    assert_eq!(cert(&no), leaf(&id("c"), serial("c")));
+}
+
+/// `req` with node metadata padded so that the encoded request is exactly `size` bytes.
+fn padded_to(mut r: DiscoveryRequest, size: usize) -> DiscoveryRequest {
+    let mut pad = 0;
+    loop {
+        r.node = Some(metadata_node(value::Kind::StringValue("p".repeat(pad))));
+        let len = r.encoded_len();
+        if len == size {
+            return r;
+        }
+        // The length prefixes grow by a byte now and then: approach from below.
+        pad = if len < size {
+            pad + (size - len).div_ceil(2)
+        } else {
+            pad - 1
+        };
+    }
+}
+
+/// A request at each limit is served; one byte past it ends the stream with a status that
+/// names the limit, and other streams carry on.
+#[tokio::test]
+async fn requests_one_past_the_size_limits_are_refused() {
+    use spiffed_workload_api::sds::{MAX_SDS_REQUEST_BYTES, MAX_TYPE_URL_BYTES};
+    let f = fixture(three_entries(), SdsConfig::default());
+    let mut bystander = f.open(1000).await;
+    let first = bystander.ask(req(&["default"])).await;
+
+    let mut s = f.open(1000).await;
+    let r = s
+        .ask(padded_to(req(&["default"]), MAX_SDS_REQUEST_BYTES))
+        .await;
+    assert_eq!(r.version_info, "1");
+    let mut s = f.open(1000).await;
+    s.send(padded_to(req(&["default"]), MAX_SDS_REQUEST_BYTES + 1))
+        .await;
+    let e = s.recv().await.unwrap_err();
+    assert!(
+        e.message().contains(&MAX_SDS_REQUEST_BYTES.to_string()),
+        "{e:?}"
+    );
+
+    let url = |n: usize| {
+        let mut u = SECRET_TYPE_URL.to_owned();
+        u.push_str(&"x".repeat(n - u.len()));
+        u
+    };
+    let mut s = f.open(1000).await;
+    let r = s
+        .ask(DiscoveryRequest {
+            type_url: url(MAX_TYPE_URL_BYTES),
+            ..req(&["default"])
+        })
+        .await;
+    assert_eq!(r.type_url.len(), MAX_TYPE_URL_BYTES);
+    let mut s = f.open(1000).await;
+    s.send(DiscoveryRequest {
+        type_url: url(MAX_TYPE_URL_BYTES + 1),
+        ..req(&["default"])
+    })
+    .await;
+    let e = s.recv().await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message()
+            .contains(&format!("at most {MAX_TYPE_URL_BYTES} are accepted")),
+        "{e:?}"
+    );
+
+    // The first stream was not disturbed.
+    bystander.send(ack(&["default"], &first)).await;
+    assert!(f.issuer.rotate(&EntryId::new("a")));
+    assert_eq!(bystander.recv().await.unwrap().version_info, "2");
+}

@@ -43,6 +43,8 @@ var (
 	timeout  = flag.Duration("timeout", 10*time.Second, "deadline for each one-shot check")
 	rotateIn = flag.Duration("rotation-within", 10*time.Second, "the rotation check fails when fewer than -rotations new SVIDs arrive within this time")
 	rotateN  = flag.Int("rotations", 1, "how many SVID changes the rotation check waits for (raise it, with -rotation-within, for a soak run across CA rotations)")
+	peerSock = flag.String("peer-socket", "", "federated checks: the Workload API address of an agent of another trust domain that federates with this one")
+	peerID   = flag.String("peer-id", "", "federated checks: the SPIFFE ID the caller receives from -peer-socket")
 )
 
 var defaultChecks = []string{"x509", "mtls", "jwt", "validate", "bundles", "rotation"}
@@ -57,6 +59,8 @@ var registry = map[string]func(context.Context) (string, error){
 	"noidentity":         checkNoIdentity,
 	"noidentity-jwt":     checkNoIdentityJWT,
 	"noidentity-bundles": checkNoIdentityBundles,
+	"federated-mtls":     checkFederatedMTLS,
+	"federated-jwt":      checkFederatedJWT,
 }
 
 func knownChecks() []string {
@@ -447,4 +451,124 @@ func checkNoIdentityJWT(ctx context.Context) (string, error) {
 	defer cancel()
 	_, err := workloadapi.FetchJWTSVID(ctx, jwtsvid.Params{Audience: *audience}, addr())
 	return expectPermissionDenied("FetchJWTSVID", err)
+}
+
+// peer returns the -peer-socket option and the -peer-id, for the federated checks.
+func peer() (workloadapi.ClientOption, spiffeid.ID, error) {
+	if *peerSock == "" || *peerID == "" {
+		return nil, spiffeid.ID{}, errors.New("the federated checks need -peer-socket and -peer-id")
+	}
+	id, err := spiffeid.FromString(*peerID)
+	if err != nil {
+		return nil, spiffeid.ID{}, fmt.Errorf("bad -peer-id: %w", err)
+	}
+	return workloadapi.WithAddr(*peerSock), id, nil
+}
+
+// checkFederatedMTLS does mTLS between two workloads of two trust domains, each
+// holding the SVID and the bundle set its own agent gave it: the server (this
+// agent's identity) authorizes the peer ID, the client (the peer agent's
+// identity) authorizes this one. It passes only if each agent's bundle set
+// carries the other trust domain's bundle (federation), and go-spiffe picks it.
+func checkFederatedMTLS(ctx context.Context) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	peerAddr, peerWant, err := peer()
+	if err != nil {
+		return "", err
+	}
+	want, err := wantID()
+	if err != nil {
+		return "", err
+	}
+	own, err := workloadapi.FetchX509Context(ctx, addr())
+	if err != nil {
+		return "", fmt.Errorf("FetchX509Context: %w", err)
+	}
+	other, err := workloadapi.FetchX509Context(ctx, peerAddr)
+	if err != nil {
+		return "", fmt.Errorf("FetchX509Context on -peer-socket: %w", err)
+	}
+	ownSVID, otherSVID := own.DefaultSVID(), other.DefaultSVID()
+	if ownSVID.ID != want || otherSVID.ID != peerWant {
+		return "", fmt.Errorf("SVIDs are %s and %s, want %s and %s", ownSVID.ID, otherSVID.ID, want, peerWant)
+	}
+	if !own.Bundles.Has(peerWant.TrustDomain()) {
+		return "", fmt.Errorf("this agent's bundle set has no bundle for %s (not federated)", peerWant.TrustDomain())
+	}
+	if !other.Bundles.Has(want.TrustDomain()) {
+		return "", fmt.Errorf("the peer agent's bundle set has no bundle for %s (not federated)", want.TrustDomain())
+	}
+	serverCfg := tlsconfig.MTLSServerConfig(ownSVID, own.Bundles, tlsconfig.AuthorizeID(peerWant))
+	clientCfg := tlsconfig.MTLSClientConfig(otherSVID, other.Bundles, tlsconfig.AuthorizeID(want))
+	c1, c2 := net.Pipe()
+	defer c1.Close()
+	defer c2.Close()
+	server := tls.Server(c1, serverCfg)
+	client := tls.Client(c2, clientCfg)
+	deadline, _ := ctx.Deadline()
+	_ = server.SetDeadline(deadline)
+	_ = client.SetDeadline(deadline)
+	var wg sync.WaitGroup
+	var serverErr error
+	var seen []*x509.Certificate
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if serverErr = server.HandshakeContext(ctx); serverErr != nil {
+			return
+		}
+		seen = server.ConnectionState().PeerCertificates
+		buf := make([]byte, 4)
+		if _, serverErr = io.ReadFull(server, buf); serverErr == nil && string(buf) != "ping" {
+			serverErr = fmt.Errorf("server read %q", buf)
+		}
+	}()
+	clientErr := client.HandshakeContext(ctx)
+	if clientErr == nil {
+		_, clientErr = client.Write([]byte("ping"))
+	}
+	if clientErr != nil {
+		c2.Close()
+	}
+	wg.Wait()
+	if clientErr != nil {
+		return "", fmt.Errorf("client (%s) handshake: %w (server: %v)", peerWant, clientErr, serverErr)
+	}
+	if serverErr != nil {
+		return "", fmt.Errorf("server (%s) handshake: %w", want, serverErr)
+	}
+	if len(seen) == 0 {
+		return "", errors.New("server saw no client certificate")
+	}
+	seenID, err := x509svid.IDFromCert(seen[0])
+	if err != nil {
+		return "", fmt.Errorf("client certificate: %w", err)
+	}
+	return fmt.Sprintf("%s <-> %s", want, seenID), nil
+}
+
+// checkFederatedJWT fetches a JWT-SVID from the peer agent and validates it
+// through this agent's ValidateJWTSVID (which needs the peer trust domain's
+// JWT authorities), then checks that a token of this trust domain still
+// validates here.
+func checkFederatedJWT(ctx context.Context) (string, error) {
+	ctx, cancel := context.WithTimeout(ctx, *timeout)
+	defer cancel()
+	peerAddr, peerWant, err := peer()
+	if err != nil {
+		return "", err
+	}
+	token, err := workloadapi.FetchJWTSVID(ctx, jwtsvid.Params{Audience: *audience}, peerAddr)
+	if err != nil {
+		return "", fmt.Errorf("FetchJWTSVID on -peer-socket: %w", err)
+	}
+	got, err := workloadapi.ValidateJWTSVID(ctx, token.Marshal(), *audience, addr())
+	if err != nil {
+		return "", fmt.Errorf("ValidateJWTSVID of the peer's token here: %w", err)
+	}
+	if got.ID != peerWant {
+		return "", fmt.Errorf("ValidateJWTSVID returned %s, want %s", got.ID, peerWant)
+	}
+	return fmt.Sprintf("%s token validated by this agent", got.ID), nil
 }

@@ -272,6 +272,14 @@ fn table_of(path: &[Seg]) -> Option<Table> {
         [Seg::Key(e), Seg::Index(_), _] if e == "entries" => Some(Table::Entry),
         [Seg::Key(t), _] if t == "sds" => Some(Table::Sds),
         [Seg::Key(t), _] if t == "federation" => Some(Table::Federation),
+        [Seg::Key(t), Seg::Key(b), _] if t == "federation" && b == "bundle_endpoint" => {
+            Some(Table::BundleEndpoint)
+        }
+        [Seg::Key(t), Seg::Key(r), Seg::Index(_), _]
+            if t == "federation" && r == "trust_domains" =>
+        {
+            Some(Table::Relationship)
+        }
         _ => None,
     }
 }
@@ -347,6 +355,8 @@ fn unknown_key_fix(unknown: &str, table: Option<Table>) -> String {
         Table::Entry => "keys of [[entries]]",
         Table::Sds => "keys of [sds]",
         Table::Federation => "keys of [federation]",
+        Table::BundleEndpoint => "keys of [federation.bundle_endpoint]",
+        Table::Relationship => "keys of [[federation.trust_domains]]",
     };
     match near {
         Some((_, k)) => format!("did you mean `{k}`? {what}: {list}"),

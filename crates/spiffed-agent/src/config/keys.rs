@@ -12,6 +12,10 @@ pub(crate) enum Table {
     Sds,
     /// The `[federation]` table.
     Federation,
+    /// The `[federation.bundle_endpoint]` table.
+    BundleEndpoint,
+    /// One `[[federation.trust_domains]]` table.
+    Relationship,
 }
 
 const TOP: &[(&str, &str)] = &[
@@ -88,7 +92,61 @@ const ENTRY: &[(&str, &str)] = &[
     ("federates_with", "federates_with = [\"partner.example\"]"),
 ];
 
-const FEDERATION: &[(&str, &str)] = &[("federate_all", "federate_all = false")];
+const FEDERATION: &[(&str, &str)] = &[
+    ("federate_all", "federate_all = false"),
+    (
+        "bundle_endpoint",
+        "[federation.bundle_endpoint] followed by listen = \"0.0.0.0:8443\"",
+    ),
+    (
+        "trust_domains",
+        "[[federation.trust_domains]] (one table per foreign trust domain) followed by trust_domain = \"partner.example\"",
+    ),
+];
+
+const BUNDLE_ENDPOINT: &[(&str, &str)] = &[
+    ("listen", "listen = \"0.0.0.0:8443\""),
+    ("profile", "profile = \"https_spiffe\""),
+    (
+        "endpoint_spiffe_id",
+        "endpoint_spiffe_id = \"spiffe://example.org/spiffed/bundle-endpoint\"",
+    ),
+    (
+        "certificate_path",
+        "certificate_path = \"/etc/spiffed/bundle-endpoint.pem\"",
+    ),
+    (
+        "private_key_path",
+        "private_key_path = \"/etc/spiffed/bundle-endpoint.key\"",
+    ),
+    ("refresh_hint", "refresh_hint = \"5m\""),
+    ("max_connections", "max_connections = 64"),
+];
+
+const RELATIONSHIP: &[(&str, &str)] = &[
+    ("trust_domain", "trust_domain = \"partner.example\""),
+    (
+        "bundle_endpoint_url",
+        "bundle_endpoint_url = \"https://spire.partner.example:8443\"",
+    ),
+    (
+        "bundle_endpoint_profile",
+        "bundle_endpoint_profile = \"https_spiffe\"",
+    ),
+    (
+        "endpoint_spiffe_id",
+        "endpoint_spiffe_id = \"spiffe://partner.example/spire/server\"",
+    ),
+    ("bundle_path", "bundle_path = \"/etc/spiffed/partner.json\""),
+    ("bundle_format", "bundle_format = \"spiffe\""),
+    (
+        "root_certificates_path",
+        "root_certificates_path = \"/etc/spiffed/partner-roots.pem\"",
+    ),
+    ("refresh_interval", "refresh_interval = \"1m\""),
+    ("fetch_timeout", "fetch_timeout = \"30s\""),
+    ("max_bundle_bytes", "max_bundle_bytes = 1048576"),
+];
 
 const SDS: &[(&str, &str)] = &[
     ("default_svid_name", "default_svid_name = \"default\""),
@@ -110,6 +168,8 @@ fn table(t: Table) -> &'static [(&'static str, &'static str)] {
         Table::Entry => ENTRY,
         Table::Sds => SDS,
         Table::Federation => FEDERATION,
+        Table::BundleEndpoint => BUNDLE_ENDPOINT,
+        Table::Relationship => RELATIONSHIP,
     }
 }
 

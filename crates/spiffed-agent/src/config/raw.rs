@@ -66,6 +66,40 @@ pub(crate) struct RawConfig {
 #[serde(deny_unknown_fields)]
 pub(crate) struct RawFederation {
     pub(crate) federate_all: Option<Spanned<bool>>,
+    /// The own bundle served to peers.
+    pub(crate) bundle_endpoint: Option<Spanned<RawBundleEndpoint>>,
+    /// Relationships: foreign trust domains whose bundles are fetched from their endpoints.
+    #[serde(default)]
+    pub(crate) trust_domains: Vec<Spanned<RawRelationship>>,
+}
+
+/// The `[federation.bundle_endpoint]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawBundleEndpoint {
+    pub(crate) listen: Option<Str>,
+    pub(crate) profile: Option<Str>,
+    pub(crate) endpoint_spiffe_id: Option<Str>,
+    pub(crate) certificate_path: Option<Str>,
+    pub(crate) private_key_path: Option<Str>,
+    pub(crate) refresh_hint: Option<Str>,
+    pub(crate) max_connections: Option<Spanned<i64>>,
+}
+
+/// One `[[federation.trust_domains]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct RawRelationship {
+    pub(crate) trust_domain: Option<Str>,
+    pub(crate) bundle_endpoint_url: Option<Str>,
+    pub(crate) bundle_endpoint_profile: Option<Str>,
+    pub(crate) endpoint_spiffe_id: Option<Str>,
+    pub(crate) bundle_path: Option<Str>,
+    pub(crate) bundle_format: Option<Str>,
+    pub(crate) root_certificates_path: Option<Str>,
+    pub(crate) refresh_interval: Option<Str>,
+    pub(crate) fetch_timeout: Option<Str>,
+    pub(crate) max_bundle_bytes: Option<Spanned<i64>>,
 }
 
 /// The `[sds]` table (Envoy SDS; spire-agent's names).

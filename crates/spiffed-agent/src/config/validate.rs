@@ -20,7 +20,15 @@ use toml::de::DeTable;
 use super::NewRootPolicy;
 use super::error::{ConfigError, ConfigErrorKind, line_column};
 use super::keys;
-use super::raw::{RawConfig, RawEntry, RawListen, RawSds, RawX509Pop, Str, StrList};
+use super::raw::{
+    RawBundleEndpoint, RawConfig, RawEntry, RawListen, RawRelationship, RawSds, RawX509Pop, Str,
+    StrList,
+};
+use super::{
+    BundleEndpointConfig, BundleFileFormat, DEFAULT_BUNDLE_ENDPOINT_CONNECTIONS,
+    DEFAULT_BUNDLE_REFRESH_HINT, DEFAULT_FETCH_TIMEOUT, DEFAULT_MAX_BUNDLE_BYTES, EndpointServing,
+    FederationRelationship, RelationshipProfile,
+};
 use super::{
     Config, DEFAULT_ADMIN_SOCKET_PATH, DEFAULT_CA_TTL, DEFAULT_DATA_DIR, DEFAULT_JWT_SVID_TTL,
     DEFAULT_MAX_DNS_NAMES_PER_ENTRY, DEFAULT_MAX_SELECTORS_PER_ENTRY, DEFAULT_MIN_CA_TTL,
@@ -250,6 +258,7 @@ fn validate(
             "give each endpoint its own port, e.g. [metrics] listen = \"127.0.0.1:9988\" and [health] listen = \"127.0.0.1:9989\"",
         );
     }
+    let (bundle_endpoint, federation) = cx.federation(&raw, trust_domain.as_ref());
     let synthetic_ids = raw.synthetic_ids.is_some_and(|s| *s.get_ref());
     let federate_all = raw
         .federation
@@ -350,6 +359,8 @@ fn validate(
         metrics,
         health,
         federate_all,
+        bundle_endpoint,
+        federation,
     })
 }
 
@@ -701,6 +712,435 @@ impl Cx<'_> {
             ),
         );
         None
+    }
+
+    /// `[federation.bundle_endpoint]` and `[[federation.trust_domains]]` (standalone mode only).
+    fn federation(
+        &mut self,
+        raw: &RawConfig,
+        td: Option<&TrustDomain>,
+    ) -> (Option<BundleEndpointConfig>, Vec<FederationRelationship>) {
+        let Some(fed) = raw.federation.as_ref() else {
+            return (None, Vec::new());
+        };
+        let f = fed.get_ref();
+        if raw.spire_server.is_some() {
+            if let Some(e) = &f.bundle_endpoint {
+                self.invalid(
+                    e.span(),
+                    "federation.bundle_endpoint",
+                    "[federation.bundle_endpoint] has no effect in agent mode: the SPIRE Server \
+                     serves the trust domain's bundle",
+                    "configure federation { bundle_endpoint { ... } } on the SPIRE Server, and \
+                     remove [federation.bundle_endpoint]",
+                );
+            }
+            if let Some(r) = f.trust_domains.first() {
+                self.invalid(
+                    r.span(),
+                    "federation.trust_domains",
+                    "[[federation.trust_domains]] have no effect in agent mode: the SPIRE Server \
+                     fetches federated bundles and this agent receives them from it",
+                    "create the relationship on the server (`spire-server federation create`), \
+                     and remove the [[federation.trust_domains]] tables",
+                );
+            }
+            return (None, Vec::new());
+        }
+        let endpoint = f
+            .bundle_endpoint
+            .as_ref()
+            .and_then(|e| self.bundle_endpoint(e, td));
+        let mut relationships: Vec<FederationRelationship> = Vec::new();
+        for (i, r) in f.trust_domains.iter().enumerate() {
+            if let Some(rel) = self.relationship(i, r, td) {
+                if relationships
+                    .iter()
+                    .any(|o| o.trust_domain == rel.trust_domain)
+                {
+                    self.invalid(
+                        r.span(),
+                        format!("federation.trust_domains[{i}].trust_domain"),
+                        format!(
+                            "trust domain {} has two [[federation.trust_domains]] tables",
+                            rel.trust_domain
+                        ),
+                        "keep one relationship per trust domain",
+                    );
+                    continue;
+                }
+                relationships.push(rel);
+            }
+        }
+        (endpoint, relationships)
+    }
+
+    fn bundle_endpoint(
+        &mut self,
+        raw: &Spanned<RawBundleEndpoint>,
+        td: Option<&TrustDomain>,
+    ) -> Option<BundleEndpointConfig> {
+        let e = raw.get_ref();
+        let key = "federation.bundle_endpoint.listen";
+        let listen = match &e.listen {
+            None => {
+                self.push(
+                    ConfigErrorKind::Missing,
+                    raw.span(),
+                    key,
+                    "[federation.bundle_endpoint] needs listen, the address peers fetch the \
+                     bundle from",
+                    "add listen = \"0.0.0.0:8443\" (every interface: peers are on other hosts), \
+                     or remove [federation.bundle_endpoint]",
+                );
+                None
+            }
+            Some(l) => match l.get_ref().trim().parse::<std::net::SocketAddr>() {
+                Ok(a) if a.port() != 0 => Some(a),
+                _ => {
+                    self.invalid(
+                        l.span(),
+                        key,
+                        format!(
+                            "{key} {:?} is not an IP address and a port (not 0)",
+                            l.get_ref()
+                        ),
+                        "write listen = \"0.0.0.0:8443\" (IPv6: \"[::]:8443\"); host names are \
+                         not resolved",
+                    );
+                    None
+                }
+            },
+        };
+        #[derive(Clone, Copy, PartialEq)]
+        enum P {
+            Spiffe,
+            Web,
+        }
+        let profile = self.choice(
+            "federation.bundle_endpoint.profile",
+            e.profile.as_ref(),
+            &[("https_spiffe", P::Spiffe), ("https_web", P::Web)],
+            P::Spiffe,
+        );
+        let profile = match profile {
+            P::Spiffe => {
+                for (k, v) in [
+                    ("certificate_path", &e.certificate_path),
+                    ("private_key_path", &e.private_key_path),
+                ] {
+                    if let Some(v) = v {
+                        self.invalid(
+                            v.span(),
+                            format!("federation.bundle_endpoint.{k}"),
+                            format!(
+                                "{k} is for profile = \"https_web\"; with https_spiffe the \
+                                 endpoint presents an X.509-SVID the agent mints"
+                            ),
+                            format!("remove {k}, or set profile = \"https_web\""),
+                        );
+                    }
+                }
+                let td = td?;
+                let id = match &e.endpoint_spiffe_id {
+                    None => SpiffeId::from_str(&format!("spiffe://{td}/spiffed/bundle-endpoint"))
+                        .ok()?,
+                    Some(r) => match parse_spiffe_id(r.get_ref(), td.as_str()) {
+                        Ok(id) => id,
+                        Err((message, fix)) => {
+                            self.invalid(
+                                r.span(),
+                                "federation.bundle_endpoint.endpoint_spiffe_id",
+                                message,
+                                fix,
+                            );
+                            return None;
+                        }
+                    },
+                };
+                EndpointServing::HttpsSpiffe {
+                    endpoint_spiffe_id: id,
+                }
+            }
+            P::Web => {
+                if let Some(v) = &e.endpoint_spiffe_id {
+                    self.invalid(
+                        v.span(),
+                        "federation.bundle_endpoint.endpoint_spiffe_id",
+                        "endpoint_spiffe_id is for profile = \"https_spiffe\"; with https_web the \
+                         endpoint presents the certificate of certificate_path",
+                        "remove endpoint_spiffe_id, or set profile = \"https_spiffe\"",
+                    );
+                }
+                let need = |cx: &mut Self, k: &str, v: &Option<Str>, example: &str| match v {
+                    Some(_) => Some(cx.path(
+                        &format!("federation.bundle_endpoint.{k}"),
+                        v.as_ref(),
+                        example,
+                        false,
+                    )),
+                    None => {
+                        cx.push(
+                            ConfigErrorKind::Missing,
+                            raw.span(),
+                            format!("federation.bundle_endpoint.{k}"),
+                            format!("profile = \"https_web\" needs {k}"),
+                            "add certificate_path and private_key_path: PEM files of a Web PKI \
+                             certificate for the host name peers use, and its key",
+                        );
+                        None
+                    }
+                };
+                let cert = need(
+                    self,
+                    "certificate_path",
+                    &e.certificate_path,
+                    "/etc/spiffed/bundle-endpoint.pem",
+                );
+                let key = need(
+                    self,
+                    "private_key_path",
+                    &e.private_key_path,
+                    "/etc/spiffed/bundle-endpoint.key",
+                );
+                EndpointServing::HttpsWeb {
+                    certificate_path: cert?,
+                    private_key_path: key?,
+                }
+            }
+        };
+        let refresh_hint = match &e.refresh_hint {
+            None => Some(DEFAULT_BUNDLE_REFRESH_HINT),
+            Some(r) => match humantime::parse_duration(r.get_ref()) {
+                Ok(d) if d >= Duration::from_secs(1) && d <= Duration::from_secs(7 * 24 * 3600) => {
+                    Some(d)
+                }
+                _ => {
+                    self.invalid(
+                        r.span(),
+                        "federation.bundle_endpoint.refresh_hint",
+                        format!(
+                            "refresh_hint {:?} is not a duration from 1s to 7 days",
+                            r.get_ref()
+                        ),
+                        "write e.g. refresh_hint = \"5m\" (peers fetch again every quarter of it, \
+                         at least every 15 s)",
+                    );
+                    None
+                }
+            },
+        };
+        let max_connections = self
+            .count(
+                "federation.bundle_endpoint.max_connections",
+                e.max_connections.as_ref(),
+                1..=100_000,
+                "connections",
+            )
+            .unwrap_or(DEFAULT_BUNDLE_ENDPOINT_CONNECTIONS);
+        Some(BundleEndpointConfig {
+            listen: listen?,
+            profile,
+            refresh_hint: refresh_hint?,
+            max_connections,
+        })
+    }
+
+    fn relationship(
+        &mut self,
+        i: usize,
+        raw: &Spanned<RawRelationship>,
+        own: Option<&TrustDomain>,
+    ) -> Option<FederationRelationship> {
+        let r = raw.get_ref();
+        let key = |k: &str| format!("federation.trust_domains[{i}].{k}");
+        let missing = |cx: &mut Self, k: &str, fix: &str| {
+            cx.push(
+                ConfigErrorKind::Missing,
+                raw.span(),
+                key(k),
+                format!("[[federation.trust_domains]] #{} needs {k}", i + 1),
+                fix,
+            );
+        };
+        let trust_domain = match &r.trust_domain {
+            None => {
+                missing(
+                    self,
+                    "trust_domain",
+                    "add trust_domain = \"partner.example\"",
+                );
+                None
+            }
+            Some(t) => match check_trust_domain(t.get_ref()) {
+                Ok(td) if Some(&td) == own => {
+                    self.invalid(
+                        t.span(),
+                        key("trust_domain"),
+                        format!("{td} is this agent's own trust domain"),
+                        "a relationship is with another trust domain",
+                    );
+                    None
+                }
+                Ok(td) => Some(td),
+                Err((message, fix)) => {
+                    self.invalid(t.span(), key("trust_domain"), message, fix);
+                    None
+                }
+            },
+        };
+        let url = match &r.bundle_endpoint_url {
+            None => {
+                missing(
+                    self,
+                    "bundle_endpoint_url",
+                    "add bundle_endpoint_url = \"https://HOST:PORT\", the peer's bundle endpoint",
+                );
+                None
+            }
+            Some(u) => match spiffed_federation::EndpointUrl::parse(u.get_ref()) {
+                Ok(url) => Some(url),
+                Err(e) => {
+                    self.invalid(
+                        u.span(),
+                        key("bundle_endpoint_url"),
+                        e.to_string(),
+                        "write the endpoint's https:// URL, e.g. https://spire.partner.example:8443",
+                    );
+                    None
+                }
+            },
+        };
+        #[derive(Clone, Copy, PartialEq)]
+        enum P {
+            Spiffe,
+            Web,
+        }
+        let p = self.choice(
+            &key("bundle_endpoint_profile"),
+            r.bundle_endpoint_profile.as_ref(),
+            &[("https_spiffe", P::Spiffe), ("https_web", P::Web)],
+            P::Spiffe,
+        );
+        let profile = match p {
+            P::Spiffe => {
+                if let Some(v) = &r.root_certificates_path {
+                    self.invalid(
+                        v.span(),
+                        key("root_certificates_path"),
+                        "root_certificates_path is for bundle_endpoint_profile = \"https_web\"",
+                        "remove it: an https_spiffe endpoint is checked against the trust \
+                         domain's bundle",
+                    );
+                }
+                match &r.endpoint_spiffe_id {
+                    None => {
+                        missing(
+                            self,
+                            "endpoint_spiffe_id",
+                            "add endpoint_spiffe_id, the SPIFFE ID the endpoint presents (a SPIRE \
+                             Server's is spiffe://TD/spire/server), or set \
+                             bundle_endpoint_profile = \"https_web\"",
+                        );
+                        None
+                    }
+                    Some(v) => match SpiffeId::from_str(v.get_ref()) {
+                        Ok(id) => Some(RelationshipProfile::HttpsSpiffe {
+                            endpoint_spiffe_id: id,
+                        }),
+                        Err(e) => {
+                            self.invalid(
+                                v.span(),
+                                key("endpoint_spiffe_id"),
+                                format!("{:?} is not a SPIFFE ID: {e}", v.get_ref()),
+                                "write it as spiffe://TRUST_DOMAIN/PATH",
+                            );
+                            None
+                        }
+                    },
+                }
+            }
+            P::Web => {
+                if let Some(v) = &r.endpoint_spiffe_id {
+                    self.invalid(
+                        v.span(),
+                        key("endpoint_spiffe_id"),
+                        "endpoint_spiffe_id is for bundle_endpoint_profile = \"https_spiffe\"",
+                        "remove it: an https_web endpoint is checked by its host name",
+                    );
+                }
+                let roots = r.root_certificates_path.as_ref().map(|v| {
+                    self.path(
+                        &key("root_certificates_path"),
+                        Some(v),
+                        "/etc/spiffed/partner-roots.pem",
+                        false,
+                    )
+                });
+                Some(RelationshipProfile::HttpsWeb {
+                    root_certificates_path: roots,
+                })
+            }
+        };
+        let bundle_path = r.bundle_path.as_ref().map(|v| {
+            self.path(
+                &key("bundle_path"),
+                Some(v),
+                "/etc/spiffed/partner.json",
+                false,
+            )
+        });
+        let bundle_format = self.choice(
+            &key("bundle_format"),
+            r.bundle_format.as_ref(),
+            &[
+                ("spiffe", BundleFileFormat::Spiffe),
+                ("pem", BundleFileFormat::Pem),
+            ],
+            BundleFileFormat::Spiffe,
+        );
+        let refresh_interval = match &r.refresh_interval {
+            None => None,
+            Some(v) => match humantime::parse_duration(v.get_ref()) {
+                Ok(d) if d >= Duration::from_secs(1) && d <= Duration::from_secs(24 * 3600) => {
+                    Some(d)
+                }
+                _ => {
+                    self.invalid(
+                        v.span(),
+                        key("refresh_interval"),
+                        format!(
+                            "refresh_interval {:?} is not a duration from 1s to 1 day",
+                            v.get_ref()
+                        ),
+                        "write e.g. refresh_interval = \"1m\", or leave it out to follow the \
+                         peer's refresh hint",
+                    );
+                    None
+                }
+            },
+        };
+        let fetch_timeout = self
+            .timeout(&key("fetch_timeout"), r.fetch_timeout.as_ref())
+            .unwrap_or(DEFAULT_FETCH_TIMEOUT);
+        let max_bundle_bytes = self
+            .count(
+                &key("max_bundle_bytes"),
+                r.max_bundle_bytes.as_ref(),
+                1024..=DEFAULT_MAX_BUNDLE_BYTES,
+                "bytes",
+            )
+            .unwrap_or(DEFAULT_MAX_BUNDLE_BYTES);
+        Some(FederationRelationship {
+            trust_domain: trust_domain?,
+            bundle_endpoint_url: url?,
+            profile: profile?,
+            bundle_path,
+            bundle_format,
+            refresh_interval,
+            fetch_timeout,
+            max_bundle_bytes,
+        })
     }
 
     fn x509pop(&mut self, pop: &Spanned<RawX509Pop>) -> Option<NodeAttestation> {

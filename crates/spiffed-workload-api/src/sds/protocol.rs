@@ -15,10 +15,10 @@
 use std::collections::BTreeSet;
 use std::hash::{BuildHasher as _, Hasher as _};
 
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
-use envoy_types::pb::google::protobuf::Any;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
 use super::resources::NodePrefs;
+use super::wire::{Resources, SdsResponse};
 use crate::ApiError;
 
 /// Most resource names one request may carry.
@@ -127,7 +127,7 @@ impl XdsState {
 
     /// The response carrying `resources`, with the current version and a fresh nonce (which
     /// the next request must echo).
-    pub fn respond(&mut self, resources: Vec<Any>) -> DiscoveryResponse {
+    pub fn respond(&mut self, resources: Resources) -> SdsResponse {
         self.sent += 1;
         let mut nonce = new_nonce(self.sent);
         while self.nonce.as_ref() == Some(&nonce) {
@@ -135,19 +135,18 @@ impl XdsState {
             nonce = new_nonce(self.sent);
         }
         self.nonce = Some(nonce.clone());
-        DiscoveryResponse {
+        SdsResponse {
             version_info: self.version(),
             resources,
             type_url: self.type_url.clone(),
             nonce,
-            ..Default::default()
         }
     }
 }
 
 /// The one-off response of `FetchSecrets`: no version and no nonce (as spire-agent).
-pub fn fetch_response(req: &DiscoveryRequest, resources: Vec<Any>) -> DiscoveryResponse {
-    DiscoveryResponse {
+pub fn fetch_response(req: &DiscoveryRequest, resources: Resources) -> SdsResponse {
+    SdsResponse {
         resources,
         type_url: req.type_url.clone(),
         ..Default::default()
@@ -208,7 +207,7 @@ mod tests {
         assert!(!s.on_update());
         let r = s.on_request(&req(&["default"], "", "")).unwrap();
         assert!(r.send && !r.stale && r.nack.is_none());
-        let first = s.respond(vec![]);
+        let first = s.respond(Resources::default());
         assert_eq!(first.version_info, "1");
         assert_eq!(first.nonce.len(), 8);
         assert!(first.nonce.chars().all(|c| c.is_ascii_hexdigit()));
@@ -218,7 +217,7 @@ mod tests {
         assert_eq!(r, Received::default());
         // A rotation: version 2 with a new nonce.
         assert!(s.on_update());
-        let second = s.respond(vec![]);
+        let second = s.respond(Resources::default());
         assert_eq!(second.version_info, "2");
         assert_ne!(second.nonce, first.nonce);
         // The ACK of the first response is now stale and ignored, even with new names.
@@ -232,15 +231,15 @@ mod tests {
         let mut s = XdsState::new();
         s.on_update();
         assert!(s.on_request(&req(&["a", "b"], "", "")).unwrap().send);
-        let n = s.respond(vec![]).nonce;
+        let n = s.respond(Resources::default()).nonce;
         let r = s.on_request(&req(&["b", "a", "a"], "1", &n)).unwrap();
         assert!(!r.send);
         let r = s.on_request(&req(&["b"], "1", &n)).unwrap();
         assert!(r.send, "a changed set of names is answered");
-        let n = s.respond(vec![]).nonce;
+        let n = s.respond(Resources::default()).nonce;
         // An empty name means nothing: [""] is the same as [] (everything).
         assert!(s.on_request(&req(&[""], "1", &n)).unwrap().send);
-        let n = s.respond(vec![]).nonce;
+        let n = s.respond(Resources::default()).nonce;
         assert!(!s.on_request(&req(&[], "1", &n)).unwrap().send);
     }
 
@@ -249,7 +248,7 @@ mod tests {
         let mut s = XdsState::new();
         s.on_update();
         s.on_request(&req(&["default"], "", "")).unwrap();
-        let n = s.respond(vec![]).nonce;
+        let n = s.respond(Resources::default()).nonce;
         let mut nack = req(&["default", "ROOTCA"], "", &n);
         nack.error_detail = Some(RpcStatus {
             code: 3,
@@ -260,7 +259,7 @@ mod tests {
         assert_eq!(r.nack.as_deref(), Some(""));
         assert_eq!(r.error_detail.as_deref(), Some("bad cert"));
         assert!(r.send, "the NACK changed the names, so they are answered");
-        let n = s.respond(vec![]).nonce;
+        let n = s.respond(Resources::default()).nonce;
         // A NACK naming an older version, same names: logged, nothing sent.
         let r = s.on_request(&req(&["default", "ROOTCA"], "0", &n)).unwrap();
         assert_eq!(r.nack.as_deref(), Some("0"));
@@ -288,7 +287,7 @@ mod tests {
             ..Default::default()
         });
         s.on_request(&first).unwrap();
-        let n = s.respond(vec![]).nonce;
+        let n = s.respond(Resources::default()).nonce;
         s.on_request(&req(&["ROOTCA"], "1", &n)).unwrap();
         assert_eq!(s.node().validation(false), Validation::TrustedCa);
     }
@@ -311,7 +310,7 @@ mod tests {
         let mut s = XdsState::new();
         let mut seen = BTreeSet::new();
         for _ in 0..1000 {
-            let n = s.respond(vec![]).nonce;
+            let n = s.respond(Resources::default()).nonce;
             assert_eq!(n.len(), 8);
             seen.insert(n);
         }
