@@ -42,6 +42,7 @@ const SPEC_FIELDS: &[&str] = &[
     "hint",
     "dns_names",
     "admin",
+    "federates_with",
 ];
 
 /// Runs one submitted spec through the admin service's validation and checks what it promises:
@@ -72,6 +73,7 @@ pub fn check_spec(p: &pb::EntrySpec, td: &TrustDomain) -> Option<EntrySpec> {
                 let len = match name {
                     "selectors" => p.selectors.len(),
                     "dns_names" => p.dns_names.len(),
+                    "federates_with" => p.federates_with.len(),
                     _ => panic!("index on a field that is not a list: {field:?}"),
                 };
                 assert!(i < len, "{field:?} but the spec has {len}");
@@ -115,7 +117,7 @@ pub fn check_spec(p: &pb::EntrySpec, td: &TrustDomain) -> Option<EntrySpec> {
         jwt_svid_ttl: spec.jwt_svid_ttl,
         hint: spec.hint.clone(),
         dns_names: spec.dns_names.clone(),
-        federates_with: Vec::new(),
+        federates_with: spec.federates_with.clone(),
         admin: false,
         downstream: false,
     };

@@ -219,6 +219,12 @@ fn entry_field_error(e: &EntryError, p: &pb::EntrySpec) -> FieldError {
             .iter()
             .position(|s| s == item)
             .map_or_else(|| "selectors".to_owned(), |i| format!("selectors[{i}]")),
+        ("federates_with", Some(item)) => {
+            p.federates_with.iter().position(|t| t == item).map_or_else(
+                || "federates_with".to_owned(),
+                |i| format!("federates_with[{i}]"),
+            )
+        }
         (field, _) => field.to_owned(),
     };
     field_err(field, e.message())
@@ -710,6 +716,13 @@ mod tests {
         let mut admin = spec("spiffe://example.org/web", &["unix:uid:1"]);
         admin.admin = true;
         assert_eq!(f(admin), "admin");
+        let mut fed = spec("spiffe://example.org/web", &["unix:uid:1"]);
+        fed.federates_with = vec!["other.org".into(), "Not A TD".into()];
+        assert_eq!(f(fed.clone()), "federates_with[1]");
+        fed.federates_with = vec!["other.org".into(), "example.org".into()];
+        assert_eq!(f(fed.clone()), "federates_with[1]");
+        fed.federates_with = vec!["other.org".into()];
+        assert!(validate_spec(&fed, &rules).is_ok());
     }
 
     #[test]

@@ -450,6 +450,7 @@ fn bind(
         td: cfg.trust_domain.clone(),
         admin_uids: cfg.admin_uids.clone(),
         own_uid,
+        writes: tokio::sync::Mutex::new(()),
     };
     let admin = AdminService {
         sources: entries.clone(),

@@ -29,6 +29,9 @@ pub(crate) struct BundleService {
     pub(crate) td: TrustDomain,
     pub(crate) admin_uids: Vec<u32>,
     pub(crate) own_uid: u32,
+    /// Held from store to publish by each set and delete, so that concurrent calls for one
+    /// trust domain leave the store and the published set agreeing.
+    pub(crate) writes: tokio::sync::Mutex<()>,
 }
 
 impl BundleService {
@@ -106,10 +109,15 @@ fn bundle_msg(b: &SpiffeBundle, source: &str, updated_at: i64) -> pb::Bundle {
     }
 }
 
+/// A stored bundle as `ListFederatedBundles` reports it: without the document (`bundle show`
+/// and `set` carry it), so that a list of many large bundles stays one small message.
 fn stored_msg(s: &StoredBundle) -> pb::Bundle {
     let b = SpiffeBundle::parse(&s.trust_domain, s.document.as_bytes())
         .map_or_else(|_| SpiffeBundle::new(s.trust_domain.clone()), |p| p.bundle);
-    bundle_msg(&b, &s.source, secs(s.updated_at))
+    pb::Bundle {
+        spiffe_json: String::new(),
+        ..bundle_msg(&b, &s.source, secs(s.updated_at))
+    }
 }
 
 fn published_msg(b: &TrustBundle, source: &str) -> pb::Bundle {
@@ -226,6 +234,7 @@ impl BundleAdmin for BundleService {
             tracing::info!(uid = who.uid, reason = %e.message(), "federated bundle refused");
         })?;
         let document = parsed.bundle.to_json();
+        let _write = self.writes.lock().await;
         let source = if req.source.is_empty() {
             "admin API".to_owned()
         } else {
@@ -277,6 +286,7 @@ impl BundleAdmin for BundleService {
                 spiffed_core::untrusted::clip(&name)
             ))
         })?;
+        let _write = self.writes.lock().await;
         let deleted = {
             let td = td.clone();
             tokio::task::spawn_blocking(move || sources.store().map(|s| s.delete_bundle(&td)))

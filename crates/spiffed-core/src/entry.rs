@@ -105,6 +105,13 @@ pub enum EntryError {
     /// A selector that no configured attestor accepts.
     #[error(transparent)]
     Selector(#[from] SelectorError),
+    /// `federates_with` names the agent's own trust domain, whose bundle every workload gets
+    /// anyway (checked for entries an operator writes, not for synced ones).
+    #[error(
+        "federates_with names {0:?}, the agent's own trust domain; list foreign trust domains \
+         only"
+    )]
+    FederatesWithOwn(String),
     /// More selectors than `max_selectors_per_entry`.
     #[error("the entry has {count} selectors; the limit is {max} (max_selectors_per_entry)")]
     TooManySelectors {
@@ -154,6 +161,7 @@ impl EntryError {
             Self::NoSelectors | Self::Selector(_) | Self::TooManySelectors { .. } => "selectors",
             Self::HintTooLong(_) | Self::HintControl(_) => "hint",
             Self::DnsName(_) | Self::TooManyDnsNames { .. } => "dns_names",
+            Self::FederatesWithOwn(_) => "federates_with",
             Self::ZeroTtl(field)
             | Self::TtlTooShort { field, .. }
             | Self::TtlTooLong { field, .. } => field,
@@ -165,7 +173,7 @@ impl EntryError {
     /// `dns_names[0]`), since the entry's own selectors are sorted.
     pub fn item(&self) -> Option<&str> {
         match self {
-            Self::DnsName(name) => Some(name),
+            Self::DnsName(name) | Self::FederatesWithOwn(name) => Some(name),
             Self::Selector(
                 SelectorError::Shape(selector)
                 | SelectorError::UnknownType { selector, .. }

@@ -449,6 +449,14 @@ fn check_authority(der: &[u8], td: &TrustDomain, index: usize) -> Result<(), Aut
             "the certificate is not a CA certificate (basicConstraints cA is not true)".into(),
         ));
     }
+    // What cannot be written back as a JWK would be lost when the bundle is stored.
+    if cert_jwk(der).is_none() {
+        return Err(AuthorityFault::Other(
+            "the CA's public key is not EC P-256, P-384, P-521 (uncompressed) or RSA, the key \
+             types a SPIFFE bundle carries"
+                .into(),
+        ));
+    }
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for name in &san.value.general_names {
             let GeneralName::URI(uri) = name else {
@@ -824,6 +832,19 @@ mod tests {
             e("-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n")
                 .contains("certificate #1: the certificate is not DER")
         );
+    }
+
+    #[test]
+    fn a_ca_key_a_jwk_cannot_carry_is_refused() {
+        let ed = B64.encode(ca(&rcgen::PKCS_ED25519, None));
+        let doc = json!({"keys":[{"use":"x509-svid","kty":"OKP","x5c":[ed]}]}).to_string();
+        assert!(refused(&doc).contains("not EC P-256"), "{}", refused(&doc));
+        let p384 = SpiffeBundle {
+            x509_authorities: vec![ca(&rcgen::PKCS_ECDSA_P384_SHA384, None)],
+            ..SpiffeBundle::new(td("x.org"))
+        };
+        let back = SpiffeBundle::parse(&td("x.org"), p384.to_json().as_bytes()).unwrap();
+        assert_eq!(back.bundle, p384);
     }
 
     #[test]

@@ -130,6 +130,13 @@ impl Rules {
     /// removed, every rule of [`Entry::checked`] met.
     pub fn check_spec(&self, spec: EntrySpec) -> Result<EntrySpec, EntryError> {
         let admin = spec.admin;
+        if let Some(own) = spec
+            .federates_with
+            .iter()
+            .find(|t| **t == self.trust_domain)
+        {
+            return Err(EntryError::FederatesWithOwn(own.to_string()));
+        }
         let entry = self.check(Entry {
             id: EntryId::new(Owner::STORE.prefix),
             spiffe_id: spec.spiffe_id,

@@ -562,6 +562,94 @@ async fn federated_bundles_go_only_to_workloads_whose_entries_federate_with_them
     );
 }
 
+/// `[federation] federate_all`: a workload without any `federates_with` receives every
+/// federated bundle on every RPC that hands out bundles, and may validate their tokens.
+#[tokio::test]
+async fn federate_all_gives_every_workload_every_federated_bundle() {
+    let mut f = fixture(vec![entry("b", &id("b"), &["unix:uid:1001"])], false);
+    f.api = f.api.clone().with_federate_all(true);
+    f.issuer
+        .add_federated("fed.org", vec![fake_ca("fed.org", 1)], "fed-1");
+    f.issuer
+        .add_federated("other.org", vec![fake_ca("other.org", 1)], "other-1");
+    let server = f.serve();
+    let mut c = server.client().await;
+    let all = [
+        format!("spiffe://{TD}"),
+        "spiffe://fed.org".to_owned(),
+        "spiffe://other.org".to_owned(),
+    ];
+    let m = within(async {
+        c.fetch_x509svid(as_peer(1001, None, X509svidRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
+            .await
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let mut keys: Vec<&String> = m.federated_bundles.keys().collect();
+    keys.sort();
+    assert_eq!(keys, all[1..].iter().collect::<Vec<_>>());
+    let m = within(async {
+        c.fetch_x509_bundles(as_peer(1001, None, X509BundlesRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
+            .await
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let mut keys: Vec<&String> = m.bundles.keys().collect();
+    keys.sort();
+    assert_eq!(keys, all.iter().collect::<Vec<_>>());
+    let m = within(async {
+        c.fetch_jwt_bundles(as_peer(1001, None, JwtBundlesRequest {}))
+            .await
+            .unwrap()
+            .into_inner()
+            .message()
+            .await
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    let mut keys: Vec<&String> = m.bundles.keys().collect();
+    keys.sort();
+    assert_eq!(keys, all.iter().collect::<Vec<_>>());
+    use base64::Engine as _;
+    let b64 = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
+    let token = format!(
+        "{}.{}.c2ln",
+        b64(r#"{"alg":"ES256","kid":"fed-1","typ":"JWT"}"#),
+        b64(r#"{"sub":"spiffe://fed.org/x","aud":["a"],"exp":9999999999}"#)
+    );
+    f.issuer.script_validation(
+        &token,
+        Ok(spiffed_core::ValidatedJwt {
+            spiffe_id: "spiffe://fed.org/x".parse().unwrap(),
+            claims_json: br#"{"sub":"spiffe://fed.org/x"}"#.to_vec(),
+        }),
+    );
+    let ok = c
+        .validate_jwtsvid(as_peer(
+            1001,
+            None,
+            ValidateJwtsvidRequest {
+                audience: "a".into(),
+                svid: token.clone(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ok.spiffe_id, "spiffe://fed.org/x");
+}
+
 #[tokio::test]
 async fn jwt_svids_follow_entitlement_and_validate() {
     let mut b = entry("b", &id("b"), &["unix:uid:1000"]);

@@ -374,7 +374,8 @@ impl Admin {
         let channel = connect(&path).await?;
         Ok(Self {
             client: EntryAdminClient::new(channel.clone()),
-            bundles: BundleAdminClient::new(channel),
+            // A bundle is at most 1 MiB as JSON, and its X.509 authorities come with it.
+            bundles: BundleAdminClient::new(channel).max_decoding_message_size(64 << 20),
             path,
         })
     }

@@ -13,6 +13,7 @@ mod admin;
 mod agent_mode;
 mod attest;
 mod cli;
+mod federation;
 mod federation_peers;
 mod files;
 mod fleet;
