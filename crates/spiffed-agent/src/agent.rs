@@ -272,8 +272,13 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
     };
     // Federation (standalone): the endpoint bound and the bootstrap bundles stored before
     // anything serves, so a bad address or file stops the start here.
+    // Bundle writes (`spiffed bundle set|delete` and the relationships' refreshes) go from
+    // store to publish one at a time, so the store and the bundle set never disagree.
+    let bundle_writes = Arc::new(tokio::sync::Mutex::new(()));
     let federation = match &backend {
-        Backend::Standalone(ca) => crate::federation::prepare(&cfg, ca, &entries)?,
+        Backend::Standalone(ca) => {
+            crate::federation::prepare(&cfg, ca, &entries, bundle_writes.clone())?
+        }
         Backend::Agent { .. } => None,
     };
     let issuer: Arc<dyn spiffed_core::Issuer> = match &backend {
@@ -304,7 +309,7 @@ pub fn build(cfg: Config) -> Result<Bound, AgentError> {
         attestor,
         data_dir_lock,
         (facts, metrics_listener, health_listener),
-        federation,
+        (federation, bundle_writes),
     )
 }
 
@@ -388,7 +393,10 @@ fn bind(
     attestor: Arc<spiffed_attest::CompositeAttestor>,
     data_dir_lock: fs::File,
     (facts, metrics_listener, health_listener): Telemetry,
-    federation: Option<crate::federation::Prepared>,
+    (federation, bundle_writes): (
+        Option<crate::federation::Prepared>,
+        Arc<tokio::sync::Mutex<()>>,
+    ),
 ) -> Result<Bound, AgentError> {
     // An owner-only socket (mode without group/other bits) also gets an owner-only directory.
     let dir_mode = if cfg.socket_mode & 0o077 == 0 {
@@ -450,7 +458,7 @@ fn bind(
         td: cfg.trust_domain.clone(),
         admin_uids: cfg.admin_uids.clone(),
         own_uid,
-        writes: tokio::sync::Mutex::new(()),
+        writes: bundle_writes,
     };
     let admin = AdminService {
         sources: entries.clone(),

@@ -31,7 +31,7 @@ pub(crate) struct BundleService {
     pub(crate) own_uid: u32,
     /// Held from store to publish by each set and delete, so that concurrent calls for one
     /// trust domain leave the store and the published set agreeing.
-    pub(crate) writes: tokio::sync::Mutex<()>,
+    pub(crate) writes: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl BundleService {

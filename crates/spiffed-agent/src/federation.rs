@@ -68,6 +68,7 @@ pub(crate) fn prepare(
     cfg: &Config,
     ca: &CaAuthority,
     sources: &EntrySources,
+    writes: Arc<tokio::sync::Mutex<()>>,
 ) -> Result<Option<Prepared>, AgentError> {
     if cfg.bundle_endpoint.is_none() && cfg.federation.is_empty() {
         return Ok(None);
@@ -75,6 +76,7 @@ pub(crate) fn prepare(
     let store = Arc::new(StoreBundles {
         sources: sources.clone(),
         ca: ca.clone(),
+        writes,
     });
     let endpoint = cfg
         .bundle_endpoint
@@ -373,6 +375,8 @@ async fn follow_svid(
 pub(crate) struct StoreBundles {
     sources: EntrySources,
     ca: CaAuthority,
+    /// Shared with `spiffed bundle set|delete`: one write at a time, store then publish.
+    writes: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl StoreBundles {
@@ -402,9 +406,11 @@ impl FederatedBundles for StoreBundles {
     }
 
     async fn put(&self, bundle: SpiffeBundle, url: &str) -> Result<(), String> {
+        let _write = self.writes.lock().await;
         let this = StoreBundles {
             sources: self.sources.clone(),
             ca: self.ca.clone(),
+            writes: self.writes.clone(),
         };
         let source = url.to_owned();
         tokio::task::spawn_blocking(move || this.put_now(&bundle, &source))
