@@ -35,8 +35,8 @@ pub(crate) enum BundleCommand {
     /// hint, and where each came from.
     List,
     /// Add or replace a foreign trust domain's bundle (standalone mode). Workloads whose
-    /// entries federate with it (federates_with), or every workload with [federation]
-    /// federate_all, receive it at once; it is kept across restarts.
+    /// entries federate with it (federates_with), or every workload with federate_all = true
+    /// in the federation table, receive it at once; it is kept across restarts.
     Set(SetArgs),
     /// Delete a foreign trust domain's bundle; workloads stop receiving it at once.
     Delete(DeleteArgs),
