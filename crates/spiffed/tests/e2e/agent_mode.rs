@@ -695,18 +695,49 @@ async fn bad_server_side_input_is_reported_not_fatal() {
     };
 
     // The server's SVID names spiffe://example.org/spire/server; this node expects other.org.
+    // With the server's bundle as the bootstrap, the mistake is found at start (the bundle's CA
+    // names example.org) and the start fails with the fix; with insecure_bootstrap it is found
+    // at runtime, from the server's SVID, and reported.
     let token = server.generate_token(None, None);
-    let wrong_td = {
-        let boot = tempfile::tempdir().unwrap().keep();
-        let bundle = boot.join("b.pem");
+    {
+        let boot = tempfile::tempdir().unwrap();
+        let bundle = boot.path().join("b.pem");
         server.write_bundle(&bundle, BundleFormat::Pem);
-        let cfg_extra = format!(
-            "[spire_server]\naddress = \"{}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{token}\"\n",
-            server.address(),
-            bundle.display()
+        let config = boot.path().join("spiffed.toml");
+        std::fs::write(
+            &config,
+            spiffed_test_support::config_text(
+                boot.path(),
+                &format!(
+                    "[spire_server]\naddress = \"{}\"\ntrust_bundle_path = \"{}\"\njoin_token = \"{token}\"\n",
+                    server.address(),
+                    bundle.display()
+                ),
+            )
+            .replace("trust_domain = \"example.org\"", "trust_domain = \"other.org\""),
+        )
+        .unwrap();
+        let out = std::process::Command::new(bin())
+            .arg("run")
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{err}");
+        assert!(
+            err.contains("belongs to trust domain example.org")
+                && err.contains("spire-server bundle show"),
+            "{err}"
         );
-        start_with_td(&cfg_extra, "other.org")
-    };
+    }
+    let wrong_td = start_with_td(
+        &format!(
+            "[spire_server]\naddress = \"{}\"\ninsecure_bootstrap = true\njoin_token = \"{token}\"\n",
+            server.address(),
+        ),
+        "other.org",
+    );
     expect_reason(&wrong_td, &["spiffe://other.org/spire/server"]);
 
     // The bootstrap bundle is another server's: the chain does not verify.
