@@ -96,15 +96,26 @@ pub fn next_refresh(held: Option<&SpiffeBundle>, fixed: Option<Duration>) -> Dur
 }
 
 /// The client profile for `rel` now: for `https_spiffe`, the X.509 authorities of the bundle
-/// held for the endpoint ID's trust domain.
-async fn profile(rel: &Relationship, store: &dyn FederatedBundles) -> Result<Profile, String> {
+/// held for the endpoint ID's trust domain (`held`, the relationship's own, when it is that).
+async fn profile(
+    rel: &Relationship,
+    held: Option<&SpiffeBundle>,
+    store: &dyn FederatedBundles,
+) -> Result<Profile, String> {
     match &rel.profile {
         EndpointProfile::HttpsWeb { roots } => Ok(Profile::HttpsWeb {
             roots: roots.clone(),
         }),
         EndpointProfile::HttpsSpiffe { endpoint_id } => {
             let td = endpoint_id.trust_domain();
-            let held = store.get(td).await.ok_or_else(|| {
+            let other;
+            let held = if td == &rel.trust_domain {
+                held
+            } else {
+                other = store.get(td).await;
+                other.as_ref()
+            };
+            let held = held.ok_or_else(|| {
                 format!(
                     "no bundle of {td} is held to authenticate the endpoint {endpoint_id} \
                      (https_spiffe): give the relationship a bootstrap bundle \
@@ -125,26 +136,34 @@ async fn profile(rel: &Relationship, store: &dyn FederatedBundles) -> Result<Pro
 
 /// Fetches the peer's bundle once and stores it if it changed.
 pub async fn refresh_once(rel: &Relationship, store: &dyn FederatedBundles) -> Refreshed {
-    let profile = match profile(rel, store).await {
+    refresh(rel, store).await.0
+}
+
+/// [`refresh_once`], with the bundle held afterwards (the store is read once per refresh).
+async fn refresh(
+    rel: &Relationship,
+    store: &dyn FederatedBundles,
+) -> (Refreshed, Option<SpiffeBundle>) {
+    let held = store.get(&rel.trust_domain).await;
+    let failed = |why: String, held| (Refreshed::Failed(why), held);
+    let profile = match profile(rel, held.as_ref(), store).await {
         Ok(p) => p,
-        Err(e) => return Refreshed::Failed(e),
+        Err(e) => return failed(e, held),
     };
     let body = match fetch(&rel.url, &profile, rel.limits).await {
         Ok(b) => b,
-        Err(e) => return Refreshed::Failed(e.to_string()),
+        Err(e) => return failed(e.to_string(), held),
     };
     let parsed = match SpiffeBundle::parse(&rel.trust_domain, &body) {
         Ok(p) => p,
-        Err(e) => {
-            return Refreshed::Failed(format!("the document served by {} {e}", rel.url));
-        }
+        Err(e) => return failed(format!("the document served by {} {e}", rel.url), held),
     };
     for skipped in &parsed.skipped {
         tracing::info!(trust_domain = %rel.trust_domain, url = %rel.url, "federated bundle: ignored {skipped}");
     }
     let fetched = parsed.bundle;
-    if store.get(&rel.trust_domain).await.as_ref() == Some(&fetched) {
-        return Refreshed::Unchanged;
+    if held.as_ref() == Some(&fetched) {
+        return (Refreshed::Unchanged, held);
     }
     if fetched.x509_authorities.is_empty() && fetched.jwt_authorities.is_empty() {
         tracing::warn!(
@@ -155,8 +174,8 @@ pub async fn refresh_once(rel: &Relationship, store: &dyn FederatedBundles) -> R
         );
     }
     match store.put(fetched.clone(), &rel.url.to_string()).await {
-        Ok(()) => Refreshed::Updated(fetched),
-        Err(e) => Refreshed::Failed(format!("the fetched bundle could not be stored: {e}")),
+        Ok(()) => (Refreshed::Updated(fetched.clone()), Some(fetched)),
+        Err(e) => failed(format!("the fetched bundle could not be stored: {e}"), held),
     }
 }
 
@@ -168,7 +187,8 @@ pub async fn run(
 ) {
     let mut failing = false;
     loop {
-        match refresh_once(&rel, &*store).await {
+        let (refreshed, held) = refresh(&rel, &*store).await;
+        match refreshed {
             Refreshed::Updated(b) => {
                 failing = false;
                 tracing::info!(
@@ -197,7 +217,6 @@ pub async fn run(
                 );
             }
         }
-        let held = store.get(&rel.trust_domain).await;
         let wait = if held.is_none() && rel.refresh_interval.is_none() {
             // Nothing held yet: try again soon, as SPIRE does.
             MINIMUM_REFRESH_HINT / ATTEMPTS_PER_REFRESH_HINT

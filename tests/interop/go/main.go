@@ -183,6 +183,17 @@ func checkMTLS(ctx context.Context) (string, error) {
 	authorizer := tlsconfig.AuthorizeID(svid.ID)
 	serverCfg := tlsconfig.MTLSServerConfig(svid, xc.Bundles, authorizer)
 	clientCfg := tlsconfig.MTLSClientConfig(svid, xc.Bundles, authorizer)
+	peerID, version, err := handshake(ctx, serverCfg, clientCfg)
+	if err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%s, %s", peerID, version), nil
+}
+
+// handshake runs a TLS server with serverCfg and a client with clientCfg over an
+// in-memory pipe, sends "ping" from the client, and returns the SPIFFE ID of the
+// client certificate the server saw and the TLS version.
+func handshake(ctx context.Context, serverCfg, clientCfg *tls.Config) (spiffeid.ID, string, error) {
 	c1, c2 := net.Pipe()
 	defer c1.Close()
 	defer c2.Close()
@@ -217,19 +228,19 @@ func checkMTLS(ctx context.Context) (string, error) {
 	}
 	wg.Wait()
 	if clientErr != nil {
-		return "", fmt.Errorf("client handshake: %w (server: %v)", clientErr, serverErr)
+		return spiffeid.ID{}, "", fmt.Errorf("client handshake: %w (server: %v)", clientErr, serverErr)
 	}
 	if serverErr != nil {
-		return "", fmt.Errorf("server handshake: %w", serverErr)
+		return spiffeid.ID{}, "", fmt.Errorf("server handshake: %w", serverErr)
 	}
 	if len(peer) == 0 {
-		return "", errors.New("server saw no client certificate")
+		return spiffeid.ID{}, "", errors.New("server saw no client certificate")
 	}
 	peerID, err := x509svid.IDFromCert(peer[0])
 	if err != nil {
-		return "", fmt.Errorf("client certificate: %w", err)
+		return spiffeid.ID{}, "", fmt.Errorf("client certificate: %w", err)
 	}
-	return fmt.Sprintf("%s, %s", peerID, tls.VersionName(client.ConnectionState().Version)), nil
+	return peerID, tls.VersionName(client.ConnectionState().Version), nil
 }
 
 func fetchToken(ctx context.Context) (*jwtsvid.SVID, error) {
@@ -501,49 +512,9 @@ func checkFederatedMTLS(ctx context.Context) (string, error) {
 	}
 	serverCfg := tlsconfig.MTLSServerConfig(ownSVID, own.Bundles, tlsconfig.AuthorizeID(peerWant))
 	clientCfg := tlsconfig.MTLSClientConfig(otherSVID, other.Bundles, tlsconfig.AuthorizeID(want))
-	c1, c2 := net.Pipe()
-	defer c1.Close()
-	defer c2.Close()
-	server := tls.Server(c1, serverCfg)
-	client := tls.Client(c2, clientCfg)
-	deadline, _ := ctx.Deadline()
-	_ = server.SetDeadline(deadline)
-	_ = client.SetDeadline(deadline)
-	var wg sync.WaitGroup
-	var serverErr error
-	var seen []*x509.Certificate
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		if serverErr = server.HandshakeContext(ctx); serverErr != nil {
-			return
-		}
-		seen = server.ConnectionState().PeerCertificates
-		buf := make([]byte, 4)
-		if _, serverErr = io.ReadFull(server, buf); serverErr == nil && string(buf) != "ping" {
-			serverErr = fmt.Errorf("server read %q", buf)
-		}
-	}()
-	clientErr := client.HandshakeContext(ctx)
-	if clientErr == nil {
-		_, clientErr = client.Write([]byte("ping"))
-	}
-	if clientErr != nil {
-		c2.Close()
-	}
-	wg.Wait()
-	if clientErr != nil {
-		return "", fmt.Errorf("client (%s) handshake: %w (server: %v)", peerWant, clientErr, serverErr)
-	}
-	if serverErr != nil {
-		return "", fmt.Errorf("server (%s) handshake: %w", want, serverErr)
-	}
-	if len(seen) == 0 {
-		return "", errors.New("server saw no client certificate")
-	}
-	seenID, err := x509svid.IDFromCert(seen[0])
+	seenID, _, err := handshake(ctx, serverCfg, clientCfg)
 	if err != nil {
-		return "", fmt.Errorf("client certificate: %w", err)
+		return "", fmt.Errorf("server %s, client %s: %w", want, peerWant, err)
 	}
 	return fmt.Sprintf("%s <-> %s", want, seenID), nil
 }

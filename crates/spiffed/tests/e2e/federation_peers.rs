@@ -146,6 +146,20 @@ fn cli(args: &[&str]) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
+/// Writes `agent`'s own bundle in the SPIFFE format (`spiffed bundle show --format spiffe`) to
+/// `path`, as an operator hands it to a peer.
+fn write_own_bundle(agent: &Agent, path: &Path) {
+    let doc = cli(&[
+        "bundle",
+        "show",
+        "--format",
+        "spiffe",
+        "--admin-socket",
+        agent.admin_socket.to_str().unwrap(),
+    ]);
+    std::fs::write(path, doc).unwrap();
+}
+
 /// Runs the go-spiffe checker's federated checks with `own` as -socket and `peer` as
 /// -peer-socket.
 fn go_checks(checker: &Path, own: (&Agent, &str), peer: (&Agent, &str)) -> String {
@@ -254,18 +268,7 @@ async fn two_agents_federate_both_ways_through_bundle_endpoints() {
         )
     });
     let a_bundle = work.path().join("a.json");
-    std::fs::write(
-        &a_bundle,
-        cli(&[
-            "bundle",
-            "show",
-            "--format",
-            "spiffe",
-            "--admin-socket",
-            a.admin_socket.to_str().unwrap(),
-        ]),
-    )
-    .unwrap();
+    write_own_bundle(&a, &a_bundle);
 
     // b.test: https_web endpoint; follows a.test's https_spiffe endpoint, bootstrapped.
     let b = Agent::start_raw(&bin(), |dir| {
@@ -414,14 +417,14 @@ fn one_ca_bundle(td: &str) -> (String, Vec<u8>) {
     p.subject_alt_names = vec![rcgen::SanType::URI(
         format!("spiffe://{td}").try_into().unwrap(),
     )];
-    let ca = p.self_signed(&key).unwrap();
-    let doc = format!(
-        "{{\"keys\":[{{\"use\":\"x509-svid\",\"kty\":\"EC\",\"crv\":\"P-256\",\"x\":\"{}\",\"y\":\"{}\",\"x5c\":[\"{}\"]}}],\"spiffe_sequence\":1}}",
-        b64url(&key.public_key_raw()[1..33]),
-        b64url(&key.public_key_raw()[33..]),
-        b64(ca.der())
-    );
-    (doc, ca.der().to_vec())
+    let ca = p.self_signed(&key).unwrap().der().to_vec();
+    let doc = spiffed_core::spiffe_bundle::SpiffeBundle {
+        x509_authorities: vec![ca.clone()],
+        sequence: Some(1),
+        ..spiffed_core::spiffe_bundle::SpiffeBundle::new(td.parse().unwrap())
+    }
+    .to_json();
+    (doc, ca)
 }
 
 /// A peer that misbehaves in every way the issue lists (garbage, another trust domain's
@@ -556,16 +559,6 @@ async fn a_bad_peer_keeps_the_last_good_bundle_and_the_agent_serving() {
     }
 }
 
-fn b64(d: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::STANDARD.encode(d)
-}
-
-fn b64url(d: &[u8]) -> String {
-    use base64::Engine as _;
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(d)
-}
-
 /// The X.509 authorities of `td` in spire-server's `bundle list` (base64 DER `asn1`).
 fn spire_federated(server: &SpireServer, td: &str) -> Vec<Vec<u8>> {
     use base64::Engine as _;
@@ -629,18 +622,7 @@ fn spiffed_and_spire_server_federate_through_their_bundle_endpoints() {
         )
     });
     let our_bundle = work.path().join("spiffed.test.json");
-    std::fs::write(
-        &our_bundle,
-        cli(&[
-            "bundle",
-            "show",
-            "--format",
-            "spiffe",
-            "--admin-socket",
-            ours.admin_socket.to_str().unwrap(),
-        ]),
-    )
-    .unwrap();
+    write_own_bundle(&ours, &our_bundle);
     server.cli_ok(&[
         "federation",
         "create",
@@ -696,7 +678,10 @@ fn spiffed_and_spire_server_federate_through_their_bundle_endpoints() {
     wait(
         "spire-agent's workload never received spiffed.test's bundle",
         60,
-        Box::new(|| ours_now.iter().all(|c| theirs_federated().contains(c))),
+        Box::new(|| {
+            let held = theirs_federated();
+            ours_now.iter().all(|c| held.contains(c))
+        }),
     );
     // The server's CA, in spiffed's workloads' bundles.
     let spire_now = rt.block_on(wait_bundle(
