@@ -40,6 +40,7 @@ use spiffed_core::{Entry, TrustDomain};
 
 pub use error::{ConfigError, ConfigErrorKind};
 pub use spiffed_authority::NewRootPolicy;
+pub use validate::MAX_REPORTED_PROBLEMS;
 
 /// Default Workload API socket for `spiffed run`.
 pub const DEFAULT_SOCKET_PATH: &str = "/run/spiffed/public/api.sock";
@@ -367,6 +368,14 @@ impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|e| ConfigError::read(path, &e))?;
         Self::from_toml(&text, path)
+    }
+
+    /// Reads and validates the file at `path`, and returns every problem in it, in file order
+    /// (at most [`MAX_REPORTED_PROBLEMS`]): what `spiffed run --check` prints. A TOML syntax
+    /// error ends the check at that error.
+    pub fn load_all(path: &Path) -> Result<Self, Vec<ConfigError>> {
+        let text = std::fs::read_to_string(path).map_err(|e| vec![ConfigError::read(path, &e)])?;
+        validate::parse_all(&text, path)
     }
 
     /// Parses and validates `text`; `path` names the file in errors and in [`Config::source`].
@@ -2282,5 +2291,75 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
         ]))
         .unwrap_err();
         assert!(e.message.contains("agent mode"), "{e}");
+    }
+
+    fn check(text: &str) -> Result<Config, Vec<ConfigError>> {
+        validate::parse_all(text, Path::new("spiffed.toml"))
+    }
+
+    /// `run --check` lists every problem, in file order: unknown keys, wrong types and bad
+    /// values alike, each once.
+    #[test]
+    fn check_reports_every_problem_in_file_order() {
+        let text = doc(&[
+            "trust_domain = \"example.org\"",
+            "socket_pth = \"/run/x.sock\"",
+            "x509_svid_ttl = 5",
+            "ca_ttl = \"forever\"",
+            "[[entries]]",
+            "spiffe_id = \"spiffe://other.org/web\"",
+            "selectors = [\"unix:uid:1000\"]",
+            "[[entries]]",
+            "spiffe_id = \"spiffe://example.org/db\"",
+            "selectors = [\"unix:uid:1000\", 7]",
+            "colour = \"red\"",
+        ]);
+        let errors = check(&text).unwrap_err();
+        let found: Vec<(usize, &str)> = errors.iter().map(|e| (e.line, e.key.as_str())).collect();
+        assert_eq!(
+            found,
+            [
+                (2, "socket_pth"),
+                (3, "x509_svid_ttl"),
+                (4, "ca_ttl"),
+                (6, "entries[0].spiffe_id"),
+                (10, "entries[1].selectors[1]"),
+                (11, "entries[1].colour"),
+            ],
+            "{errors:#?}"
+        );
+        // The wrong-typed selectors list is reported for its item, not again as missing.
+        assert!(
+            !errors.iter().any(|e| e.key == "entries[1].selectors"),
+            "{errors:#?}"
+        );
+        // The first problem is the one `run` (and Config::from_toml) reports.
+        let first = parse(&text).unwrap_err();
+        assert_eq!((first.line, first.key.as_str()), (2, "socket_pth"));
+    }
+
+    #[test]
+    fn check_of_a_good_file_is_the_config_and_a_syntax_error_stops_it() {
+        let cfg = check(DESIGN_EXAMPLE).unwrap();
+        assert_eq!(
+            format!("{cfg:?}"),
+            format!("{:?}", parse(DESIGN_EXAMPLE).unwrap())
+        );
+        let errors = check(&doc(&[TD, "socket_path = /x", "ca_ttl = 5"])).unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:#?}");
+        assert_eq!(errors[0].kind, ConfigErrorKind::Syntax);
+        assert_eq!(errors[0].line, 2);
+    }
+
+    #[test]
+    fn check_stops_at_the_reporting_limit() {
+        let mut lines = vec![TD.to_owned()];
+        for i in 0..(MAX_REPORTED_PROBLEMS + 50) {
+            lines.push(format!("unknown_{i} = 1"));
+        }
+        let lines: Vec<&str> = lines.iter().map(String::as_str).collect();
+        let errors = check(&doc(&lines)).unwrap_err();
+        assert_eq!(errors.len(), MAX_REPORTED_PROBLEMS);
+        assert_eq!(errors[0].line, 2);
     }
 }

@@ -72,7 +72,7 @@ pub(crate) struct AdminArgs {
              batches)",
         )
     )]
-    output: OutputFormat,
+    pub(crate) output: OutputFormat,
 }
 
 /// `spiffed entry ...`: manage registration entries.

@@ -38,12 +38,17 @@ pub(crate) trait Failure: std::fmt::Display {
     }
 
     /// The exit status: 141 or 74 for standard output, 64 for usage, 1 otherwise.
-    fn exit_code(&self) -> ExitCode {
+    fn exit_status(&self) -> u8 {
         match self.stdout_error() {
-            Some(e) => e.exit_code(),
-            None if self.is_usage() => ExitCode::from(EX_USAGE),
-            None => ExitCode::FAILURE,
+            Some(e) => e.exit_status(),
+            None if self.is_usage() => EX_USAGE,
+            None => 1,
         }
+    }
+
+    /// [`Failure::exit_status`] as the process's exit code.
+    fn exit_code(&self) -> ExitCode {
+        ExitCode::from(self.exit_status())
     }
 }
 
@@ -66,9 +71,26 @@ fn failure_message(err: &impl Failure) -> Option<String> {
     }
 }
 
-/// Prints an error the way every spiffed command does and returns its exit status.
+/// The JSON line [`fail`] prints for `err` under `--output json`, if any:
+/// `{"error":"...","kind":"usage|stdout|failure","exit_code":N}`.
+fn failure_json(err: &impl Failure) -> Option<serde_json::Value> {
+    let (kind, message) = match err.stdout_error() {
+        Some(e) if e.is_broken_pipe() => return None,
+        Some(e) => ("stdout", e.to_string()),
+        None if err.is_usage() => ("usage", err.to_string()),
+        None => ("failure", err.to_string()),
+    };
+    Some(output::error_json(&message, kind, err.exit_status()))
+}
+
+/// Prints an error the way every spiffed command does (a JSON line under `--output json`) and
+/// returns its exit status.
 pub(crate) fn fail(err: &impl Failure) -> ExitCode {
-    if let Some(message) = failure_message(err) {
+    if output::json_errors() {
+        if let Some(json) = failure_json(err) {
+            output::err(json);
+        }
+    } else if let Some(message) = failure_message(err) {
         output::err(message);
     }
     err.exit_code()
@@ -146,5 +168,26 @@ mod tests {
             Some("spiffed: cannot write to stdout: No space left on device")
         );
         assert_eq!(failure_message(&scripted(false, false, Some(32))), None);
+    }
+
+    #[test]
+    fn json_failures_carry_the_message_kind_and_status() {
+        let usage = failure_json(&scripted(true, false, None)).unwrap();
+        assert_eq!(
+            usage,
+            serde_json::json!({"error": "it broke", "kind": "usage", "exit_code": 64})
+        );
+        let full = failure_json(&scripted(false, false, Some(28))).unwrap();
+        assert_eq!(full["kind"], "stdout");
+        assert_eq!(full["exit_code"], 74);
+        assert_eq!(
+            full["error"],
+            "cannot write to stdout: No space left on device"
+        );
+        assert_eq!(
+            failure_json(&scripted(false, true, None)).unwrap()["exit_code"],
+            1
+        );
+        assert_eq!(failure_json(&scripted(false, false, Some(32))), None);
     }
 }

@@ -165,6 +165,12 @@ pub(crate) struct FetchX509Args {
     /// for each SVID N into DIR, atomically. DIR is created if missing.
     #[arg(long, value_name = "DIR")]
     pub(crate) write: Option<PathBuf>,
+    /// With --output json, add each SVID's private key (PKCS#8 PEM) as key_pem, as
+    /// spire-agent's `-output json` does. The key is a secret: whoever reads the output holds
+    /// the identity, so send it only where the key file would be safe. Without this flag no
+    /// key is printed.
+    #[arg(long)]
+    pub(crate) include_key: bool,
 }
 
 /// `spiffed api watch`.
@@ -276,6 +282,13 @@ pub(crate) enum ClientError {
         what: &'static str,
     },
 
+    /// `--include-key` without `--output json`.
+    #[error(
+        "--include-key adds the private key to the JSON output; add --output json (text output \
+         never shows keys; --write DIR writes them to files of mode 0600)"
+    )]
+    KeyNeedsJson,
+
     /// `api validate jwt` was given an empty token.
     #[error(
         "no token to validate: TOKEN is empty (pass the token, or - to read it from standard \
@@ -320,7 +333,7 @@ pub(crate) enum ClientError {
 /// Exit status 64 for a bad socket address or an empty token.
 impl Failure for ClientError {
     fn is_usage(&self) -> bool {
-        matches!(self, Self::Address(_) | Self::NoToken)
+        matches!(self, Self::Address(_) | Self::NoToken | Self::KeyNeedsJson)
     }
 
     fn stdout_error(&self) -> Option<&StdoutError> {
@@ -510,6 +523,9 @@ async fn run_fetch_x509(
     endpoint: &EndpointArgs,
     args: &FetchX509Args,
 ) -> Result<ExitCode, ClientError> {
+    if args.include_key && endpoint.output != OutputFormat::Json {
+        return Err(ClientError::KeyNeedsJson);
+    }
     let (context, report) = within(addr, endpoint.timeout, fetch_x509(addr)).await?;
     if let Some(dir) = &args.write {
         let written = files::write_x509_context(dir, &context)?;
@@ -519,7 +535,18 @@ async fn run_fetch_x509(
             dir.display()
         ));
     }
-    print(endpoint.output, &report.render_text(), &report.to_json())?;
+    if args.include_key {
+        let keys: Vec<_> = context
+            .svids()
+            .iter()
+            .map(|svid| files::pem_encode("PRIVATE KEY", [svid.private_key().as_bytes()]))
+            .collect();
+        let line = report::json_with_keys(&report.to_json(), &keys)
+            .map_err(|e| ClientError::Certificate(format!("cannot render the JSON: {e}")))?;
+        output::out(line.as_str())?;
+    } else {
+        print(endpoint.output, &report.render_text(), &report.to_json())?;
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -15,6 +15,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use cli_common::EX_USAGE;
+use cli_common::output::{self, OutputFormat};
 
 /// spiffed gives every process on this host a SPIFFE identity, attested from kernel facts,
 /// over the standard SPIFFE Workload API.
@@ -52,6 +53,12 @@ enum Command {
             hide_env_values = true
         )]
         join_token: Option<String>,
+        /// Check the configuration file and exit, without starting the agent (no socket, no
+        /// data_dir, no server contacted): print every problem in it, in file order, and exit
+        /// 64; or a summary of what it configures, and exit 0. The files it names are not
+        /// read. A TOML syntax error ends the check at that error.
+        #[arg(long)]
+        check: bool,
     },
     /// Run the agent with no configuration: an embedded CA for trust domain dev.local, an
     /// owner-only socket, and a synthetic identity spiffe://dev.local/uid-UID/EXE_NAME for every
@@ -102,15 +109,38 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         Err(e) => {
             // --help and --version are not errors; a bad command line is a usage error (64).
-            let code = if e.use_stderr() { EX_USAGE } else { 0 };
-            let _ = e.print();
-            return ExitCode::from(code);
+            if !e.use_stderr() {
+                let _ = e.print();
+                return ExitCode::SUCCESS;
+            }
+            if output::args_want_json(&args) {
+                let rendered = e.to_string();
+                let message = rendered.trim();
+                let message = message.strip_prefix("error: ").unwrap_or(message);
+                output::err(output::error_json(message, "usage", EX_USAGE));
+            } else {
+                let _ = e.print();
+            }
+            return ExitCode::from(EX_USAGE);
         }
     };
+    // Under --output json, errors are JSON lines on standard error too.
+    let json = match &cli.command {
+        Command::Api { endpoint, .. } | Command::Healthcheck { endpoint } => {
+            endpoint.output == OutputFormat::Json
+        }
+        Command::Entry { admin, .. }
+        | Command::Bundle { admin, .. }
+        | Command::Explain { admin, .. }
+        | Command::Status { admin } => admin.output == OutputFormat::Json,
+        Command::Run { .. } | Command::Dev(_) => false,
+    };
+    output::set_json_errors(json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -129,9 +159,17 @@ fn main() -> ExitCode {
         let result = match cli.command {
             Command::Run {
                 config,
+                new_trust_root: _,
+                new_entry_store: _,
+                join_token: _,
+                check: true,
+            } => Ok(serve::check(&config)),
+            Command::Run {
+                config,
                 new_trust_root,
                 new_entry_store,
                 join_token,
+                check: false,
             } => serve::run(&config, new_trust_root, new_entry_store, join_token).await,
             Command::Dev(args) => serve::dev(args).await,
             Command::Api { endpoint, command } => client::run_api(&endpoint, command).await,

@@ -16,11 +16,15 @@ use spiffed_core::TrustDomain;
 use spiffed_spire::config::{JoinToken, NodeAttestation};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::cli_common::EX_USAGE;
+use crate::cli_common::{EX_USAGE, output};
 
-/// Prints a fatal error for a person.
+/// Prints a fatal error for a person, or as a JSON line under `--output json`.
 pub(crate) fn fatal(msg: &str) {
-    eprintln!("spiffed: error: {msg}");
+    if output::json_errors() {
+        output::err(output::error_json(msg, "failure", 1));
+    } else {
+        output::err(format_args!("spiffed: error: {msg}"));
+    }
 }
 
 /// Prints dev mode's banner or self-check report; false if stdout could not take it. A closed
@@ -128,6 +132,52 @@ fn init_logging(level: LogLevel, format: LogFormat) -> Option<LogLevelHandle> {
         }
     };
     ok.then_some(set)
+}
+
+/// `spiffed run --check --config FILE`: every problem in the file on standard error and exit
+/// status 64, or a summary on standard output and 0.
+pub(crate) fn check(path: &Path) -> ExitCode {
+    match Config::load_all(path) {
+        Ok(cfg) => {
+            let mode = if cfg.spire_server.is_some() {
+                "agent mode (node agent of a SPIRE Server)"
+            } else {
+                "standalone mode"
+            };
+            let summary = format!(
+                "{}: the configuration is valid: {mode}, trust domain {}, {} entr{}, socket {},                  admin socket {}, data_dir {}",
+                path.display(),
+                cfg.trust_domain,
+                cfg.entries.len(),
+                if cfg.entries.len() == 1 { "y" } else { "ies" },
+                cfg.socket_path.display(),
+                cfg.admin_socket_path.display(),
+                cfg.data_dir.display(),
+            );
+            match output::out(summary) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => e.exit_code(),
+            }
+        }
+        Err(errors) => {
+            let n = errors.len();
+            let mut text = format!(
+                "spiffed: invalid configuration: {n} problem{}{}",
+                if n == 1 { "" } else { "s" },
+                if n >= spiffed_agent::config::MAX_REPORTED_PROBLEMS {
+                    " (the check stops there)"
+                } else {
+                    ""
+                }
+            );
+            for e in &errors {
+                text.push('\n');
+                text.push_str(&e.to_string());
+            }
+            output::err(text);
+            ExitCode::from(EX_USAGE)
+        }
+    }
 }
 
 /// `spiffed run --config FILE [--new-trust-root] [--new-entry-store] [--join-token TOKEN]`.

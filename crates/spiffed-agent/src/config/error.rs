@@ -331,6 +331,40 @@ fn find_in_value(v: &Spanned<DeValue<'_>>, pos: usize) -> Option<Vec<Seg>> {
     }
 }
 
+/// Takes out of `table` the key whose name or value covers byte `pos` (the deepest one, as
+/// [`find_path`] finds it): a key inside a list's table is taken out of that table, and a bad
+/// item of a list takes out the whole list (items cannot be taken out without renumbering the
+/// ones after it, which the problems found later name). False when nothing covers `pos`.
+pub(crate) fn prune(table: &mut DeTable<'_>, pos: usize) -> bool {
+    let Some(mut path) = find_path(table, pos) else {
+        return false;
+    };
+    while let Some(Seg::Index(_)) = path.last() {
+        path.pop();
+    }
+    remove_at(table, &path)
+}
+
+fn remove_at(table: &mut DeTable<'_>, path: &[Seg]) -> bool {
+    match path {
+        [Seg::Key(k)] => table.remove(k.as_str()).is_some(),
+        [Seg::Key(k), rest @ ..] => table
+            .get_mut(k.as_str())
+            .is_some_and(|v| remove_in_value(v.get_mut(), rest)),
+        _ => false,
+    }
+}
+
+fn remove_in_value(value: &mut DeValue<'_>, path: &[Seg]) -> bool {
+    match (value, path) {
+        (DeValue::Table(t), _) => remove_at(t, path),
+        (DeValue::Array(items), [Seg::Index(i), rest @ ..]) => items
+            .get_mut(*i)
+            .is_some_and(|item| remove_in_value(item.get_mut(), rest)),
+        _ => false,
+    }
+}
+
 /// The text between `prefix` and the next backtick, if `msg` starts with `prefix`.
 fn backticked<'a>(msg: &'a str, prefix: &str) -> Option<&'a str> {
     msg.strip_prefix(prefix)?.split('`').next()

@@ -18,7 +18,7 @@ use toml::Spanned;
 use toml::de::DeTable;
 
 use super::NewRootPolicy;
-use super::error::{ConfigError, ConfigErrorKind, line_column};
+use super::error::{ConfigError, ConfigErrorKind, line_column, prune};
 use super::keys;
 use super::raw::{
     RawBundleEndpoint, RawConfig, RawEntry, RawListen, RawRelationship, RawSds, RawX509Pop, Str,
@@ -66,24 +66,108 @@ struct Limits {
     min_svid_ttl: Duration,
 }
 
-/// Parses and validates `text`, read from `file`.
+/// Parses and validates `text`, read from `file`: of the problems [`parse_all`] finds, the
+/// first unknown key or wrong type in the file if there is one (a misspelt key is the likely
+/// cause of a required key found missing), else the first problem in the file.
 pub(crate) fn parse(text: &str, file: &Path) -> Result<Config, ConfigError> {
-    let doc = DeTable::parse(text).map_err(|e| ConfigError::syntax(file, text, &e))?;
-    let raw = RawConfig::deserialize(toml::de::Deserializer::from(doc.clone()))
-        .map_err(|e| ConfigError::from_serde(file, text, &doc, &e))?;
-    // The built-in attestor plugins' checks, so that the file's entries pass exactly the check
-    // admin writes pass.
-    let selectors = spiffed_attest::builtin();
-    validate(raw, text, file, &selectors)
+    parse_all(text, file).map_err(|errors| first(errors, text, file))
 }
 
-/// Builds the typed config from the raw one, or returns the problem that comes first in the file.
-fn validate(
+/// The problem [`parse`] reports.
+fn first(errors: Vec<ConfigError>, text: &str, file: &Path) -> ConfigError {
+    errors
+        .into_iter()
+        .min_by_key(|e| {
+            let structural = matches!(
+                e.kind,
+                ConfigErrorKind::Syntax | ConfigErrorKind::UnknownKey | ConfigErrorKind::WrongType
+            );
+            (!structural, e.line, e.column)
+        })
+        .unwrap_or_else(|| {
+            ConfigError::at(
+                ConfigErrorKind::Invalid,
+                file,
+                text,
+                &(0..0),
+                "",
+                "the configuration is invalid",
+                "run `spiffed run --check --config FILE` to list the problems",
+            )
+        })
+}
+
+/// How many problems [`parse_all`] reports at most (a file of another program would otherwise
+/// give one per line).
+pub const MAX_REPORTED_PROBLEMS: usize = 100;
+
+/// Parses and validates `text`, read from `file`, and returns every problem found, in file
+/// order (`spiffed run --check`).
+///
+/// A TOML syntax error ends the check (the rest of the text cannot be read reliably). An unknown
+/// key or a value of the wrong type is reported and taken out of the document, which is read
+/// again, so the problems after it are found too; then every value is checked. A problem caused
+/// only by a key already reported (a required key taken out because its type was wrong) is not
+/// reported twice.
+pub(crate) fn parse_all(text: &str, file: &Path) -> Result<Config, Vec<ConfigError>> {
+    let mut doc = DeTable::parse(text).map_err(|e| vec![ConfigError::syntax(file, text, &e)])?;
+    let mut errors = Vec::new();
+    let raw = loop {
+        match RawConfig::deserialize(toml::de::Deserializer::from(doc.clone())) {
+            Ok(raw) => break Some(raw),
+            Err(e) => {
+                errors.push(ConfigError::from_serde(file, text, &doc, &e));
+                let pruned = e
+                    .span()
+                    .is_some_and(|span| prune(doc.get_mut(), span.start));
+                if !pruned || errors.len() >= MAX_REPORTED_PROBLEMS {
+                    break None;
+                }
+            }
+        }
+    };
+    if let Some(raw) = raw {
+        // The built-in attestor plugins' checks, so that the file's entries pass exactly the
+        // check admin writes pass.
+        let selectors = spiffed_attest::builtin();
+        match validate_all(raw, text, file, &selectors) {
+            Ok(config) if errors.is_empty() => return Ok(config),
+            Ok(_) => {}
+            Err(more) => {
+                let reported: Vec<String> = errors
+                    .iter()
+                    .map(|e| without_index(&e.key).to_owned())
+                    .collect();
+                errors.extend(
+                    more.into_iter()
+                        .filter(|e| !reported.iter().any(|r| r == without_index(&e.key))),
+                );
+            }
+        }
+    }
+    errors.sort_by_key(|e| (e.line, e.column));
+    errors.truncate(MAX_REPORTED_PROBLEMS);
+    Err(errors)
+}
+
+/// `key` without a trailing list index: `entries[0].selectors[1]` is `entries[0].selectors`.
+fn without_index(key: &str) -> &str {
+    match key
+        .strip_suffix(']')
+        .and_then(|k| k.rfind('[').map(|i| &key[..i]))
+    {
+        Some(k) if !k.is_empty() => k,
+        _ => key,
+    }
+}
+
+/// Builds the typed config from the raw one, or returns every problem found (unsorted).
+fn validate_all(
     mut raw: RawConfig,
     text: &str,
     file: &Path,
     selectors: &dyn SelectorCheck,
-) -> Result<Config, ConfigError> {
+) -> Result<Config, Vec<ConfigError>> {
     let mut cx = Cx {
         text,
         file,
@@ -306,12 +390,12 @@ fn validate(
         )
         .unwrap_or(DEFAULT_FD_RESERVE);
 
-    if let Some(first) = cx.errors.into_iter().min_by_key(|e| (e.line, e.column)) {
-        return Err(first);
+    if !cx.errors.is_empty() {
+        return Err(cx.errors);
     }
     let Some(trust_domain) = trust_domain else {
         // Unreachable: a missing or bad trust domain records an error above.
-        return Err(ConfigError::at(
+        return Err(vec![ConfigError::at(
             ConfigErrorKind::Missing,
             file,
             text,
@@ -319,7 +403,7 @@ fn validate(
             "trust_domain",
             "trust_domain is required",
             "add trust_domain = \"example.org\" at the top of the file",
-        ));
+        )]);
     };
     Ok(Config {
         source: Some(file.to_owned()),

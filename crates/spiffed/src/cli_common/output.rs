@@ -19,6 +19,7 @@
 use std::fmt;
 use std::io::Write as _;
 use std::process::ExitCode;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 
@@ -74,6 +75,42 @@ fn render<'a>(
     }
 }
 
+/// Whether errors are printed as JSON lines (the command was given `--output json`).
+static JSON_ERRORS: AtomicBool = AtomicBool::new(false);
+
+/// Makes every error of this process a JSON line on standard error (`--output json`), so that a
+/// script reads one format on both streams.
+pub(crate) fn set_json_errors(on: bool) {
+    JSON_ERRORS.store(on, Ordering::Relaxed);
+}
+
+/// Whether errors are printed as JSON lines.
+pub(crate) fn json_errors() -> bool {
+    JSON_ERRORS.load(Ordering::Relaxed)
+}
+
+/// The JSON form of an error: `{"error":"...","kind":"...","exit_code":N}`, on one line.
+pub(crate) fn error_json(message: &str, kind: &str, exit_code: u8) -> serde_json::Value {
+    serde_json::json!({"error": message, "kind": kind, "exit_code": exit_code})
+}
+
+/// Whether a raw command line asks for `--output json` (looked at before parsing, for the
+/// errors of parsing itself).
+pub(crate) fn args_want_json<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> bool {
+    let mut previous_was_output = false;
+    for arg in args {
+        let arg = arg.as_ref();
+        if arg == "--" {
+            return false;
+        }
+        if (previous_was_output && arg == "json") || arg == "--output=json" {
+            return true;
+        }
+        previous_was_output = arg == "--output";
+    }
+    false
+}
+
 /// Standard output could not be written.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot write to stdout: {}", os_message(.0))]
@@ -86,12 +123,17 @@ impl StdoutError {
     }
 
     /// 141 for a closed pipe, 74 otherwise.
-    pub(crate) fn exit_code(&self) -> ExitCode {
-        ExitCode::from(if self.is_broken_pipe() {
+    pub(crate) fn exit_status(&self) -> u8 {
+        if self.is_broken_pipe() {
             EXIT_BROKEN_PIPE
         } else {
             EX_IOERR
-        })
+        }
+    }
+
+    /// [`StdoutError::exit_status`] as the process's exit code.
+    pub(crate) fn exit_code(&self) -> ExitCode {
+        ExitCode::from(self.exit_status())
     }
 }
 
@@ -121,6 +163,31 @@ pub(crate) fn err(text: impl fmt::Display) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn json_is_asked_for_before_parsing() {
+        assert!(args_want_json(&[
+            "spiffed", "api", "fetch", "x509", "--output", "json"
+        ]));
+        assert!(args_want_json(&[
+            "spiffed",
+            "entry",
+            "list",
+            "--output=json"
+        ]));
+        assert!(!args_want_json(&["spiffed", "api", "fetch", "x509"]));
+        assert!(!args_want_json(&[
+            "spiffed", "api", "--output", "text", "json"
+        ]));
+        assert!(!args_want_json(&[
+            "spiffed",
+            "api",
+            "validate",
+            "jwt",
+            "--",
+            "--output=json"
+        ]));
+    }
 
     #[test]
     fn messages_and_codes() {

@@ -1,7 +1,9 @@
 //! Summaries of what the Workload API sent, rendered as text for people or JSON for scripts.
 //!
-//! A summary holds only public facts (SPIFFE IDs, hints, validity, subjects, counts), never key
-//! material, so it can be printed and logged freely.
+//! A summary holds only public facts (SPIFFE IDs, hints, validity, subjects, counts, the
+//! certificates as PEM), never key material, so it can be printed and logged freely. The one
+//! way a key reaches standard output is [`json_with_keys`], for `api fetch x509 --output json
+//! --include-key`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -15,7 +17,10 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 use x509_parser::prelude::{FromDer as _, X509Certificate};
 
+use zeroize::Zeroizing;
+
 use super::ClientError;
+use super::files::pem_encode;
 
 /// One X.509-SVID, without its key.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -30,6 +35,10 @@ pub(crate) struct SvidSummary {
     pub(crate) not_after: String,
     /// The number of certificates in the chain, leaf included.
     pub(crate) chain_len: usize,
+    /// The chain as PEM, leaf first (one block per certificate), as `svid.N.pem` holds it.
+    pub(crate) chain_pem: String,
+    /// The X.509 bundle of the SVID's trust domain as PEM, as `bundle.N.pem` holds it.
+    pub(crate) bundle_pem: String,
 }
 
 /// One trust domain's X.509 bundle, counted.
@@ -39,6 +48,8 @@ pub(crate) struct BundleCount {
     pub(crate) trust_domain: String,
     /// How many X.509 authorities the bundle holds.
     pub(crate) authorities: usize,
+    /// The authorities as PEM.
+    pub(crate) pem: String,
 }
 
 /// What `api fetch x509` (and each `api watch` update) received.
@@ -61,8 +72,14 @@ impl X509Report {
         let svids = context
             .svids()
             .iter()
-            .map(|svid| SvidSummary::from_svid(svid))
-            .collect::<Result<Vec<_>, _>>()?;
+            .map(|svid| {
+                let mut summary = SvidSummary::from_svid(svid)?;
+                if let Some(bundle) = context.bundle_set().get(svid.spiffe_id().trust_domain()) {
+                    summary.bundle_pem = certificates_pem(bundle.authorities());
+                }
+                Ok(summary)
+            })
+            .collect::<Result<Vec<_>, ClientError>>()?;
         // X509BundleSet iterates in trust-domain order.
         let bundles = context
             .bundle_set()
@@ -70,6 +87,7 @@ impl X509Report {
             .map(|(td, bundle)| BundleCount {
                 trust_domain: td.to_string(),
                 authorities: bundle.authorities().len(),
+                pem: certificates_pem(bundle.authorities()),
             })
             .collect();
         Ok(Self {
@@ -126,7 +144,86 @@ impl SvidSummary {
             not_before: rfc3339(not_before),
             not_after: rfc3339(not_after),
             chain_len: svid.cert_chain().len(),
+            chain_pem: certificates_pem(svid.cert_chain()),
+            bundle_pem: String::new(),
         })
+    }
+}
+
+/// Certificates as PEM, one block each.
+fn certificates_pem(certs: &[spiffe::cert::Certificate]) -> String {
+    pem_encode("CERTIFICATE", certs.iter().map(|c| c.as_bytes())).to_string()
+}
+
+/// The JSON line of `api fetch x509 --output json --include-key`: `json` (an
+/// [`X509Report::to_json`]) with each SVID's private key (PKCS#8 PEM) as `key_pem`, `keys[i]`
+/// for SVID `i`. Written into one buffer sized up front, which is zeroized when dropped.
+pub(crate) fn json_with_keys(
+    json: &serde_json::Value,
+    keys: &[Zeroizing<String>],
+) -> Result<Zeroizing<String>, serde_json::Error> {
+    // Escaping a PEM key doubles its newlines at most; the rest is the key-less line.
+    let capacity = json.to_string().len() + keys.iter().map(|k| 2 * k.len() + 16).sum::<usize>();
+    let mut buf = Zeroizing::new(Vec::with_capacity(capacity));
+    serde_json::to_writer(&mut *buf, &WithKeys { json, keys })?;
+    let bytes = std::mem::take(&mut *buf);
+    // serde_json writes UTF-8; the error case cannot happen, and the bytes are then dropped.
+    match String::from_utf8(bytes) {
+        Ok(line) => Ok(Zeroizing::new(line)),
+        Err(e) => {
+            drop(Zeroizing::new(e.into_bytes()));
+            Err(serde::ser::Error::custom("the JSON line is not UTF-8"))
+        }
+    }
+}
+
+/// A report's JSON with the SVIDs' keys added.
+struct WithKeys<'a> {
+    json: &'a serde_json::Value,
+    keys: &'a [Zeroizing<String>],
+}
+
+impl Serialize for WithKeys<'_> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::{SerializeMap as _, SerializeSeq as _};
+        let Some(object) = self.json.as_object() else {
+            return self.json.serialize(s);
+        };
+        let mut map = s.serialize_map(Some(object.len()))?;
+        for (name, value) in object {
+            match value.as_array() {
+                Some(svids) if name == "svids" => {
+                    map.serialize_entry(name, &SvidsWithKeys(svids, self.keys))?;
+                }
+                _ => map.serialize_entry(name, value)?,
+            }
+        }
+        return map.end();
+
+        struct SvidsWithKeys<'a>(&'a [serde_json::Value], &'a [Zeroizing<String>]);
+        impl Serialize for SvidsWithKeys<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let mut seq = s.serialize_seq(Some(self.0.len()))?;
+                for (i, svid) in self.0.iter().enumerate() {
+                    seq.serialize_element(&SvidWithKey(svid, self.1.get(i)))?;
+                }
+                seq.end()
+            }
+        }
+        struct SvidWithKey<'a>(&'a serde_json::Value, Option<&'a Zeroizing<String>>);
+        impl Serialize for SvidWithKey<'_> {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                let (Some(object), Some(key)) = (self.0.as_object(), self.1) else {
+                    return self.0.serialize(s);
+                };
+                let mut map = s.serialize_map(Some(object.len() + 1))?;
+                for (name, value) in object {
+                    map.serialize_entry(name, value)?;
+                }
+                map.serialize_entry("key_pem", key.as_str())?;
+                map.end()
+            }
+        }
     }
 }
 
@@ -353,10 +450,13 @@ mod tests {
                 not_before: "2026-01-01T00:00:00Z".into(),
                 not_after: "2026-01-01T01:00:00Z".into(),
                 chain_len: 1,
+                chain_pem: "-----BEGIN CERTIFICATE-----\nAA==\n-----END CERTIFICATE-----\n".into(),
+                bundle_pem: "-----BEGIN CERTIFICATE-----\nAQ==\n-----END CERTIFICATE-----\n".into(),
             }],
             bundles: vec![BundleCount {
                 trust_domain: "example.org".into(),
                 authorities: 1,
+                pem: "-----BEGIN CERTIFICATE-----\nAQ==\n-----END CERTIFICATE-----\n".into(),
             }],
             elapsed: Some(Duration::from_micros(3280)),
         }
@@ -449,5 +549,38 @@ mod tests {
         assert_eq!(json["bundles"][0]["trust_domain"], "example.org");
         assert_eq!(json["bundles"][0]["authorities"], 1);
         assert_eq!(json["elapsed_ms"], 3.28);
+        assert!(
+            json["svids"][0]["chain_pem"]
+                .as_str()
+                .unwrap()
+                .starts_with("-----BEGIN")
+        );
+        assert!(
+            json["svids"][0]["bundle_pem"]
+                .as_str()
+                .unwrap()
+                .contains("AQ==")
+        );
+        assert!(json["bundles"][0]["pem"].as_str().unwrap().contains("AQ=="));
+        assert!(json["svids"][0].get("key_pem").is_none());
+    }
+
+    #[test]
+    fn keys_are_added_only_through_json_with_keys() {
+        let json = report().to_json();
+        let key = Zeroizing::new(
+            "-----BEGIN PRIVATE KEY-----\nAg==\n-----END PRIVATE KEY-----\n".to_owned(),
+        );
+        let line = json_with_keys(&json, std::slice::from_ref(&key)).unwrap();
+        assert!(!line.contains('\n'), "{}", line.as_str());
+        let back: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(back["svids"][0]["key_pem"], key.as_str());
+        // Everything else is the key-less report.
+        let mut without = back;
+        without["svids"][0]
+            .as_object_mut()
+            .unwrap()
+            .remove("key_pem");
+        assert_eq!(without, json);
     }
 }

@@ -640,3 +640,135 @@ fn a_hanging_exec_command_does_not_stop_later_updates() {
     assert!(gone(hang), "the timed-out command is still running");
     assert!(watch.stop().success(), "{}", watch.stderr());
 }
+
+/// The public key of a PEM certificate or private key, as `openssl` prints it.
+fn openssl_public_key(args: &[&str], pem: &str) -> String {
+    let mut child = Command::new("openssl")
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("openssl is installed");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(pem.as_bytes())
+        .unwrap();
+    ok(&child.wait_with_output().unwrap())
+}
+
+/// Issue 16 item 4: `api fetch x509 --output json` carries the chain and the bundles as PEM, as
+/// spire-agent's `-output json` carries them, and the private key only when asked for.
+#[test]
+fn fetch_x509_json_carries_pem_chain_bundle_and_the_key_only_on_request() {
+    let agent = agent_for_me("");
+    let json: Value =
+        serde_json::from_str(&ok(&api(&agent, &["fetch", "x509", "--output", "json"]))).unwrap();
+    let svid = &json["svids"][0];
+    assert_eq!(svid["spiffe_id"], "spiffe://example.org/web", "{json}");
+    let chain = svid["chain_pem"].as_str().unwrap();
+    assert_eq!(
+        chain.matches("-----BEGIN CERTIFICATE-----").count(),
+        svid["chain_len"].as_u64().unwrap() as usize,
+        "{chain}"
+    );
+    let bundle = svid["bundle_pem"].as_str().unwrap();
+    assert!(bundle.contains("-----BEGIN CERTIFICATE-----"), "{json}");
+    assert_eq!(json["bundles"][0]["trust_domain"], "example.org");
+    assert_eq!(json["bundles"][0]["pem"], bundle);
+    // The chain verifies against the bundle, as a reader of the JSON would check it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("chain.pem"), chain).unwrap();
+    std::fs::write(dir.path().join("bundle.pem"), bundle).unwrap();
+    let verify = Command::new("openssl")
+        .args([
+            "verify",
+            "-CAfile",
+            "bundle.pem",
+            "-partial_chain",
+            "chain.pem",
+        ])
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    ok(&verify);
+    assert!(svid.get("key_pem").is_none(), "no key unless asked: {json}");
+    let text = ok(&api(&agent, &["fetch", "x509"]));
+    assert!(!text.contains("PRIVATE KEY"), "{text}");
+
+    let out = api(
+        &agent,
+        &["fetch", "x509", "--output", "json", "--include-key"],
+    );
+    let json: Value = serde_json::from_str(&ok(&out)).unwrap();
+    let key = json["svids"][0]["key_pem"].as_str().unwrap();
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{key}");
+    let chain = json["svids"][0]["chain_pem"].as_str().unwrap();
+    assert_eq!(
+        openssl_public_key(&["pkey", "-pubout"], key),
+        openssl_public_key(&["x509", "-pubkey", "-noout"], chain),
+        "the key goes with the leaf"
+    );
+
+    // Text output never shows the key: the flag without JSON is a usage error.
+    let err = fails_with(&api(&agent, &["fetch", "x509", "--include-key"]), 64);
+    assert!(err.contains("--output json"), "{err}");
+}
+
+/// Issue 16 item 4: under `--output json` an error is one JSON line on standard error, so that
+/// a script reads one format on both streams; without it, the usual message.
+#[test]
+fn errors_under_output_json_are_json_on_stderr() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nothing.sock");
+    let run = |args: &[&str]| {
+        Command::new(bin())
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let missing = missing.to_str().unwrap();
+    for (args, code, kind) in [
+        (
+            vec![
+                "api", "fetch", "x509", "--socket", missing, "--output", "json",
+            ],
+            1,
+            "failure",
+        ),
+        (
+            vec!["entry", "list", "--admin-socket", missing, "--output=json"],
+            1,
+            "failure",
+        ),
+        (
+            vec!["api", "fetch", "x509", "--output", "json", "--no-such-flag"],
+            64,
+            "usage",
+        ),
+        (
+            vec![
+                "api", "fetch", "x509", "--socket", "tcp://x", "--output", "json",
+            ],
+            64,
+            "usage",
+        ),
+    ] {
+        let out = run(&args);
+        let err = fails_with(&out, code);
+        assert!(stdout(&out).is_empty(), "{args:?}: {}", stdout(&out));
+        assert_eq!(err.lines().count(), 1, "{args:?}: one line: {err}");
+        let json: Value = serde_json::from_str(&err)
+            .unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {err}"));
+        assert_eq!(json["kind"], kind, "{args:?}: {json}");
+        assert_eq!(json["exit_code"], code, "{args:?}: {json}");
+        assert!(!json["error"].as_str().unwrap().is_empty(), "{json}");
+    }
+    // The same failure in text mode is the readable message.
+    let err = fails_with(&run(&["api", "fetch", "x509", "--socket", missing]), 1);
+    assert!(err.starts_with("spiffed: error: "), "{err}");
+    assert!(serde_json::from_str::<Value>(&err).is_err(), "{err}");
+}

@@ -745,3 +745,83 @@ async fn sigusr1_logs_what_streams_hold_and_how_often_they_woke() {
     assert!(counter(&after, "stream_wakeups_recomputed") >= 1, "{after}");
     assert!(counter(&after, "x509_mints") >= 2, "{after}");
 }
+
+/// Issue 16 item 4: `spiffed run --check` lists every problem of the file (not only the first)
+/// and exits 64; a good file gets a summary and 0; neither starts the agent.
+#[test]
+fn run_check_reports_every_problem_and_starts_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let socket = dir.path().join("public/api.sock");
+    let header = format!(
+        "trust_domain = \"example.org\"\nsocket_path = \"{}\"\nadmin_socket_path = \"{}\"\ndata_dir = \"{}\"\n",
+        socket.display(),
+        dir.path().join("private/admin.sock").display(),
+        data.display()
+    );
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        format!(
+            "{header}x509_svid_tl = \"1h\"\nca_ttl = \"soon\"\n\n[[entries]]\nspiffe_id = \"spiffe://other.org/web\"\nselectors = [\"unix:uid:1\"]\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["run", "--check", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("invalid configuration: 3 problems"), "{err}");
+    for (line, key) in [
+        (5, "x509_svid_tl"),
+        (6, "ca_ttl"),
+        (9, "entries[0].spiffe_id"),
+    ] {
+        assert!(
+            err.contains(&format!("bad.toml:{line}:")),
+            "line {line}: {err}"
+        );
+        assert!(err.contains(key), "{key}: {err}");
+    }
+    assert!(err.contains("did you mean `x509_svid_ttl`"), "{err}");
+    // Without --check, the first problem only, as before.
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(64), "{err}");
+    assert!(err.contains("bad.toml:5:"), "{err}");
+    assert!(!err.contains("bad.toml:6:"), "{err}");
+
+    let good = dir.path().join("good.toml");
+    std::fs::write(
+        &good,
+        format!("{header}\n[[entries]]\nspiffe_id = \"spiffe://example.org/web\"\nselectors = [\"unix:uid:1\"]\n"),
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["run", "--check", "-c"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(
+            "the configuration is valid: standalone mode, trust domain example.org, 1 entry"
+        ),
+        "{text}"
+    );
+    assert!(!data.exists(), "--check created data_dir");
+    assert!(!socket.exists(), "--check opened the socket");
+}
