@@ -5,7 +5,6 @@
 
 use std::fmt::Error as FmtError;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use http::StatusCode;
@@ -162,9 +161,9 @@ impl AgentCollector {
                 None,
                 MetricType::Counter,
             )?;
-            for (i, stats) in rpc.methods.iter().enumerate() {
+            for i in 0..METHODS.len() {
                 let (api, method) = label(i);
-                let n = stats.started.load(Ordering::Relaxed);
+                let n = rpc.started(i);
                 m.encode_family(&[("api", api), ("method", method)])?
                     .encode_counter::<NoLabelSet, _, u64>(&n, None)?;
             }
@@ -177,10 +176,10 @@ impl AgentCollector {
                 None,
                 MetricType::Counter,
             )?;
-            for (i, stats) in rpc.methods.iter().enumerate() {
+            for i in 0..METHODS.len() {
                 let (api, method) = label(i);
-                for (c, counter) in stats.handled.iter().enumerate() {
-                    let n = counter.load(Ordering::Relaxed);
+                for c in 0..CODES.len() {
+                    let n = rpc.handled(i, c);
                     if n == 0 {
                         continue;
                     }
@@ -199,10 +198,10 @@ impl AgentCollector {
         )?;
         #[allow(clippy::cast_precision_loss, reason = "bucket bounds")]
         let bounds: Vec<f64> = BUCKETS_NS.iter().map(|&b| b as f64 / 1e9).collect();
-        for (i, stats) in rpc.methods.iter().enumerate() {
+        for i in 0..METHODS.len() {
             let (api, method) = label(i);
-            for (c, h) in stats.latency.iter().enumerate() {
-                let (counts, total, sum) = h.read();
+            for c in 0..CODES.len() {
+                let (counts, total, sum) = rpc.latency(i, c);
                 if total == 0 {
                     continue;
                 }

@@ -2,6 +2,12 @@
 //! atomics: a request costs a match on its path, two clock reads and a few relaxed atomic
 //! adds, with no lock and no allocation. The tables are read at scrape time.
 //!
+//! The tables are sharded: one copy per worker thread (up to [`MAX_SHARDS`]), each on its own
+//! cache lines, and a call counts into the shard of the thread it started on. Without shards,
+//! every call's six adds and the reference count of the shared table bounced one set of cache
+//! lines between the cores, which cost 7-13 % of the agent's CPU per warm call
+//! (BENCHMARKS.md, "The cost of metrics"). A scrape sums the shards.
+//!
 //! Every RPC is counted once when it starts (`started`) and once when it ends (`handled`,
 //! by gRPC status code: from the trailers, from a trailers-only response, or `Canceled` when
 //! the response is dropped before its status, e.g. a client closing a stream). Its latency is
@@ -9,8 +15,11 @@
 //! unary call that is the whole call, for a stream the wait for the first SVID or secret.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::Instant;
+
+/// At most this many shards, whatever the number of CPUs (each is about 40 KiB).
+pub(crate) const MAX_SHARDS: usize = 32;
 
 /// The APIs served on the public socket, as the `api` label says them. SDS streams are
 /// counted under `sds` by their method paths below, whichever service serves them.
@@ -136,17 +145,44 @@ impl Histogram {
 /// The counters of one method.
 #[derive(Debug, Default)]
 pub(crate) struct MethodStats {
-    pub(crate) started: AtomicU64,
-    pub(crate) handled: [AtomicU64; CODES.len()],
-    pub(crate) latency: [Histogram; CODES.len()],
+    started: AtomicU64,
+    handled: [AtomicU64; CODES.len()],
+    latency: [Histogram; CODES.len()],
 }
 
-/// Every method's counters and the open streams per API.
+/// One shard: every method's counters and the open streams per API, aligned so that no two
+/// shards share a cache line.
 #[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Shard {
+    methods: [MethodStats; METHODS.len()],
+    /// RPCs in progress (open streams and unary calls not yet answered), per API. A call that
+    /// ends on another thread's shard makes one shard's count low and another's high; the sum
+    /// is right.
+    open: [AtomicI64; APIS.len()],
+}
+
+/// Every method's counters and the open streams per API, in per-thread shards.
+#[derive(Debug)]
 pub(crate) struct RpcMetrics {
-    pub(crate) methods: [MethodStats; METHODS.len()],
-    /// RPCs in progress (open streams and unary calls not yet answered), per API.
-    pub(crate) open: [AtomicI64; APIS.len()],
+    shards: Box<[Arc<Shard>]>,
+}
+
+impl Default for RpcMetrics {
+    /// One shard per CPU this process may use, at most [`MAX_SHARDS`].
+    fn default() -> Self {
+        let n = std::thread::available_parallelism().map_or(1, usize::from);
+        Self::with_shards(n)
+    }
+}
+
+/// The shard slot of the calling thread: threads take slots in the order they first count.
+fn thread_slot() -> usize {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    thread_local! {
+        static SLOT: usize = NEXT.fetch_add(1, Ordering::Relaxed);
+    }
+    SLOT.with(|s| *s)
 }
 
 /// The method index of a request path.
@@ -158,18 +194,28 @@ fn method_of(path: &str) -> usize {
 }
 
 impl RpcMetrics {
-    /// Counts the start of an RPC on `path`; the returned call counts its end.
-    pub(crate) fn start(self: &Arc<Self>, path: &str) -> RpcCall {
+    /// Tables in `n` shards (at least 1, at most [`MAX_SHARDS`]).
+    pub(crate) fn with_shards(n: usize) -> Self {
+        let shards = (0..n.clamp(1, MAX_SHARDS))
+            .map(|_| Arc::new(Shard::default()))
+            .collect();
+        Self { shards }
+    }
+
+    /// Counts the start of an RPC on `path` in this thread's shard; the returned call counts
+    /// its end.
+    pub(crate) fn start(&self, path: &str) -> RpcCall {
+        let shard = self.shard_for(thread_slot());
         let method = method_of(path);
-        if let Some(m) = self.methods.get(method) {
+        if let Some(m) = shard.methods.get(method) {
             m.started.fetch_add(1, Ordering::Relaxed);
         }
         let api = METHODS.get(method).map_or(OTHER, |&(_, a)| a);
-        if let Some(o) = self.open.get(api) {
+        if let Some(o) = shard.open.get(api) {
             o.fetch_add(1, Ordering::Relaxed);
         }
         RpcCall {
-            metrics: self.clone(),
+            shard,
             method,
             api,
             start: Instant::now(),
@@ -178,16 +224,72 @@ impl RpcMetrics {
         }
     }
 
-    /// Open RPCs of `api` (an index into [`APIS`]).
+    /// The shard of thread slot `slot`.
+    fn shard_for(&self, slot: usize) -> Arc<Shard> {
+        let n = self.shards.len().max(1);
+        match self.shards.get(slot % n) {
+            Some(shard) => shard.clone(),
+            // Unreachable: `with_shards` makes at least one.
+            None => Arc::new(Shard::default()),
+        }
+    }
+
+    /// Open RPCs of `api` (an index into [`APIS`]), over every shard.
     pub(crate) fn open(&self, api: usize) -> i64 {
-        self.open.get(api).map_or(0, |o| o.load(Ordering::Relaxed))
+        self.shards
+            .iter()
+            .filter_map(|s| s.open.get(api))
+            .map(|o| o.load(Ordering::Relaxed))
+            .sum()
+    }
+
+    /// RPCs of method `method` (an index into [`METHODS`]) started, over every shard.
+    pub(crate) fn started(&self, method: usize) -> u64 {
+        self.sum(method, |m| m.started.load(Ordering::Relaxed))
+    }
+
+    /// RPCs of `method` ended with status `code` (an index into [`CODES`]).
+    pub(crate) fn handled(&self, method: usize, code: usize) -> u64 {
+        self.sum(method, |m| {
+            m.handled.get(code).map_or(0, |c| c.load(Ordering::Relaxed))
+        })
+    }
+
+    /// The latency histogram of `method` and `code`, over every shard: (bucket counts, not
+    /// cumulative; their total; the sum in seconds).
+    pub(crate) fn latency(
+        &self,
+        method: usize,
+        code: usize,
+    ) -> ([u64; BUCKETS_NS.len() + 1], u64, f64) {
+        let mut all = ([0; BUCKETS_NS.len() + 1], 0, 0.0);
+        for shard in &*self.shards {
+            if let Some(h) = shard.methods.get(method).and_then(|m| m.latency.get(code)) {
+                let (counts, total, sum) = h.read();
+                for (a, c) in all.0.iter_mut().zip(counts) {
+                    *a += c;
+                }
+                all.1 += total;
+                all.2 += sum;
+            }
+        }
+        all
+    }
+
+    fn sum(&self, method: usize, f: impl Fn(&MethodStats) -> u64) -> u64 {
+        self.shards
+            .iter()
+            .filter_map(|s| s.methods.get(method))
+            .map(f)
+            .sum()
     }
 }
 
 /// One RPC in progress; dropping it before its status was seen counts it as `Canceled`.
 #[derive(Debug)]
 pub(crate) struct RpcCall {
-    metrics: Arc<RpcMetrics>,
+    /// The shard of the thread it started on (its reference count is that thread's too).
+    shard: Arc<Shard>,
     method: usize,
     api: usize,
     start: Instant,
@@ -199,7 +301,7 @@ pub(crate) struct RpcCall {
 
 impl RpcCall {
     fn stats(&self) -> Option<&MethodStats> {
-        self.metrics.methods.get(self.method)
+        self.shard.methods.get(self.method)
     }
 
     fn time(&mut self, code: usize) {
@@ -255,7 +357,7 @@ impl Drop for RpcCall {
                 c.fetch_add(1, Ordering::Relaxed);
             }
         }
-        if let Some(o) = self.metrics.open.get(self.api) {
+        if let Some(o) = self.shard.open.get(self.api) {
             o.fetch_sub(1, Ordering::Relaxed);
         }
     }
@@ -281,17 +383,61 @@ mod tests {
         drop(stream);
         drop(strange);
         assert_eq!(m.open(WORKLOAD), 0);
-        let jwt = &m.methods[2];
-        assert_eq!(jwt.started.load(Ordering::Relaxed), 1);
-        assert_eq!(jwt.handled[7].load(Ordering::Relaxed), 1);
+        assert_eq!(m.started(2), 1);
+        assert_eq!(m.handled(2, 7), 1);
         // Timed at the first message, as OK.
-        assert_eq!(jwt.latency[0].read().1, 1);
-        assert_eq!(jwt.latency[7].read().1, 0);
+        assert_eq!(m.latency(2, 0).1, 1);
+        assert_eq!(m.latency(2, 7).1, 0);
         // A stream dropped without a status was canceled, and never timed.
-        let x509 = &m.methods[0];
-        assert_eq!(x509.handled[CANCELED].load(Ordering::Relaxed), 1);
-        assert_eq!(x509.latency[CANCELED].read().1, 0);
-        assert_eq!(m.methods[UNKNOWN].started.load(Ordering::Relaxed), 1);
+        assert_eq!(m.handled(0, CANCELED), 1);
+        assert_eq!(m.latency(0, CANCELED).1, 0);
+        assert_eq!(m.started(UNKNOWN), 1);
+    }
+
+    /// Calls counted on several threads (several shards), some ending on another thread than
+    /// the one they started on, add up to the same totals as on one.
+    #[test]
+    fn shards_add_up_whichever_thread_starts_or_ends_a_call() {
+        let m = Arc::new(RpcMetrics::with_shards(4));
+        let threads: Vec<_> = (0..8)
+            .map(|t| {
+                let m = m.clone();
+                std::thread::spawn(move || {
+                    let mut kept = Vec::new();
+                    for i in 0..1000 {
+                        let mut call = m.start("/SpiffeWorkloadAPI/FetchX509SVID");
+                        call.first_message();
+                        if (i + t) % 2 == 0 {
+                            call.finish(0);
+                        } else {
+                            kept.push(call);
+                        }
+                    }
+                    kept
+                })
+            })
+            .collect();
+        let kept: Vec<RpcCall> = threads
+            .into_iter()
+            .flat_map(|t| t.join().unwrap())
+            .collect();
+        // Half the calls are still open, held by this thread now.
+        assert_eq!(m.open(WORKLOAD), 4000);
+        assert_eq!(m.started(0), 8000);
+        assert_eq!(m.handled(0, 0), 4000);
+        drop(kept);
+        assert_eq!(m.open(WORKLOAD), 0);
+        assert_eq!(m.handled(0, CANCELED), 4000);
+        let (counts, total, _sum) = m.latency(0, 0);
+        assert_eq!(total, 8000);
+        assert_eq!(counts.iter().sum::<u64>(), 8000);
+        assert!(
+            m.shards
+                .iter()
+                .filter(|s| s.methods[0].started.load(Ordering::Relaxed) > 0)
+                .count()
+                > 1
+        );
     }
 
     #[test]
