@@ -88,7 +88,7 @@ fn failure_json(err: &impl Failure) -> Option<serde_json::Value> {
 pub(crate) fn fail(err: &impl Failure) -> ExitCode {
     if output::json_errors() {
         if let Some(json) = failure_json(err) {
-            output::err(json);
+            output::err_json(&json);
         }
     } else if let Some(message) = failure_message(err) {
         output::err(message);

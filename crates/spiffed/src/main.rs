@@ -122,7 +122,7 @@ fn main() -> ExitCode {
                 let rendered = e.to_string();
                 let message = rendered.trim();
                 let message = message.strip_prefix("error: ").unwrap_or(message);
-                output::err(output::error_json(message, "usage", EX_USAGE));
+                output::err_json(&output::error_json(message, "usage", EX_USAGE));
             } else {
                 let _ = e.print();
             }

@@ -21,7 +21,7 @@ use crate::cli_common::{EX_USAGE, output};
 /// Prints a fatal error for a person, or as a JSON line under `--output json`.
 pub(crate) fn fatal(msg: &str) {
     if output::json_errors() {
-        output::err(output::error_json(msg, "failure", 1));
+        output::err_json(&output::error_json(msg, "failure", 1));
     } else {
         output::err(format_args!("spiffed: error: {msg}"));
     }

@@ -154,10 +154,24 @@ pub(crate) fn out(text: impl fmt::Display) -> Result<(), StdoutError> {
         .map_err(StdoutError)
 }
 
-/// Writes `text` and a newline to standard error, ignoring failures.
+/// Writes `text` and a newline to standard error, ignoring failures. Under `--output json`
+/// ([`set_json_errors`]) the line is JSON instead: `{"message":"...","kind":"message"}`, the
+/// text without its `spiffed: ` prefix, so that standard error holds JSON lines only.
 pub(crate) fn err(text: impl fmt::Display) {
+    if json_errors() {
+        let text = text.to_string();
+        let message = text.strip_prefix("spiffed: ").unwrap_or(&text);
+        err_json(&serde_json::json!({"message": message, "kind": "message"}));
+    } else {
+        let mut stderr = std::io::stderr().lock();
+        let _ = writeln!(stderr, "{text}");
+    }
+}
+
+/// Writes `json` on one line to standard error, ignoring failures.
+pub(crate) fn err_json(json: &serde_json::Value) {
     let mut stderr = std::io::stderr().lock();
-    let _ = writeln!(stderr, "{text}");
+    let _ = writeln!(stderr, "{json}");
 }
 
 #[cfg(test)]

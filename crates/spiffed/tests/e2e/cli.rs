@@ -375,6 +375,16 @@ fn dev_full() -> Stdio {
 }
 
 /// Issue 10 item 15: `spiffed api fetch x509 | head -c1` and `> /dev/full` panicked (exit 101).
+/// What a command prints on standard error when standard output is a full disk: the message,
+/// or its JSON form under `--output json`.
+fn full_stdout_message<S: AsRef<str>>(args: &[S]) -> String {
+    if args.iter().any(|a| a.as_ref() == "json") {
+        "{\"error\":\"cannot write to stdout: No space left on device\",\"exit_code\":74,\"kind\":\"stdout\"}\n".to_owned()
+    } else {
+        "spiffed: cannot write to stdout: No space left on device\n".to_owned()
+    }
+}
+
 #[test]
 fn a_closed_or_full_stdout_ends_commands_without_a_panic() {
     let agent = agent_for_me("");
@@ -388,10 +398,7 @@ fn a_closed_or_full_stdout_ends_commands_without_a_panic() {
     for args in commands {
         let out = api_to(&agent, args, dev_full());
         let err = fails_with(&out, 74);
-        assert_eq!(
-            err, "spiffed: cannot write to stdout: No space left on device\n",
-            "{args:?}"
-        );
+        assert_eq!(err, full_stdout_message(args), "{args:?}");
         let out = api_to(&agent, args, closed_pipe());
         let err = fails_with(&out, 141);
         assert!(!err.contains("panicked"), "{args:?}: {err}");
@@ -439,10 +446,7 @@ fn a_closed_or_full_stdout_ends_admin_commands_without_a_panic() {
     };
     for args in commands() {
         let err = fails_with(&run(&args, dev_full()), 74);
-        assert_eq!(
-            err, "spiffed: cannot write to stdout: No space left on device\n",
-            "{args:?}"
-        );
+        assert_eq!(err, full_stdout_message(&args), "{args:?}");
     }
     for args in commands() {
         let err = fails_with(&run(&args, closed_pipe()), 141);
@@ -710,6 +714,29 @@ fn fetch_x509_json_carries_pem_chain_bundle_and_the_key_only_on_request() {
         openssl_public_key(&["pkey", "-pubout"], key),
         openssl_public_key(&["x509", "-pubkey", "-noout"], chain),
         "the key goes with the leaf"
+    );
+
+    // Under --output json, what else goes to standard error is JSON lines too.
+    let written = dir.path().join("files");
+    let out = api(
+        &agent,
+        &[
+            "fetch",
+            "x509",
+            "--output",
+            "json",
+            "--write",
+            written.to_str().unwrap(),
+        ],
+    );
+    ok(&out);
+    let err = stderr(&out);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    let note: Value = serde_json::from_str(&err).unwrap_or_else(|e| panic!("{e}: {err}"));
+    assert_eq!(note["kind"], "message", "{note}");
+    assert!(
+        note["message"].as_str().unwrap().starts_with("wrote "),
+        "{note}"
     );
 
     // Text output never shows the key: the flag without JSON is a usage error.
