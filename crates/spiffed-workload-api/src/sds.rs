@@ -41,7 +41,7 @@ use spiffed_core::untrusted::{Untrusted, UntrustedList};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::limits::Denial;
-use crate::service::{Shared, X509Stream, log_issued};
+use crate::service::{Shared, Wake, X509Stream, log_issued};
 use crate::{ApiError, WorkloadApi};
 pub use server::secret_discovery_service_server::{
     SecretDiscoveryService, SecretDiscoveryServiceServer,
@@ -186,6 +186,8 @@ struct SecretStream {
     svc: SdsService,
     requests: Streaming<DiscoveryRequest>,
     workload: X509Stream,
+    /// The caller, for logs.
+    who: Who,
     /// The workload's identities and bundles as of the last update.
     ids: Vec<spiffed_core::Identity>,
     bundles: Arc<spiffed_core::BundleSet>,
@@ -193,32 +195,70 @@ struct SecretStream {
     _count: StreamCount,
 }
 
+/// The caller of a stream, as logs name it.
+struct Who {
+    pid: Option<u32>,
+    uid: u32,
+}
+
+/// What a stream's wait ended with.
+enum Event {
+    /// A request asked for a response (new names).
+    Respond,
+    /// The workload's identities, bundles or entries moved.
+    Wake(Wake),
+}
+
 impl SecretStream {
     /// The next response to send; `None` when the stream ends quietly (the client closed its
     /// side, or the agent stops); an error ends it with that status.
+    ///
+    /// The wait on the workload outlives the client's requests: an ACK (every response gets
+    /// one) is taken in without dropping and re-registering the stream's waits on the
+    /// agent-wide entry feed, bundle watch and SVID watch. Each of those is a list of every
+    /// open stream under a lock, so re-registering on each ACK made 10,000 streams contend
+    /// for those locks while a rotation was being pushed to them.
     async fn next(&mut self) -> Option<Result<SdsResponse, ApiError>> {
         loop {
-            tokio::select! {
-                req = self.requests.next() => {
-                    let req = match req? {
-                        Ok(r) => r,
-                        // A malformed message (or a broken connection): the stream ends.
-                        Err(status) => {
-                            let e = ApiError::BadRequest(format!(
-                                "unreadable DiscoveryRequest: {}",
-                                status.message()
-                            ));
-                            self.log_rejected(&e.to_string());
-                            return Some(Err(e));
+            let event = {
+                let Self {
+                    svc,
+                    requests,
+                    workload,
+                    who,
+                    xds,
+                    ..
+                } = self;
+                let wait = workload.wait();
+                tokio::pin!(wait);
+                loop {
+                    tokio::select! {
+                        req = requests.next() => {
+                            let req = match req? {
+                                Ok(r) => r,
+                                // A malformed message (or a broken connection): the stream ends.
+                                Err(status) => {
+                                    let e = ApiError::BadRequest(format!(
+                                        "unreadable DiscoveryRequest: {}",
+                                        status.message()
+                                    ));
+                                    log_rejected(svc, who, &e.to_string());
+                                    return Some(Err(e));
+                                }
+                            };
+                            match on_request(svc, xds, who, &req) {
+                                Ok(true) => break Event::Respond,
+                                Ok(false) => {}
+                                Err(e) => return Some(Err(e)),
+                            }
                         }
-                    };
-                    match self.on_request(&req) {
-                        Ok(true) => return Some(self.respond()),
-                        Ok(false) => {}
-                        Err(e) => return Some(Err(e)),
+                        wake = &mut wait => break Event::Wake(wake),
                     }
                 }
-                wake = self.workload.wait() => {
+            };
+            match event {
+                Event::Respond => return Some(self.respond()),
+                Event::Wake(wake) => {
                     if let Err(e) = self.workload.handle(wake).await? {
                         return Some(Err(e));
                     }
@@ -232,44 +272,6 @@ impl SecretStream {
                 }
             }
         }
-    }
-
-    /// Takes a request into the xDS state; `true` when a response must go out.
-    fn on_request(&mut self, req: &DiscoveryRequest) -> Result<bool, ApiError> {
-        let got = self.xds.on_request(req).inspect_err(|e| {
-            self.log_rejected(&e.to_string());
-        })?;
-        let cred = self.workload.caller().cred();
-        if let Some(detail) = &got.error_detail
-            && self.svc.shared.log_allowed(Denial::SdsRejected)
-        {
-            tracing::warn!(
-                pid = ?cred.pid,
-                uid = cred.uid,
-                names = %UntrustedList(&req.resource_names),
-                error = %Untrusted(detail),
-                "Envoy reported errors applying SDS secrets"
-            );
-        }
-        if got.stale {
-            tracing::debug!(
-                pid = ?cred.pid,
-                uid = cred.uid,
-                nonce = %Untrusted(&req.response_nonce),
-                "ignoring an SDS request with a stale nonce"
-            );
-        } else if let Some(version) = &got.nack
-            && self.svc.shared.log_allowed(Denial::SdsRejected)
-        {
-            tracing::warn!(
-                pid = ?cred.pid,
-                uid = cred.uid,
-                version = %Untrusted(version),
-                expected = %self.xds.version(),
-                "SDS client rejected the expected version and rolled back"
-            );
-        }
-        Ok(got.send)
     }
 
     /// The response for the names last requested, from the last update.
@@ -296,11 +298,54 @@ impl SecretStream {
         Ok(resp)
     }
 
-    fn log_rejected(&self, what: &str) {
-        if self.svc.shared.log_allowed(Denial::SdsRejected) {
-            let cred = self.workload.caller().cred();
-            tracing::info!(pid = ?cred.pid, uid = cred.uid, reason = %Untrusted(what), "SDS stream ended");
-        }
+}
+
+/// Takes a request into the xDS state; `true` when a response must go out.
+fn on_request(
+    svc: &SdsService,
+    xds: &mut XdsState,
+    who: &Who,
+    req: &DiscoveryRequest,
+) -> Result<bool, ApiError> {
+    let got = xds.on_request(req).inspect_err(|e| {
+        log_rejected(svc, who, &e.to_string());
+    })?;
+    if let Some(detail) = &got.error_detail
+        && svc.shared.log_allowed(Denial::SdsRejected)
+    {
+        tracing::warn!(
+            pid = ?who.pid,
+            uid = who.uid,
+            names = %UntrustedList(&req.resource_names),
+            error = %Untrusted(detail),
+            "Envoy reported errors applying SDS secrets"
+        );
+    }
+    if got.stale {
+        tracing::debug!(
+            pid = ?who.pid,
+            uid = who.uid,
+            nonce = %Untrusted(&req.response_nonce),
+            "ignoring an SDS request with a stale nonce"
+        );
+    } else if let Some(version) = &got.nack
+        && svc.shared.log_allowed(Denial::SdsRejected)
+    {
+        tracing::warn!(
+            pid = ?who.pid,
+            uid = who.uid,
+            version = %Untrusted(version),
+            expected = %xds.version(),
+            "SDS client rejected the expected version and rolled back"
+        );
+    }
+    Ok(got.send)
+}
+
+/// Logs (throttled) why a stream ended.
+fn log_rejected(svc: &SdsService, who: &Who, what: &str) {
+    if svc.shared.log_allowed(Denial::SdsRejected) {
+        tracing::info!(pid = ?who.pid, uid = who.uid, reason = %Untrusted(what), "SDS stream ended");
     }
 }
 
@@ -352,10 +397,16 @@ impl SecretDiscoveryService for SdsService {
         let mut xds = XdsState::new();
         // The first update: the workload's state now.
         xds.on_update();
+        let cred = workload.caller().cred();
+        let who = Who {
+            pid: cred.pid,
+            uid: cred.uid,
+        };
         let stream = SecretStream {
             svc: self.clone(),
             requests: request.into_inner(),
             workload,
+            who,
             ids,
             bundles,
             xds,
