@@ -7,6 +7,7 @@
 mod admin_cli;
 mod cli_common;
 mod client;
+mod helper;
 mod serve;
 
 use std::path::PathBuf;
@@ -94,6 +95,11 @@ enum Command {
         #[command(flatten)]
         admin: admin_cli::AdminArgs,
     },
+    /// Keep certificate, key, bundle and JWT files up to date for programs that cannot speak
+    /// the Workload API (spiffe-helper's job): the identity chosen by SPIFFE ID or hint, every
+    /// update switched in at once, then a signal to a pid file or a command. --once writes
+    /// them once and exits (init containers, ExecStartPre).
+    Helper(Box<helper::HelperArgs>),
     /// Exit 0 when an agent serves on the socket, 1 otherwise.
     Healthcheck {
         #[command(flatten)]
@@ -135,6 +141,7 @@ fn main() -> ExitCode {
             } => serve::run(&config, new_trust_root, new_entry_store, join_token).await,
             Command::Dev(args) => serve::dev(args).await,
             Command::Api { endpoint, command } => client::run_api(&endpoint, command).await,
+            Command::Helper(args) => helper::run(*args).await,
             Command::Healthcheck { endpoint } => client::run_healthcheck(&endpoint).await,
             Command::Entry { admin, command } => admin_cli::run_entry(&admin, command).await,
             Command::Bundle { admin, command } => admin_cli::run_bundle(&admin, command).await,
