@@ -403,7 +403,9 @@ pub(crate) async fn connect(addr: &SocketAddress) -> Result<WorkloadApiClient, C
 
 /// Opens a gRPC channel to the socket, for the calls made with generated clients (the health
 /// check, `ValidateJWTSVID`). Send each request through [`api_request`].
-pub(crate) async fn connect_channel(addr: &SocketAddress) -> Result<tonic::transport::Channel, ClientError> {
+pub(crate) async fn connect_channel(
+    addr: &SocketAddress,
+) -> Result<tonic::transport::Channel, ClientError> {
     socket::check_socket_file(Api::Workload, &addr.path)?;
     spiffe::transport::connect(&Endpoint::Unix(addr.path.clone()))
         .await

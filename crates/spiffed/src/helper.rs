@@ -612,7 +612,8 @@ fn x509_files(
     let (leaf, intermediates) = chain
         .split_first()
         .ok_or_else(|| format!("the X.509-SVID of {id} has no certificate"))?;
-    let validity = cert_validity(leaf).ok_or_else(|| format!("cannot read the certificate of {id}"))?;
+    let validity =
+        cert_validity(leaf).ok_or_else(|| format!("cannot read the certificate of {id}"))?;
     let td = svid.spiffe_id().trust_domain();
     let own = context
         .bundle_set()

@@ -878,9 +878,9 @@ impl IdTable {
     fn lookup(&self, key: &'static str, what: &str, value: &IdValue) -> Result<u32, ConfigError> {
         match value {
             IdValue::Int(id) => Ok(*id),
-            IdValue::Str(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
-                s.parse().map_err(|_| invalid(key, format!("{s:?} is too large")))
-            }
+            IdValue::Str(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => s
+                .parse()
+                .map_err(|_| invalid(key, format!("{s:?} is too large"))),
             IdValue::Str(s) => self
                 .entries
                 .iter()
@@ -957,20 +957,17 @@ add_intermediates_to_bundle = true
             bad("svid_combined_file_name = \"a\"\njwt_bundle_file_name = \"a\"")
                 .contains("two files")
         );
+        assert!(bad("svid_combined_file_name = \"a\"\nkey_file_mode = \"9\"").contains("octal"));
         assert!(
-            bad("svid_combined_file_name = \"a\"\nkey_file_mode = \"9\"").contains("octal")
+            bad("svid_combined_file_name = \"a\"\npid_file_name = \"/p\"").contains("renew_signal")
         );
         assert!(
-            bad("svid_combined_file_name = \"a\"\npid_file_name = \"/p\"")
-                .contains("renew_signal")
+            bad(
+                "svid_combined_file_name = \"a\"\nrenew_signal = \"SIGFOO\"\npid_file_name = \"/p\""
+            )
+            .contains("SIGHUP")
         );
-        assert!(
-            bad("svid_combined_file_name = \"a\"\nrenew_signal = \"SIGFOO\"\npid_file_name = \"/p\"")
-                .contains("SIGHUP")
-        );
-        assert!(
-            bad("svid_combined_file_name = \"a\"\nspiffe_id = \"web\"").contains("SPIFFE ID")
-        );
+        assert!(bad("svid_combined_file_name = \"a\"\nspiffe_id = \"web\"").contains("SPIFFE ID"));
         assert!(
             bad("svid_combined_file_name = \"a\"\ndaemon_mode = false\nrenew_signal = \"HUP\"\npid_file_name = \"/p\"")
                 .contains("daemon")
@@ -990,14 +987,20 @@ add_intermediates_to_bundle = true
 
     #[test]
     fn ids_resolve_from_names_or_numbers() {
-        let t = IdTable::parse("/etc/passwd", "root:x:0:0::/root:/bin/sh\nweb:x:1001:1001::/:\n");
+        let t = IdTable::parse(
+            "/etc/passwd",
+            "root:x:0:0::/root:/bin/sh\nweb:x:1001:1001::/:\n",
+        );
         assert_eq!(
             t.lookup("k", "user", &IdValue::Str("web".into())).unwrap(),
             1001
         );
         assert_eq!(t.lookup("k", "user", &IdValue::Str("7".into())).unwrap(), 7);
         assert_eq!(t.lookup("k", "user", &IdValue::Int(9)).unwrap(), 9);
-        assert!(t.lookup("k", "user", &IdValue::Str("nobody-here".into())).is_err());
+        assert!(
+            t.lookup("k", "user", &IdValue::Str("nobody-here".into()))
+                .is_err()
+        );
     }
 
     #[test]

@@ -152,8 +152,7 @@ fn signal_once(signal: &PidSignal) -> Result<i32, String> {
     let pid = rustix::process::Pid::from_raw(raw)
         .filter(|_| raw > 0)
         .ok_or_else(|| format!("{} holds pid {raw}", signal.pid_file.display()))?;
-    rustix::process::kill_process(pid, signal.signal)
-        .map_err(|e| format!("kill({raw}): {e}"))?;
+    rustix::process::kill_process(pid, signal.signal).map_err(|e| format!("kill({raw}): {e}"))?;
     Ok(raw)
 }
 

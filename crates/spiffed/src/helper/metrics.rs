@@ -333,7 +333,10 @@ mod tests {
         );
         assert!(text.contains("spiffed_helper_hook_runs_total{hook=\"cmd\",result=\"timeout\"} 1"));
         assert!(text.contains("spiffed_helper_ready 1"));
-        assert!(m.render(start + Duration::from_secs(50)).contains("near_expiry{file=\"svid.pem\"} 0"));
+        assert!(
+            m.render(start + Duration::from_secs(50))
+                .contains("near_expiry{file=\"svid.pem\"} 0")
+        );
         assert!(!m.ready(start + Duration::from_secs(100)).0);
     }
 }

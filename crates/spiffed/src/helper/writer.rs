@@ -108,6 +108,10 @@ fn io_err(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> W
     }
 }
 
+/// A check run after each step of an update (tests).
+#[cfg(test)]
+type Observer = Box<dyn Fn(&Path) + Send>;
+
 /// The writer of one cert_dir.
 pub(crate) struct Writer {
     dir: PathBuf,
@@ -115,7 +119,7 @@ pub(crate) struct Writer {
     counter: u64,
     /// Called after each step of an update, to check what readers see at that moment.
     #[cfg(test)]
-    observer: Option<Box<dyn Fn(&Path) + Send>>,
+    observer: Option<Observer>,
 }
 
 impl Writer {
@@ -370,14 +374,15 @@ mod tests {
         let mut w = Writer::open(&dir).unwrap();
         w.write(&update(1)).unwrap();
         w.write(&update(2)).unwrap();
-        assert_eq!(std::fs::read_to_string(dir.join("svid.pem")).unwrap(), "cert 2");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("svid.pem")).unwrap(),
+            "cert 2"
+        );
         assert_eq!(
             std::fs::read_to_string(dir.join("svid_key.pem")).unwrap(),
             "key 2"
         );
-        let mode = |p: &str| {
-            std::fs::metadata(dir.join(p)).unwrap().permissions().mode() & 0o7777
-        };
+        let mode = |p: &str| std::fs::metadata(dir.join(p)).unwrap().permissions().mode() & 0o7777;
         assert_eq!(mode("svid_key.pem"), 0o600);
         assert_eq!(mode("svid.pem"), 0o644);
         assert_eq!(
@@ -429,15 +434,24 @@ mod tests {
             .unwrap();
         drop(w);
         let mut w = Writer::open(&dir).unwrap();
-        assert_eq!(names(&dir).iter().filter(|n| n.starts_with("..")).count(), 2);
-        assert_eq!(std::fs::read_to_string(dir.join("svid.pem")).unwrap(), "cert 1");
+        assert_eq!(
+            names(&dir).iter().filter(|n| n.starts_with("..")).count(),
+            2
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.join("svid.pem")).unwrap(),
+            "cert 1"
+        );
         // A file spiffe-helper left, and a name no longer configured.
         std::fs::remove_file(dir.join("svid.pem")).unwrap();
         std::fs::write(dir.join("svid.pem"), "old").unwrap();
         let mut two = update(2);
         two.pop();
         w.write(&two).unwrap();
-        assert_eq!(std::fs::read_to_string(dir.join("svid.pem")).unwrap(), "cert 2");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("svid.pem")).unwrap(),
+            "cert 2"
+        );
         assert!(!dir.join("bundle.pem").exists());
     }
 
@@ -451,7 +465,13 @@ mod tests {
         let mut bad = update(2);
         bad.push(spec("svid.pem", "again", 0o644));
         assert!(w.write(&bad).is_err());
-        assert_eq!(std::fs::read_to_string(dir.join("svid.pem")).unwrap(), "cert 1");
-        assert_eq!(names(&dir).iter().filter(|n| n.starts_with("..20")).count(), 1);
+        assert_eq!(
+            std::fs::read_to_string(dir.join("svid.pem")).unwrap(),
+            "cert 1"
+        );
+        assert_eq!(
+            names(&dir).iter().filter(|n| n.starts_with("..20")).count(),
+            1
+        );
     }
 }

@@ -51,7 +51,10 @@ impl Helper {
         let deadline = Instant::now() + Duration::from_secs(secs);
         while !check() {
             if let Some(status) = self.child.try_wait().unwrap() {
-                panic!("the helper exited ({status}) before {what}:\n{}", self.log());
+                panic!(
+                    "the helper exited ({status}) before {what}:\n{}",
+                    self.log()
+                );
             }
             assert!(
                 Instant::now() < deadline,
@@ -65,7 +68,9 @@ impl Helper {
     fn wait_log(&mut self, secs: u64, text: &str) {
         let stderr = self.stderr.clone();
         self.wait(secs, &format!("{text:?} in the log"), || {
-            fs::read_to_string(&stderr).unwrap_or_default().contains(text)
+            fs::read_to_string(&stderr)
+                .unwrap_or_default()
+                .contains(text)
         });
     }
 
@@ -143,7 +148,10 @@ fn key_matches(key_pem: &str, cert_pem: &str) -> bool {
         &ring::rand::SystemRandom::new(),
     )
     .unwrap();
-    let der = pem_blocks(cert_pem).into_iter().next().expect("a certificate");
+    let der = pem_blocks(cert_pem)
+        .into_iter()
+        .next()
+        .expect("a certificate");
     let (_, cert) = X509Certificate::from_der(&der).unwrap();
     use ring::signature::KeyPair as _;
     cert.public_key().subject_public_key.data.as_ref() == pair.public_key().as_ref()
@@ -195,7 +203,14 @@ fn a_hung_hook_neither_stops_rotation_nor_outlives_its_timeout() {
         agent.dir.path(),
         &helper_args(
             &out,
-            &["--cmd", "sleep", "--cmd-args", "987661", "--cmd-timeout", "4s"],
+            &[
+                "--cmd",
+                "sleep",
+                "--cmd-args",
+                "987661",
+                "--cmd-timeout",
+                "4s",
+            ],
         ),
     );
     let cert = out.join("svid.pem");
@@ -229,7 +244,7 @@ fn a_hung_hook_neither_stops_rotation_nor_outlives_its_timeout() {
 /// order; the default (no --spiffe-id) follows the first SVID, as documented.
 #[test]
 fn an_entry_added_above_does_not_change_the_identity_in_the_files() {
-    let mut agent = Agent::start(&bin(), "");
+    let agent = Agent::start(&bin(), "");
     let uid = my_uid();
     let created = Command::new(bin())
         .args(["entry", "create", "--spiffe-id", "spiffe://example.org/web"])
@@ -249,7 +264,9 @@ fn an_entry_added_above_does_not_change_the_identity_in_the_files() {
     );
     let mut first = Helper::start(&agent.socket, agent.dir.path(), &helper_args(&default, &[]));
     by_id.wait(20, "the pinned files", || pinned.join("svid.pem").exists());
-    first.wait(20, "the default files", || default.join("svid.pem").exists());
+    first.wait(20, "the default files", || {
+        default.join("svid.pem").exists()
+    });
 
     // A config entry (id config-0000) sorts before store entries (entry-...): it comes first.
     let mut config = fs::read_to_string(&agent.config).unwrap();
@@ -267,7 +284,10 @@ fn an_entry_added_above_does_not_change_the_identity_in_the_files() {
     let deadline = Instant::now() + Duration::from_secs(10);
     let mut json = json;
     while json["svids"][0]["spiffe_id"] != "spiffe://example.org/aaa" {
-        assert!(Instant::now() < deadline, "the new entry is not first: {json}");
+        assert!(
+            Instant::now() < deadline,
+            "the new entry is not first: {json}"
+        );
         std::thread::sleep(Duration::from_millis(100));
         let fetched = Command::new(bin())
             .args(["api", "fetch", "x509", "--output", "json", "--socket"])
@@ -281,7 +301,10 @@ fn an_entry_added_above_does_not_change_the_identity_in_the_files() {
         leaf_of(&read(&default.join("svid.pem"))).0 == "spiffe://example.org/aaa"
     });
     // The pinned helper saw the same update, and left its files as they were.
-    by_id.wait_log(10, "left the X.509 files of spiffe://example.org/web unchanged");
+    by_id.wait_log(
+        10,
+        "left the X.509 files of spiffe://example.org/web unchanged",
+    );
     assert_eq!(
         leaf_of(&read(&pinned.join("svid.pem"))).0,
         "spiffe://example.org/web"
@@ -394,7 +417,10 @@ fn jwt_svid_files_refresh_and_the_jwks_file_holds_their_key() {
     let (header, claims) = (part(0), part(1));
     assert_eq!(claims["sub"], "spiffe://example.org/web");
     let aud = claims["aud"].to_string();
-    assert!(aud.contains("\"db\"") && aud.contains("\"cache\""), "{claims}");
+    assert!(
+        aud.contains("\"db\"") && aud.contains("\"cache\""),
+        "{claims}"
+    );
     let bundle: serde_json::Value = serde_json::from_str(&read(&out.join("bundle.json"))).unwrap();
     let jwks: serde_json::Value = serde_json::from_slice(
         &base64::engine::general_purpose::STANDARD
@@ -531,7 +557,12 @@ fn once_waits_for_a_late_socket_and_fails_after_its_timeout() {
     let _ = fs::remove_file(&agent.socket);
     let out = agent.dir.path().join("once");
     let mut args = helper_args(&out, &["--once", "--timeout", "20s"]);
-    args.extend(["--jwt-svid", "db=db.token", "--jwt-bundle-file-name", "jwks.json"]);
+    args.extend([
+        "--jwt-svid",
+        "db=db.token",
+        "--jwt-bundle-file-name",
+        "jwks.json",
+    ]);
     let started = Instant::now();
     let child = Command::new(bin())
         .arg("helper")
@@ -548,7 +579,13 @@ fn once_waits_for_a_late_socket_and_fails_after_its_timeout() {
     let log = String::from_utf8_lossy(&done.stderr);
     assert!(done.status.success(), "{log}");
     assert!(started.elapsed() >= Duration::from_secs(2));
-    for f in ["svid.pem", "svid_key.pem", "svid_bundle.pem", "db.token", "jwks.json"] {
+    for f in [
+        "svid.pem",
+        "svid_key.pem",
+        "svid_bundle.pem",
+        "db.token",
+        "jwks.json",
+    ] {
         assert!(out.join(f).exists(), "{f} missing: {log}");
     }
     // All in one version: once written, the helper is gone (no hook, no daemon).
@@ -602,7 +639,10 @@ fn updates_while_the_command_runs_coalesce_into_one_more_run() {
     let ran = read(&runs).matches("run").count();
     assert!(!read(&runs).contains("overlap"), "two runs at once:\n{log}");
     assert!(updates >= 6, "{updates} updates:\n{log}");
-    assert!(ran >= 3 && ran * 2 <= updates + 2, "{ran} runs for {updates} updates:\n{log}");
+    assert!(
+        ran >= 3 && ran * 2 <= updates + 2,
+        "{ran} runs for {updates} updates:\n{log}"
+    );
     assert!(log.contains("coalesced"), "{log}");
 }
 
