@@ -315,8 +315,13 @@ impl WriterLoop<'_> {
                     if self.config.once && !self.complete() {
                         continue;
                     }
-                    if changed.any() && self.write(changed.x509) && self.config.once {
-                        return ExitCode::SUCCESS;
+                    if changed.any() {
+                        let written = self.write(changed.x509);
+                        if self.config.once {
+                            // A write that failed (no privilege to chown, a full disk) is
+                            // not going to succeed by waiting: say so now.
+                            return if written { ExitCode::SUCCESS } else { ExitCode::FAILURE };
+                        }
                     }
                 }
                 () = sleep, if !self.warned => {

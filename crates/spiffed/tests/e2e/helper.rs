@@ -501,6 +501,38 @@ fn files_get_their_modes_and_owners() {
     ));
 }
 
+/// chown needs privilege: a helper that may not give its files away says so and, with
+/// --once, exits 1 at once instead of waiting for its timeout.
+#[test]
+fn a_chown_without_privilege_fails_with_the_reason() {
+    let agent = Agent::start(
+        &bin(),
+        "[[entries]]\nspiffe_id = \"spiffe://example.org/other\"\nselectors = [\"unix:uid:1000\"]\n",
+    );
+    let out = agent.dir.path().join("theirs");
+    fs::create_dir(&out).unwrap();
+    std::os::unix::fs::chown(&out, Some(1000), Some(1000)).unwrap();
+    let started = Instant::now();
+    let done = Command::new("setpriv")
+        .args(["--reuid=1000", "--regid=1000", "--clear-groups"])
+        .arg(bin())
+        .arg("helper")
+        .arg("--socket")
+        .arg(&agent.socket)
+        .args(helper_args(
+            &out,
+            &["--once", "--timeout", "20s", "--file-owner", "0"],
+        ))
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let log = String::from_utf8_lossy(&done.stderr);
+    assert_eq!(done.status.code(), Some(1), "{log}");
+    assert!(log.contains("needs root or CAP_CHOWN"), "{log}");
+    assert!(started.elapsed() < Duration::from_secs(15), "{log}");
+    assert!(!out.join("svid.pem").exists());
+}
+
 /// renew_signal + pid_file_name: the pid in the file is signalled after every update.
 #[test]
 fn the_pid_in_the_pid_file_is_signalled_after_updates() {
@@ -650,7 +682,9 @@ fn updates_while_the_command_runs_coalesce_into_one_more_run() {
 /// and spiffed_helper_file_near_expiry turns 1 on --metrics-listen.
 #[test]
 fn files_near_expiry_are_logged_and_measured() {
-    let mut agent = agent_for_me(SHORT_TTLS);
+    // SVIDs of 20 s: the agent backdates notBefore by 10 s, so the certificate says 30 s, and
+    // its last 10% (3 s) starts 7 s after the rotation at half-life would have come.
+    let mut agent = agent_for_me("x509_svid_ttl = \"20s\"\n");
     let out = agent.dir.path().join("certs");
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -681,13 +715,13 @@ fn files_near_expiry_are_logged_and_measured() {
     assert!(scrape("/ready").starts_with("HTTP/1.1 200"));
     // The agent goes away: no rotation comes.
     agent.kill9();
-    helper.wait_log(5, "within 10% of their lifetime of expiry");
+    helper.wait_log(25, "within 10% of their lifetime of expiry");
     let metrics = scrape("/metrics");
     assert!(
         metrics.contains("spiffed_helper_file_near_expiry{file=\"svid.pem\"} 1"),
         "{metrics}"
     );
-    helper.wait(5, "expired files make /ready 503", || {
+    helper.wait(10, "expired files make /ready 503", || {
         scrape("/ready").starts_with("HTTP/1.1 503")
     });
 }
