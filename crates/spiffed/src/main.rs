@@ -96,9 +96,13 @@ enum Command {
         admin: admin_cli::AdminArgs,
     },
     /// Keep certificate, key, bundle and JWT files up to date for programs that cannot speak
-    /// the Workload API (spiffe-helper's job): the identity chosen by SPIFFE ID or hint, every
-    /// update switched in at once, then a signal to a pid file or a command. --once writes
-    /// them once and exits (init containers, ExecStartPre).
+    /// the Workload API (spiffe-helper's job).
+    ///
+    /// The identity is chosen by SPIFFE ID or hint, never by position; every update is switched
+    /// in at once (cert_dir/..data -> the newest version, the names are links into it); then a
+    /// signal goes to the pid in a file, or a command runs, beside the helper: a slow or hung
+    /// one never holds up the next update. --once writes the files once and exits (init
+    /// containers, ExecStartPre). Every option may be set in the --config file instead.
     Helper(Box<helper::HelperArgs>),
     /// Exit 0 when an agent serves on the socket, 1 otherwise.
     Healthcheck {

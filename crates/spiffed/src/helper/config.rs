@@ -25,7 +25,9 @@ pub(crate) const DEFAULT_CMD_TIMEOUT: Duration = Duration::from_secs(30);
 /// underscores (`--cert-dir` is `cert_dir`); a flag overrides the file.
 #[derive(clap::Args, Debug, Default)]
 pub(crate) struct HelperArgs {
-    /// A TOML file with the settings below (spiffe-helper's option names).
+    /// A TOML file with the settings below under spiffe-helper's names: the flag's name with
+    /// underscores (--cert-dir is cert_dir; --socket is agent_address), plus jwt_svids and
+    /// per-file owners (see the README). A flag overrides the file.
     #[arg(long, short = 'c', value_name = "FILE")]
     pub(crate) config: Option<PathBuf>,
     /// Workload API socket: a path or a unix:// URI (file: agent_address). Default:
@@ -184,7 +186,8 @@ struct FileJwt {
     jwt_svid_file_name: String,
 }
 
-/// A file mode: a TOML integer (write it in octal, `0o644`) or a string of octal digits.
+/// A file mode: a string of octal digits. A TOML integer is refused with the fix (`640` would
+/// be decimal), rather than read as a mode nobody meant.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum ModeValue {
@@ -503,7 +506,13 @@ impl HelperArgs {
             match (flag, value) {
                 (Some(s), _) => parse_mode(key, s),
                 (None, Some(ModeValue::Str(s))) => parse_mode(key, &s),
-                (None, Some(ModeValue::Int(m))) => check_mode(key, m),
+                (None, Some(ModeValue::Int(m))) => Err(invalid(
+                    key,
+                    format!(
+                        "write the mode as a string of octal digits, e.g. {key} = \"0640\" (the \
+                         number {m} is ambiguous: TOML reads 640 as decimal)"
+                    ),
+                )),
                 (None, None) => Ok(default),
             }
         };
@@ -749,10 +758,7 @@ fn check_mode(key: &'static str, mode: u32) -> Result<u32, ConfigError> {
     if mode > 0o777 {
         return Err(invalid(
             key,
-            format!(
-                "{mode:o} is beyond 0777: write the mode as a string of octal digits (\"0644\") \
-                 or a TOML octal number (0o644)"
-            ),
+            format!("{mode:o} is beyond 0777: give the permission bits only, e.g. \"0644\""),
         ));
     }
     if mode & 0o400 == 0 {
@@ -922,7 +928,7 @@ svid_file_name = "svid.pem"
 svid_key_file_name = "svid_key.pem"
 svid_bundle_file_name = "svid_bundle.pem"
 cert_file_mode = "0640"
-key_file_mode = 0o640
+key_file_mode = "0640"
 jwt_bundle_file_name = "bundle.json"
 jwt_svids = [{jwt_audience="db", jwt_extra_audiences=["x"], jwt_svid_file_name="db.token"}]
 renew_signal = "SIGHUP"
@@ -972,6 +978,7 @@ add_intermediates_to_bundle = true
             bad("svid_combined_file_name = \"a\"\ndaemon_mode = false\nrenew_signal = \"HUP\"\npid_file_name = \"/p\"")
                 .contains("daemon")
         );
+        assert!(bad("svid_combined_file_name = \"a\"\nkey_file_mode = 600").contains("\"0640\""));
         assert!(toml::from_str::<FileConfig>("svid_file = \"a\"").is_err());
     }
 
