@@ -16,7 +16,7 @@
 mod config;
 mod hook;
 mod metrics;
-mod writer;
+pub(crate) mod writer;
 
 use std::collections::BTreeMap;
 use std::process::ExitCode;
@@ -31,8 +31,9 @@ use spiffed_proto::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient
 use tokio::sync::mpsc;
 use zeroize::Zeroizing;
 
+pub(crate) use config::FilePerm;
 pub(crate) use config::HelperArgs;
-use config::{ConfigError, FilePerm, HelperConfig, JwtFile};
+use config::{ConfigError, HelperConfig, JwtFile};
 use hook::{HookSpec, Hooks};
 use metrics::{Metrics, Validity};
 use writer::{FileSpec, Writer};
