@@ -221,7 +221,7 @@ pub(crate) async fn run(args: HelperArgs) -> anyhow::Result<ExitCode> {
     );
     let mut state = WriterLoop {
         config: &config,
-        writer,
+        writer: Some(writer),
         metrics,
         hooks,
         x509_files: None,
@@ -276,7 +276,8 @@ fn describe_files(config: &HelperConfig) -> String {
 /// The writer's state: the files of each part as last built.
 struct WriterLoop<'a> {
     config: &'a HelperConfig,
-    writer: Writer,
+    /// The writer; lent to a blocking thread while it writes (fsyncs stay off the runtime).
+    writer: Option<Writer>,
     metrics: Arc<Metrics>,
     hooks: Option<Hooks>,
     /// The X.509 files and their validity, once the chosen identity arrived.
@@ -317,7 +318,7 @@ impl WriterLoop<'_> {
                         continue;
                     }
                     if changed.any() {
-                        let written = self.write(changed.x509);
+                        let written = self.write(changed.x509).await;
                         if self.config.once {
                             // A write that failed (no privilege to chown, a full disk) is
                             // not going to succeed by waiting: say so now.
@@ -481,12 +482,35 @@ impl WriterLoop<'_> {
     }
 
     /// Writes a version; returns whether it was written.
-    fn write(&mut self, x509_changed: bool) -> bool {
+    async fn write(&mut self, x509_changed: bool) -> bool {
         let (files, validity) = self.files();
         if files.is_empty() {
             return false;
         }
-        if let Err(e) = self.writer.write(&files) {
+        let names: Vec<String> = files.iter().map(|f| f.name.clone()).collect();
+        let writer = match self.writer.take() {
+            Some(w) => Ok(w),
+            None => Writer::open(&self.config.cert_dir),
+        };
+        let result = match writer {
+            Ok(mut w) => {
+                match tokio::task::spawn_blocking(move || {
+                    let r = w.write(&files);
+                    (w, r)
+                })
+                .await
+                {
+                    Ok((w, r)) => {
+                        self.writer = Some(w);
+                        r.map_err(|e| e.to_string())
+                    }
+                    // The writer is lost with its thread; the next update opens a new one.
+                    Err(join) => Err(format!("the file writer stopped: {join}")),
+                }
+            }
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = result {
             self.metrics.write_failed();
             log::error(format_args!(
                 "cannot write the files: {e}; the previous files stay, and the next update \
@@ -497,7 +521,6 @@ impl WriterLoop<'_> {
         self.updates += 1;
         self.warned = false;
         let number = self.updates;
-        let names: Vec<&str> = files.iter().map(|f| f.name.as_str()).collect();
         let until = self
             .x509_files
             .as_ref()
