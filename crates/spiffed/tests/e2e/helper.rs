@@ -725,3 +725,33 @@ fn files_near_expiry_are_logged_and_measured() {
         scrape("/ready").starts_with("HTTP/1.1 503")
     });
 }
+
+/// Under an upstream CA the chain has intermediates: they follow the leaf in the chain file,
+/// or go into the bundle file with add_intermediates_to_bundle (spiffe-helper's option).
+#[test]
+fn intermediates_follow_the_leaf_or_go_to_the_bundle_on_request() {
+    let up = tempfile::tempdir().unwrap();
+    let _pki = crate::upstream::upstream_pki(up.path());
+    let agent = crate::upstream::host_with(up.path(), "");
+    let plain = agent.dir.path().join("plain");
+    let moved = agent.dir.path().join("moved");
+    let mut a = Helper::start(&agent.socket, agent.dir.path(), &helper_args(&plain, &[]));
+    let mut b = Helper::start(
+        &agent.socket,
+        agent.dir.path(),
+        &helper_args(&moved, &["--add-intermediates-to-bundle"]),
+    );
+    a.wait(20, "the files", || plain.join("svid_bundle.pem").exists());
+    b.wait(20, "the files", || moved.join("svid_bundle.pem").exists());
+    let count = |p: &Path| pem_blocks(&read(p)).len();
+    let chain = count(&plain.join("svid.pem"));
+    let roots = count(&plain.join("svid_bundle.pem"));
+    assert!(chain >= 2, "leaf and intermediates: {chain}");
+    assert_eq!(count(&moved.join("svid.pem")), 1);
+    assert_eq!(count(&moved.join("svid_bundle.pem")), roots + chain - 1);
+    // The leaf is the same in both.
+    assert_eq!(
+        leaf_of(&read(&plain.join("svid.pem"))),
+        leaf_of(&read(&moved.join("svid.pem")))
+    );
+}
