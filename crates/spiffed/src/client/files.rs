@@ -7,7 +7,7 @@
 //! never sees a new key beside an old certificate; when the disk is full the previous set
 //! stays in place. Files of SVIDs that are gone are removed.
 //!
-//! [`write_atomic`] (tests) replaces one file: a temp file in the same directory gets its mode
+//! `write_atomic` (tests) replaces one file: a temp file in the same directory gets its mode
 //! first, then its content, is fsynced and renamed over the target.
 
 use std::fs::{File, Permissions};
