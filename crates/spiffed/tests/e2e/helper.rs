@@ -755,3 +755,43 @@ fn intermediates_follow_the_leaf_or_go_to_the_bundle_on_request() {
         leaf_of(&read(&moved.join("svid.pem")))
     );
 }
+
+/// kill -9 at any moment leaves files a restart can use: the names still resolve to one
+/// complete version, and the restart removes what an interrupted update left.
+#[test]
+fn kill_9_during_rotations_and_a_restart_leave_one_complete_version() {
+    let agent = agent_for_me(SHORT_TTLS);
+    let out = agent.dir.path().join("certs");
+    for round in 0..5u64 {
+        let mut helper = Helper::start(&agent.socket, agent.dir.path(), &helper_args(&out, &[]));
+        helper.wait(20, "the files", || out.join("svid.pem").exists());
+        std::thread::sleep(Duration::from_millis(150 * round + 100));
+        helper.child.kill().unwrap();
+        helper.child.wait().unwrap();
+        // What is on disk after the kill is one update's files.
+        assert!(key_matches(
+            &read(&out.join("svid_key.pem")),
+            &read(&out.join("svid.pem"))
+        ));
+    }
+    // An update cut short before its switch: a version and a link nobody points to.
+    let half = out.join("..2000_01_01_00_00_00.000000000_1");
+    fs::create_dir(&half).unwrap();
+    fs::write(half.join("svid_key.pem"), "half").unwrap();
+    std::os::unix::fs::symlink("..2000_01_01_00_00_00.000000000_1", out.join("..data_tmp"))
+        .unwrap();
+    let mut helper = Helper::start(&agent.socket, agent.dir.path(), &helper_args(&out, &[]));
+    helper.wait_log(20, "update #1: wrote");
+    assert!(!half.exists(), "the half-written version is still there");
+    assert!(!out.join("..data_tmp").exists());
+    let versions = fs::read_dir(&out)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_str().unwrap().starts_with("..20"))
+        .count();
+    assert!(versions <= 2, "{versions} versions");
+    assert!(key_matches(
+        &read(&out.join("svid_key.pem")),
+        &read(&out.join("svid.pem"))
+    ));
+}
