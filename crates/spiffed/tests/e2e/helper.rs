@@ -795,3 +795,47 @@ fn kill_9_during_rotations_and_a_restart_leave_one_complete_version() {
         &read(&out.join("svid.pem"))
     ));
 }
+
+/// include_federated_domains adds the CAs of the trust domains the entry federates with to the
+/// bundle file; without it the bundle file holds the own trust domain only. The JWT bundle
+/// file has a member per trust domain.
+#[test]
+fn federated_cas_join_the_bundle_file_on_request() {
+    let uid = my_uid();
+    let agent = Agent::start(
+        &bin(),
+        &format!(
+            "[[entries]]\nspiffe_id = \"spiffe://example.org/web\"\nselectors = [\"unix:uid:{uid}\"]\nfederates_with = [\"other.org\"]\n"
+        ),
+    );
+    let other = crate::federation::foreign("other.org");
+    crate::federation::set_ok(&agent, "other.org", &other.doc);
+    let with = agent.dir.path().join("with");
+    let without = agent.dir.path().join("without");
+    let mut a = Helper::start(
+        &agent.socket,
+        agent.dir.path(),
+        &helper_args(
+            &with,
+            &[
+                "--include-federated-domains",
+                "--jwt-bundle-file-name",
+                "jwt_bundle.json",
+            ],
+        ),
+    );
+    let mut b = Helper::start(&agent.socket, agent.dir.path(), &helper_args(&without, &[]));
+    a.wait(20, "the files", || with.join("jwt_bundle.json").exists());
+    b.wait(20, "the files", || without.join("svid_bundle.pem").exists());
+    let with_cas = pem_blocks(&read(&with.join("svid_bundle.pem")));
+    let without_cas = pem_blocks(&read(&without.join("svid_bundle.pem")));
+    assert!(with_cas.contains(&other.ca_der));
+    assert!(!without_cas.contains(&other.ca_der));
+    assert_eq!(with_cas.len(), without_cas.len() + 1);
+    let jwt: serde_json::Value =
+        serde_json::from_str(&read(&with.join("jwt_bundle.json"))).unwrap();
+    assert!(
+        jwt["example.org"].is_string() && jwt["other.org"].is_string(),
+        "{jwt}"
+    );
+}
