@@ -27,7 +27,9 @@ use spiffe::transport::{Endpoint, GrpcStatusCode, TransportError};
 use spiffe::{SpiffeId, WorkloadApiClient, WorkloadApiError};
 
 pub(crate) use address::{AddressError, SocketAddress};
+pub(crate) use files::pem_encode;
 pub(crate) use report::{BundlesReport, X509Report};
+pub(crate) use watch::{Backoff, shutdown_signal};
 
 use crate::cli_common::output::{self, OutputFormat, StdoutError, output_format_parser, print};
 use crate::cli_common::socket::{self, Api, SocketError, my_uid};
@@ -177,7 +179,9 @@ pub(crate) struct FetchX509Args {
 #[derive(clap::Args, Debug)]
 pub(crate) struct WatchArgs {
     /// On every update, write svid.N.pem, svid.N.key (mode 0600) and bundle.N.pem into DIR,
-    /// atomically. Files of SVIDs that are gone are removed.
+    /// atomically. Files of SVIDs that are gone are removed. N follows the agent's order, so
+    /// for a server that reads one identity's files use `spiffed helper` (the identity chosen
+    /// by SPIFFE ID, every update switched in at once).
     #[arg(long, value_name = "DIR")]
     pub(crate) write: Option<PathBuf>,
     /// After every update (and after the files are written, with --write), run `sh -c CMD`
@@ -383,6 +387,25 @@ fn resolve_endpoint(endpoint: &EndpointArgs) -> Result<SocketAddress, ClientErro
     )?)
 }
 
+/// Resolves a socket address from a configured value (a flag or a config key) and
+/// `SPIFFE_ENDPOINT_SOCKET`'s value, for commands that resolve on their own (`helper`).
+pub(crate) fn resolve_address(
+    value: Option<&str>,
+    env: Option<&str>,
+) -> Result<SocketAddress, AddressError> {
+    address::resolve(value, env)
+}
+
+/// Reads `SPIFFE_ENDPOINT_SOCKET`.
+pub(crate) fn read_socket_env() -> Result<Option<String>, AddressError> {
+    address::read_env()
+}
+
+/// A time in RFC 3339, UTC, as the client commands print times.
+pub(crate) fn rfc3339_system(t: std::time::SystemTime) -> String {
+    report::rfc3339(time::OffsetDateTime::from(t))
+}
+
 /// Connects a Workload API client to the socket.
 pub(crate) async fn connect(addr: &SocketAddress) -> Result<WorkloadApiClient, ClientError> {
     socket::check_socket_file(Api::Workload, &addr.path)?;
@@ -393,7 +416,9 @@ pub(crate) async fn connect(addr: &SocketAddress) -> Result<WorkloadApiClient, C
 
 /// Opens a gRPC channel to the socket, for the calls made with generated clients (the health
 /// check, `ValidateJWTSVID`). Send each request through [`api_request`].
-async fn connect_channel(addr: &SocketAddress) -> Result<tonic::transport::Channel, ClientError> {
+pub(crate) async fn connect_channel(
+    addr: &SocketAddress,
+) -> Result<tonic::transport::Channel, ClientError> {
     socket::check_socket_file(Api::Workload, &addr.path)?;
     spiffe::transport::connect(&Endpoint::Unix(addr.path.clone()))
         .await
@@ -402,7 +427,7 @@ async fn connect_channel(addr: &SocketAddress) -> Result<tonic::transport::Chann
 
 /// A request with the Workload API header, which every call to the socket carries
 /// (CONFORMANCE item 110).
-fn api_request<T>(message: T) -> tonic::Request<T> {
+pub(crate) fn api_request<T>(message: T) -> tonic::Request<T> {
     let mut request = tonic::Request::new(message);
     request.metadata_mut().insert(
         "workload.spiffe.io",

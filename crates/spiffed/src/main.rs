@@ -7,6 +7,7 @@
 mod admin_cli;
 mod cli_common;
 mod client;
+mod helper;
 mod serve;
 
 use std::path::PathBuf;
@@ -101,6 +102,15 @@ enum Command {
         #[command(flatten)]
         admin: admin_cli::AdminArgs,
     },
+    /// Keep certificate, key, bundle and JWT files up to date for programs that cannot speak
+    /// the Workload API (spiffe-helper's job).
+    ///
+    /// The identity is chosen by SPIFFE ID or hint, never by position; every update is switched
+    /// in at once (cert_dir/..data -> the newest version, the names are links into it); then a
+    /// signal goes to the pid in a file, or a command runs, beside the helper: a slow or hung
+    /// one never holds up the next update. --once writes the files once and exits (init
+    /// containers, ExecStartPre). Every option may be set in the --config file instead.
+    Helper(Box<helper::HelperArgs>),
     /// Exit 0 when an agent serves on the socket, 1 otherwise.
     Healthcheck {
         #[command(flatten)]
@@ -173,6 +183,7 @@ fn main() -> ExitCode {
             } => serve::run(&config, new_trust_root, new_entry_store, join_token).await,
             Command::Dev(args) => serve::dev(args).await,
             Command::Api { endpoint, command } => client::run_api(&endpoint, command).await,
+            Command::Helper(args) => helper::run(*args).await,
             Command::Healthcheck { endpoint } => client::run_healthcheck(&endpoint).await,
             Command::Entry { admin, command } => admin_cli::run_entry(&admin, command).await,
             Command::Bundle { admin, command } => admin_cli::run_bundle(&admin, command).await,

@@ -1,16 +1,16 @@
 //! `--write DIR`: SVIDs, keys and bundles as PEM files, for programs that cannot speak the API.
 //!
-//! Every file is written atomically: a temp file in the same directory gets
-//! its mode first (0600 for keys, 0644 otherwise), then its content, is fsynced, renamed over
-//! the target, and the directory is fsynced. A reader sees the old file or the new one, never a
-//! half-written one, and the mode is re-applied on every write.
+//! [`write_x509_context`] writes all of an update's files with the helper's all-at-once
+//! writer ([`crate::helper::writer`]): a new version directory `DIR/..<timestamp>` holds them
+//! (keys 0600, the rest 0644, each created at its mode and fsynced), one rename switches
+//! `DIR/..data` to it, and the names (`svid.0.pem`, ...) are links into `..data`. A reader
+//! never sees a new key beside an old certificate; when the disk is full the previous set
+//! stays in place. Files of SVIDs that are gone are removed.
 //!
-//! [`write_x509_context`] writes all of an update's files to temp files first and renames them
-//! only when every one is safely on disk: when the disk is full, the previous set (a key and
-//! the certificate that goes with it) stays in place, never half of a new one.
+//! `write_atomic` (tests) replaces one file: a temp file in the same directory gets its mode
+//! first, then its content, is fsynced and renamed over the target.
 
 use std::fs::{File, Permissions};
-use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
@@ -50,6 +50,10 @@ pub(crate) enum WriteError {
     /// The task writing the files ended without finishing (it panicked or was cancelled).
     #[error("the file writer stopped: {0}")]
     WriterStopped(String),
+
+    /// The all-at-once writer failed (the previous files stay).
+    #[error(transparent)]
+    Version(#[from] crate::helper::writer::WriteError),
 
     /// The context has an SVID whose trust domain has no bundle (a malformed answer).
     #[error("the agent sent no bundle for trust domain {trust_domain} of SVID {index}")]
@@ -111,11 +115,13 @@ pub(crate) fn write_atomic(
 
 /// A file written to a temp file in its directory and fsynced, not yet renamed over its
 /// target. Dropped uncommitted, the temp file is removed.
+#[cfg(test)]
 struct Staged {
     tmp: tempfile::NamedTempFile,
     target: PathBuf,
 }
 
+#[cfg(test)]
 impl Staged {
     /// Renames the temp file over the target (the caller fsyncs the directory).
     fn commit(self) -> Result<PathBuf, WriteError> {
@@ -128,6 +134,7 @@ impl Staged {
 }
 
 /// Writes `contents` at `mode` to a temp file in `dir` and fsyncs it, for `dir/name`.
+#[cfg(test)]
 fn stage(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<Staged, WriteError> {
     let target = dir.join(name);
     let mut tmp = tempfile::Builder::new()
@@ -138,8 +145,7 @@ fn stage(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<Staged, W
     tmp.as_file()
         .set_permissions(Permissions::from_mode(mode))
         .map_err(io_err("set the mode of", tmp.path()))?;
-    tmp.write_all(contents)
-        .map_err(io_err("write", tmp.path()))?;
+    std::io::Write::write_all(&mut tmp, contents).map_err(io_err("write", tmp.path()))?;
     tmp.as_file()
         .sync_all()
         .map_err(io_err("fsync", tmp.path()))?;
@@ -180,17 +186,24 @@ pub(crate) fn pem_encode<'a>(
 }
 
 /// Writes `svid.N.pem` (chain, leaf first), `svid.N.key` (PKCS#8, 0600) and `bundle.N.pem` (the
-/// SVID's trust domain bundle) for every SVID N, then removes those files of indexes the
-/// context no longer has. Returns the paths written.
+/// SVID's trust domain bundle) for every SVID N, switched in at once, then removes those files
+/// of indexes the context no longer has. Returns the paths written.
 ///
-/// Every file is staged (written and fsynced to a temp file) before any is renamed, so a
-/// failure to write (a full disk) leaves the previous files untouched.
+/// Every file is written and fsynced before the switch, so a failure to write (a full disk)
+/// leaves the previous files untouched.
 pub(crate) fn write_x509_context(
     dir: &Path,
     context: &X509Context,
 ) -> Result<Vec<PathBuf>, WriteError> {
+    use crate::helper::FilePerm;
+    use crate::helper::writer::{FileSpec, Writer};
     ensure_dir(dir)?;
-    let mut staged = Vec::new();
+    let perm = |mode| FilePerm {
+        mode,
+        uid: None,
+        gid: None,
+    };
+    let mut files = Vec::new();
     for (index, svid) in context.svids().iter().enumerate() {
         let trust_domain = svid.spiffe_id().trust_domain();
         let bundle =
@@ -201,43 +214,30 @@ pub(crate) fn write_x509_context(
                     index,
                     trust_domain: trust_domain.to_string(),
                 })?;
-        // The bundle first and the certificate last, so a reader that polls for the
-        // certificate finds the key and bundle already in place.
         let bundle_pem = pem_encode(
             "CERTIFICATE",
             bundle.authorities().iter().map(|c| c.as_bytes()),
         );
-        staged.push(stage(
-            dir,
-            &format!("bundle.{index}.pem"),
-            bundle_pem.as_bytes(),
-            PUBLIC_MODE,
-        )?);
         let key_pem = pem_encode("PRIVATE KEY", [svid.private_key().as_bytes()]);
-        staged.push(stage(
-            dir,
-            &format!("svid.{index}.key"),
-            key_pem.as_bytes(),
-            KEY_MODE,
-        )?);
         let chain_pem = pem_encode(
             "CERTIFICATE",
             svid.cert_chain().iter().map(|c| c.as_bytes()),
         );
-        staged.push(stage(
-            dir,
-            &format!("svid.{index}.pem"),
-            chain_pem.as_bytes(),
-            PUBLIC_MODE,
-        )?);
+        for (name, pem, mode) in [
+            (format!("bundle.{index}.pem"), bundle_pem, PUBLIC_MODE),
+            (format!("svid.{index}.key"), key_pem, KEY_MODE),
+            (format!("svid.{index}.pem"), chain_pem, PUBLIC_MODE),
+        ] {
+            files.push(FileSpec {
+                name,
+                contents: Zeroizing::new(pem.as_bytes().to_vec()),
+                perm: perm(mode),
+            });
+        }
     }
-    let written = staged
-        .into_iter()
-        .map(Staged::commit)
-        .collect::<Result<Vec<_>, _>>()?;
-    sync_dir(dir)?;
+    Writer::open(dir)?.write(&files)?;
     remove_stale(dir, context.svids().len())?;
-    Ok(written)
+    Ok(files.iter().map(|f| dir.join(&f.name)).collect())
 }
 
 /// The SVID index of one of our file names (`svid.N.pem`, `svid.N.key`, `bundle.N.pem`).
@@ -287,10 +287,12 @@ mod tests {
         std::fs::metadata(path).unwrap().permissions().mode() & 0o7777
     }
 
+    /// The names in `dir`, without the writer's own `..` entries.
     fn names(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(dir)
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| !n.starts_with(".."))
             .collect();
         names.sort();
         names
@@ -459,6 +461,11 @@ mod tests {
         let bundle = std::fs::read_to_string(out.join("bundle.0.pem")).unwrap();
         assert_eq!(pem_body(&bundle), ca);
         assert_eq!(mode(&out.join("bundle.0.pem")), 0o644);
+        // Switched in at once: the names are links into the current version.
+        assert_eq!(
+            std::fs::read_link(out.join("svid.0.key")).unwrap(),
+            Path::new("..data/svid.0.key")
+        );
     }
 
     #[test]

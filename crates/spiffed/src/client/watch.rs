@@ -99,7 +99,7 @@ pub(crate) async fn run(
 }
 
 /// Resolves on Ctrl-C or SIGTERM. If a handler cannot be installed, that signal is not awaited.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut sig) => {

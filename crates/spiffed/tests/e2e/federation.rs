@@ -27,17 +27,17 @@ const FOREIGN: &str = "spiffe://other.org";
 const AUDIENCE: &str = "spiffed-test";
 
 /// A foreign trust domain whose keys the test holds.
-struct Foreign {
+pub(crate) struct Foreign {
     /// Its CA certificate, DER.
-    ca_der: Vec<u8>,
+    pub(crate) ca_der: Vec<u8>,
     /// Its JWT signing key and key id.
     jwt: EcdsaKeyPair,
     kid: String,
     /// Its SPIFFE bundle (JWKS).
-    doc: String,
+    pub(crate) doc: String,
 }
 
-fn foreign(td: &str) -> Foreign {
+pub(crate) fn foreign(td: &str) -> Foreign {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut params = rcgen::CertificateParams::new(vec![]).unwrap();
     params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
@@ -128,7 +128,7 @@ fn set(agent: &Agent, td: &str, format: &str, doc: &[u8]) -> (i32, String, Strin
     )
 }
 
-fn set_ok(agent: &Agent, td: &str, doc: &str) {
+pub(crate) fn set_ok(agent: &Agent, td: &str, doc: &str) {
     let (code, out, err) = set(agent, td, "spiffe", doc.as_bytes());
     assert_eq!(code, 0, "bundle set failed: {err}\n{out}\n{}", agent.logs());
     assert!(out.contains("1 X.509 authority, 1 JWT key"), "{out}");

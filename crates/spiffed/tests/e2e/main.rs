@@ -17,6 +17,7 @@ mod federation;
 mod federation_peers;
 mod files;
 mod fleet;
+mod helper;
 mod interop;
 mod jwt;
 mod lifecycle;

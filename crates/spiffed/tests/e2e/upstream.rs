@@ -18,7 +18,7 @@ use crate::{bin, split_der};
 
 /// An upstream root and an intermediate under it, with the intermediate's files written to
 /// `dir` as the agent reads them: the intermediate certificate, its key (0600), the root.
-struct UpstreamPki {
+pub(crate) struct UpstreamPki {
     root_der: Vec<u8>,
     intermediate_der: Vec<u8>,
 }
@@ -36,7 +36,7 @@ fn ca_params(cn: &str) -> CertificateParams {
     p
 }
 
-fn upstream_pki(dir: &Path) -> UpstreamPki {
+pub(crate) fn upstream_pki(dir: &Path) -> UpstreamPki {
     let root_key = KeyPair::generate().unwrap();
     let root_params = ca_params("e2e upstream root");
     let root = root_params.self_signed(&root_key).unwrap();
@@ -140,7 +140,7 @@ fn host(upstream: &Path) -> Agent {
     )
 }
 
-fn host_with(upstream: &Path, ttls: &str) -> Agent {
+pub(crate) fn host_with(upstream: &Path, ttls: &str) -> Agent {
     let uid = my_uid();
     Agent::start(
         &bin(),
