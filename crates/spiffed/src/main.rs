@@ -7,12 +7,13 @@
 mod admin_cli;
 mod cli_common;
 mod client;
+mod docs_gen;
 mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use cli_common::EX_USAGE;
 
@@ -29,9 +30,10 @@ struct Cli {
 enum Command {
     /// Run the agent with a configuration file.
     Run {
-        /// The TOML configuration file (see the README for every key).
+        /// The TOML configuration file (see the README for every key) [default:
+        /// /etc/spiffed/spiffed.toml, the Debian package's].
         #[arg(long, short = 'c', value_name = "FILE")]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Accept a new trust root: create a new CA when the data dir held one before that can
         /// no longer sign (ca.json deleted, emptied, retired or expired). Workloads and peers
         /// must then fetch the new bundle. Without it, start-up refuses and says why.
@@ -99,6 +101,12 @@ enum Command {
         #[command(flatten)]
         endpoint: client::EndpointArgs,
     },
+    /// Write a shell completion script to standard output, e.g. `spiffed completions bash >
+    /// /etc/bash_completion.d/spiffed` (the Debian package installs bash, zsh and fish ones).
+    Completions(docs_gen::CompletionsArgs),
+    /// Write the man page (roff) to standard output, or every command's page into --dir.
+    #[command(hide = true)]
+    Man(docs_gen::ManArgs),
 }
 
 fn main() -> ExitCode {
@@ -111,6 +119,17 @@ fn main() -> ExitCode {
             return ExitCode::from(code);
         }
     };
+    // Generated documentation needs no runtime.
+    match &cli.command {
+        Command::Completions(args) => return docs_gen::completions(Cli::command(), args),
+        Command::Man(args) => {
+            return docs_gen::man(Cli::command(), args).unwrap_or_else(|e| {
+                serve::fatal(&format!("{e:#}"));
+                ExitCode::FAILURE
+            });
+        }
+        _ => {}
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -132,7 +151,7 @@ fn main() -> ExitCode {
                 new_trust_root,
                 new_entry_store,
                 join_token,
-            } => serve::run(&config, new_trust_root, new_entry_store, join_token).await,
+            } => serve::run(config, new_trust_root, new_entry_store, join_token).await,
             Command::Dev(args) => serve::dev(args).await,
             Command::Api { endpoint, command } => client::run_api(&endpoint, command).await,
             Command::Healthcheck { endpoint } => client::run_healthcheck(&endpoint).await,
@@ -140,6 +159,8 @@ fn main() -> ExitCode {
             Command::Bundle { admin, command } => admin_cli::run_bundle(&admin, command).await,
             Command::Explain { admin, explain } => admin_cli::run_explain(&admin, &explain).await,
             Command::Status { admin } => admin_cli::run_status(&admin).await,
+            // Answered above, before the runtime started.
+            Command::Completions(_) | Command::Man(_) => Ok(ExitCode::SUCCESS),
         };
         match result {
             Ok(code) => code,

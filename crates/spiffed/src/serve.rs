@@ -130,13 +130,38 @@ fn init_logging(level: LogLevel, format: LogFormat) -> Option<LogLevelHandle> {
     ok.then_some(set)
 }
 
-/// `spiffed run --config FILE [--new-trust-root] [--new-entry-store] [--join-token TOKEN]`.
+/// The configuration `spiffed run` reads when `--config` is absent (the Debian package's
+/// conffile).
+pub(crate) const DEFAULT_CONFIG_PATH: &str = "/etc/spiffed/spiffed.toml";
+
+/// `spiffed run [--config FILE] [--new-trust-root] [--new-entry-store] [--join-token TOKEN]`.
 pub(crate) async fn run(
-    path: &Path,
+    path: Option<PathBuf>,
     new_trust_root: bool,
     new_entry_store: bool,
     join_token: Option<String>,
 ) -> anyhow::Result<ExitCode> {
+    let path = match path {
+        Some(p) => p,
+        None => {
+            let default = PathBuf::from(DEFAULT_CONFIG_PATH);
+            if let Err(e) = std::fs::symlink_metadata(&default) {
+                let why = if e.kind() == std::io::ErrorKind::NotFound {
+                    "does not exist".to_owned()
+                } else {
+                    format!("cannot be read: {e}")
+                };
+                eprintln!(
+                    "spiffed: no --config given, and the default configuration {DEFAULT_CONFIG_PATH} \
+                     {why}; fix: pass --config FILE, or write {DEFAULT_CONFIG_PATH} (the Debian \
+                     package installs one; the README's \"Configuration\" lists every key)"
+                );
+                return Ok(ExitCode::from(EX_USAGE));
+            }
+            default
+        }
+    };
+    let path = path.as_path();
     let mut cfg = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
