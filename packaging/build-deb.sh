@@ -50,6 +50,15 @@ fi
 # first on PATH is that python3.
 export PATH="$zigenv/bin:$tools/bin:$PATH"
 
+# Run from `cargo test` (the e2e test package::), the environment holds the test package's
+# CARGO_PKG_*, CARGO_MANIFEST_* and such; some build scripts (ring's) rerun when those change,
+# so the tree would be rebuilt every time the script runs from a shell after the test or back.
+for name in $(compgen -e); do
+  case "$name" in
+    CARGO_PKG_* | CARGO_MANIFEST_* | CARGO_CRATE_NAME | CARGO_BIN_* | CARGO_PRIMARY_PACKAGE | \
+      CARGO_TARGET_TMPDIR | CARGO_CFG_* | CARGO_RUSTC_CURRENT_DIR | OUT_DIR) unset "$name" ;;
+  esac
+done
 # A build ID in the binary, so that gdb and debuginfod find spiffed.debug in the -dbgsym
 # package (/usr/lib/debug/.build-id/XX/YYYY.debug). Only for the target, not build scripts.
 export CARGO_TARGET_X86_64_UNKNOWN_LINUX_GNU_RUSTFLAGS="-C link-arg=-Wl,--build-id=sha1"
