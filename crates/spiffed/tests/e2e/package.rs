@@ -309,6 +309,7 @@ fn debian_package_builds_installs_serves_and_purges() {
     let passwd = stdout_ok(Command::new("getent").args(["passwd", "spiffed"]));
     let fields: Vec<&str> = passwd.trim().split(':').collect();
     let spiffed_uid: u32 = fields[2].parse().unwrap();
+    let spiffed_gid: u32 = fields[3].parse().unwrap();
     assert!(
         spiffed_uid > 0 && spiffed_uid < 1000,
         "not a system uid: {passwd}"
@@ -316,8 +317,8 @@ fn debian_package_builds_installs_serves_and_purges() {
     assert!(fields[6].ends_with("nologin"), "{passwd}");
     let state = fs::metadata("/var/lib/spiffed").unwrap();
     assert_eq!(
-        (state.uid(), state.mode() & 0o7777),
-        (spiffed_uid, 0o700),
+        (state.uid(), state.gid(), state.mode() & 0o7777),
+        (spiffed_uid, spiffed_gid, 0o700),
         "/var/lib/spiffed"
     );
 
@@ -332,9 +333,9 @@ fn debian_package_builds_installs_serves_and_purges() {
         "set -e
          mount --make-rprivate /
          mount -t tmpfs -o mode=0755 tmpfs /run
-         install -d -o {spiffed_uid} -g {spiffed_uid} -m 0755 /run/spiffed
-         mount -t tmpfs -o mode=0700,uid={spiffed_uid},gid={spiffed_uid} tmpfs /var/lib/spiffed
-         exec setpriv --reuid={spiffed_uid} --regid={spiffed_uid} --init-groups \
+         install -d -o {spiffed_uid} -g {spiffed_gid} -m 0755 /run/spiffed
+         mount -t tmpfs -o mode=0700,uid={spiffed_uid},gid={spiffed_gid} tmpfs /var/lib/spiffed
+         exec setpriv --reuid={spiffed_uid} --regid={spiffed_gid} --init-groups \
            --inh-caps=-all,{caps} --ambient-caps=-all,{caps} --bounding-set=-all,{caps} \
            --no-new-privs /usr/bin/spiffed run"
     );
@@ -377,6 +378,7 @@ fn debian_package_builds_installs_serves_and_purges() {
             .to_owned()
     };
     assert_eq!(field("Uid:"), spiffed_uid.to_string(), "{status}");
+    assert_eq!(field("Gid:"), spiffed_gid.to_string(), "{status}");
     // CAP_DAC_READ_SEARCH is bit 2, CAP_SYS_PTRACE bit 19.
     assert_eq!(field("CapEff:"), "0000000000080004", "{status}");
     // The sockets' directories as the agent made them in /run/spiffed.
