@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::io::Write as _;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -73,6 +73,11 @@ impl InstalledAgent {
     /// Runs `args` inside the agent's mount namespace (as root, or as `uid` through setpriv):
     /// there `/run/spiffed` and `/var/lib/spiffed` are the agent's.
     fn nsenter(&self, uid: Option<u32>, args: &[&str]) -> Command {
+        self.nsenter_exe(uid, Path::new("/usr/bin/spiffed"), args)
+    }
+
+    /// [`InstalledAgent::nsenter`] with another copy of spiffed.
+    fn nsenter_exe(&self, uid: Option<u32>, exe: &Path, args: &[&str]) -> Command {
         let mut c = Command::new("nsenter");
         c.arg(format!("--mount=/proc/{}/ns/mnt", self.child.id()));
         if let Some(uid) = uid {
@@ -83,7 +88,7 @@ impl InstalledAgent {
                 "--clear-groups",
             ]);
         }
-        c.arg("/usr/bin/spiffed").args(args);
+        c.arg(exe).args(args);
         c
     }
 
@@ -416,6 +421,40 @@ fn debian_package_builds_installs_serves_and_purges() {
     let fetched = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success() && fetched.contains("spiffe://example.org/packaged"),
+        "{}: {fetched}\n{}\nagent log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        agent.logs()
+    );
+    // unix:sha256 of an executable the agent's user may not read (0711): hashing it takes
+    // CAP_DAC_READ_SEARCH.
+    let hidden = tempfile::tempdir().unwrap();
+    fs::set_permissions(hidden.path(), fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = hidden.path().join("workload");
+    fs::copy(bin, &exe).unwrap();
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o711)).unwrap();
+    let sha = stdout_ok(Command::new("sha256sum").arg(&exe));
+    let sha = sha.split_whitespace().next().unwrap();
+    run_ok(&mut agent.nsenter(
+        None,
+        &[
+            "entry",
+            "create",
+            "--spiffe-id",
+            "spiffe://example.org/unreadable",
+            "--selector",
+            &format!("unix:uid:{}", WORKLOAD_UID + 2),
+            "--selector",
+            &format!("unix:sha256:{sha}"),
+        ],
+    ));
+    let out = agent
+        .nsenter_exe(Some(WORKLOAD_UID + 2), &exe, &["api", "fetch", "x509"])
+        .output()
+        .unwrap();
+    let fetched = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && fetched.contains("spiffe://example.org/unreadable"),
         "{}: {fetched}\n{}\nagent log:\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr),
