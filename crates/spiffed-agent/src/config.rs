@@ -721,6 +721,20 @@ hint = "internal"             # optional
 dns_names = ["web.internal"]  # optional, go into the X.509 SAN
 "#;
 
+    /// The Debian package's default configuration (packaging/build-deb.sh installs it as
+    /// /etc/spiffed/spiffed.toml): a standalone agent on the default paths.
+    #[test]
+    fn the_packaged_default_config_parses() {
+        let text = include_str!("../../../packaging/spiffed.toml");
+        let cfg = Config::from_toml(text, Path::new("/etc/spiffed/spiffed.toml")).unwrap();
+        assert_eq!(cfg.socket_path, Path::new(DEFAULT_SOCKET_PATH));
+        assert_eq!(cfg.socket_mode, 0o777);
+        assert_eq!(cfg.admin_socket_path, Path::new(DEFAULT_ADMIN_SOCKET_PATH));
+        assert_eq!(cfg.admin_uids, [0]);
+        assert_eq!(cfg.data_dir, Path::new("/var/lib/spiffed"));
+        assert!(cfg.spire_server.is_none() && !cfg.synthetic_ids);
+    }
+
     #[test]
     fn design_example_parses() {
         let cfg =

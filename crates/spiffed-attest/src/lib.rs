@@ -28,6 +28,19 @@
 //! [`SelectorCheck`]: spiffed_core::SelectorCheck
 #![deny(unsafe_code)]
 
+// spiffed is Linux-only; stop a build for any other OS at once, with the reason, instead of
+// with hundreds of errors from the syscalls below (and from the crates they come from).
+#[cfg(not(target_os = "linux"))]
+compile_error!(
+    "spiffed is Linux-only: spiffed-attest identifies a Workload API caller with Linux's \
+     SO_PEERCRED (pid, uid, gid of the peer), a pidfd that pins the process (SO_PEERPIDFD or \
+     pidfd_open) and /proc/PID (exe, status, cgroup), none of which this target has. A port \
+     would need its own `sys` and `procfs` modules: getpeereid(3) plus LOCAL_PEERPID and \
+     proc_pidpath on macOS, getpeereid(3) or LOCAL_PEERCRED plus kinfo_proc/procstat on the \
+     BSDs, getpeerucred(3C) on illumos, and named pipes with GetNamedPipeClientProcessId \
+     instead of Unix sockets on Windows."
+);
+
 mod composite;
 pub mod listen;
 mod pinned;

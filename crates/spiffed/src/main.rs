@@ -7,13 +7,14 @@
 mod admin_cli;
 mod cli_common;
 mod client;
+mod docs_gen;
 mod helper;
 mod serve;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use cli_common::EX_USAGE;
 use cli_common::output::{self, OutputFormat};
@@ -31,9 +32,10 @@ struct Cli {
 enum Command {
     /// Run the agent with a configuration file.
     Run {
-        /// The TOML configuration file (see the README for every key).
+        /// The TOML configuration file (see the README for every key) [default:
+        /// /etc/spiffed/spiffed.toml, the Debian package's].
         #[arg(long, short = 'c', value_name = "FILE")]
-        config: PathBuf,
+        config: Option<PathBuf>,
         /// Accept a new trust root: create a new CA when the data dir held one before that can
         /// no longer sign (ca.json deleted, emptied, retired or expired). Workloads and peers
         /// must then fetch the new bundle. Without it, start-up refuses and says why.
@@ -116,6 +118,12 @@ enum Command {
         #[command(flatten)]
         endpoint: client::EndpointArgs,
     },
+    /// Write a shell completion script to standard output, e.g. `spiffed completions bash >
+    /// /etc/bash_completion.d/spiffed` (the Debian package installs bash, zsh and fish ones).
+    Completions(docs_gen::CompletionsArgs),
+    /// Write the man page (roff) to standard output, or every command's page into --dir.
+    #[command(hide = true)]
+    Man(docs_gen::ManArgs),
 }
 
 fn main() -> ExitCode {
@@ -148,9 +156,24 @@ fn main() -> ExitCode {
         | Command::Bundle { admin, .. }
         | Command::Explain { admin, .. }
         | Command::Status { admin } => admin.output == OutputFormat::Json,
-        Command::Run { .. } | Command::Dev(_) | Command::Helper(_) => false,
+        Command::Run { .. }
+        | Command::Dev(_)
+        | Command::Helper(_)
+        | Command::Completions(_)
+        | Command::Man(_) => false,
     };
     output::set_json_errors(json);
+    // Generated documentation needs no runtime.
+    match &cli.command {
+        Command::Completions(args) => return docs_gen::completions(Cli::command(), args),
+        Command::Man(args) => {
+            return docs_gen::man(Cli::command(), args).unwrap_or_else(|e| {
+                serve::fatal(&format!("{e:#}"));
+                ExitCode::FAILURE
+            });
+        }
+        _ => {}
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -173,14 +196,14 @@ fn main() -> ExitCode {
                 new_entry_store: _,
                 join_token: _,
                 check: true,
-            } => Ok(serve::check(&config)),
+            } => Ok(serve::check(config)),
             Command::Run {
                 config,
                 new_trust_root,
                 new_entry_store,
                 join_token,
                 check: false,
-            } => serve::run(&config, new_trust_root, new_entry_store, join_token).await,
+            } => serve::run(config, new_trust_root, new_entry_store, join_token).await,
             Command::Dev(args) => serve::dev(args).await,
             Command::Api { endpoint, command } => client::run_api(&endpoint, command).await,
             Command::Helper(args) => helper::run(*args).await,
@@ -189,6 +212,8 @@ fn main() -> ExitCode {
             Command::Bundle { admin, command } => admin_cli::run_bundle(&admin, command).await,
             Command::Explain { admin, explain } => admin_cli::run_explain(&admin, &explain).await,
             Command::Status { admin } => admin_cli::run_status(&admin).await,
+            // Answered above, before the runtime started.
+            Command::Completions(_) | Command::Man(_) => Ok(ExitCode::SUCCESS),
         };
         match result {
             Ok(code) => code,

@@ -134,9 +134,43 @@ fn init_logging(level: LogLevel, format: LogFormat) -> Option<LogLevelHandle> {
     ok.then_some(set)
 }
 
+/// The configuration `spiffed run` reads when `--config` is absent (the Debian package's
+/// conffile).
+pub(crate) const DEFAULT_CONFIG_PATH: &str = "/etc/spiffed/spiffed.toml";
+
+/// The configuration file of `run`: `--config`, else [`DEFAULT_CONFIG_PATH`] if it exists;
+/// else a message naming the fix and exit status 64.
+fn config_path(path: Option<PathBuf>) -> Result<PathBuf, ExitCode> {
+    match path {
+        Some(p) => Ok(p),
+        None => {
+            let default = PathBuf::from(DEFAULT_CONFIG_PATH);
+            if let Err(e) = std::fs::symlink_metadata(&default) {
+                let why = if e.kind() == std::io::ErrorKind::NotFound {
+                    "does not exist".to_owned()
+                } else {
+                    format!("cannot be read: {e}")
+                };
+                eprintln!(
+                    "spiffed: no --config given, and the default configuration {DEFAULT_CONFIG_PATH} \
+                     {why}; fix: pass --config FILE, or write {DEFAULT_CONFIG_PATH} (the Debian \
+                     package installs one; the README's \"Configuration\" lists every key)"
+                );
+                return Err(ExitCode::from(EX_USAGE));
+            }
+            Ok(default)
+        }
+    }
+}
+
 /// `spiffed run --check --config FILE`: every problem in the file on standard error and exit
 /// status 64, or a summary on standard output and 0.
-pub(crate) fn check(path: &Path) -> ExitCode {
+pub(crate) fn check(path: Option<PathBuf>) -> ExitCode {
+    let path = match config_path(path) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let path = path.as_path();
     match Config::load_all(path) {
         Ok(cfg) => {
             let mode = if cfg.spire_server.is_some() {
@@ -145,7 +179,8 @@ pub(crate) fn check(path: &Path) -> ExitCode {
                 "standalone mode"
             };
             let summary = format!(
-                "{}: the configuration is valid: {mode}, trust domain {}, {} entr{}, socket {},                  admin socket {}, data_dir {}",
+                "{}: the configuration is valid: {mode}, trust domain {}, {} entr{}, socket {}, \
+                 admin socket {}, data_dir {}",
                 path.display(),
                 cfg.trust_domain,
                 cfg.entries.len(),
@@ -180,13 +215,18 @@ pub(crate) fn check(path: &Path) -> ExitCode {
     }
 }
 
-/// `spiffed run --config FILE [--new-trust-root] [--new-entry-store] [--join-token TOKEN]`.
+/// `spiffed run [--config FILE] [--new-trust-root] [--new-entry-store] [--join-token TOKEN]`.
 pub(crate) async fn run(
-    path: &Path,
+    path: Option<PathBuf>,
     new_trust_root: bool,
     new_entry_store: bool,
     join_token: Option<String>,
 ) -> anyhow::Result<ExitCode> {
+    let path = match config_path(path) {
+        Ok(p) => p,
+        Err(code) => return Ok(code),
+    };
+    let path = path.as_path();
     let mut cfg = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {

@@ -799,3 +799,92 @@ fn errors_under_output_json_are_json_on_stderr() {
     assert!(err.starts_with("spiffed: error: "), "{err}");
     assert!(serde_json::from_str::<Value>(&err).is_err(), "{err}");
 }
+
+#[test]
+fn run_without_config_reads_the_default_file_and_names_it_when_missing() {
+    assert_eq!(
+        spiffed_test_support::my_uid(),
+        0,
+        "this test hides /etc in a mount namespace (unshare -m) and must run as root"
+    );
+    // In a mount namespace of its own with an empty /etc, /etc/spiffed/spiffed.toml is
+    // missing whatever this host has installed.
+    let out = Command::new("unshare")
+        .args([
+            "--mount",
+            "sh",
+            "-c",
+            "mount -t tmpfs tmpfs /etc && exec \"$0\" run",
+        ])
+        .arg(crate::bin())
+        .output()
+        .expect("unshare runs");
+    let err = fails_with(&out, 64);
+    assert!(
+        err.contains("no --config given, and the default configuration /etc/spiffed/spiffed.toml does not exist")
+            && err.contains("fix: pass --config FILE"),
+        "{err}"
+    );
+    // With a file there, `spiffed run` reads it: a bad one is reported under its path.
+    let out = Command::new("unshare")
+        .args([
+            "--mount",
+            "sh",
+            "-c",
+            "mount -t tmpfs tmpfs /etc && mkdir /etc/spiffed && echo 'nonsense = 1' \
+             >/etc/spiffed/spiffed.toml && exec \"$0\" run",
+        ])
+        .arg(crate::bin())
+        .output()
+        .expect("unshare runs");
+    let err = fails_with(&out, 64);
+    assert!(err.contains("/etc/spiffed/spiffed.toml:1"), "{err}");
+}
+
+#[test]
+fn completions_and_man_pages_are_generated_from_the_command_line() {
+    let run = |args: &[&str]| Command::new(crate::bin()).args(args).output().unwrap();
+    for (shell, needle) in [
+        ("bash", "complete -F _spiffed"),
+        ("zsh", "#compdef spiffed"),
+        ("fish", "complete -c spiffed"),
+    ] {
+        let script = ok(&run(&["completions", shell]));
+        assert!(script.contains(needle), "{shell}: {script:.300}");
+        assert!(script.contains("healthcheck"), "{shell}");
+    }
+    fails_with(&run(&["completions", "cmd.exe"]), 64);
+    // `man` is hidden from the help, and writes roff.
+    assert!(!ok(&run(&["--help"])).contains("\n  man "));
+    assert!(ok(&run(&["man"])).starts_with(".ie \\n(.g .ds Aq"));
+    let dir = tempfile::tempdir().unwrap();
+    let out = run(&["man", "--dir", &dir.path().display().to_string()]);
+    ok(&out);
+    for page in [
+        "spiffed.1",
+        "spiffed-run.1",
+        "spiffed-api-fetch-x509.1",
+        "spiffed-entry-create.1",
+    ] {
+        let path = dir.path().join(page);
+        let meta = std::fs::metadata(&path).unwrap_or_else(|e| panic!("{page}: {e}"));
+        assert_eq!(
+            std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777,
+            0o644
+        );
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains(".TH spiffed")
+        );
+    }
+    // Hidden commands get no page, and no temp file is left.
+    assert!(!dir.path().join("spiffed-man.1").exists());
+    assert!(
+        std::fs::read_dir(dir.path()).unwrap().all(|e| !e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .starts_with('.'))
+    );
+}

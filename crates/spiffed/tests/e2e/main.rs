@@ -22,6 +22,7 @@ mod interop;
 mod jwt;
 mod lifecycle;
 mod limits;
+mod package;
 mod sds;
 mod sds_probe;
 mod spire_harness;
