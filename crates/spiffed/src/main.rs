@@ -148,7 +148,7 @@ fn main() -> ExitCode {
         | Command::Bundle { admin, .. }
         | Command::Explain { admin, .. }
         | Command::Status { admin } => admin.output == OutputFormat::Json,
-        Command::Run { .. } | Command::Dev(_) => false,
+        Command::Run { .. } | Command::Dev(_) | Command::Helper(_) => false,
     };
     output::set_json_errors(json);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
