@@ -16,6 +16,7 @@
 mod config;
 mod hook;
 mod metrics;
+mod pkcs12;
 pub(crate) mod writer;
 
 use std::collections::BTreeMap;
