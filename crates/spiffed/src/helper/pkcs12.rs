@@ -423,7 +423,9 @@ mod tests {
         );
         assert_eq!(
             key.as_slice(),
-            hex("72:12:59:F1:4A:AD:70:B5:88:39:F7:15:66:B4:33:DA:1B:8A:D0:8F:65:0F:4D:02:FA:AA:0B:9B:09:5B:B5:1D")
+            hex(
+                "72:12:59:F1:4A:AD:70:B5:88:39:F7:15:66:B4:33:DA:1B:8A:D0:8F:65:0F:4D:02:FA:AA:0B:9B:09:5B:B5:1D"
+            )
         );
     }
 
@@ -440,7 +442,9 @@ mod tests {
         );
         assert_eq!(
             out.to_vec(),
-            hex("F6:8B:53:86:DE:3A:8D:63:35:84:69:50:54:4D:29:A5:5A:D3:32:8D:EA:17:68:53:04:D7:82:28:48:AE:C5:34")
+            hex(
+                "F6:8B:53:86:DE:3A:8D:63:35:84:69:50:54:4D:29:A5:5A:D3:32:8D:EA:17:68:53:04:D7:82:28:48:AE:C5:34"
+            )
         );
     }
 
@@ -457,13 +461,16 @@ mod tests {
         assert_ne!(&long[..32], &long[32..64]);
     }
 
+    /// A certificate bag: (certificate, friendlyName, localKeyId, trusted).
+    type CertBag = (Vec<u8>, Option<String>, Option<Vec<u8>>, bool);
+    /// A key bag: (PKCS#8, friendlyName, localKeyId).
+    type KeyBag = (Vec<u8>, Option<String>, Option<Vec<u8>>);
+
     /// What a reader (written here only for the test) finds in a file.
     #[derive(Debug, Default)]
     struct Parsed {
-        /// (certificate, friendlyName, localKeyId, trusted)
-        certs: Vec<(Vec<u8>, Option<String>, Option<Vec<u8>>, bool)>,
-        /// (PKCS#8, friendlyName, localKeyId)
-        keys: Vec<(Vec<u8>, Option<String>, Option<Vec<u8>>)>,
+        certs: Vec<CertBag>,
+        keys: Vec<KeyBag>,
     }
 
     fn read_alg<'a>(r: BERReader<'a, '_>) -> yasna::ASN1Result<(ObjectIdentifier, Vec<u8>)> {
