@@ -297,7 +297,6 @@ impl SecretStream {
         );
         Ok(resp)
     }
-
 }
 
 /// Takes a request into the xDS state; `true` when a response must go out.
