@@ -7,8 +7,8 @@
 //! the token's lifetime). The writer picks the configured identity (by SPIFFE ID or hint,
 //! never by position; the first SVID only when neither is set), builds the files, and
 //! [`writer::Writer`] switches them all at once. Then [`hook::Hooks`] signals a pid or runs a
-//! command, beside the writer and never blocking it. [`metrics`] tracks the files' expiry for a
-//! warning log and `--metrics-listen`.
+//! command, beside the writer and never blocking it. [`pkcs12`] encodes the Java keystore and
+//! truststore. [`metrics`] tracks the files' expiry for a warning log and `--metrics-listen`.
 //!
 //! `--once` (daemon_mode = false) waits, up to `--timeout`, for the socket to appear and for
 //! every configured file, writes them once and exits 0; 1 when they did not come in time.
