@@ -7,8 +7,8 @@
 //! the token's lifetime). The writer picks the configured identity (by SPIFFE ID or hint,
 //! never by position; the first SVID only when neither is set), builds the files, and
 //! [`writer::Writer`] switches them all at once. Then [`hook::Hooks`] signals a pid or runs a
-//! command, beside the writer and never blocking it. [`metrics`] tracks the files' expiry for a
-//! warning log and `--metrics-listen`.
+//! command, beside the writer and never blocking it. [`pkcs12`] encodes the Java keystore and
+//! truststore. [`metrics`] tracks the files' expiry for a warning log and `--metrics-listen`.
 //!
 //! `--once` (daemon_mode = false) waits, up to `--timeout`, for the socket to appear and for
 //! every configured file, writes them once and exits 0; 1 when they did not come in time.
@@ -16,6 +16,7 @@
 mod config;
 mod hook;
 mod metrics;
+mod pkcs12;
 pub(crate) mod writer;
 
 use std::collections::BTreeMap;
@@ -225,6 +226,7 @@ pub(crate) async fn run(args: HelperArgs) -> anyhow::Result<ExitCode> {
         metrics,
         hooks,
         x509_files: None,
+        x509_material: None,
         jwt_bundle_file: None,
         jwt_svid_files: vec![None; config.jwt_svids.len()],
         identity_note: None,
@@ -263,6 +265,8 @@ fn describe_files(config: &HelperConfig) -> String {
         &config.x509.key,
         &config.x509.bundle,
         &config.x509.combined,
+        &config.x509.pkcs12,
+        &config.x509.bundle_pkcs12,
         &config.jwt_bundle,
     ]
     .into_iter()
@@ -282,6 +286,9 @@ struct WriterLoop<'a> {
     hooks: Option<Hooks>,
     /// The X.509 files and their validity, once the chosen identity arrived.
     x509_files: Option<(Vec<FileSpec>, Validity)>,
+    /// What `x509_files` were built from: an update with the same material writes nothing
+    /// (the PKCS#12 files, with fresh salts each time, are no use for that comparison).
+    x509_material: Option<X509Material>,
     jwt_bundle_file: Option<FileSpec>,
     jwt_svid_files: Vec<Option<(FileSpec, Validity)>>,
     /// Why the chosen identity is missing, as last logged (to log it once per change).
@@ -337,19 +344,13 @@ impl WriterLoop<'_> {
     fn apply(&mut self, update: Update) -> Changed {
         let x509 = matches!(update, Update::X509(_));
         let changed = match update {
-            Update::X509(context) => match x509_files(self.config, &context) {
-                Ok((files, validity, id)) => {
+            Update::X509(context) => match x509_material(self.config, &context) {
+                Ok((material, validity)) => {
+                    let id = material.id.clone();
                     if self.identity_note.take().is_some() || self.x509_files.is_none() {
                         log::info(format_args!("writing the X.509 files of {id}"));
                     }
-                    let same = self.x509_files.as_ref().is_some_and(|(old, _)| {
-                        old.len() == files.len()
-                            && old
-                                .iter()
-                                .zip(&files)
-                                .all(|(a, b)| a.name == b.name && a.contents == b.contents)
-                    });
-                    if same {
+                    if self.x509_material.as_ref() == Some(&material) {
                         // Another identity (or a bundle this one does not use) changed.
                         log::info(format_args!(
                             "an update left the X.509 files of {id} unchanged; not rewriting \
@@ -357,8 +358,20 @@ impl WriterLoop<'_> {
                         ));
                         false
                     } else {
-                        self.x509_files = Some((files, validity));
-                        true
+                        match build_x509_files(self.config, &material) {
+                            Ok(files) => {
+                                self.x509_files = Some((files, validity));
+                                self.x509_material = Some(material);
+                                true
+                            }
+                            Err(e) => {
+                                log::error(format_args!(
+                                    "cannot build the PKCS#12 files of {id}: {e}; the files on \
+                                     disk stay as they were"
+                                ));
+                                false
+                            }
+                        }
                     }
                 }
                 Err(note) => {
@@ -467,7 +480,11 @@ impl WriterLoop<'_> {
         let mut validity = BTreeMap::new();
         if let Some((x509, v)) = &self.x509_files {
             for f in x509 {
-                if Some(&f.name) != self.config.x509.bundle.as_ref() {
+                // The bundle files hold CAs: their expiry is not the SVID's.
+                let x509 = &self.config.x509;
+                if Some(&f.name) != x509.bundle.as_ref()
+                    && Some(&f.name) != x509.bundle_pkcs12.as_ref()
+                {
                     validity.insert(f.name.clone(), *v);
                 }
             }
@@ -561,7 +578,11 @@ impl WriterLoop<'_> {
             && v.near_expiry(now)
         {
             let x509 = &self.config.x509;
-            let name = x509.svid.as_ref().or(x509.combined.as_ref());
+            let name = x509
+                .svid
+                .as_ref()
+                .or(x509.combined.as_ref())
+                .or(x509.pkcs12.as_ref());
             near.push(format!(
                 "{} (until {})",
                 name.map(String::as_str).unwrap_or("the X.509-SVID"),
@@ -604,12 +625,26 @@ fn cert_validity(der: &[u8]) -> Option<Validity> {
     })
 }
 
-/// The X.509 files of the configured identity, its validity and SPIFFE ID; or why it is
-/// missing from `context`.
-fn x509_files(
+/// What the X.509 files of one identity are made of. Zeroized on drop (the key).
+#[derive(PartialEq, Eq)]
+struct X509Material {
+    /// The SPIFFE ID.
+    id: String,
+    /// The leaf, then the intermediates (all of them, whatever goes to the chain file).
+    chain: Vec<Vec<u8>>,
+    /// Whether the intermediates go to the bundle file rather than the chain file.
+    intermediates_in_bundle: bool,
+    /// The PKCS#8 private key.
+    key: Zeroizing<Vec<u8>>,
+    /// The bundle file's certificates, each with its truststore alias.
+    bundle: Vec<(String, Vec<u8>)>,
+}
+
+/// The configured identity's material and validity; or why it is missing from `context`.
+fn x509_material(
     config: &HelperConfig,
     context: &X509Context,
-) -> Result<(Vec<FileSpec>, Validity, String), String> {
+) -> Result<(X509Material, Validity), String> {
     let svids = context.svids();
     let chosen = if config.selector.is_default() {
         svids.first()
@@ -637,9 +672,13 @@ fn x509_files(
         ));
     };
     let id = svid.spiffe_id().to_string();
-    let chain: Vec<&[u8]> = svid.cert_chain().iter().map(|c| c.as_bytes()).collect();
-    let (leaf, intermediates) = chain
-        .split_first()
+    let chain: Vec<Vec<u8>> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    let leaf = chain
+        .first()
         .ok_or_else(|| format!("the X.509-SVID of {id} has no certificate"))?;
     let validity =
         cert_validity(leaf).ok_or_else(|| format!("cannot read the certificate of {id}"))?;
@@ -648,26 +687,66 @@ fn x509_files(
         .bundle_set()
         .get(td)
         .ok_or_else(|| format!("the agent sent no bundle for trust domain {td}"))?;
-    let mut bundle: Vec<&[u8]> = own.authorities().iter().map(|c| c.as_bytes()).collect();
-    let mut chain_out: Vec<&[u8]> = vec![leaf];
+    // (label, certificate); the label numbered becomes the truststore alias.
+    let mut bundle: Vec<(String, &[u8])> = own
+        .authorities()
+        .iter()
+        .map(|c| (td.to_string(), c.as_bytes()))
+        .collect();
     if config.add_intermediates_to_bundle {
-        bundle.extend(intermediates.iter().copied());
-    } else {
-        chain_out.extend(intermediates.iter().copied());
+        bundle.extend(
+            chain
+                .iter()
+                .skip(1)
+                .map(|c| ("intermediate".to_owned(), c.as_slice())),
+        );
     }
     if config.include_federated_domains {
         for (other, b) in context.bundle_set().iter() {
             if other != td {
-                bundle.extend(b.authorities().iter().map(|c| c.as_bytes()));
+                bundle.extend(
+                    b.authorities()
+                        .iter()
+                        .map(|c| (other.to_string(), c.as_bytes())),
+                );
             }
         }
     }
     if config.omit_expired {
         let now = SystemTime::now();
-        bundle.retain(|der| cert_validity(der).is_none_or(|v| v.not_after > now));
+        bundle.retain(|(_, der)| cert_validity(der).is_none_or(|v| v.not_after > now));
     }
-    let chain_pem = pem_encode("CERTIFICATE", chain_out.iter().copied());
-    let key_pem = pem_encode("PRIVATE KEY", [svid.private_key().as_bytes()]);
+    let mut numbered: BTreeMap<String, usize> = BTreeMap::new();
+    let bundle = bundle
+        .into_iter()
+        .map(|(label, der)| {
+            let n = numbered.entry(label.clone()).or_default();
+            *n += 1;
+            (format!("{label}-{n}"), der.to_vec())
+        })
+        .collect();
+    let material = X509Material {
+        id,
+        chain,
+        intermediates_in_bundle: config.add_intermediates_to_bundle,
+        key: Zeroizing::new(svid.private_key().as_bytes().to_vec()),
+        bundle,
+    };
+    Ok((material, validity))
+}
+
+/// The configured X.509 files, built from `material`.
+fn build_x509_files(
+    config: &HelperConfig,
+    material: &X509Material,
+) -> Result<Vec<FileSpec>, pkcs12::Pkcs12Error> {
+    let chain_out = if material.intermediates_in_bundle {
+        &material.chain[..material.chain.len().min(1)]
+    } else {
+        &material.chain[..]
+    };
+    let chain_pem = pem_encode("CERTIFICATE", chain_out.iter().map(Vec::as_slice));
+    let key_pem = pem_encode("PRIVATE KEY", [material.key.as_slice()]);
     let mut files = Vec::new();
     let spec = |name: &String, contents: &[u8], perm: FilePerm| FileSpec {
         name: name.clone(),
@@ -681,7 +760,10 @@ fn x509_files(
         files.push(spec(name, chain_pem.as_bytes(), config.cert_perm));
     }
     if let Some(name) = &config.x509.bundle {
-        let bundle_pem = pem_encode("CERTIFICATE", bundle.iter().copied());
+        let bundle_pem = pem_encode(
+            "CERTIFICATE",
+            material.bundle.iter().map(|(_, c)| c.as_slice()),
+        );
         files.push(spec(name, bundle_pem.as_bytes(), config.cert_perm));
     }
     if let Some(name) = &config.x509.combined {
@@ -690,7 +772,44 @@ fn x509_files(
         both.push_str(&key_pem);
         files.push(spec(name, both.as_bytes(), config.key_perm));
     }
-    Ok((files, validity, id))
+    if let Some(password) = &config.pkcs12_password {
+        // PBKDF2 and the MAC's KDF take about 0.1 s of CPU: off the async workers.
+        let build = || -> Result<Vec<FileSpec>, pkcs12::Pkcs12Error> {
+            let mut out = Vec::new();
+            if let Some(name) = &config.x509.pkcs12 {
+                // The whole chain: a Java server sends what its keystore holds.
+                let chain: Vec<&[u8]> = material.chain.iter().map(Vec::as_slice).collect();
+                let der = pkcs12::keystore(password, &material.id, &material.key, &chain)?;
+                out.push(FileSpec {
+                    name: name.clone(),
+                    contents: der,
+                    perm: config.key_perm,
+                });
+            }
+            if let Some(name) = &config.x509.bundle_pkcs12 {
+                let cas: Vec<(String, &[u8])> = material
+                    .bundle
+                    .iter()
+                    .map(|(alias, der)| (alias.clone(), der.as_slice()))
+                    .collect();
+                out.push(FileSpec {
+                    name: name.clone(),
+                    contents: Zeroizing::new(pkcs12::truststore(password, &cas)?),
+                    perm: config.cert_perm,
+                });
+            }
+            Ok(out)
+        };
+        let multi_thread = tokio::runtime::Handle::try_current()
+            .is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let built = if multi_thread {
+            tokio::task::block_in_place(build)?
+        } else {
+            build()?
+        };
+        files.extend(built);
+    }
+    Ok(files)
 }
 
 /// spiffe-helper's JWT bundle file: `{"TRUST_DOMAIN": "base64 of the JWKS"}`.

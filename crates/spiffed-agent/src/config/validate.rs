@@ -97,7 +97,7 @@ fn first(errors: Vec<ConfigError>, text: &str, file: &Path) -> ConfigError {
         })
 }
 
-/// How many problems [`parse_all`] reports at most (a file of another program would otherwise
+/// How many problems `parse_all` reports at most (a file of another program would otherwise
 /// give one per line).
 pub const MAX_REPORTED_PROBLEMS: usize = 100;
 

@@ -12,6 +12,9 @@ use std::time::Duration;
 use serde::Deserialize;
 use spiffe::SpiffeId;
 
+use zeroize::Zeroizing;
+
+use super::pkcs12::Password;
 use crate::client::{AddressError, SocketAddress};
 
 /// How long `--once` waits for its files by default (the socket may appear later).
@@ -58,6 +61,18 @@ pub(crate) struct HelperArgs {
     /// A file with the chain and then the private key, in one PEM file (mode --key-file-mode).
     #[arg(long, value_name = "NAME")]
     pub(crate) svid_combined_file_name: Option<String>,
+    /// A PKCS#12 keystore for Java: the key (encrypted) and the chain, as one PrivateKeyEntry
+    /// (mode --key-file-mode). Needs --pkcs12-password-file.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) svid_pkcs12_file_name: Option<String>,
+    /// A PKCS#12 truststore for Java: the bundle file's CAs as trustedCertEntry (mode
+    /// --cert-file-mode). Needs --pkcs12-password-file.
+    #[arg(long, value_name = "NAME")]
+    pub(crate) svid_bundle_pkcs12_file_name: Option<String>,
+    /// The PKCS#12 files' password: the first line of this file (not readable by every user;
+    /// read once, at start).
+    #[arg(long, value_name = "FILE")]
+    pub(crate) pkcs12_password_file: Option<PathBuf>,
     /// Put the intermediates in the bundle file instead of the chain file.
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub(crate) add_intermediates_to_bundle: Option<bool>,
@@ -146,6 +161,9 @@ struct FileConfig {
     svid_key_file_name: Option<String>,
     svid_bundle_file_name: Option<String>,
     svid_combined_file_name: Option<String>,
+    svid_pkcs12_file_name: Option<String>,
+    svid_bundle_pkcs12_file_name: Option<String>,
+    pkcs12_password_file: Option<PathBuf>,
     add_intermediates_to_bundle: Option<bool>,
     include_federated_domains: Option<bool>,
     omit_expired: Option<bool>,
@@ -274,6 +292,10 @@ pub(crate) struct X509Files {
     pub(crate) bundle: Option<String>,
     /// Chain and key in one file.
     pub(crate) combined: Option<String>,
+    /// The PKCS#12 keystore.
+    pub(crate) pkcs12: Option<String>,
+    /// The PKCS#12 truststore.
+    pub(crate) bundle_pkcs12: Option<String>,
 }
 
 /// Which identity to write.
@@ -330,6 +352,8 @@ pub(crate) struct HelperConfig {
     pub(crate) cert_dir: PathBuf,
     /// The X.509 files.
     pub(crate) x509: X509Files,
+    /// The PKCS#12 files' password (set when one of them is configured).
+    pub(crate) pkcs12_password: Option<Password>,
     /// Intermediates in the bundle file.
     pub(crate) add_intermediates_to_bundle: bool,
     /// Federated CAs in the bundle file.
@@ -367,7 +391,10 @@ pub(crate) struct HelperConfig {
 impl HelperConfig {
     /// Whether any X.509 file is configured.
     pub(crate) fn x509_enabled(&self) -> bool {
-        self.x509.svid.is_some() || self.x509.combined.is_some()
+        self.x509.svid.is_some()
+            || self.x509.combined.is_some()
+            || self.x509.pkcs12.is_some()
+            || self.x509.bundle_pkcs12.is_some()
     }
 }
 
@@ -425,6 +452,14 @@ impl HelperArgs {
                 .svid_combined_file_name
                 .clone()
                 .or(file.svid_combined_file_name),
+            pkcs12: self
+                .svid_pkcs12_file_name
+                .clone()
+                .or(file.svid_pkcs12_file_name),
+            bundle_pkcs12: self
+                .svid_bundle_pkcs12_file_name
+                .clone()
+                .or(file.svid_bundle_pkcs12_file_name),
         };
         let given = [&x509.svid, &x509.key, &x509.bundle]
             .iter()
@@ -474,6 +509,8 @@ impl HelperArgs {
             ("svid_key_file_name", &x509.key),
             ("svid_bundle_file_name", &x509.bundle),
             ("svid_combined_file_name", &x509.combined),
+            ("svid_pkcs12_file_name", &x509.pkcs12),
+            ("svid_bundle_pkcs12_file_name", &x509.bundle_pkcs12),
             ("jwt_bundle_file_name", &jwt_bundle),
         ] {
             if let Some(n) = name {
@@ -487,8 +524,8 @@ impl HelperArgs {
             return Err(invalid(
                 "svid_file_name",
                 "no file to write: set svid_file_name, svid_key_file_name and \
-                 svid_bundle_file_name, svid_combined_file_name, jwt_svids or \
-                 jwt_bundle_file_name",
+                 svid_bundle_file_name, svid_combined_file_name, svid_pkcs12_file_name, \
+                 svid_bundle_pkcs12_file_name, jwt_svids or jwt_bundle_file_name",
             ));
         }
         for (i, (key, name)) in names.iter().enumerate() {
@@ -497,6 +534,36 @@ impl HelperArgs {
                 return Err(invalid(key, format!("{name:?} is used for two files")));
             }
         }
+
+        let password_file = self
+            .pkcs12_password_file
+            .clone()
+            .or(file.pkcs12_password_file);
+        let pkcs12_key = if x509.pkcs12.is_some() {
+            Some("svid_pkcs12_file_name")
+        } else if x509.bundle_pkcs12.is_some() {
+            Some("svid_bundle_pkcs12_file_name")
+        } else {
+            None
+        };
+        let pkcs12_password = match (pkcs12_key, password_file) {
+            (Some(_), Some(path)) => Some(read_password(&path, &mut warnings)?),
+            (Some(key), None) => {
+                return Err(invalid(
+                    key,
+                    "needs pkcs12_password_file: a file whose first line is the password \
+                     of the PKCS#12 file (the program that opens it needs the password too)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "pkcs12_password_file",
+                    "is for the PKCS#12 files: set svid_pkcs12_file_name or \
+                     svid_bundle_pkcs12_file_name",
+                ));
+            }
+            (None, None) => None,
+        };
 
         let mode = |key: &'static str,
                     flag: &Option<String>,
@@ -673,6 +740,7 @@ impl HelperArgs {
             selector,
             cert_dir,
             x509,
+            pkcs12_password,
             add_intermediates_to_bundle: self
                 .add_intermediates_to_bundle
                 .or(file.add_intermediates_to_bundle)
@@ -708,6 +776,52 @@ fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {
         path: path.to_path_buf(),
         message: e.to_string().trim_end().to_owned(),
     })
+}
+
+/// The first line of `pkcs12_password_file`, without its line end. Refused: a file that cannot
+/// be read, is not UTF-8, or whose first line is empty or ends in `\r` (keytool would strip it,
+/// OpenSSL would not: the two would disagree on the password). A file every user may read
+/// gets a warning; a group-readable one does not (the Java program's group may need it).
+fn read_password(path: &Path, warnings: &mut Vec<String>) -> Result<Password, ConfigError> {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let key = "pkcs12_password_file";
+    let bytes = Zeroizing::new(std::fs::read(path).map_err(|source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?);
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| invalid(key, format!("{} is not UTF-8 text", path.display())))?;
+    let line = text.split('\n').next().unwrap_or_default();
+    if line.ends_with('\r') {
+        return Err(invalid(
+            key,
+            format!(
+                "{}: the first line ends in \\r (a Windows line end): OpenSSL would take it \
+                 as part of the password, Java would not; write the file with a plain \\n",
+                path.display()
+            ),
+        ));
+    }
+    let password = Password::new(Zeroizing::new(line.to_owned())).ok_or_else(|| {
+        invalid(
+            key,
+            format!(
+                "{}: the first line is empty; write the password on it",
+                path.display()
+            ),
+        )
+    })?;
+    if let Ok(meta) = std::fs::metadata(path)
+        && meta.permissions().mode() & 0o004 != 0
+    {
+        warnings.push(format!(
+            "pkcs12_password_file {} is readable by every user: so is the key in the PKCS#12 \
+             file (chmod o-r)",
+            path.display()
+        ));
+    }
+    Ok(password)
 }
 
 /// `AUDIENCE=NAME`, split at the last `=`.
@@ -980,6 +1094,52 @@ add_intermediates_to_bundle = true
         );
         assert!(bad("svid_combined_file_name = \"a\"\nkey_file_mode = 600").contains("\"0640\""));
         assert!(toml::from_str::<FileConfig>("svid_file = \"a\"").is_err());
+    }
+
+    #[test]
+    fn the_pkcs12_files_need_a_password_file_with_a_password() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let d = tempfile::tempdir().unwrap();
+        let pw = |name: &str, text: &str, mode: u32| {
+            let p = d.path().join(name);
+            std::fs::write(&p, text).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            p.display().to_string()
+        };
+        let with = |file: String| {
+            args().merge(
+                parse(&format!(
+                    "svid_pkcs12_file_name = \"ks.p12\"\npkcs12_password_file = {file:?}"
+                )),
+                None,
+            )
+        };
+        let good = with(pw("good", "pa ss\nignored\n", 0o640)).unwrap();
+        assert_eq!(good.x509.pkcs12.as_deref(), Some("ks.p12"));
+        assert!(good.x509_enabled());
+        assert!(good.warnings.is_empty(), "{:?}", good.warnings);
+        // Only the length shows, even in the config's Debug.
+        let shown = format!("{good:?}");
+        assert!(shown.contains("Password(5 bytes)") && !shown.contains("pa ss"));
+        let bad = |file: String| with(file).unwrap_err().to_string();
+        assert!(bad(pw("empty", "\nsecond", 0o600)).contains("first line is empty"));
+        assert!(bad(pw("crlf", "pw\r\n", 0o600)).contains("\\r"));
+        assert!(bad(d.path().join("none").display().to_string()).contains("cannot read"));
+        let open = with(pw("open", "pw\n", 0o644)).unwrap();
+        assert!(open.warnings[0].contains("readable by every user"));
+        let refused = |text: &str| args().merge(parse(text), None).unwrap_err().to_string();
+        assert!(
+            refused("svid_bundle_pkcs12_file_name = \"ts.p12\"")
+                .contains("needs pkcs12_password_file")
+        );
+        assert!(
+            refused("svid_combined_file_name = \"a\"\npkcs12_password_file = \"/p\"")
+                .contains("svid_pkcs12_file_name")
+        );
+        assert!(
+            refused("svid_pkcs12_file_name = \"a\"\nsvid_combined_file_name = \"a\"")
+                .contains("two files")
+        );
     }
 
     #[test]

@@ -839,3 +839,232 @@ fn federated_cas_join_the_bundle_file_on_request() {
         "{jwt}"
     );
 }
+
+/// The files of one version, read through `..data` at one moment (retried if an update
+/// removes the version while it is read).
+fn snapshot(out: &Path, names: &[&str]) -> Vec<Vec<u8>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let version = fs::read_link(out.join("..data")).unwrap();
+        let read: Result<Vec<Vec<u8>>, _> = names
+            .iter()
+            .map(|n| fs::read(out.join(&version).join(n)))
+            .collect();
+        if let Ok(files) = read
+            && fs::read_link(out.join("..data")).unwrap() == version
+        {
+            return files;
+        }
+        assert!(Instant::now() < deadline, "no stable version to read");
+    }
+}
+
+/// `openssl pkcs12 -in F -passin file:PW -nodes`: (its output, success).
+fn openssl_pkcs12(p12: &Path, passin: &str) -> (String, String, bool) {
+    let out = Command::new("openssl")
+        .args(["pkcs12", "-nodes", "-in"])
+        .arg(p12)
+        .args(["-passin", passin])
+        .output()
+        .unwrap();
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    )
+}
+
+/// `keytool -list -v` of a PKCS#12 file: its output, after checking it succeeded.
+fn keytool_list(p12: &Path, password_file: &Path) -> String {
+    let out = Command::new("keytool")
+        .args(["-list", "-v", "-storetype", "PKCS12", "-keystore"])
+        .arg(p12)
+        .arg("-storepass:file")
+        .arg(password_file)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "keytool: {text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// A serial as keytool prints it: lower-case hex, no colons, no leading zeros.
+fn keytool_serial(colon_hex: &str) -> String {
+    let hex: String = colon_hex.replace(':', "").to_ascii_lowercase();
+    hex.trim_start_matches('0').to_owned()
+}
+
+/// The PKCS#12 keystore and truststore for Java, checked by implementations we did not
+/// write: OpenSSL extracts the key of the leaf (and refuses a wrong password at the MAC),
+/// keytool lists one PrivateKeyEntry with the chain and the CA as trustedCertEntry, and after
+/// a rotation the keystore holds the new certificate and still opens.
+#[test]
+fn the_pkcs12_files_open_in_openssl_and_keytool_and_follow_rotations() {
+    let agent = agent_for_me(SHORT_TTLS);
+    let dir = agent.dir.path();
+    let out = dir.join("java");
+    let password = dir.join("p12.pass");
+    fs::write(&password, "it's a s3cret\n").unwrap();
+    fs::set_permissions(&password, fs::Permissions::from_mode(0o600)).unwrap();
+    let mut helper = Helper::start(
+        &agent.socket,
+        dir,
+        &helper_args(
+            &out,
+            &[
+                "--svid-pkcs12-file-name",
+                "keystore.p12",
+                "--svid-bundle-pkcs12-file-name",
+                "truststore.p12",
+                "--pkcs12-password-file",
+                password.to_str().unwrap(),
+            ],
+        ),
+    );
+    helper.wait(20, "the PKCS#12 files", || {
+        out.join("keystore.p12").exists() && out.join("truststore.p12").exists()
+    });
+    let mode = |n: &str| fs::metadata(out.join(n)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("keystore.p12"), 0o600);
+    assert_eq!(mode("truststore.p12"), 0o644);
+
+    // One version's keystore, chain file and bundle file, copied out of the way of rotations.
+    let copy = |files: &[Vec<u8>]| {
+        fs::write(dir.join("keystore.p12"), &files[0]).unwrap();
+        fs::write(dir.join("truststore.p12"), &files[3]).unwrap();
+        (
+            String::from_utf8(files[1].clone()).unwrap(),
+            String::from_utf8(files[2].clone()).unwrap(),
+        )
+    };
+    let names = [
+        "keystore.p12",
+        "svid.pem",
+        "svid_bundle.pem",
+        "truststore.p12",
+    ];
+    let (chain_pem, bundle_pem) = copy(&snapshot(&out, &names));
+    let keystore = dir.join("keystore.p12");
+    let passin = format!("file:{}", password.display());
+
+    // OpenSSL: the key is the leaf's, the leaf is this version's SVID.
+    let (text, err, ok) = openssl_pkcs12(&keystore, &passin);
+    assert!(ok, "openssl pkcs12: {err}");
+    let at = text.find("-----BEGIN PRIVATE KEY-----").expect("a key");
+    let (certs, key) = text.split_at(at);
+    assert!(key_matches(key, certs), "{text}");
+    let (id, serial) = leaf_of(certs);
+    assert_eq!(id, "spiffe://example.org/web");
+    assert_eq!(serial, leaf_of(&chain_pem).1);
+    assert!(
+        text.contains("friendlyName: spiffe://example.org/web"),
+        "{text}"
+    );
+    // A wrong password fails at the MAC.
+    let (_, err, ok) = openssl_pkcs12(&keystore, "pass:it's a s3cret!");
+    assert!(!ok);
+    assert!(err.contains("Mac verify error"), "{err}");
+
+    // keytool: one PrivateKeyEntry under the SPIFFE ID, its chain ending in the leaf's CA.
+    let listed = keytool_list(&keystore, &password);
+    assert!(
+        listed.contains("Your keystore contains 1 entry"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("Alias name: spiffe://example.org/web"),
+        "{listed}"
+    );
+    assert!(listed.contains("Entry type: PrivateKeyEntry"), "{listed}");
+    assert!(listed.contains("Certificate chain length: 1"), "{listed}");
+    assert!(
+        listed.contains(&format!("Serial number: {}", keytool_serial(&serial))),
+        "{listed}"
+    );
+    // The truststore: the bundle file's CA, trusted.
+    let trusted = keytool_list(&dir.join("truststore.p12"), &password);
+    let cas = pem_blocks(&bundle_pem);
+    assert!(
+        trusted.contains(&format!("Your keystore contains {} entr", cas.len())),
+        "{trusted}"
+    );
+    assert!(trusted.contains("Alias name: example.org-1"), "{trusted}");
+    assert_eq!(
+        trusted.matches("Entry type: trustedCertEntry").count(),
+        cas.len(),
+        "{trusted}"
+    );
+
+    // A rotation: the keystore holds the new certificate, with its key, and still opens.
+    let mut rotated = None;
+    helper.wait(10, "a rotation in the keystore", || {
+        let (chain_pem, _) = copy(&snapshot(&out, &names));
+        let (text, _, ok) = openssl_pkcs12(&keystore, &passin);
+        let new = leaf_of(&chain_pem).1;
+        if ok && new != serial {
+            rotated = Some((text, new));
+        }
+        rotated.is_some()
+    });
+    let (text, new) = rotated.unwrap();
+    let at = text.find("-----BEGIN PRIVATE KEY-----").expect("a key");
+    let (certs, key) = text.split_at(at);
+    assert_eq!(leaf_of(certs).1, new);
+    assert!(key_matches(key, certs));
+    assert!(keytool_list(&keystore, &password).contains("Entry type: PrivateKeyEntry"));
+}
+
+/// Under an upstream CA the keystore carries the intermediates after the leaf (a Java server
+/// sends them), whatever add_intermediates_to_bundle does with the PEM files.
+#[test]
+fn the_pkcs12_keystore_carries_the_intermediates() {
+    let up = tempfile::tempdir().unwrap();
+    let _pki = crate::upstream::upstream_pki(up.path());
+    let agent = crate::upstream::host_with(up.path(), "");
+    let out = agent.dir.path().join("java");
+    let password = agent.dir.path().join("p12.pass");
+    fs::write(&password, "pw\n").unwrap();
+    let mut helper = Helper::start(
+        &agent.socket,
+        agent.dir.path(),
+        &helper_args(
+            &out,
+            &[
+                "--add-intermediates-to-bundle",
+                "--svid-pkcs12-file-name",
+                "keystore.p12",
+                "--pkcs12-password-file",
+                password.to_str().unwrap(),
+            ],
+        ),
+    );
+    helper.wait(20, "the keystore", || out.join("keystore.p12").exists());
+    let files = snapshot(&out, &["keystore.p12", "svid_bundle.pem", "svid.pem"]);
+    let keystore = agent.dir.path().join("keystore.p12");
+    fs::write(&keystore, &files[0]).unwrap();
+    let roots_and_intermediates = pem_blocks(&String::from_utf8(files[1].clone()).unwrap());
+    assert_eq!(
+        pem_blocks(&String::from_utf8(files[2].clone()).unwrap()).len(),
+        1
+    );
+    let listed = keytool_list(&keystore, &password);
+    assert!(listed.contains("Entry type: PrivateKeyEntry"), "{listed}");
+    let length: usize = listed
+        .lines()
+        .find_map(|l| l.strip_prefix("Certificate chain length: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    // The leaf, and at least one intermediate that the bundle file got instead.
+    assert!(length >= 2, "{listed}");
+    assert!(roots_and_intermediates.len() >= 2);
+    let (text, err, ok) = openssl_pkcs12(&keystore, "pass:pw");
+    assert!(ok, "{err}");
+    let certs = &text[..text.find("-----BEGIN PRIVATE KEY-----").unwrap()];
+    assert_eq!(pem_blocks(certs).len(), length);
+}
