@@ -541,8 +541,10 @@ fn the_pid_in_the_pid_file_is_signalled_after_updates() {
     let out = dir.join("certs");
     let pid_file = dir.join("server.pid");
     let hups = dir.join("hups");
-    let mut server = Command::new("sh")
-        .arg("-c")
+    // A non-interactive shell cannot trap a signal that was ignored when it started (POSIX),
+    // and a test run under nohup ignores SIGHUP: reset it to the default first.
+    let mut server = Command::new("env")
+        .args(["--default-signal=HUP", "sh", "-c"])
         .arg("trap 'echo hup >> \"$1\"' HUP; echo $$ > \"$0\"; while :; do sleep 0.05; done")
         .arg(&pid_file)
         .arg(&hups)
