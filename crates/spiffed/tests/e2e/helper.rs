@@ -543,13 +543,20 @@ fn the_pid_in_the_pid_file_is_signalled_after_updates() {
     let hups = dir.join("hups");
     // A non-interactive shell cannot trap a signal that was ignored when it started (POSIX),
     // and a test run under nohup ignores SIGHUP: reset it to the default first.
-    let mut server = Command::new("env")
-        .args(["--default-signal=HUP", "sh", "-c"])
-        .arg("trap 'echo hup >> \"$1\"' HUP; echo $$ > \"$0\"; while :; do sleep 0.05; done")
-        .arg(&pid_file)
-        .arg(&hups)
-        .spawn()
-        .unwrap();
+    // Killed when the test ends, failed or not (a leftover would hold the test's output pipe
+    // open, and the test run would never end); its output goes nowhere for the same reason.
+    let server = KillOnDrop(
+        Command::new("env")
+            .args(["--default-signal=HUP", "sh", "-c"])
+            .arg("trap 'echo hup >> \"$1\"' HUP; echo $$ > \"$0\"; while :; do sleep 0.05; done")
+            .arg(&pid_file)
+            .arg(&hups)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
     let deadline = Instant::now() + Duration::from_secs(5);
     while read(&pid_file).trim().is_empty() {
         assert!(Instant::now() < deadline, "the server wrote no pid file");
@@ -574,12 +581,20 @@ fn the_pid_in_the_pid_file_is_signalled_after_updates() {
     assert!(
         helper
             .log()
-            .contains(&format!("sent SIGHUP to pid {}", server.id())),
+            .contains(&format!("sent SIGHUP to pid {}", server.0.id())),
         "{}",
         helper.log()
     );
-    let _ = server.kill();
-    let _ = server.wait();
+}
+
+/// A child process killed (and reaped) when dropped.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// --once: waits for a socket that is not there yet, writes, exits 0; exits 1 after --timeout
