@@ -6,9 +6,6 @@
 //! `DIR/..data` to it, and the names (`svid.0.pem`, ...) are links into `..data`. A reader
 //! never sees a new key beside an old certificate; when the disk is full the previous set
 //! stays in place. Files of SVIDs that are gone are removed.
-//!
-//! `write_atomic` (tests) replaces one file: a temp file in the same directory gets its mode
-//! first, then its content, is fsynced and renamed over the target.
 
 use std::fs::{File, Permissions};
 use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
@@ -94,62 +91,6 @@ pub(crate) fn ensure_dir(dir: &Path) -> Result<(), WriteError> {
         }
         Err(e) => Err(io_err("inspect", dir)(e)),
     }
-}
-
-/// Atomically replaces `dir/name` with `contents` at `mode`: temp file in `dir`, mode set before
-/// any content, fsync, rename over the target, fsync of `dir`. On failure the temp file is
-/// removed and the old target is left as it was. (One file at a time, as the tests use it;
-/// [`write_x509_context`] stages a whole update first.)
-#[cfg(test)]
-pub(crate) fn write_atomic(
-    dir: &Path,
-    name: &str,
-    contents: &[u8],
-    mode: u32,
-) -> Result<PathBuf, WriteError> {
-    let staged = stage(dir, name, contents, mode)?;
-    let target = staged.commit()?;
-    sync_dir(dir)?;
-    Ok(target)
-}
-
-/// A file written to a temp file in its directory and fsynced, not yet renamed over its
-/// target. Dropped uncommitted, the temp file is removed.
-#[cfg(test)]
-struct Staged {
-    tmp: tempfile::NamedTempFile,
-    target: PathBuf,
-}
-
-#[cfg(test)]
-impl Staged {
-    /// Renames the temp file over the target (the caller fsyncs the directory).
-    fn commit(self) -> Result<PathBuf, WriteError> {
-        let target = self.target;
-        self.tmp
-            .persist(&target)
-            .map_err(|e| io_err("rename a temp file over", &target)(e.error))?;
-        Ok(target)
-    }
-}
-
-/// Writes `contents` at `mode` to a temp file in `dir` and fsyncs it, for `dir/name`.
-#[cfg(test)]
-fn stage(dir: &Path, name: &str, contents: &[u8], mode: u32) -> Result<Staged, WriteError> {
-    let target = dir.join(name);
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".spiffed-")
-        .suffix(".tmp")
-        .tempfile_in(dir)
-        .map_err(io_err("create a temp file in", dir))?;
-    tmp.as_file()
-        .set_permissions(Permissions::from_mode(mode))
-        .map_err(io_err("set the mode of", tmp.path()))?;
-    std::io::Write::write_all(&mut tmp, contents).map_err(io_err("write", tmp.path()))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(io_err("fsync", tmp.path()))?;
-    Ok(Staged { tmp, target })
 }
 
 /// Fsyncs a directory, so renames in it survive a crash.
@@ -296,49 +237,6 @@ mod tests {
             .collect();
         names.sort();
         names
-    }
-
-    #[test]
-    fn writes_content_with_modes_and_leaves_no_temp_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = write_atomic(dir.path(), "svid.0.key", b"secret", KEY_MODE).unwrap();
-        let pem = write_atomic(dir.path(), "svid.0.pem", b"public", PUBLIC_MODE).unwrap();
-        assert_eq!(std::fs::read(&key).unwrap(), b"secret");
-        assert_eq!(std::fs::read(&pem).unwrap(), b"public");
-        assert_eq!(mode(&key), 0o600);
-        assert_eq!(mode(&pem), 0o644);
-        assert_eq!(names(dir.path()), ["svid.0.key", "svid.0.pem"]);
-    }
-
-    #[test]
-    fn overwriting_replaces_content_and_reapplies_the_mode() {
-        let dir = tempfile::tempdir().unwrap();
-        let key = write_atomic(dir.path(), "svid.0.key", b"old key, longer", KEY_MODE).unwrap();
-        // Someone loosens the mode; the next write puts it back.
-        std::fs::set_permissions(&key, Permissions::from_mode(0o666)).unwrap();
-        let old_inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&key).unwrap());
-        write_atomic(dir.path(), "svid.0.key", b"new", KEY_MODE).unwrap();
-        assert_eq!(std::fs::read(&key).unwrap(), b"new");
-        assert_eq!(mode(&key), 0o600);
-        // Replaced by rename, not rewritten in place.
-        let new_inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(&key).unwrap());
-        assert_ne!(old_inode, new_inode);
-        assert_eq!(names(dir.path()), ["svid.0.key"]);
-    }
-
-    #[test]
-    fn a_failed_write_leaves_the_target_alone_and_no_temp_file() {
-        let dir = tempfile::tempdir().unwrap();
-        write_atomic(dir.path(), "svid.0.pem", b"good", PUBLIC_MODE).unwrap();
-        // A directory in the way of the rename makes persist fail.
-        std::fs::create_dir(dir.path().join("blocked")).unwrap();
-        std::fs::write(dir.path().join("blocked").join("x"), b"x").unwrap();
-        assert!(write_atomic(dir.path(), "blocked", b"data", PUBLIC_MODE).is_err());
-        assert_eq!(names(dir.path()), ["blocked", "svid.0.pem"]);
-        assert_eq!(
-            std::fs::read(dir.path().join("svid.0.pem")).unwrap(),
-            b"good"
-        );
     }
 
     #[test]

@@ -152,7 +152,8 @@ impl SvidSummary {
 
 /// Certificates as PEM, one block each.
 fn certificates_pem(certs: &[spiffe::cert::Certificate]) -> String {
-    pem_encode("CERTIFICATE", certs.iter().map(|c| c.as_bytes())).to_string()
+    let mut pem = pem_encode("CERTIFICATE", certs.iter().map(|c| c.as_bytes()));
+    std::mem::take(&mut *pem)
 }
 
 /// The JSON line of `api fetch x509 --output json --include-key`: `json` (an
