@@ -353,10 +353,10 @@ else
     # The load generator is the measuring tool, not the product: it is built with
     # LOADGEN_PROFILE (default `loadgen`: fat LTO, opt-level 3 throughout), so that the product
     # profile's size optimisations (dist) never slow the client down.
-    step "cargo build --profile $PROFILE -p spiffed; --profile $LOADGEN_PROFILE -p spiffed-loadgen (CARGO_TARGET_DIR=$TARGET_DIR)"
+    step "packaging/build-ordered.sh $PROFILE (spiffed, its functions in link order); cargo build --profile $LOADGEN_PROFILE -p spiffed-loadgen (CARGO_TARGET_DIR=$TARGET_DIR)"
     command -v cargo >/dev/null || die "cargo not found"
-    if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$PROFILE" -p spiffed); then
-        die "cargo build --profile $PROFILE -p spiffed failed (output above)"
+    if ! CARGO_TARGET_DIR="$TARGET_DIR" "$ROOT/packaging/build-ordered.sh" "$PROFILE" >/dev/null; then
+        die "packaging/build-ordered.sh $PROFILE failed (output above)"
     fi
     if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$LOADGEN_PROFILE" -p spiffed-loadgen); then
         die "cargo build --profile $LOADGEN_PROFILE -p spiffed-loadgen failed (output above)"

@@ -287,10 +287,10 @@ build_spire
 # ------------------------------------------------------------ 2. spiffed (profile $PROFILE)
 # The loadgen, the measuring tool, has its own profile (fat LTO, opt-level 3), so that dist's
 # size optimisations never slow the client (as in agent-mode.sh).
-step "cargo build --profile $PROFILE -p spiffed; --profile $LOADGEN_PROFILE -p spiffed-loadgen (CARGO_TARGET_DIR=$TARGET_DIR)"
+step "packaging/build-ordered.sh $PROFILE (spiffed, its functions in link order); cargo build --profile $LOADGEN_PROFILE -p spiffed-loadgen (CARGO_TARGET_DIR=$TARGET_DIR)"
 command -v cargo >/dev/null || die "cargo not found"
-if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$PROFILE" -p spiffed); then
-    die "cargo build --profile $PROFILE -p spiffed failed (output above)"
+if ! CARGO_TARGET_DIR="$TARGET_DIR" "$ROOT/packaging/build-ordered.sh" "$PROFILE" >/dev/null; then
+    die "packaging/build-ordered.sh $PROFILE failed (output above)"
 fi
 if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$LOADGEN_PROFILE" -p spiffed-loadgen); then
     die "cargo build --profile $LOADGEN_PROFILE -p spiffed-loadgen failed (output above)"

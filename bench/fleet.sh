@@ -145,9 +145,9 @@ if [[ -n "${SPIFFED_BIN:-}" ]]; then
     SPIFFED="$(realpath "$SPIFFED_BIN")"
     PROFILE=prebuilt
 else
-    log "cargo build --profile $PROFILE -p spiffed (CARGO_TARGET_DIR=$TARGET_DIR)"
-    (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$PROFILE" -p spiffed) ||
-        die "cargo build --profile $PROFILE -p spiffed failed (output above)"
+    log "packaging/build-ordered.sh $PROFILE (CARGO_TARGET_DIR=$TARGET_DIR)"
+    CARGO_TARGET_DIR="$TARGET_DIR" "$ROOT/packaging/build-ordered.sh" "$PROFILE" >/dev/null ||
+        die "packaging/build-ordered.sh $PROFILE failed (output above)"
     pdir="$PROFILE"
     if [[ "$PROFILE" == dev ]]; then pdir=debug; fi
     SPIFFED="$(realpath "$TARGET_DIR/$pdir/spiffed")"

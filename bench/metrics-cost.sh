@@ -20,8 +20,7 @@ TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 PORT="${METRICS_PORT:-19988}"
 
 if [[ -z "${BIN:-}" ]]; then
-    (cd "$ROOT" && cargo build --profile "$PROFILE" -p spiffed)
-    BIN="$TARGET_DIR/$PROFILE/spiffed"
+    BIN="$(CARGO_TARGET_DIR="$TARGET_DIR" "$ROOT/packaging/build-ordered.sh" "$PROFILE")"
 fi
 if [[ -z "${LOADGEN:-}" ]]; then
     (cd "$ROOT" && cargo build --profile "$LOADGEN_PROFILE" -p spiffed-loadgen)

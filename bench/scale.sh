@@ -238,11 +238,14 @@ now_us() {
 }
 
 # ------------------------------------------------------------------------------------ build
-step "cargo build --profile $PROFILE -p spiffed -p spiffed-loadgen (CARGO_TARGET_DIR=$TARGET_DIR)"
+step "packaging/build-ordered.sh $PROFILE; cargo build --profile $PROFILE -p spiffed-loadgen (CARGO_TARGET_DIR=$TARGET_DIR)"
 command -v cargo >/dev/null || die "cargo not found"
 command -v python3 >/dev/null || die "python3 not found (bench/wlapi.py and the renderer need it)"
-if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$PROFILE" -p spiffed -p spiffed-loadgen); then
-    die "cargo build --profile $PROFILE -p spiffed -p spiffed-loadgen failed (output above)"
+if ! CARGO_TARGET_DIR="$TARGET_DIR" "$ROOT/packaging/build-ordered.sh" "$PROFILE" >/dev/null; then
+    die "packaging/build-ordered.sh $PROFILE failed (output above)"
+fi
+if ! (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET_DIR" cargo build --profile "$PROFILE" -p spiffed-loadgen); then
+    die "cargo build --profile $PROFILE -p spiffed-loadgen failed (output above)"
 fi
 SPIFFED="$(realpath "$TARGET_DIR/$PROFILE/spiffed")"
 LOADGEN="$(realpath "$TARGET_DIR/$PROFILE/spiffed-loadgen")"

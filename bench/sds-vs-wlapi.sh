@@ -27,8 +27,7 @@ for v in RUNS STREAMS CONNECTIONS TTL; do
     fi
 done
 if [[ -z "${BIN:-}" ]]; then
-    (cd "$ROOT" && cargo build --locked --profile "$PROFILE" -p spiffed)
-    BIN="$TARGET_DIR/$PROFILE/spiffed"
+    BIN="$(CARGO_TARGET_DIR="$TARGET_DIR" "$ROOT/packaging/build-ordered.sh" "$PROFILE")"
 fi
 if [[ -z "${LOADGEN:-}" ]]; then
     (cd "$ROOT" && cargo build --locked --profile "$LOADGEN_PROFILE" -p spiffed-loadgen)

@@ -26,6 +26,7 @@ mod package;
 mod sds;
 mod sds_probe;
 mod spire_harness;
+mod symbol_order;
 mod telemetry;
 mod upstream;
 mod x509;
