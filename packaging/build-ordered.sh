@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # packaging/build-ordered.sh: builds the spiffed binary with its functions in link order: the code
 # the agent runs while it starts and serves (packaging/symbol-order.txt) first and together, so
-# that the agent maps fewer pages of its own binary (idle RSS about 4 MiB lower; BENCHMARKS.md).
+# that the agent maps fewer pages of its own binary (idle RSS about 3 MiB lower; BENCHMARKS.md).
 #
 #   packaging/build-ordered.sh [PROFILE]      PROFILE: a cargo profile, default dist
 #
