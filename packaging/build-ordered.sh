@@ -29,7 +29,7 @@ for tool in nm c++filt python3; do
 done
 
 build() {
-    (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET" cargo build --locked --profile "$PROFILE" -p spiffed "$@") >&2 ||
+    (cd "$ROOT" && CARGO_TARGET_DIR="$TARGET" cargo build --locked --profile "$PROFILE" -p spiffed) >&2 ||
         die "cargo build --profile $PROFILE -p spiffed failed (output above)"
 }
 

@@ -68,23 +68,24 @@ trap cleanup EXIT
 MY_UID="$(id -u)"
 PROFILES=()
 
-# profile NAME CONFIG: spiffed run --config CONFIG under callgrind, the clients against it, then
-# SIGTERM (callgrind writes its profile when the process exits).
+# profile NAME AGENT: spiffed run --config TMP/AGENT.toml (serving TMP/AGENT.sock) under
+# callgrind into TMP/callgrind.NAME, the clients against it, then SIGTERM (callgrind writes its
+# profile when the process exits). The same AGENT twice: a first start, then a restart on its state.
 profile() {
-    local name="$1" config="$2" sock="$TMP/$1.sock" out="$TMP/callgrind.$1" pid i token
+    local name="$1" config="$TMP/$2.toml" sock="$TMP/$2.sock" out="$TMP/callgrind.$1" pid i token
     log "profiling: $name"
     rm -f "$sock"
     valgrind --tool=callgrind --demangle=no --callgrind-out-file="$out" \
         "$BIN" run --config "$config" >"$TMP/$name.log" 2>&1 &
     pid=$!
     PIDS+=("$pid")
+    # The first X.509-SVID served is the readiness probe and the first FetchX509SVID.
     for ((i = 0; ; i++)); do
         if "$BIN" api fetch x509 --socket "$sock" >/dev/null 2>&1; then break; fi
         kill -0 "$pid" 2>/dev/null || die "spiffed exited under valgrind ($name; log: $(tail -n 5 "$TMP/$name.log"))"
         ((i < 600)) || die "spiffed served no X.509-SVID within 120 s under valgrind ($name)"
         sleep 0.2
     done
-    "$BIN" api fetch x509 --socket "$sock" >/dev/null || die "api fetch x509 failed ($name)"
     token="$("$BIN" api fetch jwt --socket "$sock" --audience order-training --output json |
         python3 -c 'import json,sys; print(json.load(sys.stdin)["svids"][0]["token"])')" ||
         die "api fetch jwt failed ($name)"
@@ -111,10 +112,8 @@ data_dir = "$TMP/standalone/data"
 spiffe_id = "spiffe://example.org/order/uid"
 selectors = ["unix:uid:$MY_UID"]
 EOF
-profile standalone "$TMP/standalone.toml"
-cp "$TMP/callgrind.standalone" "$TMP/callgrind.standalone-first"
-PROFILES=("$TMP/callgrind.standalone-first")
-profile standalone "$TMP/standalone.toml"
+profile standalone-first standalone
+profile standalone-restart standalone
 
 # --------------------------------------------------------------------------------- agent mode
 if [[ "$STANDALONE_ONLY" != 1 ]]; then
@@ -170,10 +169,8 @@ address = "127.0.0.1:$port"
 trust_bundle_path = "$TMP/bootstrap.pem"
 join_token = "$token"
 EOF
-    profile agent "$TMP/agent.toml"
-    cp "$TMP/callgrind.agent" "$TMP/callgrind.agent-first"
-    PROFILES[${#PROFILES[@]} - 1]="$TMP/callgrind.agent-first"
-    profile agent "$TMP/agent.toml"
+    profile agent-first agent
+    profile agent-restart agent
 fi
 
 python3 "$HERE/symbol_order.py" names "$OUT" "${PROFILES[@]}"

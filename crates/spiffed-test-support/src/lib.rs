@@ -312,3 +312,18 @@ pub fn with_header<T>(msg: T) -> tonic::Request<T> {
 pub fn my_uid() -> u32 {
     rustix::process::getuid().as_raw()
 }
+
+/// Runs `cmd` to the end; panics with its status, stdout and stderr unless it succeeds.
+pub fn run_ok(cmd: &mut std::process::Command) -> std::process::Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}

@@ -8,36 +8,19 @@
 //! target dir outside the checkout (`~/.cache/spiffed-pkg/target`), so it does not wait for
 //! the lock of the test build; it takes minutes when cold.
 
+use spiffed_test_support::run_ok;
+use spiffed_test_support::spire::repo_root;
 use std::fs;
 use std::io::Write as _;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 /// The newest glibc the packaged binary may need (Debian 11).
 const GLIBC_FLOOR: (u32, u32) = (2, 31);
 /// A uid with an entry in the installed agent (no account needed).
 const WORKLOAD_UID: u32 = 4242;
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-/// Runs `cmd` to the end; panics with its output unless it succeeds.
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 fn stdout_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&run_ok(cmd).stdout).into_owned()

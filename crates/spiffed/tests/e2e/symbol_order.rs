@@ -6,27 +6,11 @@
 //! exactly those first. The agent's own two-link build is measured by the benchmarks
 //! (BENCHMARKS.md), not here: it takes two fat-LTO links.
 
+use spiffed_test_support::run_ok;
+use spiffed_test_support::spire::repo_root;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?}: {}\nstdout: {}\nstderr: {}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
+use std::process::Command;
 
 /// A program whose `main` runs `hot_first` and `hot_second`. The cold functions come first in
 /// the source, so an ordinary link places some of them before the hot ones; they exist (an
