@@ -710,6 +710,7 @@ impl Bound {
             socket = %cfg.socket_path.display(),
             trust_domain = %cfg.trust_domain,
             sds = sds.is_some(),
+            worker_threads = tokio::runtime::Handle::current().metrics().num_workers(),
             "serving the SPIFFE Workload API"
         );
         let shared_for_facts = shared.clone();

@@ -84,6 +84,13 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default `fd_reserve`.
 pub const DEFAULT_FD_RESERVE: usize = 64;
+/// Default `worker_threads`: one thread runs every connection, stream and background task.
+/// A second one costs more than it gives on a node's loads: each connection's work then
+/// crosses threads (a wake-up, a steal, heap memory freed on the thread that did not allocate
+/// it), which took a fifth of the agent's CPU per cold fetch (bench/ANALYSIS.md).
+pub const DEFAULT_WORKER_THREADS: usize = 1;
+/// The most `worker_threads` the file may ask for.
+pub const MAX_WORKER_THREADS: usize = 1024;
 /// Default `premint_entries`: registered entries whose X.509-SVIDs are minted ahead of use.
 pub const DEFAULT_PREMINT_ENTRIES: usize = spiffed_authority::DEFAULT_PREMINT_ENTRIES;
 
@@ -320,6 +327,11 @@ pub struct Config {
     /// Registered entries whose X.509-SVIDs are minted before any workload asks (default
     /// [`DEFAULT_PREMINT_ENTRIES`]); the others are minted on first use and dropped when unused.
     pub premint_entries: usize,
+    /// Threads of the async runtime that serve the sockets and run the agent's tasks (default
+    /// [`DEFAULT_WORKER_THREADS`]). Blocking work (SQLite, hashing executables, file writes)
+    /// has its own threads besides. The binary reads it before it starts the runtime, so a
+    /// change needs a restart.
+    pub worker_threads: usize,
     /// Most selectors one entry may have, in the file and through the admin API (default
     /// [`DEFAULT_MAX_SELECTORS_PER_ENTRY`]).
     pub max_selectors_per_entry: usize,
@@ -419,6 +431,7 @@ impl Config {
             max_logged_string_length: spiffed_core::untrusted::DEFAULT_MAX_CHARS,
             denial_log_lines_per_second: spiffed_workload_api::DEFAULT_DENIAL_LOG_LINES_PER_SECOND,
             premint_entries: DEFAULT_PREMINT_ENTRIES,
+            worker_threads: DEFAULT_WORKER_THREADS,
             max_selectors_per_entry: DEFAULT_MAX_SELECTORS_PER_ENTRY,
             max_dns_names_per_entry: DEFAULT_MAX_DNS_NAMES_PER_ENTRY,
             min_svid_ttl: DEFAULT_MIN_SVID_TTL,
@@ -475,6 +488,7 @@ impl Config {
             max_logged_string_length,
             denial_log_lines_per_second,
             premint_entries,
+            worker_threads,
             spire_server,
             sds,
             metrics,
@@ -572,6 +586,7 @@ impl Config {
             *denial_log_lines_per_second != new.denial_log_lines_per_second,
         );
         check("premint_entries", *premint_entries != new.premint_entries);
+        check("worker_threads", *worker_threads != new.worker_threads);
         changed
     }
 
@@ -592,6 +607,7 @@ impl Config {
              jwt_cache_entries_per_identity={} max_logged_string_length={} \
              denial_log_lines_per_second={} max_selectors_per_entry={} \
              max_dns_names_per_entry={} min_svid_ttl={} min_ca_ttl={} premint_entries={} \
+             worker_threads={} \
              upstream_authority={} federate_all={} bundle_endpoint={} federation={:?} metrics={} health={} sds={}",
             self.trust_domain,
             self.socket_path.display(),
@@ -625,6 +641,7 @@ impl Config {
             humantime::format_duration(self.min_svid_ttl),
             humantime::format_duration(self.min_ca_ttl),
             self.premint_entries,
+            self.worker_threads,
             self.upstream_authority.as_ref().map_or_else(
                 || "off".to_owned(),
                 |u| format!("disk(cert_file_path={})", u.cert_file_path.display())
@@ -1570,11 +1587,17 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
             "ca_ttl = \"48h\"",
             "log_level = \"debug\"",
             "max_dns_names_per_entry = 3",
+            "worker_threads = 2",
         ]))
         .unwrap();
         assert_eq!(
             a.changes_needing_restart(&b),
-            ["socket_mode", "ca_ttl", "max_dns_names_per_entry"]
+            [
+                "socket_mode",
+                "ca_ttl",
+                "max_dns_names_per_entry",
+                "worker_threads"
+            ]
         );
         assert!(a.changes_needing_restart(&a.clone()).is_empty());
     }
@@ -1951,6 +1974,40 @@ dns_names = ["web.internal"]  # optional, go into the X.509 SAN
         }
         let e = parse(&doc(&[TD, "[metrics]", "port = 9988"])).unwrap_err();
         assert!(e.to_string().contains("unknown key `port`"), "{e}");
+    }
+
+    #[test]
+    fn worker_threads_default_to_one_and_are_bounded() {
+        let cfg = parse(&doc(&[TD])).unwrap();
+        assert_eq!(cfg.worker_threads, 1);
+        assert_eq!(
+            Config::with_defaults(cfg.trust_domain.clone()).worker_threads,
+            1
+        );
+        assert!(
+            cfg.summary().contains(" worker_threads=1 "),
+            "{}",
+            cfg.summary()
+        );
+        let cfg = parse(&doc(&[TD, "worker_threads = 4"])).unwrap();
+        assert_eq!(cfg.worker_threads, 4);
+        assert_eq!(
+            parse(&doc(&[TD, "worker_threads = 1024"]))
+                .unwrap()
+                .worker_threads,
+            1024
+        );
+        for bad in [
+            "worker_threads = 0",
+            "worker_threads = 1025",
+            "worker_threads = -1",
+        ] {
+            let e = fails_at(&[TD, bad], 2, "worker_threads");
+            assert!(e.message.contains("from 1 to 1024"), "{e}");
+            assert!(e.fix.contains("worker_threads = 1"), "{e}");
+        }
+        let e = parse(&doc(&[TD, "worker_threads = \"4\""])).unwrap_err();
+        assert!(e.to_string().contains("worker_threads"), "{e}");
     }
 
     #[test]

@@ -128,7 +128,7 @@ enum Command {
 
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
-    let cli = match Cli::try_parse_from(&args) {
+    let mut cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         Err(e) => {
             // --help and --version are not errors; a bad command line is a usage error (64).
@@ -174,13 +174,40 @@ fn main() -> ExitCode {
         }
         _ => {}
     }
+    // `run` reads its configuration before the runtime starts: worker_threads sizes it.
+    let mut prepared = None;
+    if let Command::Run {
+        config,
+        new_trust_root,
+        new_entry_store,
+        join_token,
+        check: false,
+    } = &mut cli.command
+    {
+        match serve::prepare_run(
+            config.take(),
+            *new_trust_root,
+            *new_entry_store,
+            join_token.take(),
+        ) {
+            Ok(p) => prepared = Some(p),
+            Err(code) => return code,
+        }
+    }
+    let workers = prepared.as_ref().map_or(
+        spiffed_agent::config::DEFAULT_WORKER_THREADS,
+        serve::RunConfig::worker_threads,
+    );
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
         .enable_all()
         .build()
     {
         Ok(r) => r,
         Err(e) => {
-            serve::fatal(&format!("cannot start the async runtime: {e}"));
+            serve::fatal(&format!(
+                "cannot start the async runtime ({workers} worker thread(s), worker_threads): {e}"
+            ));
             return ExitCode::FAILURE;
         }
     };
@@ -189,31 +216,26 @@ fn main() -> ExitCode {
     // LIFO slot), instead of handing every new connection across threads (a futex wake and
     // a context switch per connection).
     let task = runtime.spawn(async move {
-        let result = match cli.command {
-            Command::Run {
-                config,
-                new_trust_root: _,
-                new_entry_store: _,
-                join_token: _,
-                check: true,
-            } => Ok(serve::check(config)),
-            Command::Run {
-                config,
-                new_trust_root,
-                new_entry_store,
-                join_token,
-                check: false,
-            } => serve::run(config, new_trust_root, new_entry_store, join_token).await,
-            Command::Dev(args) => serve::dev(args).await,
-            Command::Api { endpoint, command } => client::run_api(&endpoint, command).await,
-            Command::Helper(args) => helper::run(*args).await,
-            Command::Healthcheck { endpoint } => client::run_healthcheck(&endpoint).await,
-            Command::Entry { admin, command } => admin_cli::run_entry(&admin, command).await,
-            Command::Bundle { admin, command } => admin_cli::run_bundle(&admin, command).await,
-            Command::Explain { admin, explain } => admin_cli::run_explain(&admin, &explain).await,
-            Command::Status { admin } => admin_cli::run_status(&admin).await,
+        let result = match (cli.command, prepared) {
+            (_, Some(prepared)) => serve::run(prepared).await,
+            // A `run` without a prepared configuration is `run --check`.
+            (Command::Run { config, .. }, None) => Ok(serve::check(config)),
+            (Command::Dev(args), None) => serve::dev(args).await,
+            (Command::Api { endpoint, command }, None) => client::run_api(&endpoint, command).await,
+            (Command::Helper(args), None) => helper::run(*args).await,
+            (Command::Healthcheck { endpoint }, None) => client::run_healthcheck(&endpoint).await,
+            (Command::Entry { admin, command }, None) => {
+                admin_cli::run_entry(&admin, command).await
+            }
+            (Command::Bundle { admin, command }, None) => {
+                admin_cli::run_bundle(&admin, command).await
+            }
+            (Command::Explain { admin, explain }, None) => {
+                admin_cli::run_explain(&admin, &explain).await
+            }
+            (Command::Status { admin }, None) => admin_cli::run_status(&admin).await,
             // Answered above, before the runtime started.
-            Command::Completions(_) | Command::Man(_) => Ok(ExitCode::SUCCESS),
+            (Command::Completions(_) | Command::Man(_), None) => Ok(ExitCode::SUCCESS),
         };
         match result {
             Ok(code) => code,

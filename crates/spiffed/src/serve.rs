@@ -215,23 +215,35 @@ pub(crate) fn check(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
-/// `spiffed run [--config FILE] [--new-trust-root] [--new-entry-store] [--join-token TOKEN]`.
-pub(crate) async fn run(
+/// `spiffed run`'s configuration, read and checked before the async runtime starts (its
+/// `worker_threads` sizes the runtime).
+pub(crate) struct RunConfig {
+    cfg: Config,
+    path: PathBuf,
+}
+
+impl RunConfig {
+    /// Threads the runtime that serves this configuration starts with.
+    pub(crate) fn worker_threads(&self) -> usize {
+        self.cfg.worker_threads
+    }
+}
+
+/// `spiffed run [--config FILE] [--new-trust-root] [--new-entry-store] [--join-token TOKEN]`,
+/// the part before the runtime: the file read and checked and the flags applied; a problem
+/// is printed here and comes back as the exit status.
+pub(crate) fn prepare_run(
     path: Option<PathBuf>,
     new_trust_root: bool,
     new_entry_store: bool,
     join_token: Option<String>,
-) -> anyhow::Result<ExitCode> {
-    let path = match config_path(path) {
-        Ok(p) => p,
-        Err(code) => return Ok(code),
-    };
-    let path = path.as_path();
-    let mut cfg = match Config::load(path) {
+) -> Result<RunConfig, ExitCode> {
+    let path = config_path(path)?;
+    let mut cfg = match Config::load(&path) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("spiffed: invalid configuration\n{e}");
-            return Ok(ExitCode::from(EX_USAGE));
+            return Err(ExitCode::from(EX_USAGE));
         }
     };
     if new_trust_root {
@@ -261,11 +273,17 @@ pub(crate) async fn run(
         };
         if let Some(problem) = problem {
             eprintln!("spiffed: {problem}");
-            return Ok(ExitCode::from(EX_USAGE));
+            return Err(ExitCode::from(EX_USAGE));
         }
     }
+    Ok(RunConfig { cfg, path })
+}
+
+/// `spiffed run`, on the runtime [`prepare_run`] sized.
+pub(crate) async fn run(prepared: RunConfig) -> anyhow::Result<ExitCode> {
+    let RunConfig { cfg, path } = prepared;
     let log_level = init_logging(cfg.log_level, cfg.log_format);
-    serve(cfg, Some((path.to_owned(), log_level)), None, false).await
+    serve(cfg, Some((path, log_level)), None, false).await
 }
 
 /// Dev mode's self-check: what to do once the socket serves.

@@ -71,6 +71,7 @@ const TOP: &[(&str, &str)] = &[
     ),
     ("max_logged_string_length", "max_logged_string_length = 128"),
     ("premint_entries", "premint_entries = 1000"),
+    ("worker_threads", "worker_threads = 1"),
     (
         "denial_log_lines_per_second",
         "denial_log_lines_per_second = 10",

@@ -44,6 +44,7 @@ pub(crate) struct RawConfig {
     pub(crate) max_logged_string_length: Option<Spanned<i64>>,
     pub(crate) denial_log_lines_per_second: Option<Spanned<i64>>,
     pub(crate) premint_entries: Option<Spanned<i64>>,
+    pub(crate) worker_threads: Option<Spanned<i64>>,
     // Bounds on entries and lifetimes (issue 10, item 14).
     pub(crate) max_selectors_per_entry: Option<Spanned<i64>>,
     pub(crate) max_dns_names_per_entry: Option<Spanned<i64>>,

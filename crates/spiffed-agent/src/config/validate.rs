@@ -389,6 +389,14 @@ fn validate_all(
             "descriptors",
         )
         .unwrap_or(DEFAULT_FD_RESERVE);
+    let worker_threads = cx
+        .count(
+            "worker_threads",
+            raw.worker_threads.as_ref(),
+            1..=crate::config::MAX_WORKER_THREADS,
+            "threads",
+        )
+        .unwrap_or(crate::config::DEFAULT_WORKER_THREADS);
 
     if !cx.errors.is_empty() {
         return Err(cx.errors);
@@ -435,6 +443,7 @@ fn validate_all(
         max_logged_string_length: caller.max_logged_string_length,
         denial_log_lines_per_second: caller.denial_log_lines_per_second,
         premint_entries: caller.premint_entries,
+        worker_threads,
         max_selectors_per_entry: cx.limits.max_selectors,
         max_dns_names_per_entry: cx.limits.max_dns_names,
         min_svid_ttl: cx.limits.min_svid_ttl,

@@ -194,6 +194,64 @@ fn config_errors_name_the_line_and_exit_64() {
     assert!(err.contains("spiffe_id"), "{err}");
 }
 
+/// `worker_threads` sizes the async runtime before it starts: one thread by default, the
+/// configured number otherwise (the serving log line says which), and either serves many
+/// concurrent callers; a value out of range is a configuration error (exit 64).
+#[tokio::test]
+async fn worker_threads_size_the_runtime() {
+    let uid = spiffed_test_support::my_uid();
+    for (extra, n) in [("", 1), ("worker_threads = 3\n", 3)] {
+        let agent = Agent::start(
+            &bin(),
+            &format!(
+                "{extra}[[entries]]\nspiffe_id = \"spiffe://example.org/web\"\n\
+                 selectors = [\"unix:uid:{uid}\"]\n"
+            ),
+        );
+        let fetches = (0..32).map(|_| async {
+            let mut c = agent.client().await;
+            let mut s = x509_stream(&mut c).await;
+            let first = s.message().await.unwrap().unwrap();
+            first.svids[0].spiffe_id.clone()
+        });
+        let ids = tokio::time::timeout(Duration::from_secs(30), futures::future::join_all(fetches))
+            .await
+            .expect("32 concurrent fetches did not finish in 30 s");
+        assert!(
+            ids.iter().all(|id| id == "spiffe://example.org/web"),
+            "{ids:?}"
+        );
+        let logs = agent.logs();
+        let line = logs
+            .lines()
+            .find(|l| l.contains("serving the SPIFFE Workload API"))
+            .unwrap_or_else(|| panic!("no serving line:\n{logs}"));
+        assert!(line.contains(&format!("worker_threads={n}")), "{line}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("spiffed.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "{}worker_threads = 0\n",
+            spiffed_test_support::config_text(dir.path(), "")
+        ),
+    )
+    .unwrap();
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("spiffed.toml:7") && err.contains("worker_threads 0 is out of range"),
+        "{err}"
+    );
+    assert!(!dir.path().join("api.sock").exists());
+}
+
 #[tokio::test]
 async fn reflection_is_served_without_the_security_header() {
     use tonic_reflection::pb::v1::ServerReflectionRequest;
