@@ -174,6 +174,18 @@ async fn stale_socket_is_replaced_and_a_live_one_is_refused() {
     assert!(!bundle(&agent).await.is_empty());
 }
 
+/// `spiffed run --config cfg` on a file it must refuse: asserts exit status 64 and returns what
+/// it printed on standard error.
+fn run_refused(cfg: &Path) -> String {
+    let out = Command::new(bin())
+        .args(["run", "--config"])
+        .arg(cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64), "{out:?}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
 #[test]
 fn config_errors_name_the_line_and_exit_64() {
     let dir = tempfile::tempdir().unwrap();
@@ -183,13 +195,7 @@ fn config_errors_name_the_line_and_exit_64() {
         "trust_domain = \"example.org\"\n\n[[entries]]\nspiffe_id = \"spiffe://other.org/web\"\nselectors = [\"unix:uid:1\"]\n",
     )
     .unwrap();
-    let out = Command::new(bin())
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = run_refused(&cfg);
     assert!(err.contains("bad.toml:4"), "{err}");
     assert!(err.contains("spiffe_id"), "{err}");
 }
@@ -199,15 +205,8 @@ fn config_errors_name_the_line_and_exit_64() {
 /// concurrent callers; a value out of range is a configuration error (exit 64).
 #[tokio::test]
 async fn worker_threads_size_the_runtime() {
-    let uid = spiffed_test_support::my_uid();
-    for (extra, n) in [("", 1), ("worker_threads = 3\n", 3)] {
-        let agent = Agent::start(
-            &bin(),
-            &format!(
-                "{extra}[[entries]]\nspiffe_id = \"spiffe://example.org/web\"\n\
-                 selectors = [\"unix:uid:{uid}\"]\n"
-            ),
-        );
+    for (extra, n) in [("", 1), ("worker_threads = 3", 3)] {
+        let agent = agent_for_me(extra);
         let fetches = (0..32).map(|_| async {
             let mut c = agent.client().await;
             let mut s = x509_stream(&mut c).await;
@@ -238,13 +237,7 @@ async fn worker_threads_size_the_runtime() {
         ),
     )
     .unwrap();
-    let out = Command::new(bin())
-        .args(["run", "--config"])
-        .arg(&cfg)
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(64));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = run_refused(&cfg);
     assert!(
         err.contains("spiffed.toml:7") && err.contains("worker_threads 0 is out of range"),
         "{err}"
