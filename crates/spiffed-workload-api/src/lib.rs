@@ -28,6 +28,7 @@
 //! [`PeerCred`]: spiffed_core::PeerCred
 #![forbid(unsafe_code)]
 
+mod gate;
 mod jwt;
 mod limits;
 pub mod sds;

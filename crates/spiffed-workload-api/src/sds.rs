@@ -40,6 +40,7 @@ use futures::{Stream, StreamExt as _};
 use spiffed_core::untrusted::{Untrusted, UntrustedList};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::gate::Gate;
 use crate::limits::Denial;
 use crate::service::{Shared, Wake, X509Stream, log_issued};
 use crate::{ApiError, WorkloadApi};
@@ -185,6 +186,9 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 struct SecretStream {
     svc: SdsService,
     requests: Streaming<DiscoveryRequest>,
+    /// `requests` is polled only when it has news (see [`Gate`]): the task is also polled for
+    /// every response it sends.
+    requests_gate: Gate,
     workload: X509Stream,
     /// The caller, for logs.
     who: Who,
@@ -224,6 +228,7 @@ impl SecretStream {
                 let Self {
                     svc,
                     requests,
+                    requests_gate,
                     workload,
                     who,
                     xds,
@@ -232,8 +237,11 @@ impl SecretStream {
                 let wait = workload.wait();
                 tokio::pin!(wait);
                 loop {
+                    let request = std::future::poll_fn(|cx| {
+                        requests_gate.poll(cx, |cx| requests.poll_next_unpin(cx))
+                    });
                     tokio::select! {
-                        req = requests.next() => {
+                        req = request => {
                             let req = match req? {
                                 Ok(r) => r,
                                 // A malformed message (or a broken connection): the stream ends.
@@ -404,6 +412,7 @@ impl SecretDiscoveryService for SdsService {
         let stream = SecretStream {
             svc: self.clone(),
             requests: request.into_inner(),
+            requests_gate: Gate::default(),
             workload,
             who,
             ids,

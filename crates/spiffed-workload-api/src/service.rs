@@ -25,6 +25,7 @@ use tonic::{Request, Response, Status};
 use zeroize::Zeroize as _;
 
 use crate::ApiError;
+use crate::gate::Gate;
 use crate::limits::{Denial, RequestLimits, Throttle};
 use spiffed_core::untrusted::{Untrusted, UntrustedList};
 
@@ -621,6 +622,8 @@ pub(crate) struct X509Stream {
     /// Whether a caller with no identity keeps its stream (SDS: bundles are still served, and
     /// an entry registered later is pushed); the Workload API ends it with PermissionDenied.
     keep_without_identity: bool,
+    /// The wait is polled only when one of its watches fired (see [`Gate`]).
+    gate: Gate,
 }
 
 impl X509Stream {
@@ -633,6 +636,7 @@ impl X509Stream {
             last: None,
             closed_in_a_row: 0,
             keep_without_identity,
+            gate: Gate::default(),
         }
     }
 
@@ -725,7 +729,13 @@ impl X509Stream {
     /// Waits for the next change that may alter the stream's answer. Cancel-safe: nothing
     /// changes until the wake-up is [handled](Self::handle).
     pub(crate) async fn wait(&mut self) -> Wake {
-        self.sub.wait(&mut self.held).await
+        let Self {
+            sub, held, gate, ..
+        } = self;
+        let wait = sub.wait(held);
+        tokio::pin!(wait);
+        gate.open();
+        std::future::poll_fn(|cx| gate.poll(cx, |cx| wait.as_mut().poll(cx))).await
     }
 
     /// Brings the stream in line with `wake`: matches the caller again when entries changed in

@@ -42,10 +42,12 @@ pub struct Received {
 }
 
 /// The xDS state of one stream.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct XdsState {
     /// Workload updates seen (the version of the next response).
     version: u64,
+    /// `version` as text, compared with every ACK's `version_info`.
+    version_text: String,
     /// The nonce of the last response sent.
     nonce: Option<String>,
     /// The names of the last request (empty strings left out), or `None` before the first.
@@ -56,6 +58,23 @@ pub struct XdsState {
     node: NodePrefs,
     /// Responses made, mixed into nonces.
     sent: u64,
+    /// This stream's random keys for its nonces.
+    nonce_keys: std::hash::RandomState,
+}
+
+impl Default for XdsState {
+    fn default() -> Self {
+        Self {
+            version: 0,
+            version_text: "0".to_owned(),
+            nonce: None,
+            names: None,
+            type_url: String::new(),
+            node: NodePrefs::default(),
+            sent: 0,
+            nonce_keys: std::hash::RandomState::new(),
+        }
+    }
 }
 
 impl XdsState {
@@ -65,8 +84,8 @@ impl XdsState {
     }
 
     /// The version a response made now carries (`"0"` before any update).
-    pub fn version(&self) -> String {
-        self.version.to_string()
+    pub fn version(&self) -> &str {
+        &self.version_text
     }
 
     /// The names last requested, empty strings left out (empty: everything); `None` before
@@ -84,6 +103,7 @@ impl XdsState {
     /// came before).
     pub fn on_update(&mut self) -> bool {
         self.version += 1;
+        self.version_text = self.version.to_string();
         self.names.is_some()
     }
 
@@ -111,14 +131,20 @@ impl XdsState {
         if let Some(node) = &req.node {
             self.node = NodePrefs::of(node);
         }
-        let names: BTreeSet<String> = req
-            .resource_names
-            .iter()
-            .filter(|n| !n.is_empty())
-            .cloned()
-            .collect();
-        out.send = self.names.as_ref() != Some(&names);
-        self.names = Some(names);
+        // An ACK repeats the names: compared in place, the set is kept.
+        out.send = !self
+            .names
+            .as_ref()
+            .is_some_and(|kept| same_names(kept, &req.resource_names));
+        if out.send {
+            self.names = Some(
+                req.resource_names
+                    .iter()
+                    .filter(|n| !n.is_empty())
+                    .cloned()
+                    .collect(),
+            );
+        }
         if self.type_url != req.type_url {
             self.type_url.clone_from(&req.type_url);
         }
@@ -129,14 +155,14 @@ impl XdsState {
     /// the next request must echo).
     pub fn respond(&mut self, resources: Resources) -> SdsResponse {
         self.sent += 1;
-        let mut nonce = new_nonce(self.sent);
+        let mut nonce = new_nonce(&self.nonce_keys, self.sent);
         while self.nonce.as_ref() == Some(&nonce) {
             self.sent += 1;
-            nonce = new_nonce(self.sent);
+            nonce = new_nonce(&self.nonce_keys, self.sent);
         }
         self.nonce = Some(nonce.clone());
         SdsResponse {
-            version_info: self.version(),
+            version_info: self.version_text.clone(),
             resources,
             type_url: self.type_url.clone(),
             nonce,
@@ -177,12 +203,41 @@ pub fn check_request(req: &DiscoveryRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// 8 random hex digits. SipHash with the process's random keys over a per-stream counter: a
+/// Whether the non-empty names of a request are the set `kept` (duplicates allowed), without
+/// building a set: an ACK repeats its names, and every stream takes one per response.
+fn same_names(kept: &BTreeSet<String>, names: &[String]) -> bool {
+    // Beyond a few names the quadratic duplicate check costs more than a set.
+    const IN_PLACE: usize = 16;
+    if names.len() > IN_PLACE {
+        let asked: BTreeSet<&String> = names.iter().filter(|n| !n.is_empty()).collect();
+        return asked.into_iter().eq(kept.iter());
+    }
+    let mut distinct = 0;
+    for (i, n) in names.iter().enumerate() {
+        if n.is_empty() {
+            continue;
+        }
+        if !kept.contains(n) {
+            return false;
+        }
+        if !names[..i].contains(n) {
+            distinct += 1;
+        }
+    }
+    distinct == kept.len()
+}
+
+/// 8 random hex digits: SipHash with the stream's random keys over its response counter. A
 /// nonce only has to differ from the last one and be hard to guess, not be a secret.
-fn new_nonce(counter: u64) -> String {
-    let mut h = std::hash::RandomState::new().build_hasher();
+fn new_nonce(keys: &std::hash::RandomState, counter: u64) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut h = keys.build_hasher();
     h.write_u64(counter);
-    format!("{:08x}", h.finish() as u32)
+    let v = h.finish() as u32;
+    (0..8)
+        .rev()
+        .map(|i| char::from(HEX[((v >> (i * 4)) & 0xf) as usize]))
+        .collect()
 }
 
 #[cfg(test)]
@@ -241,6 +296,42 @@ mod tests {
         assert!(s.on_request(&req(&[""], "1", &n)).unwrap().send);
         let n = s.respond(Resources::default()).nonce;
         assert!(!s.on_request(&req(&[], "1", &n)).unwrap().send);
+    }
+
+    #[test]
+    fn names_in_place_match_the_set_comparison() {
+        let set = |ns: &[&str]| -> BTreeSet<String> {
+            ns.iter()
+                .filter(|n| !n.is_empty())
+                .map(|n| (*n).to_owned())
+                .collect()
+        };
+        let many: Vec<String> = (0..40).map(|i| format!("n{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        let cases: &[(&[&str], &[&str])] = &[
+            (&[], &[]),
+            (&[], &[""]),
+            (&["a"], &["a"]),
+            (&["a"], &["a", "a", ""]),
+            (&["a", "b"], &["b", "a"]),
+            (&["a", "b"], &["a", "a"]),
+            (&["a"], &["a", "b"]),
+            (&["a", "b"], &["a", "c"]),
+            (&["a"], &[]),
+            (&many, &many),
+            (&many, &many[1..]),
+            (&many[1..], &many),
+            (&many[..20], &[&many[..20], &many[..20]].concat()),
+        ];
+        for (kept, asked) in cases {
+            let kept = set(kept);
+            let owned: Vec<String> = asked.iter().map(|n| (*n).to_owned()).collect();
+            assert_eq!(
+                same_names(&kept, &owned),
+                kept == set(asked),
+                "{kept:?} against {asked:?}"
+            );
+        }
     }
 
     #[test]
