@@ -13,11 +13,14 @@
 //! before it wakes the task. The gated future is polled only when its waker fired since it
 //! last returned `Pending`, when it last returned `Ready`, or when it is new ([`Gate::open`]).
 
+use std::future::{Future, poll_fn};
+use std::pin::pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
 
 use futures::task::AtomicWaker;
+use futures::{Stream, StreamExt as _};
 
 /// The waker a gated future registers: it marks the gate open and wakes the task that last
 /// polled it.
@@ -83,6 +86,18 @@ impl Gate {
             self.open();
         }
         out
+    }
+
+    /// Runs `fut`, a new future, through the gate.
+    pub(crate) async fn run<F: Future>(&self, fut: F) -> F::Output {
+        let mut fut = pin!(fut);
+        self.open();
+        poll_fn(|cx| self.poll(cx, |cx| fut.as_mut().poll(cx))).await
+    }
+
+    /// The next item of `stream`, which this gate has watched since it was made.
+    pub(crate) async fn next<S: Stream + Unpin>(&self, stream: &mut S) -> Option<S::Item> {
+        poll_fn(|cx| self.poll(cx, |cx| stream.poll_next_unpin(cx))).await
     }
 }
 

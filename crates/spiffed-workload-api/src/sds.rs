@@ -36,7 +36,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest,
 };
-use futures::{Stream, StreamExt as _};
+use futures::Stream;
 use spiffed_core::untrusted::{Untrusted, UntrustedList};
 use tonic::{Request, Response, Status, Streaming};
 
@@ -237,11 +237,8 @@ impl SecretStream {
                 let wait = workload.wait();
                 tokio::pin!(wait);
                 loop {
-                    let request = std::future::poll_fn(|cx| {
-                        requests_gate.poll(cx, |cx| requests.poll_next_unpin(cx))
-                    });
                     tokio::select! {
-                        req = request => {
+                        req = requests_gate.next(requests) => {
                             let req = match req? {
                                 Ok(r) => r,
                                 // A malformed message (or a broken connection): the stream ends.

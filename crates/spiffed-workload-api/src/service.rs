@@ -732,10 +732,7 @@ impl X509Stream {
         let Self {
             sub, held, gate, ..
         } = self;
-        let wait = sub.wait(held);
-        tokio::pin!(wait);
-        gate.open();
-        std::future::poll_fn(|cx| gate.poll(cx, |cx| wait.as_mut().poll(cx))).await
+        gate.run(sub.wait(held)).await
     }
 
     /// Brings the stream in line with `wake`: matches the caller again when entries changed in
@@ -1004,8 +1001,12 @@ pub(crate) fn log_issued(caller: &Caller, ids: &[Identity], what: &str) {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
+pub(crate) fn hex(b: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    b.iter()
+        .flat_map(|x| [x >> 4, x & 0xf])
+        .map(|d| char::from(DIGITS[usize::from(d)]))
+        .collect()
 }
 
 #[tonic::async_trait]
@@ -1217,6 +1218,12 @@ mod tests {
             .metadata_mut()
             .append(SECURITY_HEADER, "true".parse().unwrap());
         assert!(check_header(&twice).is_err());
+    }
+
+    #[test]
+    fn hex_is_two_lowercase_digits_per_byte() {
+        assert_eq!(hex(&[]), "");
+        assert_eq!(hex(&[0x00, 0x0f, 0xa5, 0xff]), "000fa5ff");
     }
 
     #[test]

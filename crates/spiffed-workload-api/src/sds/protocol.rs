@@ -230,14 +230,9 @@ fn same_names(kept: &BTreeSet<String>, names: &[String]) -> bool {
 /// 8 random hex digits: SipHash with the stream's random keys over its response counter. A
 /// nonce only has to differ from the last one and be hard to guess, not be a secret.
 fn new_nonce(keys: &std::hash::RandomState, counter: u64) -> String {
-    const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut h = keys.build_hasher();
     h.write_u64(counter);
-    let v = h.finish() as u32;
-    (0..8)
-        .rev()
-        .map(|i| char::from(HEX[((v >> (i * 4)) & 0xf) as usize]))
-        .collect()
+    crate::service::hex(&(h.finish() as u32).to_be_bytes())
 }
 
 #[cfg(test)]
