@@ -10,7 +10,8 @@
 # CPU of every thread over the run, from /proc/PID/stat, divided by the calls served): on a
 # shared machine far steadier than calls/s, which also move with the load generator's scheduling. LOADGEN is the loadgen binary (default: the
 # one next to NEW). Knobs: RUNS (3), SECONDS_PER_RUN (5), FANOUT_STREAMS (10000), FANOUT_CONNS
-# (100), FANOUT_TTL (60), STARTUP_RUNS (3), FANOUT_RUNS (RUNS; 0 skips the fan-out).
+# (100), FANOUT_TTL (60), STARTUP_RUNS (3), FANOUT_RUNS (RUNS; 0 skips the fan-out), FANOUT_SDS
+# (1: each fan-out run is followed, on the same agent, by an SDS fan-out; 0 skips it).
 # OLD_EXTRA / NEW_EXTRA: TOML appended to that side's config (e.g. a [metrics] table), and
 # OLD_SCRAPE / NEW_SCRAPE: a URL fetched every SCRAPE_EVERY seconds (1) while that side is under
 # load (e.g. its /metrics), so that a side with metrics on also pays for being scraped.
@@ -27,6 +28,7 @@ FANOUT_CONNS="${FANOUT_CONNS:-100}"
 FANOUT_TTL="${FANOUT_TTL:-60}"
 STARTUP_RUNS="${STARTUP_RUNS:-3}"
 FANOUT_RUNS="${FANOUT_RUNS:-$RUNS}"
+FANOUT_SDS="${FANOUT_SDS:-1}"
 SCRAPE_EVERY="${SCRAPE_EVERY:-1}"
 OLD_EXTRA="${OLD_EXTRA:-}"
 NEW_EXTRA="${NEW_EXTRA:-}"
@@ -172,6 +174,11 @@ for r in $(seq 1 "$FANOUT_RUNS"); do
         start "$name" "$bin"
         load "$name" fanout fanout --streams "$FANOUT_STREAMS" --connections "$FANOUT_CONNS" \
             --agent-pid "$AGENT_PID" --timeout 90s
+        if [[ "$FANOUT_SDS" == 1 ]]; then
+            # The same agent's next rotation, to SDS streams ([default, ROOTCA], each ACKed).
+            load "$name" sds_fanout sds-fanout --streams "$FANOUT_STREAMS" \
+                --connections "$FANOUT_CONNS" --agent-pid "$AGENT_PID" --timeout 90s
+        fi
         stop
     done
 done

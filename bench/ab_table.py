@@ -46,6 +46,9 @@ ROWS = [
     ("fan-out: spread first to last update, ms", "fanout", res(lambda r: r.get("first_to_last_update_ms"))),
     ("fan-out: agent CPU per stream, µs", "fanout", res(lambda r: r.get("agent_cpu_per_stream_us"))),
     ("fan-out: RSS per stream, KiB", "fanout", res(per_stream_kib)),
+    # Right after the Workload API fan-out on the same agent: its RSS growth is not its own.
+    ("SDS fan-out: spread first to last update, ms", "sds_fanout", res(lambda r: r.get("first_to_last_update_ms"))),
+    ("SDS fan-out: agent CPU per stream, µs", "sds_fanout", res(lambda r: r.get("agent_cpu_per_stream_us"))),
 ]
 
 
