@@ -84,7 +84,8 @@ pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Default `fd_reserve`.
 pub const DEFAULT_FD_RESERVE: usize = 64;
-/// Default `worker_threads`: one thread runs every connection, stream and background task.
+/// Default `worker_threads`: one thread runs every connection, stream and background task
+/// (tokio's current-thread scheduler; more use the multi-thread one, crates/spiffed/src/main.rs).
 /// A second one costs more than it gives on a node's loads: each connection's work then
 /// crosses threads (a wake-up, a steal, heap memory freed on the thread that did not allocate
 /// it), which took a fifth of the agent's CPU per cold fetch (bench/ANALYSIS.md).

@@ -198,11 +198,21 @@ fn main() -> ExitCode {
         spiffed_agent::config::DEFAULT_WORKER_THREADS,
         serve::RunConfig::worker_threads,
     );
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(workers)
-        .enable_all()
-        .build()
-    {
+    // One thread: tokio's current-thread scheduler, on this thread. It runs tasks in the order
+    // they were woken. The multi-thread scheduler runs the task woken last first (its LIFO
+    // slot) and holds only 256 in a worker's own queue: when a rotation woke 10,000 SDS
+    // streams, most waited in the shared queue while each client's acknowledgement of an
+    // early push jumped ahead of them, so the last pushes waited for the first ones' ACKs
+    // (a paired A/B: spread 277 -> 211 ms, median of 8; bench/ANALYSIS.md). The helper keeps
+    // the multi-thread scheduler: it blocks in place while it builds a file.
+    let mut builder = if workers == 1 && !matches!(cli.command, Command::Helper(_)) {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(workers);
+        b
+    };
+    let runtime = match builder.enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             serve::fatal(&format!(
@@ -211,10 +221,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    // The command runs as a task on a worker thread, not on this thread inside `block_on`:
-    // the accept loop then spawns each connection's task on the worker it runs on (tokio's
-    // LIFO slot), instead of handing every new connection across threads (a futex wake and
-    // a context switch per connection).
+    // The command runs as a task, not inside `block_on`: with several workers, the accept
+    // loop then spawns each connection's task on the worker it runs on (tokio's LIFO slot),
+    // instead of handing every new connection across threads (a futex wake and a context
+    // switch per connection).
     let task = runtime.spawn(async move {
         let result = match (cli.command, prepared) {
             (_, Some(prepared)) => serve::run(prepared).await,
