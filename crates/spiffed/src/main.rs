@@ -203,8 +203,10 @@ fn main() -> ExitCode {
     // slot) and holds only 256 in a worker's own queue: when a rotation woke 10,000 SDS
     // streams, most waited in the shared queue while each client's acknowledgement of an
     // early push jumped ahead of them, so the last pushes waited for the first ones' ACKs
-    // (a paired A/B: spread 277 -> 211 ms, median of 8; bench/ANALYSIS.md). The helper keeps
-    // the multi-thread scheduler: it blocks in place while it builds a file.
+    // (bench/ab.sh, paired: SDS spread 265 -> 203 ms, median of 6; bench/ANALYSIS.md). The
+    // helper keeps the multi-thread scheduler: there it builds PKCS#12 files in place
+    // (`block_in_place`); on the current-thread one it would build them inline (helper.rs
+    // looks at the flavor), and its stream, timers and signals would wait for the KDF.
     let mut builder = if workers == 1 && !matches!(cli.command, Command::Helper(_)) {
         tokio::runtime::Builder::new_current_thread()
     } else {
