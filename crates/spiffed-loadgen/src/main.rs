@@ -83,6 +83,10 @@ enum Cmd {
         /// Exit 0 even on a timeout or failed streams (by default either exits 1).
         #[arg(long)]
         allow_errors: bool,
+        /// Client threads, each with its own runtime and its share of the connections (as
+        /// separate client processes would be); 0 means one per CPU.
+        #[arg(long, default_value_t = 0)]
+        client_threads: usize,
     },
     /// N SDS StreamSecrets streams over K connections (each acknowledged as Envoy does); time
     /// until all see the next rotation. The same figures as `fanout`, scenario `sds_fanout`.
@@ -108,6 +112,10 @@ enum Cmd {
         /// Exit 0 even on a timeout or failed streams (by default either exits 1).
         #[arg(long)]
         allow_errors: bool,
+        /// Client threads, each with its own runtime and its share of the connections (as
+        /// separate client processes would be); 0 means one per CPU.
+        #[arg(long, default_value_t = 0)]
+        client_threads: usize,
     },
     /// Cold iterations at a fixed rate, sampling the agent's RSS and descriptors.
     Churn {
@@ -423,9 +431,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             agent_pid,
             timeout,
             allow_errors,
+            client_threads,
         } => {
-            let report =
-                scenarios::fanout(&socket, streams, connections, agent_pid, timeout).await?;
+            let report = scenarios::fanout_api(
+                &socket,
+                scenarios::FanoutApi::X509,
+                streams,
+                connections,
+                agent_pid,
+                timeout,
+                client_threads_or_cpus(client_threads),
+            )
+            .await?;
             report_fanout(&report, allow_errors)
         }
         Cmd::SdsFanout {
@@ -436,11 +453,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             agent_pid,
             timeout,
             allow_errors,
+            client_threads,
         } => {
             let names: Vec<String> = names.into_iter().filter(|n| !n.is_empty()).collect();
-            let report =
-                scenarios::sds_fanout(&socket, names, streams, connections, agent_pid, timeout)
-                    .await?;
+            let report = scenarios::fanout_api(
+                &socket,
+                scenarios::FanoutApi::Sds { names },
+                streams,
+                connections,
+                agent_pid,
+                timeout,
+                client_threads_or_cpus(client_threads),
+            )
+            .await?;
             report_fanout(&report, allow_errors)
         }
         Cmd::Churn {
@@ -627,6 +652,15 @@ async fn hold_child(
     let r = scale::hold(socket, streams, connections, timeout, cmd_rx, ev_tx).await;
     let _ = printer.await;
     r
+}
+
+/// `--client-threads`, with 0 meaning one per CPU.
+fn client_threads_or_cpus(n: usize) -> usize {
+    if n == 0 {
+        scenarios::default_client_threads()
+    } else {
+        n
+    }
 }
 
 #[tokio::main]

@@ -344,6 +344,8 @@ pub struct FanoutReport {
     pub streams: usize,
     /// Connections they were spread over.
     pub connections: usize,
+    /// Client threads the connections were split over (each its own runtime).
+    pub client_threads: usize,
     /// Streams that got their first message.
     pub ready: usize,
     /// Streams that got their second message (the rotation).
@@ -377,6 +379,10 @@ pub struct FanoutReport {
     /// `agent_cpu_rotation_ms` per updated stream (µs).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent_cpu_per_stream_us: Option<f64>,
+    /// The loadgen's own CPU time over the same span per updated stream (µs): what the
+    /// clients cost, on the same cores as the agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub loadgen_cpu_per_stream_us: Option<f64>,
 }
 
 /// CPU time (ms) between two samples of the same process.
@@ -388,7 +394,7 @@ impl FanoutReport {
     /// A readable summary.
     pub fn summary(&self) -> String {
         format!(
-            "{} n={} k={}: ready={} in {:.1}ms, updated={}, first->last update {}ms, all-ready->last update {}ms, timed_out={} errors={:?}\n  agent before: {} | all ready: {} | after: {} | cpu per updated stream {}us",
+            "{} n={} k={}: ready={} in {:.1}ms, updated={}, first->last update {}ms, all-ready->last update {}ms, timed_out={} errors={:?}\n  agent before: {} | all ready: {} | after: {} | cpu per updated stream {}us (loadgen {}us, {} client threads)",
             self.scenario,
             self.streams,
             self.connections,
@@ -404,6 +410,9 @@ impl FanoutReport {
             opt_sample(self.agent_after),
             self.agent_cpu_per_stream_us
                 .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}")),
+            self.loadgen_cpu_per_stream_us
+                .map_or_else(|| "-".to_owned(), |v| format!("{v:.2}")),
+            self.client_threads,
         )
     }
 }
@@ -449,6 +458,7 @@ pub async fn fanout(
         connections,
         agent_pid,
         timeout,
+        default_client_threads(),
     )
     .await
 }
@@ -470,12 +480,24 @@ pub async fn sds_fanout(
         connections,
         agent_pid,
         timeout,
+        default_client_threads(),
     )
     .await
 }
 
+/// The client threads a fan-out uses by default: one per CPU the loadgen may run on.
+pub fn default_client_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// [`fanout`] or [`sds_fanout`], by `api`: the same phases and figures for either kind of
 /// stream, so that the two are comparable.
+///
+/// The connections are split over `client_threads` OS threads, each with its own
+/// single-threaded runtime that owns its connections and their streams, as separate client
+/// processes would (one Envoy per workload). On one shared work-stealing runtime a stream's
+/// task, its request body's task and its connection's task wake one another across threads
+/// for every message, and that cost, not the agent's, set the SDS fan-out's spread.
 pub async fn fanout_api(
     socket: &Path,
     api: FanoutApi,
@@ -483,71 +505,87 @@ pub async fn fanout_api(
     connections: usize,
     agent_pid: Option<u32>,
     timeout: Duration,
+    client_threads: usize,
 ) -> anyhow::Result<FanoutReport> {
     let agent_before = agent_pid.map(procstat::sample);
     let start = Instant::now();
-    let mut channels = Vec::new();
-    let mut errors = ErrorCounts::new();
-    for _ in 0..connections.max(1) {
-        match channel(socket).await {
-            Ok(c) => channels.push(c),
-            Err(_) => *errors.entry("Connect".to_owned()).or_default() += 1,
-        }
-    }
-    if channels.is_empty() {
-        anyhow::bail!("could not connect to {}", socket.display());
-    }
+    let connections = connections.max(1);
+    let threads = client_threads.clamp(1, connections);
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let mut set = JoinSet::new();
-    for i in 0..streams {
-        let channel = channels[i % channels.len()].clone();
-        let tx = tx.clone();
-        match &api {
-            FanoutApi::X509 => set.spawn(x509_fanout_stream(channel, tx)),
-            FanoutApi::Sds { names } => set.spawn(sds_fanout_stream(channel, names.clone(), tx)),
-        };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut handles = Vec::with_capacity(threads);
+    for t in 0..threads {
+        let conns = share(connections, threads, t);
+        let n = share(streams, threads, t);
+        let (tx, api, socket, stop) = (tx.clone(), api.clone(), socket.to_owned(), stop_rx.clone());
+        let handle = std::thread::Builder::new()
+            .name(format!("fanout-client-{t}"))
+            .spawn(move || fanout_client(&socket, api, n, conns, tx, stop))
+            .map_err(|e| anyhow::anyhow!("cannot start a client thread: {e}"))?;
+        handles.push(handle);
     }
     drop(tx);
 
-    let mut ready = 0;
-    let mut failed = 0;
-    let mut updates: Vec<Instant> = Vec::new();
+    // Each thread says once that its streams are all ready (or failed), and once that they
+    // have all updated: two messages per thread, not one per stream, so that the collector's
+    // wake-ups do not compete with the agent during the rotation.
+    let (mut threads_ready, mut threads_updated) = (0, 0);
     let mut all_ready_at = None;
     let mut agent_ready = None;
+    let mut own_ready = None;
     let mut timed_out = false;
     let mut deadline = tokio::time::Instant::now() + timeout;
-    while ready + failed < streams || updates.len() + failed < streams {
-        let ev = match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Ok(Some(ev)) => ev,
+    while threads_ready < threads || threads_updated < threads {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(ClientPhase::Ready)) => threads_ready += 1,
+            Ok(Some(ClientPhase::Updated)) => threads_updated += 1,
             Ok(None) => break,
             Err(_) => {
                 timed_out = true;
                 break;
             }
-        };
-        match ev {
-            StreamEvent::Ready => ready += 1,
-            StreamEvent::Updated(at) => updates.push(at),
-            StreamEvent::Failed(code) => {
-                failed += 1;
-                *errors.entry(code).or_default() += 1;
-            }
         }
-        if all_ready_at.is_none() && ready + failed >= streams {
+        if all_ready_at.is_none() && threads_ready >= threads {
             all_ready_at = Some(Instant::now());
             agent_ready = agent_pid.map(procstat::sample);
+            own_ready = Some(procstat::sample(std::process::id()));
             // The update phase gets its own timeout.
             deadline = tokio::time::Instant::now() + timeout;
         }
     }
     let agent_after = agent_pid.map(procstat::sample);
-    set.abort_all();
+    let own_after = procstat::sample(std::process::id());
+    let _ = stop_tx.send(true);
+    let reports = tokio::task::spawn_blocking(move || {
+        handles
+            .into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect::<Vec<_>>()
+    })
+    .await
+    .map_err(|e| anyhow::anyhow!("the client threads could not be joined: {e}"))?;
+    let mut errors = ErrorCounts::new();
+    let (mut connected, mut ready) = (0, 0);
+    let mut updates: Vec<Instant> = Vec::with_capacity(streams);
+    for r in reports {
+        connected += r.connected;
+        ready += r.ready;
+        updates.extend(r.updates);
+        merge_errors(&mut errors, r.errors);
+    }
+    if connected == 0 {
+        anyhow::bail!("could not connect to {}", socket.display());
+    }
     let first = updates.iter().min().copied();
     let last = updates.iter().max().copied();
+    let per_stream = |ms: f64| round3(ms * 1000.0 / updates.len() as f64);
     let agent_cpu_rotation_ms = cpu_between(agent_ready, agent_after);
     let agent_cpu_per_stream_us = agent_cpu_rotation_ms
         .filter(|_| !updates.is_empty())
-        .map(|ms| round3(ms * 1000.0 / updates.len() as f64));
+        .map(per_stream);
+    let loadgen_cpu_per_stream_us = cpu_between(own_ready, Some(own_after))
+        .filter(|_| !updates.is_empty())
+        .map(per_stream);
     Ok(FanoutReport {
         scenario: api.scenario(),
         sds_names: match api {
@@ -555,7 +593,8 @@ pub async fn fanout_api(
             FanoutApi::Sds { names } => Some(names),
         },
         streams,
-        connections: channels.len(),
+        connections: connected,
+        client_threads: threads,
         ready,
         updated: updates.len(),
         all_ready_ms: all_ready_at.map_or(-1.0, |t| ms_between(start, t)),
@@ -569,7 +608,115 @@ pub async fn fanout_api(
         agent_cpu_open_ms: cpu_between(agent_before, agent_ready),
         agent_cpu_rotation_ms,
         agent_cpu_per_stream_us,
+        loadgen_cpu_per_stream_us,
     })
+}
+
+/// Part `i` of `total` split into `parts` near-equal parts.
+fn share(total: usize, parts: usize, i: usize) -> usize {
+    total / parts + usize::from(i < total % parts)
+}
+
+/// What a client thread tells the collector, once each.
+enum ClientPhase {
+    /// Every stream of the thread has its first message, or failed.
+    Ready,
+    /// Every stream of the thread has its second message (the rotation), or failed.
+    Updated,
+}
+
+/// What a client thread saw, returned when it stops.
+#[derive(Default)]
+struct ClientReport {
+    connected: usize,
+    ready: usize,
+    updates: Vec<Instant>,
+    errors: ErrorCounts,
+}
+
+/// One client thread of a fan-out: its own runtime, `connections` connections and `streams`
+/// streams over them, kept open until `stop` turns true.
+fn fanout_client(
+    socket: &Path,
+    api: FanoutApi,
+    streams: usize,
+    connections: usize,
+    phases: mpsc::UnboundedSender<ClientPhase>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> ClientReport {
+    let mut report = ClientReport::default();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            *report.errors.entry(format!("Runtime: {e}")).or_default() += streams as u64;
+            let _ = phases.send(ClientPhase::Ready);
+            let _ = phases.send(ClientPhase::Updated);
+            return report;
+        }
+    };
+    rt.block_on(async {
+        let mut channels = Vec::new();
+        for _ in 0..connections {
+            match channel(socket).await {
+                Ok(c) => channels.push(c),
+                Err(_) => *report.errors.entry("Connect".to_owned()).or_default() += 1,
+            }
+        }
+        report.connected = channels.len();
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let mut set = JoinSet::new();
+        let mut failed = 0;
+        for i in 0..streams {
+            let Some(channel) = channels.get(i % channels.len().max(1)).cloned() else {
+                // This thread could not connect at all.
+                failed += 1;
+                *report.errors.entry("NoConnection".to_owned()).or_default() += 1;
+                continue;
+            };
+            let tx = tx.clone();
+            match &api {
+                FanoutApi::X509 => set.spawn(x509_fanout_stream(channel, tx)),
+                FanoutApi::Sds { names } => {
+                    set.spawn(sds_fanout_stream(channel, names.clone(), tx))
+                }
+            };
+        }
+        drop(tx);
+        let (mut said_ready, mut said_updated) = (false, false);
+        loop {
+            if !said_ready && report.ready + failed >= streams {
+                said_ready = true;
+                let _ = phases.send(ClientPhase::Ready);
+            }
+            if !said_updated && report.updates.len() + failed >= streams {
+                said_updated = true;
+                let _ = phases.send(ClientPhase::Updated);
+            }
+            let ev = tokio::select! {
+                biased;
+                _ = stop.wait_for(|s| *s) => break,
+                ev = rx.recv() => ev,
+            };
+            match ev {
+                Some(StreamEvent::Ready) => report.ready += 1,
+                Some(StreamEvent::Updated(at)) => report.updates.push(at),
+                Some(StreamEvent::Failed(code)) => {
+                    failed += 1;
+                    *report.errors.entry(code).or_default() += 1;
+                }
+                // Every stream has ended; wait for the collector to stop this thread.
+                None => {
+                    let _ = stop.wait_for(|s| *s).await;
+                    break;
+                }
+            }
+        }
+        set.abort_all();
+    });
+    report
 }
 
 /// One `FetchX509SVID` stream of a fan-out: reports its first message (ready) and its second
@@ -850,4 +997,19 @@ pub async fn churn(
         agent_max_rss_kib: max_rss,
         agent_max_fds: max_fds,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::share;
+
+    #[test]
+    fn share_splits_everything_and_evenly() {
+        for (total, parts) in [(10_000, 2), (100, 3), (7, 7), (2, 5), (0, 2)] {
+            let got: Vec<usize> = (0..parts).map(|i| share(total, parts, i)).collect();
+            assert_eq!(got.iter().sum::<usize>(), total, "{total} over {parts}: {got:?}");
+            let (min, max) = (got.iter().min().unwrap(), got.iter().max().unwrap());
+            assert!(max - min <= 1, "{total} over {parts}: {got:?}");
+        }
+    }
 }
