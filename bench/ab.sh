@@ -21,6 +21,10 @@ set -euo pipefail
 : "${OLD:?set OLD to the old spiffed binary}"
 : "${NEW:?set NEW to the new spiffed binary}"
 LOADGEN="${LOADGEN:-$(dirname "$NEW")/spiffed-loadgen}"
+# OLD_LOADGEN / NEW_LOADGEN: a loadgen per side (default LOADGEN), to A/B the load generator
+# itself against one agent build (OLD=NEW).
+OLD_LOADGEN="${OLD_LOADGEN:-$LOADGEN}"
+NEW_LOADGEN="${NEW_LOADGEN:-$LOADGEN}"
 RUNS="${RUNS:-3}"
 SECS="${SECONDS_PER_RUN:-5}"
 FANOUT_STREAMS="${FANOUT_STREAMS:-10000}"
@@ -135,7 +139,9 @@ load() {
     local line before after cpu_ms
     scrape_start "$name"
     before="$(cpu_ticks)"
-    line="$("$LOADGEN" "$@" --socket "$TMP/$name/api.sock" --allow-errors | tail -n 1)"
+    local loadgen="$OLD_LOADGEN"
+    [[ "$name" == new ]] && loadgen="$NEW_LOADGEN"
+    line="$("$loadgen" "$@" --socket "$TMP/$name/api.sock" --allow-errors | tail -n 1)"
     after="$(cpu_ticks)"
     scrape_stop
     cpu_ms=$(((after - before) * 1000 / TICKS_PER_S))

@@ -49,6 +49,9 @@ ROWS = [
     # Right after the Workload API fan-out on the same agent: its RSS growth is not its own.
     ("SDS fan-out: spread first to last update, ms", "sds_fanout", res(lambda r: r.get("first_to_last_update_ms"))),
     ("SDS fan-out: agent CPU per stream, µs", "sds_fanout", res(lambda r: r.get("agent_cpu_per_stream_us"))),
+    # Loadgens from 2026-12-03 on report their own CPU over the same span.
+    ("fan-out: loadgen CPU per stream, µs", "fanout", res(lambda r: r.get("loadgen_cpu_per_stream_us"))),
+    ("SDS fan-out: loadgen CPU per stream, µs", "sds_fanout", res(lambda r: r.get("loadgen_cpu_per_stream_us"))),
 ]
 
 

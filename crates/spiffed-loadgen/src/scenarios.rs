@@ -1007,7 +1007,11 @@ mod tests {
     fn share_splits_everything_and_evenly() {
         for (total, parts) in [(10_000, 2), (100, 3), (7, 7), (2, 5), (0, 2)] {
             let got: Vec<usize> = (0..parts).map(|i| share(total, parts, i)).collect();
-            assert_eq!(got.iter().sum::<usize>(), total, "{total} over {parts}: {got:?}");
+            assert_eq!(
+                got.iter().sum::<usize>(),
+                total,
+                "{total} over {parts}: {got:?}"
+            );
             let (min, max) = (got.iter().min().unwrap(), got.iter().max().unwrap());
             assert!(max - min <= 1, "{total} over {parts}: {got:?}");
         }
