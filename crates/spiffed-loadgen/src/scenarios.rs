@@ -559,7 +559,14 @@ pub async fn fanout_api(
     let reports = tokio::task::spawn_blocking(move || {
         handles
             .into_iter()
-            .map(|h| h.join().unwrap_or_default())
+            .map(|h| {
+                h.join().unwrap_or_else(|_| {
+                    // Its streams count as not updated; say why.
+                    let mut r = ClientReport::default();
+                    r.errors.insert("ClientThreadPanicked".to_owned(), 1);
+                    r
+                })
+            })
             .collect::<Vec<_>>()
     })
     .await
