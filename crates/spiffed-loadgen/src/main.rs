@@ -7,11 +7,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 use spiffed_loadgen::floor;
 use spiffed_loadgen::scale::{self, HoldCommand, StreamGroup, UidRange};
-use spiffed_loadgen::scenarios::{self, FanoutReport, RunReport, WarmRpc};
+use spiffed_loadgen::scenarios::{self, FanoutApi, FanoutReport, RunReport, WarmRpc};
 use spiffed_loadgen::stats::ErrorCounts;
 
 /// Load generator for SPIFFE Workload API sockets.
@@ -20,6 +20,34 @@ use spiffed_loadgen::stats::ErrorCounts;
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
+}
+
+/// The flags `fanout` and `sds-fanout` share.
+#[derive(Debug, Args)]
+struct FanoutArgs {
+    /// The agent's Workload API socket (spiffed and spire-agent serve SDS on it too).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Streams to open.
+    #[arg(long, default_value_t = 1000)]
+    streams: usize,
+    /// Connections to spread them over.
+    #[arg(long, default_value_t = 10)]
+    connections: usize,
+    /// The agent's pid, to sample its RSS and descriptors.
+    #[arg(long)]
+    agent_pid: Option<u32>,
+    /// How long each phase (all ready, all updated) may take.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
+    timeout: Duration,
+    /// Exit 0 even on a timeout or failed streams (by default either exits 1).
+    #[arg(long)]
+    allow_errors: bool,
+    /// Client threads, each with its own runtime and its share of the connections (as
+    /// separate client processes would be); 0 means one per CPU, and never more than
+    /// `--connections`.
+    #[arg(long, default_value_t = 0)]
+    client_threads: usize,
 }
 
 #[derive(Debug, Subcommand)]
@@ -65,57 +93,17 @@ enum Cmd {
     },
     /// N FetchX509SVID streams over K connections; time until all see the next rotation.
     Fanout {
-        /// The Workload API socket.
-        #[arg(long)]
-        socket: PathBuf,
-        /// Streams to open.
-        #[arg(long, default_value_t = 1000)]
-        streams: usize,
-        /// Connections to spread them over.
-        #[arg(long, default_value_t = 10)]
-        connections: usize,
-        /// The agent's pid, to sample its RSS and descriptors.
-        #[arg(long)]
-        agent_pid: Option<u32>,
-        /// How long each phase (all ready, all updated) may take.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
-        timeout: Duration,
-        /// Exit 0 even on a timeout or failed streams (by default either exits 1).
-        #[arg(long)]
-        allow_errors: bool,
-        /// Client threads, each with its own runtime and its share of the connections (as
-        /// separate client processes would be); 0 means one per CPU.
-        #[arg(long, default_value_t = 0)]
-        client_threads: usize,
+        #[command(flatten)]
+        run: FanoutArgs,
     },
     /// N SDS StreamSecrets streams over K connections (each acknowledged as Envoy does); time
     /// until all see the next rotation. The same figures as `fanout`, scenario `sds_fanout`.
     SdsFanout {
-        /// The socket serving SDS (spiffed's and spire-agent's Workload API socket).
-        #[arg(long)]
-        socket: PathBuf,
-        /// Streams to open.
-        #[arg(long, default_value_t = 1000)]
-        streams: usize,
-        /// Connections to spread them over.
-        #[arg(long, default_value_t = 10)]
-        connections: usize,
+        #[command(flatten)]
+        run: FanoutArgs,
         /// The resource names every stream asks for, comma-separated (as Istio: default,ROOTCA).
         #[arg(long, value_delimiter = ',', default_value = "default,ROOTCA")]
         names: Vec<String>,
-        /// The agent's pid, to sample its RSS and descriptors.
-        #[arg(long)]
-        agent_pid: Option<u32>,
-        /// How long each phase (all ready, all updated) may take.
-        #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
-        timeout: Duration,
-        /// Exit 0 even on a timeout or failed streams (by default either exits 1).
-        #[arg(long)]
-        allow_errors: bool,
-        /// Client threads, each with its own runtime and its share of the connections (as
-        /// separate client processes would be); 0 means one per CPU.
-        #[arg(long, default_value_t = 0)]
-        client_threads: usize,
     },
     /// Cold iterations at a fixed rate, sampling the agent's RSS and descriptors.
     Churn {
@@ -424,49 +412,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             report_run(report, floor, allow_errors)
         }
-        Cmd::Fanout {
-            socket,
-            streams,
-            connections,
-            agent_pid,
-            timeout,
-            allow_errors,
-            client_threads,
-        } => {
-            let report = scenarios::fanout_api(
-                &socket,
-                scenarios::FanoutApi::X509,
-                streams,
-                connections,
-                agent_pid,
-                timeout,
-                client_threads_or_cpus(client_threads),
-            )
-            .await?;
-            report_fanout(&report, allow_errors)
-        }
-        Cmd::SdsFanout {
-            socket,
-            streams,
-            connections,
-            names,
-            agent_pid,
-            timeout,
-            allow_errors,
-            client_threads,
-        } => {
-            let names: Vec<String> = names.into_iter().filter(|n| !n.is_empty()).collect();
-            let report = scenarios::fanout_api(
-                &socket,
-                scenarios::FanoutApi::Sds { names },
-                streams,
-                connections,
-                agent_pid,
-                timeout,
-                client_threads_or_cpus(client_threads),
-            )
-            .await?;
-            report_fanout(&report, allow_errors)
+        Cmd::Fanout { run } => fanout(FanoutApi::X509, run).await,
+        Cmd::SdsFanout { run, names } => {
+            let names = names.into_iter().filter(|n| !n.is_empty()).collect();
+            fanout(FanoutApi::Sds { names }, run).await
         }
         Cmd::Churn {
             socket,
@@ -654,13 +603,19 @@ async fn hold_child(
     r
 }
 
-/// `--client-threads`, with 0 meaning one per CPU.
-fn client_threads_or_cpus(n: usize) -> usize {
-    if n == 0 {
-        scenarios::default_client_threads()
-    } else {
-        n
-    }
+/// `fanout` or `sds-fanout`.
+async fn fanout(api: FanoutApi, a: FanoutArgs) -> anyhow::Result<()> {
+    let report = scenarios::fanout_api(
+        &a.socket,
+        api,
+        a.streams,
+        a.connections,
+        a.agent_pid,
+        a.timeout,
+        a.client_threads,
+    )
+    .await?;
+    report_fanout(&report, a.allow_errors)
 }
 
 #[tokio::main]

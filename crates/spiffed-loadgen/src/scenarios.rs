@@ -458,7 +458,7 @@ pub async fn fanout(
         connections,
         agent_pid,
         timeout,
-        default_client_threads(),
+        0,
     )
     .await
 }
@@ -480,20 +480,16 @@ pub async fn sds_fanout(
         connections,
         agent_pid,
         timeout,
-        default_client_threads(),
+        0,
     )
     .await
-}
-
-/// The client threads a fan-out uses by default: one per CPU the loadgen may run on.
-pub fn default_client_threads() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 /// [`fanout`] or [`sds_fanout`], by `api`: the same phases and figures for either kind of
 /// stream, so that the two are comparable.
 ///
-/// The connections are split over `client_threads` OS threads, each with its own
+/// The connections are split over `client_threads` OS threads (0: one per CPU; never more
+/// than `connections`), each with its own
 /// single-threaded runtime that owns its connections and their streams, as separate client
 /// processes would (one Envoy per workload). On one shared work-stealing runtime a stream's
 /// task, its request body's task and its connection's task wake one another across threads
@@ -510,7 +506,11 @@ pub async fn fanout_api(
     let agent_before = agent_pid.map(procstat::sample);
     let start = Instant::now();
     let connections = connections.max(1);
-    let threads = client_threads.clamp(1, connections);
+    let threads = match client_threads {
+        0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        n => n,
+    }
+    .min(connections);
     let (tx, mut rx) = mpsc::unbounded_channel();
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let mut handles = Vec::with_capacity(threads);
@@ -693,6 +693,8 @@ fn fanout_client(
         }
         drop(tx);
         let (mut said_ready, mut said_updated) = (false, false);
+        let stopped = stop.wait_for(|s| *s);
+        tokio::pin!(stopped);
         loop {
             if !said_ready && report.ready + failed >= streams {
                 said_ready = true;
@@ -704,7 +706,7 @@ fn fanout_client(
             }
             let ev = tokio::select! {
                 biased;
-                _ = stop.wait_for(|s| *s) => break,
+                _ = &mut stopped => break,
                 ev = rx.recv() => ev,
             };
             match ev {
@@ -716,7 +718,7 @@ fn fanout_client(
                 }
                 // Every stream has ended; wait for the collector to stop this thread.
                 None => {
-                    let _ = stop.wait_for(|s| *s).await;
+                    let _ = stopped.await;
                     break;
                 }
             }

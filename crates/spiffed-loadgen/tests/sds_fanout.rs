@@ -216,3 +216,39 @@ async fn names_the_server_refuses_are_counted_as_errors() {
     assert_eq!(r.ready, 0, "{r:?}");
     assert_eq!(r.errors.get("InvalidArgument"), Some(&5), "{r:?}");
 }
+
+#[tokio::test]
+async fn streams_and_connections_are_split_over_the_client_threads_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let names = vec!["default".to_owned()];
+    let socket = serve(
+        &dir,
+        StrictSds {
+            names: names.clone(),
+            acks: Arc::new(AtomicUsize::new(0)),
+            never_rotate: false,
+        },
+    );
+    let api = scenarios::FanoutApi::Sds { names };
+    // Three threads over four connections; then one thread more than there are connections,
+    // which gets none (a thread per connection at most).
+    for (threads, conns, want_threads) in [(3, 4, 3), (5, 4, 4)] {
+        let r = scenarios::fanout_api(
+            &socket,
+            api.clone(),
+            31,
+            conns,
+            None,
+            Duration::from_secs(20),
+            threads,
+        )
+        .await
+        .unwrap();
+        assert!(r.errors.is_empty(), "{r:?}");
+        assert_eq!(
+            (r.ready, r.updated, r.connections, r.client_threads),
+            (31, 31, conns, want_threads),
+            "{r:?}"
+        );
+    }
+}
